@@ -1,0 +1,309 @@
+"""Storage of a growable PEER pool: expert tables, sub-key segments, owners, freezing.
+
+The pool is a mixin of :class:`peer_ll.experts.PEER`. Its tables are contiguous with
+spare capacity, like a vector:
+
+- ``down`` (capacity, D) and ``up`` (capacity, E): expert ``i`` is row ``i``;
+- ``sub_keys`` (key_capacity, 2, d/2): left (``[:, 0]``) and right (``[:, 1]``) halves;
+- ``segments`` (S, 4) int64: ``[key_offset, n_left, n_right, expert_offset]``.
+
+Expert ids are rows and never change. Growth within capacity writes into the spare
+rows in place, so every Parameter object, and the optimizer state keyed by it, stays.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from peer_ll.experts.checks import check_int, check_owner
+
+_TABLES = ("down", "up", "sub_keys")
+
+
+class ExpertPool:
+    """Mixin holding the pool's storage and its growth, ownership and freezing logic."""
+
+    down: nn.Parameter
+    up: nn.Parameter
+    sub_keys: nn.Parameter
+    segments: torch.Tensor
+    segment_owner: torch.Tensor
+    expert_owner: torch.Tensor
+    expert_frozen: torch.Tensor
+    key_frozen: torch.Tensor
+
+    # ------------------------------------------------------------------ storage
+    def _init_pool(self, capacity: int, key_capacity: int) -> None:
+        half = self.dim_key // 2
+        self.down = nn.Parameter(torch.zeros(capacity, self.dim))
+        self.up = nn.Parameter(torch.zeros(capacity, self.dim_out))
+        self.sub_keys = nn.Parameter(torch.zeros(key_capacity, 2, half))
+        self.register_buffer("segments", torch.zeros(0, 4, dtype=torch.long))
+        self.register_buffer("segment_owner", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("expert_owner", torch.full((capacity,), -1, dtype=torch.long))
+        self.register_buffer("expert_frozen", torch.zeros(capacity, dtype=torch.bool))
+        self.register_buffer("key_frozen", torch.zeros(key_capacity, dtype=torch.bool))
+        self.register_buffer("router_mass", torch.zeros(capacity), persistent=False)
+        self.query_frozen = False
+        self.replaced_parameters: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+        self._tag_parameters()
+
+    @property
+    def num_experts(self) -> int:
+        """Number of experts in the pool (rows in use)."""
+        if not len(self.segments):
+            return 0
+        last = self.segments[-1]
+        return int(last[3] + last[1] * last[2])
+
+    @property
+    def num_sub_keys(self) -> int:
+        """Sub-key rows in use."""
+        if not len(self.segments):
+            return 0
+        return int((self.segments[:, 0] + self.segments[:, 1:3].max(dim=1).values).max())
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.segments)
+
+    @property
+    def capacity(self) -> int:
+        """Expert rows reserved (>= ``num_experts``)."""
+        return self.down.shape[0]
+
+    @property
+    def key_capacity(self) -> int:
+        """Sub-key rows reserved (>= ``num_sub_keys``)."""
+        return self.sub_keys.shape[0]
+
+    @property
+    def owners(self) -> torch.Tensor:
+        """(N,) int64: the owner of every expert."""
+        return self.expert_owner[: self.num_experts]
+
+    @property
+    def frozen(self) -> torch.Tensor:
+        """(N,) bool: which experts are frozen."""
+        return self.expert_frozen[: self.num_experts]
+
+    # ------------------------------------------------------------------- growth
+    def grow(self, num_keys: int, *, owner: int, num_keys_right: int | None = None) -> torch.Tensor:
+        """Append one product-key segment of num_keys × num_keys new experts.
+
+        Existing ids, sub-keys and expert weights are never changed. Within
+        capacity nothing is allocated; past it the tables are reallocated and the
+        replaced Parameters are listed in ``replaced_parameters`` (carry optimizer
+        state over with :func:`peer_ll.optim.migrate_state`). A failed grow leaves
+        the layer as it was.
+
+        Args:
+            num_keys: sub-keys per side (left side if ``num_keys_right`` is given).
+            owner: owner id (task or experience) of the new experts.
+            num_keys_right: sub-keys on the right side (default: ``num_keys``).
+
+        Returns:
+            (num_keys * num_keys_right,) int64 ids of the new experts.
+        """
+        check_int("num_keys", num_keys, minimum=1)
+        n_right = num_keys if num_keys_right is None else num_keys_right
+        check_int("num_keys_right", n_right, minimum=1)
+        owner = check_owner("owner", owner)
+        start = self.num_experts
+        need_rows = start + num_keys * n_right
+        need_keys = self.num_sub_keys + max(num_keys, n_right)
+        if need_rows > self.capacity or need_keys > self.key_capacity:
+            self._reallocate(
+                max(need_rows, self.capacity * 3 // 2), max(need_keys, self.key_capacity * 3 // 2)
+            )
+        self._append_segment(num_keys, owner, n_right)
+        return torch.arange(start, need_rows, device=self.down.device)
+
+    def reserve(self, capacity: int, key_capacity: int | None = None) -> None:
+        """Reserve room for ``capacity`` experts and ``key_capacity`` sub-keys.
+
+        Reallocates (replacing Parameters) only if the current room is smaller.
+        """
+        check_int("capacity", capacity, minimum=1)
+        key_capacity = self.key_capacity if key_capacity is None else key_capacity
+        check_int("key_capacity", key_capacity, minimum=1)
+        if capacity > self.capacity or key_capacity > self.key_capacity:
+            self._reallocate(max(capacity, self.capacity), max(key_capacity, self.key_capacity))
+
+    def _append_segment(self, n_left: int, owner: int, n_right: int | None = None) -> None:
+        n_right = n_left if n_right is None else n_right
+        rows, key_off = self.num_experts, self.num_sub_keys
+        n, n_keys = n_left * n_right, max(n_left, n_right)
+        dev, half = self.down.device, self.dim_key // 2
+        # Initial values: down ~ N(0, 1/D) like a Linear's fan-in; up ~ N(0, 1/h) keeps
+        # the sum over h heads of softmax-gated experts O(1); sub-keys ~ N(0, 2/d) give
+        # unit-variance half scores for normalised queries.
+        down = torch.randn(n, self.dim, device=dev) / math.sqrt(self.dim)
+        up = torch.randn(n, self.dim_out, device=dev) / math.sqrt(self.heads)
+        keys = torch.randn(n_keys, 2, half, device=dev) / math.sqrt(half)
+        segment = torch.tensor([[key_off, n_left, n_right, rows]], device=dev)
+        with torch.no_grad():  # everything written lies past the rows in use
+            self.down[rows : rows + n] = down.to(self.down.dtype)
+            self.up[rows : rows + n] = up.to(self.up.dtype)
+            self.sub_keys[key_off : key_off + n_keys] = keys.to(self.sub_keys.dtype)
+        self.expert_owner[rows : rows + n] = owner
+        self.expert_frozen[rows : rows + n] = False
+        self.key_frozen[key_off : key_off + n_keys] = False
+        self.segment_owner = torch.cat([self.segment_owner, self.segment_owner.new_tensor([owner])])
+        self.segments = torch.cat([self.segments, segment])  # last: makes the rows visible
+
+    def _reallocate(self, capacity: int, key_capacity: int) -> None:
+        """Move the tables into new storage; builds everything before swapping it in."""
+        rows, n_keys = self.num_experts, self.num_sub_keys
+        if capacity < rows or key_capacity < n_keys:
+            raise ValueError(
+                f"capacity must hold the {rows} experts and {n_keys} sub-keys in use, "
+                f"got capacity={capacity}, key_capacity={key_capacity}"
+            )
+        sizes = {"down": capacity, "up": capacity, "sub_keys": key_capacity}
+        fresh = {}
+        for name in _TABLES:
+            old = getattr(self, name)
+            new = old.new_zeros((sizes[name], *old.shape[1:]))
+            used = rows if name != "sub_keys" else n_keys
+            new[:used] = old.detach()[:used]
+            fresh[name] = nn.Parameter(new, requires_grad=old.requires_grad)
+
+        def resized(buf: torch.Tensor, size: int, fill: object) -> torch.Tensor:
+            out = buf.new_full((size,), fill)
+            out[: min(size, len(buf))] = buf[: min(size, len(buf))]
+            return out
+
+        buffers = {
+            "expert_owner": resized(self.expert_owner, capacity, -1),
+            "expert_frozen": resized(self.expert_frozen, capacity, False),
+            "key_frozen": resized(self.key_frozen, key_capacity, False),
+            "router_mass": resized(self.router_mass, capacity, 0.0),
+        }
+        replaced = {name: (getattr(self, name), fresh[name]) for name in _TABLES}
+        for name, param in fresh.items():  # nothing below can fail
+            setattr(self, name, param)
+        for name, buf in buffers.items():
+            setattr(self, name, buf)
+        self.replaced_parameters = replaced
+        self._tag_parameters()
+
+    # ----------------------------------------------------------------- freezing
+    def _segment_selection(self, owners: int | Iterable[int] | None) -> torch.Tensor:
+        """(S,) bool: segments whose owner is in ``owners`` (None: all)."""
+        if owners is None:
+            return torch.ones(self.num_segments, dtype=torch.bool)
+        wanted = [owners] if isinstance(owners, int | torch.Tensor) else list(owners)
+        wanted = {check_owner("owners", o) for o in wanted}
+        present = set(self.segment_owner.tolist())
+        if wanted - present:
+            raise ValueError(f"owners must be among {sorted(present)}, got {sorted(wanted)}")
+        return torch.tensor([o in wanted for o in self.segment_owner.tolist()], dtype=torch.bool)
+
+    def _set_frozen(self, owners, value: bool, keys: bool, query: bool) -> None:
+        selected = self._segment_selection(owners)
+        for s in selected.nonzero().flatten().tolist():
+            key_off, n_left, n_right, start = self.segments[s].tolist()
+            self.expert_frozen[start : start + n_left * n_right] = value
+            if keys:
+                self.key_frozen[key_off : key_off + max(n_left, n_right)] = value
+        if query:
+            self.query_frozen = value
+            for p in [*self.to_query.parameters(), *self.query_norm.parameters()]:
+                p.requires_grad_(not value)
+
+    def freeze(self, owners=None, *, keys: bool = True, query: bool = False) -> None:
+        """Freeze the experts of ``owners`` (None: all), and optionally more.
+
+        Frozen rows get no gradient, no optimizer moment and no weight decay from
+        :func:`peer_ll.optim.make_optimizer` (a stock optimizer such as
+        ``torch.optim.AdamW`` still decays them).
+
+        Args:
+            owners: an owner id, an iterable of ids, or None for every owner.
+            keys: also freeze those segments' sub-keys.
+            query: also freeze the query network (and use the norm's running
+                statistics, so queries no longer depend on the batch).
+        """
+        self._set_frozen(owners, True, keys, query)
+
+    def unfreeze(self, owners=None, *, keys: bool = True, query: bool = True) -> None:
+        """Undo :meth:`freeze` for ``owners`` (None: all)."""
+        self._set_frozen(owners, False, keys, query)
+
+    def _tag_parameters(self) -> None:
+        """Point each table at its frozen-row mask, for row-aware optimizers."""
+        self.down.peer_frozen_rows = self.expert_frozen
+        self.up.peer_frozen_rows = self.expert_frozen
+        self.sub_keys.peer_frozen_rows = self.key_frozen
+
+    # -------------------------------------------------------------- introspection
+    def key_rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sub-key rows (left, right) of expert ``ids``; same shape as ``ids``."""
+        seg = torch.searchsorted(self.segments[:, 3].contiguous(), ids, right=True) - 1
+        key_off, _, n_right, start = self.segments[seg].unbind(-1)
+        local = ids - start
+        return key_off + local // n_right, key_off + local % n_right
+
+    def expert_keys(self) -> torch.Tensor:
+        """(N, d) full product key ``[c_a; c'_b]`` of every expert, row i for expert i."""
+        ids = torch.arange(self.num_experts, device=self.down.device)
+        left, right = self.key_rows(ids)
+        keys = self.sub_keys.detach()
+        return torch.cat([keys[left, 0], keys[right, 1]], dim=-1)
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of (down (N, D), up (N, E)) for the experts in use (no gradient)."""
+        n = self.num_experts
+        return self.down.detach()[:n], self.up.detach()[:n]
+
+    # --------------------------------------------------------------- state_dict
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ):
+        saved = state_dict.get(prefix + "segments")
+        if saved is not None:
+            self._match_checkpoint(state_dict, prefix, saved)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+        self._tag_parameters()
+
+    def _match_checkpoint(self, state_dict, prefix: str, saved: torch.Tensor) -> None:
+        """Grow this layer's storage to the checkpoint's, or raise a clear error."""
+        mine = self.segments
+        if saved.dim() != 2 or saved.shape[1] != 4:
+            raise ValueError(
+                f"{prefix}segments must have shape (S, 4), got {tuple(saved.shape)}"
+            )
+        n = len(mine)
+        if len(saved) < n or not torch.equal(saved[:n].to(mine.device), mine):
+            raise ValueError(
+                f"checkpoint segments {saved.tolist()} do not extend this layer's "
+                f"segments {mine.tolist()}: build the layer with the same constructor "
+                "arguments as the one that was saved"
+            )
+        expected = {"down": self.dim, "up": self.dim_out}
+        for name, width in expected.items():
+            table = state_dict.get(prefix + name)
+            if table is not None and (table.dim() != 2 or table.shape[1] != width):
+                raise ValueError(
+                    f"{prefix}{name} must have shape (rows, {width}), got {tuple(table.shape)}"
+                )
+        keys = state_dict.get(prefix + "sub_keys")
+        if keys is not None and tuple(keys.shape[1:]) != tuple(self.sub_keys.shape[1:]):
+            raise ValueError(
+                f"{prefix}sub_keys must have shape (rows, {tuple(self.sub_keys.shape[1:])}), "
+                f"got {tuple(keys.shape)}"
+            )
+        down, keys = state_dict.get(prefix + "down"), keys
+        capacity = self.capacity if down is None else down.shape[0]
+        key_capacity = self.key_capacity if keys is None else keys.shape[0]
+        if capacity != self.capacity or key_capacity != self.key_capacity:
+            self._reallocate(capacity, key_capacity)
+        self.segments = torch.empty_like(saved, device=mine.device)
+        self.segment_owner = torch.empty(len(saved), dtype=torch.long, device=mine.device)

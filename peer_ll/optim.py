@@ -1,0 +1,164 @@
+"""Optimizers for PEER models: lazy (row-sparse) Adam for expert tables, AdamW elsewhere.
+
+A PEER layer gives its expert tables row-sparse gradients and tags each table with a
+``peer_frozen_rows`` mask. :class:`SparseAdamW` updates only the rows a step retrieved
+and never touches frozen rows: no gradient, no moment update, no weight decay.
+
+A stock optimizer does not know about frozen rows: ``torch.optim.AdamW`` keeps
+decaying them and keeps applying their old momentum, so frozen experts drift. Stock
+Adam/AdamW also reject sparse gradients; build the layer with ``sparse_grad=False``
+to use them (each step then costs O(N)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+class SparseAdamW(torch.optim.Optimizer):
+    """AdamW that is lazy for row-sparse gradients and respects frozen rows.
+
+    Dense gradients get ordinary AdamW (decoupled weight decay), restricted to
+    unfrozen rows if the parameter carries a ``peer_frozen_rows`` mask. Sparse COO
+    gradients get lazy Adam: only the rows present in the gradient have their
+    moments, weight decay and value updated, with bias correction by the global step
+    (as ``torch.optim.SparseAdam``).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate.
+        betas: Adam's (β1, β2).
+        eps: Adam's ε.
+        weight_decay: decoupled weight decay (AdamW), applied to touched rows only.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                frozen = getattr(p, "peer_frozen_rows", None)
+                if p.grad.is_sparse:
+                    self._sparse_update(p, p.grad.coalesce(), state, group, frozen)
+                else:
+                    self._dense_update(p, p.grad, state, group, frozen)
+        return loss
+
+    @staticmethod
+    def _rows_update(param, rows, grad, state, group) -> None:
+        """Adam update of ``param[rows]`` (or all rows when ``rows`` is None)."""
+        beta1, beta2 = group["betas"]
+        step = float(state["step"])
+        sel = (lambda t: t) if rows is None else (lambda t: t[rows])
+        m = sel(state["exp_avg"]).mul_(beta1).add_(grad, alpha=1 - beta1)
+        v = sel(state["exp_avg_sq"]).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        value = sel(param)
+        if group["weight_decay"]:
+            value.mul_(1 - group["lr"] * group["weight_decay"])
+        bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+        denom = (v / bias2).sqrt_().add_(group["eps"])
+        value.addcdiv_(m, denom, value=-group["lr"] / bias1)
+        if rows is not None:
+            state["exp_avg"][rows] = m
+            state["exp_avg_sq"][rows] = v
+            param[rows] = value
+
+    def _sparse_update(self, p, grad, state, group, frozen) -> None:
+        rows, values = grad.indices()[0], grad.values()
+        if frozen is not None:
+            keep = ~frozen[rows]
+            rows, values = rows[keep], values[keep]
+        if rows.numel():
+            self._rows_update(p, rows, values, state, group)
+
+    def _dense_update(self, p, grad, state, group, frozen) -> None:
+        if frozen is None or not bool(frozen.any()):
+            self._rows_update(p, None, grad, state, group)
+            return
+        rows = (~frozen[: p.shape[0]]).nonzero().flatten()
+        self._rows_update(p, rows, grad[rows], state, group)
+
+
+def make_optimizer(
+    model: nn.Module,
+    *,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> SparseAdamW:
+    """One optimizer for a whole model: lazy Adam for expert tables, AdamW for the rest.
+
+    It is a plain ``torch.optim.Optimizer``, so Avalanche strategies accept it.
+    Parameters with ``requires_grad=False`` are included (Avalanche may unfreeze them
+    later); they are skipped while they have no gradient.
+    """
+    return SparseAdamW(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def migrate_state(optimizer: torch.optim.Optimizer, layer: nn.Module) -> int:
+    """Carry optimizer state over after ``layer`` reallocated its tables past capacity.
+
+    Old rows keep their moments (Adam's ``exp_avg``/``exp_avg_sq``, SGD's
+    ``momentum_buffer``), new rows start at zero; scalar state such as ``step`` is
+    kept. The replaced Parameters are swapped for the new ones in the optimizer's
+    parameter groups. Clears ``layer.replaced_parameters``.
+
+    Returns:
+        The number of parameters migrated.
+    """
+    replaced = getattr(layer, "replaced_parameters", None)
+    if replaced is None:
+        raise TypeError(f"layer must be a PEER layer, got {type(layer).__name__}")
+    moved = 0
+    for old, new in replaced.values():
+        for group in optimizer.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p is old:
+                    group["params"][i] = new
+                    moved += 1
+        if old in optimizer.state:
+            state = optimizer.state.pop(old)
+            optimizer.state[new] = {name: _resized(t, old, new) for name, t in state.items()}
+    layer.replaced_parameters = {}
+    return moved
+
+
+def _resized(value, old: torch.Tensor, new: torch.Tensor):
+    if not isinstance(value, torch.Tensor) or value.shape != old.shape:
+        return value
+    out = torch.zeros_like(new)
+    rows = min(old.shape[0], new.shape[0])
+    out[:rows] = value[:rows]
+    return out
+
