@@ -47,7 +47,13 @@ def encode(text: str, *, bos: bool = False, eos: bool = False) -> torch.Tensor:
     """
     if not isinstance(text, str):
         raise TypeError(f"text: expected str, got {type(text).__name__}")
-    raw = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+    data = text.encode("utf-8")
+    # torch.frombuffer rejects an empty buffer.
+    raw = (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+        if data
+        else torch.empty(0, dtype=torch.long)
+    )
     parts = [torch.tensor([BOS_ID])] if bos else []
     parts += [raw] + ([torch.tensor([EOS_ID])] if eos else [])
     return torch.cat(parts)

@@ -26,6 +26,7 @@ depends only on the seed and the domain, never on the size limits.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import sysconfig
@@ -93,10 +94,14 @@ def _unicode_page(doc_id: str) -> str:
     return "".join(filter(None, map(_unicode_line, range(start, start + 256))))
 
 
-def _unicode_domain() -> TextDomain:
+@functools.cache
+def _unicode_page_ids() -> tuple[str, ...]:
     ids = [f"U+{p << 8:04X}" for p in range((sys.maxunicode + 1) >> 8)]
-    ids = [i for i in ids if _unicode_page(i)]
-    return TextDomain("unicode-names", tuple(ids), _unicode_page)
+    return tuple(i for i in ids if _unicode_page(i))
+
+
+def _unicode_domain() -> TextDomain:
+    return TextDomain("unicode-names", _unicode_page_ids(), _unicode_page)
 
 
 def builtin_domain(name: str, *, include_tests: bool = False) -> TextDomain:
