@@ -116,12 +116,30 @@ class ExpertPool:
         start = self.num_experts
         need_rows = start + num_keys * n_right
         need_keys = self.num_sub_keys + max(num_keys, n_right)
-        if need_rows > self.capacity or need_keys > self.key_capacity:
-            self._reallocate(
-                max(need_rows, self.capacity * 3 // 2), max(need_keys, self.key_capacity * 3 // 2)
-            )
-        self._append_segment(num_keys, owner, n_right)
+        saved = self._storage_refs()
+        try:
+            if need_rows > self.capacity or need_keys > self.key_capacity:
+                self._reallocate(
+                    max(need_rows, self.capacity * 3 // 2),
+                    max(need_keys, self.key_capacity * 3 // 2),
+                )
+            self._append_segment(num_keys, owner, n_right)
+        except BaseException:
+            self._restore_storage_refs(saved)  # the old tensors were never written
+            raise
         return torch.arange(start, need_rows, device=self.down.device)
+
+    def _storage_refs(self) -> dict:
+        names = (*_TABLES, "segments", "segment_owner", "expert_owner", "expert_frozen",
+                 "key_frozen", "router_mass")
+        refs = {name: getattr(self, name) for name in names}
+        refs["replaced_parameters"] = self.replaced_parameters
+        return refs
+
+    def _restore_storage_refs(self, refs: dict) -> None:
+        for name, value in refs.items():
+            setattr(self, name, value)
+        self._tag_parameters()
 
     def reserve(self, capacity: int, key_capacity: int | None = None) -> None:
         """Reserve room for ``capacity`` experts and ``key_capacity`` sub-keys.
