@@ -1,0 +1,1 @@
+"""Jobs behind the `peer-ll` command: one module per subcommand."""
