@@ -33,6 +33,10 @@ class SparseAdamW(torch.optim.Optimizer):
         betas: Adam's (β1, β2).
         eps: Adam's ε.
         weight_decay: decoupled weight decay (AdamW), applied to touched rows only.
+        expert_state_dtype: dtype of Adam's moments for PEER expert tables (parameters
+            tagged with ``peer_frozen_rows``); default: the parameter's dtype.
+            ``torch.bfloat16`` halves the optimizer memory of a large pool, at the
+            cost of rounding the moments (a departure from plain Adam).
     """
 
     def __init__(
@@ -42,6 +46,8 @@ class SparseAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        *,
+        expert_state_dtype: torch.dtype | None = None,
     ) -> None:
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -50,6 +56,7 @@ class SparseAdamW(torch.optim.Optimizer):
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.expert_state_dtype = expert_state_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -63,9 +70,12 @@ class SparseAdamW(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
+                    dtype = p.dtype
+                    if self.expert_state_dtype is not None and hasattr(p, "peer_frozen_rows"):
+                        dtype = self.expert_state_dtype
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
                 state["step"] += 1
                 frozen = getattr(p, "peer_frozen_rows", None)
                 if p.grad.is_sparse:
@@ -79,18 +89,25 @@ class SparseAdamW(torch.optim.Optimizer):
         """Adam update of ``param[rows]`` (or all rows when ``rows`` is None)."""
         beta1, beta2 = group["betas"]
         step = float(state["step"])
-        sel = (lambda t: t) if rows is None else (lambda t: t[rows])
-        m = sel(state["exp_avg"]).mul_(beta1).add_(grad, alpha=1 - beta1)
-        v = sel(state["exp_avg_sq"]).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        value = sel(param)
+        every = rows is None
+        m = state["exp_avg"] if every else state["exp_avg"][rows]
+        v = state["exp_avg_sq"] if every else state["exp_avg_sq"][rows]
+        grad = grad.to(param.dtype)
+        m32 = m.to(param.dtype).mul_(beta1).add_(grad, alpha=1 - beta1)
+        v32 = v.to(param.dtype).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        value = param if every else param[rows]
         if group["weight_decay"]:
             value.mul_(1 - group["lr"] * group["weight_decay"])
         bias1, bias2 = 1 - beta1**step, 1 - beta2**step
-        denom = (v / bias2).sqrt_().add_(group["eps"])
-        value.addcdiv_(m, denom, value=-group["lr"] / bias1)
-        if rows is not None:
-            state["exp_avg"][rows] = m
-            state["exp_avg_sq"][rows] = v
+        denom = (v32 / bias2).sqrt_().add_(group["eps"])
+        value.addcdiv_(m32, denom, value=-group["lr"] / bias1)
+        if every:
+            if m32 is not m:  # a lower-precision state was upcast for the update
+                m.copy_(m32)
+                v.copy_(v32)
+        else:
+            state["exp_avg"][rows] = m32.to(m.dtype)
+            state["exp_avg_sq"][rows] = v32.to(v.dtype)
             param[rows] = value
 
     def _sparse_update(self, p, grad, state, group, frozen) -> None:
@@ -116,14 +133,19 @@ def make_optimizer(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    expert_state_dtype: torch.dtype | None = None,
 ) -> SparseAdamW:
     """One optimizer for a whole model: lazy Adam for expert tables, AdamW for the rest.
 
     It is a plain ``torch.optim.Optimizer``, so Avalanche strategies accept it.
     Parameters with ``requires_grad=False`` are included (Avalanche may unfreeze them
-    later); they are skipped while they have no gradient.
+    later); they are skipped while they have no gradient. ``expert_state_dtype``: see
+    :class:`SparseAdamW`.
     """
-    return SparseAdamW(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return SparseAdamW(
+        model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+        expert_state_dtype=expert_state_dtype,
+    )
 
 
 def migrate_state(optimizer: torch.optim.Optimizer, layer: nn.Module) -> int:

@@ -71,3 +71,19 @@ def test_migrate_state_needs_a_peer_layer():
     opt = SparseAdamW([torch.nn.Parameter(torch.zeros(2))])
     with pytest.raises(TypeError, match="layer must be a PEER layer, got Linear"):
         migrate_state(opt, torch.nn.Linear(2, 2))
+
+
+def test_bf16_expert_state_halves_moment_memory_and_still_trains():
+    layer = PEER(16, num_keys=8, heads=2, topk=4, dim_key=8)
+    opt = make_optimizer(layer, lr=1e-2, expert_state_dtype=torch.bfloat16)
+    x = torch.randn(32, 16)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = layer(x).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert opt.state[layer.down]["exp_avg"].dtype == torch.bfloat16
+    assert opt.state[layer.to_query.weight]["exp_avg"].dtype == torch.float32
+    assert losses[-1] < 0.5 * losses[0]
