@@ -21,13 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from peer_ll.data.idx import find_mnist_like_files, load_mnist_like
 
 __all__ = [
     "IMAGE_DATASETS",
     "TORCHVISION_NAMES",
+    "ImageDataset",
     "ImageSplits",
+    "balanced_indices",
     "find_image_dataset",
     "image_search_paths",
     "load_digits_splits",
@@ -71,6 +74,50 @@ class ImageSplits:
     def image_shape(self) -> tuple[int, int]:
         """(H, W) of one image."""
         return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """A torch dataset of integer images, scaled to float32 in [0, 1] on access.
+
+    Items are ``(x, y)``: x of shape (H*W,) when ``flatten`` else (1, H, W);
+    y an int. ``targets`` (list of int) is what Avalanche reads for labels.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, max_value: float, flatten: bool):
+        self.images = torch.from_numpy(np.ascontiguousarray(images))  # (N, H, W) integers
+        self.targets = labels.tolist()
+        self.scale = 1.0 / max_value
+        self.shape = (-1,) if flatten else (1, *images.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = self.images[i].to(torch.float32).mul_(self.scale).reshape(self.shape)
+        return x, self.targets[i]
+
+
+def balanced_indices(labels: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of at most ``limit`` samples, spread evenly over classes.
+
+    Classes get ``limit // C`` or one more sample each (fewer if a class is
+    small); which samples is drawn from ``rng``. ``limit=None`` keeps all.
+    """
+    if limit is None or limit >= len(labels):
+        return np.arange(len(labels))
+    n_classes = len(np.unique(labels))
+    if limit < n_classes:
+        raise ValueError(
+            f"max_train_per_exp / max_test_per_exp must be at least the {n_classes} classes "
+            f"of an experience, so that each keeps every class; got {limit}"
+        )
+    perm = rng.permutation(len(labels))
+    shuffled = labels[perm]
+    order = np.argsort(shuffled, kind="stable")
+    starts = np.searchsorted(shuffled[order], shuffled[order])  # first slot of each class
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[order] = np.arange(len(labels)) - starts  # rank of each sample within its class
+    return np.sort(perm[np.argsort(rank, kind="stable")[:limit]])
 
 
 def load_digits_splits(*, seed: int = 0, test_fraction: float = 0.2) -> ImageSplits:

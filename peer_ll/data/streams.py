@@ -17,56 +17,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from peer_ll.data.images import IMAGE_DATASETS, ImageSplits, load_images
+from peer_ll.data.images import (
+    IMAGE_DATASETS,
+    ImageDataset,
+    ImageSplits,
+    balanced_indices,
+    load_images,
+)
 
 __all__ = ["STREAM_KINDS", "make_stream", "online", "permuted", "rotated", "split_classes"]
 
 STREAM_KINDS = ("class", "task", "permuted", "rotated", "online")
 
 
-class _ImageDataset(torch.utils.data.Dataset):
-    """Integer images scaled to [0, 1] on access; ``targets`` is read by Avalanche."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, max_value: float, flatten: bool):
-        self.images = torch.from_numpy(np.ascontiguousarray(images))  # (N, H, W) integers
-        self.targets = labels.tolist()
-        self.scale = 1.0 / max_value
-        self.shape = (-1,) if flatten else (1, *images.shape[1:])
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = self.images[i].to(torch.float32).mul_(self.scale).reshape(self.shape)
-        return x, self.targets[i]
-
-
-def _balanced_subset(labels: np.ndarray, limit: int | None, rng: np.random.Generator):
-    """Sorted indices of at most ``limit`` samples, spread evenly over classes."""
-    if limit is None or limit >= len(labels):
-        return np.arange(len(labels))
-    n_classes = len(np.unique(labels))
-    if limit < n_classes:
-        raise ValueError(
-            f"max_train_per_exp / max_test_per_exp must be at least the {n_classes} classes "
-            f"of an experience, so that each keeps every class; got {limit}"
-        )
-    perm = rng.permutation(len(labels))
-    shuffled = labels[perm]
-    order = np.argsort(shuffled, kind="stable")
-    starts = np.searchsorted(shuffled[order], shuffled[order])  # first slot of each class
-    rank = np.empty(len(labels), dtype=np.int64)
-    rank[order] = np.arange(len(labels)) - starts  # rank of each sample within its class
-    return np.sort(perm[np.argsort(rank, kind="stable")[:limit]])
-
-
 def _datasets(data: ImageSplits, flatten: bool, train_idx=slice(None), test_idx=slice(None)):
     """(train, test) torch datasets over the given indices of ``data``."""
     return (
-        _ImageDataset(
+        ImageDataset(
             data.train_images[train_idx], data.train_labels[train_idx], data.max_value, flatten
         ),
-        _ImageDataset(
+        ImageDataset(
             data.test_images[test_idx], data.test_labels[test_idx], data.max_value, flatten
         ),
     )
@@ -114,7 +84,7 @@ def split_classes(
             (dataset.test_labels, max_test_per_exp, test_idx),
         ):
             members = np.flatnonzero(exp_of_class[labels] == e)
-            out.append(members[_balanced_subset(labels[members], limit, rng)])
+            out.append(members[balanced_indices(labels[members], limit, rng)])
     train, test = _datasets(
         dataset, flatten, np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(test_idx))
     )
@@ -148,8 +118,8 @@ def _domain_benchmark(pairs: list, *, task_labels: bool):
 def _subsampled(dataset: ImageSplits, seed: int, max_train, max_test) -> ImageSplits:
     """The same images for every domain experience, at most max_* of them."""
     rng = np.random.default_rng(seed)
-    tr = _balanced_subset(dataset.train_labels, max_train, rng)
-    te = _balanced_subset(dataset.test_labels, max_test, rng)
+    tr = balanced_indices(dataset.train_labels, max_train, rng)
+    te = balanced_indices(dataset.test_labels, max_test, rng)
     return replace(
         dataset,
         train_images=dataset.train_images[tr],
