@@ -86,29 +86,27 @@ class SparseAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _rows_update(param, rows, grad, state, group) -> None:
-        """Adam update of ``param[rows]`` (or all rows when ``rows`` is None)."""
-        beta1, beta2 = group["betas"]
-        step = float(state["step"])
+        """AdamW update of ``param[rows]`` (or of every row when ``rows`` is None).
+
+        Rows are gathered with ``index_select``, updated by torch's fused AdamW kernel
+        where it exists, and written back with ``index_copy_``.
+        """
         every = rows is None
-        m = state["exp_avg"] if every else state["exp_avg"][rows]
-        v = state["exp_avg_sq"] if every else state["exp_avg_sq"][rows]
-        grad = grad.to(param.dtype)
-        m32 = m.to(param.dtype).mul_(beta1).add_(grad, alpha=1 - beta1)
-        v32 = v.to(param.dtype).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        value = param if every else param[rows]
-        if group["weight_decay"]:
-            value.mul_(1 - group["lr"] * group["weight_decay"])
-        bias1, bias2 = 1 - beta1**step, 1 - beta2**step
-        denom = (v32 / bias2).sqrt_().add_(group["eps"])
-        value.addcdiv_(m32, denom, value=-group["lr"] / bias1)
+        m_all, v_all = state["exp_avg"], state["exp_avg_sq"]
+        p = param if every else param.index_select(0, rows)
+        m = m_all if every else m_all.index_select(0, rows)
+        v = v_all if every else v_all.index_select(0, rows)
+        if m.dtype != p.dtype:  # lower-precision moments: update in the parameter's dtype
+            m, v = m.to(p.dtype), v.to(p.dtype)
+        _adamw(p, grad.to(p.dtype), m, v, state["step"], group)
         if every:
-            if m32 is not m:  # a lower-precision state was upcast for the update
-                m.copy_(m32)
-                v.copy_(v32)
-        else:
-            state["exp_avg"][rows] = m32.to(m.dtype)
-            state["exp_avg_sq"][rows] = v32.to(v.dtype)
-            param[rows] = value
+            if m is not m_all:
+                m_all.copy_(m)
+                v_all.copy_(v)
+            return
+        param.index_copy_(0, rows, p)
+        m_all.index_copy_(0, rows, m.to(m_all.dtype))
+        v_all.index_copy_(0, rows, v.to(v_all.dtype))
 
     def _sparse_update(self, p, grad, state, group, frozen) -> None:
         rows, values = grad.indices()[0], grad.values()
@@ -124,6 +122,28 @@ class SparseAdamW(torch.optim.Optimizer):
             return
         rows = (~frozen[: p.shape[0]]).nonzero().flatten()
         self._rows_update(p, rows, grad[rows], state, group)
+
+
+_FUSED = hasattr(torch, "_fused_adamw_")
+
+
+def _adamw(p, grad, m, v, step, group) -> None:
+    """One in-place AdamW step on tensors of equal shape (step already incremented)."""
+    beta1, beta2 = group["betas"]
+    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    if _FUSED:
+        torch._fused_adamw_(
+            [p], [grad], [m], [v], [], [step], lr=lr, beta1=beta1, beta2=beta2,
+            weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
+        )
+        return
+    t = float(step)  # slow, correct fallback for torch builds without the fused kernel
+    m.mul_(beta1).add_(grad, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if wd:
+        p.mul_(1 - lr * wd)
+    denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
+    p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
 
 
 def make_optimizer(
