@@ -110,7 +110,7 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def _sparse_update(self, p, grad, state, group, frozen) -> None:
         rows, values = grad.indices()[0], grad.values()
-        if frozen is not None:
+        if frozen is not None and bool(frozen.any()):
             keep = ~frozen[rows]
             rows, values = rows[keep], values[keep]
         if rows.numel():
