@@ -113,8 +113,10 @@ class SparseAdamW(torch.optim.Optimizer):
         if frozen is not None and bool(frozen.any()):
             keep = ~frozen[rows]
             rows, values = rows[keep], values[keep]
-        if rows.numel():
-            self._rows_update(p, rows, values, state, group)
+        # Chunks bound the temporary gathered rows (3 tensors of chunk × width).
+        for start in range(0, rows.numel(), _ROW_CHUNK):
+            chunk = slice(start, start + _ROW_CHUNK)
+            self._rows_update(p, rows[chunk], values[chunk], state, group)
 
     def _dense_update(self, p, grad, state, group, frozen) -> None:
         if frozen is None or not bool(frozen.any()):
@@ -125,6 +127,7 @@ class SparseAdamW(torch.optim.Optimizer):
 
 
 _FUSED = hasattr(torch, "_fused_adamw_")
+_ROW_CHUNK = 1 << 15
 
 
 def _adamw(p, grad, m, v, step, group) -> None:
