@@ -4,7 +4,6 @@ Nothing here imports Avalanche at package import: the stream builders import it
 when called.
 """
 
-from peer_ll.data.fetch import fetch
 from peer_ll.data.idx import load_mnist_like, read_idx, write_idx, write_mnist_like
 from peer_ll.data.images import (
     IMAGE_DATASETS,
@@ -38,7 +37,7 @@ from peer_ll.data.text_domains import (
 __all__ = [
     "BOS_ID", "BUILTIN_DOMAINS", "BYTE_VOCAB_SIZE", "EOS_ID", "IMAGE_DATASETS", "STREAM_KINDS",
     "TEXT_VOCAB_SIZE", "ImageDataset", "ImageSplits", "TextDomain", "TextDomainBenchmark",
-    "builtin_domain", "decode", "encode", "fetch", "find_image_dataset", "iterate_blocks",
+    "builtin_domain", "decode", "encode", "find_image_dataset", "iterate_blocks",
     "load_digits_splits", "load_domain_splits", "load_images", "load_mnist_like", "make_blocks",
     "make_stream", "online", "permuted", "read_idx", "rotated", "split_classes", "text_domain",
     "text_domain_stream", "write_idx", "write_mnist_like",
