@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from peer_ll.experts.checks import check_choice, check_input, check_int, check_owner
+from peer_ll.experts.owner_routing import OwnerRoutingMixin
+from peer_ll.experts.owner_stats import COVARIANCES, OwnerQueryStats
 from peer_ll.experts.pool import ExpertPool
 from peer_ll.experts.routing import RoutingStatsMixin
 from peer_ll.kernels.expert_mix import expert_mix
@@ -27,7 +29,7 @@ ACTIVATIONS = ("gelu", "relu")
 Owners = int | Sequence[int] | torch.Tensor | str | None
 
 
-class PEER(ExpertPool, RoutingStatsMixin, nn.Module):
+class PEER(OwnerRoutingMixin, ExpertPool, RoutingStatsMixin, nn.Module):
     r"""A PEER layer whose expert pool grows by segments, one owner per segment.
 
     For x in R^D, with h heads and product keys shared by all heads:
@@ -66,6 +68,20 @@ class PEER(ExpertPool, RoutingStatsMixin, nn.Module):
         sparse_grad: give the expert tables row-sparse gradients (needs
             ``peer_ll.optim.make_optimizer`` or another sparse-aware optimizer).
         backend: kernels to use, "auto" | "torch" | "triton".
+        query_stats: per-owner query statistics, "diag" | "full" | None (off); see
+            :class:`~peer_ll.experts.owner_stats.OwnerQueryStats`.
+        query_adapter_rank: rank of a per-owner query adapter (0: none, paper).
+        query_adapter_affine: give each owner a per-dimension query scale and shift;
+            see :mod:`peer_ll.experts.owner_adapters`.
+
+    Owner protection (not in the paper; defaults leave the paper's layer unchanged):
+        ``training_owner``: whose query statistics training-mode forwards update:
+        "newest" (default: the owner of the newest segment, unless its experts are
+        frozen), an int, or None (never). ``recording_owner``: if set, every forward
+        records for it (see ``recording_query_stats``). ``owner_inference``: the
+        ``owners="infer"`` hook; ``eval_owners``: owners used by eval-mode forwards
+        and ``retrieve`` calls that pass ``owners=None`` (set both with
+        ``peer_ll.experts.set_owner_inference``).
 
     Shapes:
         input (..., D) -> output (..., E).
@@ -88,6 +104,9 @@ class PEER(ExpertPool, RoutingStatsMixin, nn.Module):
         owner: int = 0,
         sparse_grad: bool = True,
         backend: str = "auto",
+        query_stats: str | None = "diag",
+        query_adapter_rank: int = 0,
+        query_adapter_affine: bool = False,
     ) -> None:
         nn.Module.__init__(self)
         check_int("dim", dim, minimum=1)
@@ -106,6 +125,8 @@ class PEER(ExpertPool, RoutingStatsMixin, nn.Module):
         check_choice("gate", gate, GATES)
         check_choice("activation", activation, ACTIVATIONS)
         check_choice("backend", backend, ("auto", "torch", "triton"))
+        check_choice("query_stats", query_stats, (*COVARIANCES, None))
+        check_int("query_adapter_rank", query_adapter_rank, minimum=0)
         owner = check_owner("owner", owner)
         first = num_keys * num_keys
         capacity = first if capacity is None else check_int("capacity", capacity, minimum=first)
@@ -129,7 +150,16 @@ class PEER(ExpertPool, RoutingStatsMixin, nn.Module):
         else:
             self.query_norm = nn.Identity()
         self._init_pool(capacity, key_capacity)
+        self.query_stats = None if query_stats is None else OwnerQueryStats(
+            heads, dim_key, covariance=query_stats)
+        self.training_owner: int | str | None = "newest"
+        self.recording_owner: int | None = None
+        self.owner_inference = None
+        self.eval_owners: Owners = None
+        self.last_inferred_owners: torch.Tensor | None = None
+        self._init_adapters(query_adapter_rank, bool(query_adapter_affine))
         self._append_segment(num_keys, owner)
+        self._add_adapter(owner)
 
     # ------------------------------------------------------------------ forward
     def query(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,6 +187,7 @@ class PEER(ExpertPool, RoutingStatsMixin, nn.Module):
         q = self.query(x)
         lead = q.shape[:-2]
         k = self.topk if k is None else check_int("k", k, minimum=1)
+        owners = self._resolve_owners(owners)
         with torch.no_grad():
             scores, ids = self._search(q.reshape(-1, self.heads, self.dim_key), owners, x, k)
         return scores.view(*lead, self.heads, k), ids.view(*lead, self.heads, k)
@@ -166,22 +197,43 @@ class PEER(ExpertPool, RoutingStatsMixin, nn.Module):
 
         Args:
             x: (..., D) floating inputs.
-            owners: restrict retrieval to these owners' experts: None (all), an
-                int, a sequence of ints, or an int tensor of shape (...) giving one
-                owner per input.
+            owners: restrict retrieval to these owners' experts: None (all, or
+                ``eval_owners`` in eval mode), "all", an int, a sequence of ints, an
+                int tensor of shape (...) giving one owner per input, or "infer".
         """
         q = self.query(x)  # (..., H, d)
         lead = q.shape[:-2]
         q = q.reshape(-1, self.heads, self.dim_key)  # (T, H, d)
+        owners = self._resolve_owners(owners)
+        self._record_query_stats(q, owners)
+        flat = x.reshape(-1, self.dim)
+        if isinstance(owners, str) and owners == "infer" and getattr(
+            self.owner_inference, "soft", False
+        ):
+            owner_ids, weights = self.owner_inference.mixture(self, x, q.detach())  # (T, M)
+            out = sum(
+                self._mix(flat, q, owner_ids[:, m], flat, weights[:, m]) * weights[:, m, None]
+                for m in range(owner_ids.shape[1])
+            )
+        else:
+            out = self._mix(flat, q, owners, x)
+        return out.view(*lead, self.dim_out)
+
+    def _mix(self, flat, q, owners, x, weight=None) -> torch.Tensor:
+        """Retrieve for ``owners`` and mix: flat (T, D), q (T, H, d) -> (T, E).
+
+        ``x`` is the input as ``owners`` sees it; ``weight`` (T,) scales routing mass.
+        """
         with torch.no_grad():
             _, ids = self._search(q.detach(), owners, x, self.topk)  # (T, H, K)
-        scores = self.selected_scores(q, ids)  # (T, H, K), differentiable
+        scores = self._owner_scores(q, ids)  # (T, H, K), differentiable
         gates = scores.softmax(dim=-1) if self.gate == "softmax" else scores.sigmoid()
         if self.track_routing:
-            self.record_routing(ids, gates.detach())
+            mass = gates.detach() if weight is None else gates.detach() * weight[:, None, None]
+            self.record_routing(ids, mass)
         self._tag_parameters()
-        out = expert_mix(
-            x.reshape(-1, self.dim),
+        return expert_mix(
+            flat,
             ids,
             gates,
             self.down,
@@ -191,7 +243,6 @@ class PEER(ExpertPool, RoutingStatsMixin, nn.Module):
             sparse_grad=self.sparse_grad,
             backend=self.backend,
         )
-        return out.view(*lead, self.dim_out)
 
     def selected_scores(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Differentiable scores of the retrieved experts: q (T,H,d), ids (T,H,K) -> (T,H,K).
@@ -213,6 +264,8 @@ class PEER(ExpertPool, RoutingStatsMixin, nn.Module):
         self, q: torch.Tensor, owners: Owners, x: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         segments, mask = self._segments_for(owners, x, q)
+        if len(self.query_adapters):
+            return self._adapted_search(q, segments, mask, k)
         return product_topk(
             q, self.sub_keys, segments, k, segment_mask=mask, backend=self.backend
         )
@@ -223,13 +276,13 @@ class PEER(ExpertPool, RoutingStatsMixin, nn.Module):
         """Segments to search and an optional per-token (T, S) mask for ``owners``."""
         segments, seg_owner = self.segments, self.segment_owner
         sizes = segments[:, 1] * segments[:, 2]
-        if owners is None:
+        if owners is None or (isinstance(owners, str) and owners == "all"):
             return segments, None
         if isinstance(owners, str):
             if owners == "infer" and getattr(self, "owner_inference", None) is not None:
                 return self.owner_inference(self, x, q)
             raise ValueError(
-                "owners must be None, an int, a sequence of ints or an int tensor; "
+                "owners must be None, \"all\", an int, a sequence of ints or an int tensor; "
                 f"got {owners!r} (no owner inference is set on this layer)"
             )
         present = set(seg_owner.tolist())
