@@ -1,0 +1,273 @@
+"""Growth of PEER pools per experience, as an Avalanche dynamic module.
+
+Avalanche 0.6 adapts a model by calling ``adaptation(experience)`` on every
+:class:`~avalanche.models.DynamicModule` in it (``isinstance``, not duck typing),
+then updates the optimizer, and only then runs the plugins' ``before_training_exp``.
+A :class:`PEER` layer does not import Avalanche, so :func:`attach_growth` gives each
+PEER layer of a model a parameter-free child, ``layer.growth``
+(:class:`PEERGrowth`), that grows and freezes its parent as the
+:class:`GrowthPolicy` says. Parameter names and the state dict are unchanged, and
+every Avalanche strategy, including ones built directly, grows the pool.
+
+Growth within the reserved capacity replaces no Parameter, so Avalanche's own
+``update_optimizer`` keeps every Adam moment. :func:`attach_growth` reserves the
+room that ``GrowthPolicy(max_experts=...)`` allows up front.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from avalanche.models import DynamicModule
+from torch import nn
+
+from peer_ll.experts import PEER
+from peer_ll.experts import peer_layers as _named_peer_layers
+from peer_ll.optim import migrate_state
+
+WHEN = ("always", "new_classes", "new_tasks", "new_classes_or_tasks", "never")
+FREEZE = ("previous", "none")
+
+FreezeRule = str | Callable[[PEER, object], Iterable[int]]
+
+
+@dataclass(frozen=True)
+class GrowthPolicy:
+    """What a PEER layer does when an experience arrives for training.
+
+    Args:
+        num_keys: sub-keys per side of each new segment, so a growth adds
+            ``num_keys**2`` experts (default: the layer's own ``num_keys``).
+        when: grow on "always" (every experience not yet an owner), "new_classes"
+            (the experience brings a class not seen in training before), "new_tasks"
+            (a task label not seen before), "new_classes_or_tasks", or "never".
+        freeze: owners to freeze after a growth: "previous" (every owner but the
+            new one), "none", or a callable ``(layer, experience) -> owner ids``.
+        freeze_keys: also freeze the frozen owners' sub-keys.
+        freeze_query: also freeze the query network after a growth.
+        max_experts: largest pool size; a growth that would pass it is skipped.
+            :func:`attach_growth` reserves this room up front, so growth never
+            replaces a Parameter and optimizer state survives any strategy.
+
+    New experts are owned by the experience's id (``current_experience``). An
+    experience whose id already owns experts (e.g. the first one, which owns the
+    layer's initial segment when ``owner=0``) never grows the pool again.
+    """
+
+    num_keys: int | None = None
+    when: str = "always"
+    freeze: FreezeRule = "previous"
+    freeze_keys: bool = True
+    freeze_query: bool = False
+    max_experts: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_keys is not None and (
+            isinstance(self.num_keys, bool) or not isinstance(self.num_keys, int)
+        ):
+            raise TypeError(f"num_keys must be an int or None, got {self.num_keys!r}")
+        if self.num_keys is not None and self.num_keys < 1:
+            raise ValueError(f"num_keys must be >= 1, got {self.num_keys}")
+        if self.when not in WHEN:
+            raise ValueError(f"when must be one of {WHEN}, got {self.when!r}")
+        if not callable(self.freeze) and self.freeze not in FREEZE:
+            raise ValueError(f"freeze must be one of {FREEZE} or a callable, got {self.freeze!r}")
+        if self.max_experts is not None and (
+            isinstance(self.max_experts, bool)
+            or not isinstance(self.max_experts, int)
+            or self.max_experts < 1
+        ):
+            raise ValueError(f"max_experts must be an int >= 1 or None, got {self.max_experts!r}")
+
+    def keys_per_growth(self, layer: PEER) -> int:
+        """Sub-keys per side that one growth of ``layer`` adds."""
+        return layer.num_keys if self.num_keys is None else self.num_keys
+
+    def reservation(self, layer: PEER) -> tuple[int, int]:
+        """(capacity, key_capacity) that holds every growth ``max_experts`` allows.
+
+        Without ``max_experts`` this is the layer's current room.
+        """
+        if self.max_experts is None:
+            return layer.capacity, layer.key_capacity
+        n = self.keys_per_growth(layer)
+        growths = max(0, (self.max_experts - layer.num_experts) // (n * n))
+        return (
+            max(layer.capacity, layer.num_experts + growths * n * n),
+            max(layer.key_capacity, layer.num_sub_keys + growths * n),
+        )
+
+
+class GrowthEvent(NamedTuple):
+    """One decision of a :class:`PEERGrowth`: ``grew`` and why, and the pool size after."""
+
+    experience: int
+    grew: bool
+    reason: str
+    num_experts: int
+
+
+class PEERGrowth(DynamicModule):
+    """Grows and freezes its parent PEER layer in ``adaptation(experience)``.
+
+    It has no parameters or buffers and is attached as ``layer.growth`` by
+    :func:`attach_growth`. It acts only in training mode: Avalanche also adapts the
+    model before evaluating each experience, with the model in eval mode.
+
+    Attributes:
+        policy: the :class:`GrowthPolicy`.
+        seen_classes, seen_tasks: classes and task labels met in training so far.
+        events: every :class:`GrowthEvent`, in order.
+        carries_optimizer_state: set by :class:`CarryOptimizerState`; silences the
+            warning about growth past capacity.
+    """
+
+    def __init__(self, layer: PEER, policy: GrowthPolicy) -> None:
+        super().__init__()
+        if not isinstance(layer, PEER):
+            raise TypeError(f"layer must be a peer_ll.experts.PEER, got {type(layer).__name__}")
+        if not isinstance(policy, GrowthPolicy):
+            raise TypeError(f"policy must be a GrowthPolicy, got {type(policy).__name__}")
+        # A plain attribute, not a submodule: the layer owns this module, not the reverse.
+        object.__setattr__(self, "layer", layer)
+        self.policy = policy
+        self.seen_classes: set[int] = set()
+        self.seen_tasks: set[int] = set()
+        self.events: list[GrowthEvent] = []
+        self.carries_optimizer_state = False
+
+    def adaptation(self, experience) -> None:
+        """Grow (and freeze) the layer for a training ``experience``; no-op in eval mode."""
+        if not self.training:
+            return
+        layer, policy = self.layer, self.policy
+        eid = int(experience.current_experience)
+        classes = {int(c) for c in getattr(experience, "classes_in_this_experience", ())}
+        tasks = {int(t) for t in getattr(experience, "task_labels", ())}
+        if policy.when in ("new_classes", "new_classes_or_tasks") and not hasattr(
+            experience, "classes_in_this_experience"
+        ):
+            raise ValueError(
+                f"GrowthPolicy(when={policy.when!r}) needs experiences with "
+                f"classes_in_this_experience, got {type(experience).__name__}"
+            )
+        new_classes, new_tasks = bool(classes - self.seen_classes), bool(tasks - self.seen_tasks)
+        self.seen_classes |= classes
+        self.seen_tasks |= tasks
+        grow, reason = self._decide(eid, new_classes, new_tasks)
+        if grow:
+            self._grow(eid, experience)
+        self.events.append(GrowthEvent(eid, grow, reason, layer.num_experts))
+
+    def _decide(self, eid: int, new_classes: bool, new_tasks: bool) -> tuple[bool, str]:
+        layer, policy = self.layer, self.policy
+        if eid in set(layer.segment_owner.tolist()):
+            return False, "experience already owns experts"
+        wanted = {
+            "always": True,
+            "new_classes": new_classes,
+            "new_tasks": new_tasks,
+            "new_classes_or_tasks": new_classes or new_tasks,
+            "never": False,
+        }[policy.when]
+        if not wanted:
+            return False, f"when={policy.when!r}"
+        n = policy.keys_per_growth(layer)
+        if policy.max_experts is not None and layer.num_experts + n * n > policy.max_experts:
+            return False, f"max_experts={policy.max_experts}"
+        return True, f"when={policy.when!r}"
+
+    def _grow(self, eid: int, experience) -> None:
+        layer, policy = self.layer, self.policy
+        capacity, key_capacity = layer.capacity, layer.key_capacity
+        layer.grow(policy.keys_per_growth(layer), owner=eid)
+        if (layer.capacity, layer.key_capacity) != (capacity, key_capacity) and not (
+            self.carries_optimizer_state
+        ):
+            warnings.warn(
+                f"PEER layer grew past its capacity ({capacity} experts) and replaced its "
+                "Parameters: Avalanche resets their optimizer state. Reserve room with "
+                "GrowthPolicy(max_experts=...) or add peer_ll.strategies.CarryOptimizerState().",
+                stacklevel=2,
+            )
+        if policy.freeze == "none":
+            return
+        if policy.freeze == "previous":
+            owners = sorted(set(layer.segment_owner.tolist()) - {eid})
+        else:
+            owners = sorted({int(o) for o in policy.freeze(layer, experience)})
+        if owners:
+            layer.freeze(owners, keys=policy.freeze_keys, query=policy.freeze_query)
+        elif policy.freeze_query:
+            layer.freeze([], keys=False, query=True)
+
+    def extra_repr(self) -> str:
+        return f"policy={self.policy}"
+
+
+def peer_layer_list(model: nn.Module) -> list[PEER]:
+    """Every :class:`PEER` layer in ``model`` (itself included), in module order.
+
+    Raises ValueError if there is none.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return list(_named_peer_layers(model).values())
+
+
+def attach_growth(
+    model: nn.Module,
+    policy: GrowthPolicy | None = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> list[PEERGrowth]:
+    """Make every PEER layer in ``model`` grow per ``policy`` in any Avalanche strategy.
+
+    Adds (or re-targets) ``layer.growth`` on each layer and reserves the room that
+    ``policy.max_experts`` allows. Call it before building the optimizer; if an
+    ``optimizer`` already exists and the reservation reallocates, its state is
+    carried over with :func:`peer_ll.optim.migrate_state`.
+
+    Args:
+        model: a module containing at least one :class:`PEER` layer.
+        policy: the growth policy (default: ``GrowthPolicy()``).
+        optimizer: an optimizer already holding the model's parameters, if any.
+
+    Returns:
+        The :class:`PEERGrowth` modules, one per layer, in module order.
+    """
+    policy = GrowthPolicy() if policy is None else policy
+    if not isinstance(policy, GrowthPolicy):
+        raise TypeError(f"policy must be a GrowthPolicy or None, got {type(policy).__name__}")
+    layers = peer_layer_list(model)
+    for layer in layers:
+        current = getattr(layer, "growth", None)
+        if current is not None and not isinstance(current, PEERGrowth):
+            raise ValueError(
+                f"layer.growth must be free for a PEERGrowth, found a {type(current).__name__}"
+            )
+    growths = []
+    for layer in layers:
+        capacity, key_capacity = policy.reservation(layer)
+        if (capacity, key_capacity) != (layer.capacity, layer.key_capacity):
+            layer.reserve(capacity, key_capacity)
+            if optimizer is not None:
+                migrate_state(optimizer, layer)
+            else:  # no optimizer holds the old tables yet: nothing to carry
+                layer.replaced_parameters = {}
+        growth = layer._modules.get("growth")
+        if growth is None:
+            growth = PEERGrowth(layer, policy)
+            layer.add_module("growth", growth)
+        growth.policy = policy
+        growths.append(growth)
+    return growths
+
+
+def growth_modules(model: nn.Module) -> list[PEERGrowth]:
+    """The :class:`PEERGrowth` modules in ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, PEERGrowth)]

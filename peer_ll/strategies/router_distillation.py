@@ -1,0 +1,211 @@
+"""Distillation of routing: LwF (Li & Hoiem 2017) applied to PEER's router.
+
+At the start of each experience after the first, a frozen copy of the model (the
+teacher) is taken, after the pool has grown. On every step the student is pulled
+towards the teacher's routing on the current inputs, which with Avalanche's Replay
+already mix in replayed samples, and on a batch from ``buffer`` if one is given.
+
+:class:`RouterDistillation` matches routing distributions. For each token and head
+the candidates are the union of the teacher's and the student's top-k experts; both
+models score every candidate, and the loss is ``τ² · KL(p_teacher ‖ p_student)`` of the
+softmaxes over the candidates at temperature τ (τ = 1 is the softmax gate itself).
+The union makes the student pay for new experts that push old ones out of its top-k.
+
+:class:`QueryDistillation` is a cheaper variant found while measuring: it matches the
+queries themselves (mean squared error), which with frozen old sub-keys fixes every
+old expert's score. Neither needs a search over the pool beyond one top-k per model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.models import avalanche_forward
+from torch.utils.data import default_collate
+
+from peer_ll.experts import PEER
+from peer_ll.strategies.capture import PEERInputs, recompute_ids, recompute_query
+
+
+def routing_kl(
+    student: PEER,
+    q_student: torch.Tensor,
+    teacher: PEER,
+    q_teacher: torch.Tensor,
+    candidates: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Mean KL(teacher ‖ student) of the routing over per-token candidate experts.
+
+    Args:
+        student, teacher: two PEER layers with the same pool layout.
+        q_student: (T, H, d) student queries (differentiable).
+        q_teacher: (T, H, d) teacher queries.
+        candidates: (T, H, C) expert ids; -1 marks a place to ignore, and a
+            repeated id counts once.
+        temperature: softmax temperature τ.
+
+    Returns:
+        A scalar: ``τ² · mean over (T, H) of KL``.
+    """
+    ignore = candidates < 0
+    same = candidates[..., :, None] == candidates[..., None, :]  # (T, H, C, C)
+    ignore |= torch.tril(same, diagonal=-1).any(-1)  # a repeat of an earlier candidate
+    ids = candidates.clamp_min(0)
+    with torch.no_grad():
+        s_t = _scores(teacher, q_teacher, ids).masked_fill(ignore, float("-inf"))
+        log_p_t = (s_t / temperature).log_softmax(-1)
+    s_s = _scores(student, q_student, ids).masked_fill(ignore, float("-inf"))
+    log_p_s = (s_s / temperature).log_softmax(-1)
+    diff = (log_p_t - log_p_s).masked_fill(ignore, 0.0)  # no inf - inf at ignored places
+    kl = (log_p_t.exp() * diff).sum(-1)  # (T, H)
+    return temperature**2 * kl.mean()
+
+
+def _scores(layer: PEER, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The scores retrieval ranks ``ids`` (T, H, C) by: each with its owner's query adapter."""
+    return layer._owner_scores(q, ids)  # PEER's adapter-aware selected_scores
+
+
+class _RoutingTeacher(SupervisedPlugin):
+    """Keeps a frozen copy of the model from the start of each experience after the first."""
+
+    def __init__(self, *, alpha: float, buffer=None, replay_mb_size: int = 32) -> None:
+        super().__init__()
+        if not alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha!r}")
+        if (
+            isinstance(replay_mb_size, bool)
+            or not isinstance(replay_mb_size, int)
+            or (replay_mb_size < 1)
+        ):
+            raise ValueError(f"replay_mb_size must be an int >= 1, got {replay_mb_size!r}")
+        self.alpha, self.buffer, self.replay_mb_size = alpha, buffer, replay_mb_size
+        self.teacher: torch.nn.Module | None = None
+        self._student: PEERInputs | None = None
+        self._teacher: PEERInputs | None = None
+        self.last_loss: float = 0.0
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        if strategy.clock.train_exp_counter == 0:
+            return
+        teacher = copy.deepcopy(strategy.model)
+        teacher.requires_grad_(False)
+        for layer in PEERInputs(teacher).layers:
+            layer.track_routing = False
+            if isinstance(layer.query_norm, torch.nn.BatchNorm1d):
+                layer.query_norm.momentum = 0.0  # a frozen copy: no running statistics
+        self.teacher = teacher
+        self._student = PEERInputs(strategy.model)
+        self._teacher = PEERInputs(teacher)
+
+    def before_forward(self, strategy, **kwargs) -> None:
+        if self._student is not None:
+            self._student.inputs, self._student.active = {}, True
+
+    def after_forward(self, strategy, **kwargs) -> None:
+        if self._student is not None:
+            self._student.active = False
+
+    def before_backward(self, strategy, **kwargs) -> None:
+        if self.teacher is None or not self.alpha:
+            return
+        loss = self._loss(strategy.mb_x, strategy.mb_task_id, self._student.inputs)
+        batch = self._replay_batch()
+        if batch is not None:
+            x, task = batch
+            x = x.to(strategy.device)
+            task = task.to(strategy.device) if task is not None else None
+            with self._student.recording():
+                avalanche_forward(strategy.model, x, task)
+            loss = loss + self._loss(x, task, self._student.inputs)
+        self.last_loss = float(loss.detach())
+        strategy.loss += self.alpha * loss
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        for inputs in (self._student, self._teacher):
+            if inputs is not None:
+                inputs.remove()
+        self.teacher, self._student, self._teacher = None, None, None
+
+    def _loss(self, x, task, student_inputs) -> torch.Tensor:
+        with torch.no_grad(), self._teacher.recording():
+            avalanche_forward(self.teacher, x, task)
+        total = x.new_zeros(())
+        for s_layer, t_layer in zip(self._student.layers, self._teacher.layers, strict=True):
+            if s_layer in student_inputs and t_layer in self._teacher.inputs:
+                total = total + self._layer_loss(
+                    s_layer, *student_inputs[s_layer], t_layer, *self._teacher.inputs[t_layer]
+                )
+        return total
+
+    def _replay_batch(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        data = getattr(self.buffer, "buffer", self.buffer)
+        if data is None or len(data) == 0:
+            return None
+        idx = torch.randint(len(data), (min(self.replay_mb_size, len(data)),)).tolist()
+        batch = default_collate([data[i] for i in idx])
+        return batch[0], (batch[2] if len(batch) > 2 else None)
+
+    def _layer_loss(self, s_layer, x_s, owners_s, t_layer, x_t, owners_t) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RouterDistillation(_RoutingTeacher):
+    """LwF on routing: KL between the teacher's and the student's routing distributions.
+
+    Args:
+        alpha: weight of the loss.
+        temperature: softmax temperature τ over the candidates' scores.
+        buffer: replayed samples to distill on as well: an Avalanche dataset, or an
+            object with a ``.buffer`` dataset (an ``ExemplarsBuffer`` or a storage
+            policy). Its items are ``(x, y[, task])``.
+        replay_mb_size: samples drawn from ``buffer`` per step.
+
+    Attributes:
+        teacher: the frozen copy (None on the first experience).
+        last_loss: the latest unweighted loss.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        *,
+        temperature: float = 1.0,
+        buffer=None,
+        replay_mb_size: int = 32,
+    ) -> None:
+        super().__init__(alpha=alpha, buffer=buffer, replay_mb_size=replay_mb_size)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.temperature = temperature
+
+    def _layer_loss(self, s_layer, x_s, owners_s, t_layer, x_t, owners_t) -> torch.Tensor:
+        q_s = recompute_query(s_layer, x_s)  # (T, H, d), differentiable
+        with torch.no_grad():
+            q_t = recompute_query(t_layer, x_t)
+        ids_s = recompute_ids(s_layer, x_s.detach(), owners_s)
+        ids_t = recompute_ids(t_layer, x_t, owners_t)
+        candidates = torch.cat([ids_t, ids_s], dim=-1)  # (T, H, 2K)
+        return routing_kl(s_layer, q_s, t_layer, q_t, candidates, temperature=self.temperature)
+
+
+class QueryDistillation(_RoutingTeacher):
+    """Keeps the student's PEER queries close to the teacher's (mean squared error).
+
+    Args:
+        alpha: weight of the loss.
+        buffer, replay_mb_size: as for :class:`RouterDistillation`.
+    """
+
+    def __init__(self, alpha: float = 1.0, *, buffer=None, replay_mb_size: int = 32) -> None:
+        super().__init__(alpha=alpha, buffer=buffer, replay_mb_size=replay_mb_size)
+
+    def _layer_loss(self, s_layer, x_s, owners_s, t_layer, x_t, owners_t) -> torch.Tensor:
+        q_s = recompute_query(s_layer, x_s)
+        with torch.no_grad():
+            q_t = recompute_query(t_layer, x_t)
+        return (q_s - q_t).pow(2).sum(-1).mean()
