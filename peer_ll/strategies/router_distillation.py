@@ -87,7 +87,7 @@ class _RoutingTeacher(SupervisedPlugin):
         self.teacher: torch.nn.Module | None = None
         self._student: PEERInputs | None = None
         self._teacher: PEERInputs | None = None
-        self.last_loss: float = 0.0
+        self.last_loss: float = float("nan")
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         if strategy.clock.train_exp_counter == 0:
@@ -167,7 +167,7 @@ class RouterDistillation(_RoutingTeacher):
 
     Attributes:
         teacher: the frozen copy (None on the first experience).
-        last_loss: the latest unweighted loss.
+        last_loss: the latest unweighted loss (NaN before the first).
     """
 
     def __init__(
