@@ -1,0 +1,221 @@
+"""Summaries of comparison runs over seeds, their table, and ``results.json``.
+
+A *seed record* describes one strategy trained once (one seed)::
+
+    {"seed": 0, "accuracy_matrix": (T, T) list, "params_total": int,
+     "params_active": int, "seconds": float,
+     "routing": {layer: {"share": (T, O), "usage": (T,), ...}},   # optional
+     "health": {"dead_units": (T, T), "effective_rank": (T, T)}}    # optional
+
+:func:`summarize` turns a strategy's seed records into its entry of ``results.json``:
+every scalar of :data:`SCALARS` and the accuracy matrix as the mean over seeds, with
+``<name>_std`` (sample standard deviation, 0 for one seed) beside it, the averaged
+routing and health, and the records themselves under ``per_seed``. NaN is written as
+``null``. Nothing here imports Avalanche.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peer_ll.evaluation.metrics import (
+    average_accuracy,
+    bwt,
+    forgetting,
+    intransigence,
+    learning_accuracy,
+)
+
+__all__ = [
+    "COLUMNS",
+    "SCALARS",
+    "load_results",
+    "results_table",
+    "seed_scalars",
+    "summarize",
+    "write_results",
+]
+
+#: Scalars of a strategy, each averaged over seeds with a ``_std`` beside it.
+SCALARS = (
+    "avg_accuracy",
+    "bwt",
+    "forgetting",
+    "learning_accuracy",
+    "intransigence",
+    "params_total",
+    "params_active",
+    "seconds",
+)
+
+#: Table columns: (header, scalar, kind); kind "pct" prints 100·value ± 100·std.
+COLUMNS = (
+    ("Avg acc %", "avg_accuracy", "pct"),
+    ("BWT", "bwt", "pct"),
+    ("Forgetting", "forgetting", "pct"),
+    ("Learning acc", "learning_accuracy", "pct"),
+    ("Intransigence", "intransigence", "pct"),
+    ("Params", "params_total", "count"),
+    ("Active", "params_active", "count"),
+    ("Time s", "seconds", "time"),
+)
+
+
+def seed_scalars(R: Any, joint_row: Sequence[float] | None = None) -> dict[str, float]:
+    """The accuracy-matrix scalars of one run.
+
+    Args:
+        R: (T, T) accuracy matrix.
+        joint_row: (T,) accuracies of joint training on the same seed, for
+            intransigence (NaN without it).
+
+    Returns:
+        ``{"avg_accuracy", "bwt", "forgetting" (Chaudhry's max kind),
+        "learning_accuracy", "intransigence"}``.
+    """
+    return {
+        "avg_accuracy": average_accuracy(R),
+        "bwt": bwt(R),
+        "forgetting": forgetting(R, kind="max"),
+        "learning_accuracy": learning_accuracy(R),
+        "intransigence": math.nan if joint_row is None else intransigence(R, joint_row),
+    }
+
+
+def _mean_std(values: Sequence[Any]) -> tuple[Any, Any]:
+    """Elementwise mean and sample std (ddof=1; 0 for one value), NaN-aware."""
+    a = np.asarray(values, dtype=np.float64)
+    if a.shape[0] == 1:
+        return a[0], np.zeros_like(a[0])
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices stay NaN
+        return np.nanmean(a, axis=0), np.nanstd(a, axis=0, ddof=1)
+
+
+def summarize(
+    records: Sequence[Mapping[str, Any]],
+    *,
+    joint_rows: Mapping[int, Sequence[float]] | None = None,
+) -> dict[str, Any]:
+    """A strategy's ``results.json`` entry from its seed records (see the module doc).
+
+    Args:
+        records: one seed record per seed, with the same T.
+        joint_rows: ``{seed: (T,) accuracies of joint training}``, for intransigence.
+
+    Returns:
+        The summary; ``per_seed`` holds the records with their scalars added.
+    """
+    if not records:
+        raise ValueError("records must hold at least one seed record, got none")
+    shapes = {np.shape(r["accuracy_matrix"]) for r in records}
+    if len(shapes) != 1:
+        raise ValueError(f"records must share one accuracy-matrix shape, got {sorted(shapes)}")
+    joint_rows = joint_rows or {}
+    per_seed = []
+    for record in records:
+        row = joint_rows.get(record["seed"])
+        per_seed.append({**record, **seed_scalars(record["accuracy_matrix"], row)})
+    out: dict[str, Any] = {}
+    matrix, matrix_std = _mean_std([r["accuracy_matrix"] for r in per_seed])
+    out["accuracy_matrix"], out["accuracy_matrix_std"] = matrix.tolist(), matrix_std.tolist()
+    for name in SCALARS:
+        mean, std = _mean_std([r.get(name, math.nan) for r in per_seed])
+        out[name], out[f"{name}_std"] = float(mean), float(std)
+    if all("health" in r for r in per_seed):
+        out["health"] = {
+            key: _mean_std([r["health"][key] for r in per_seed])[0].tolist()
+            for key in per_seed[0]["health"]
+        }
+    if all(r.get("routing") for r in per_seed):
+        out["routing"] = {
+            layer: {
+                key: _mean_std([r["routing"][layer][key] for r in per_seed])[0].tolist()
+                for key in stats
+            }
+            for layer, stats in per_seed[0]["routing"].items()
+        }
+    out["per_seed"] = per_seed
+    return out
+
+
+def _cell(value: Any, std: Any, kind: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if kind == "pct":
+        text = f"{100 * value:.1f}"
+        return text if not std else f"{text} ± {100 * std:.1f}"
+    if kind == "count":
+        return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.1f}k"
+    return f"{value:.1f}"
+
+
+def results_table(results: Mapping[str, Any], *, markdown: bool = False) -> str:
+    """The comparison table: one row per strategy, the columns of :data:`COLUMNS`.
+
+    Args:
+        results: the ``results.json`` content (``{"strategies": {name: summary}}``) or
+            its ``strategies`` mapping alone.
+        markdown: a Markdown table instead of aligned plain text.
+    """
+    strategies = results.get("strategies", results)
+    if not isinstance(strategies, Mapping) or not strategies:
+        raise ValueError("results must hold a non-empty 'strategies' mapping")
+    header = ["Strategy", *(title for title, _, _ in COLUMNS)]
+    rows = [
+        [name, *(_cell(s.get(key), s.get(f"{key}_std"), kind) for _, key, kind in COLUMNS)]
+        for name, s in strategies.items()
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = [str.ljust] + [str.rjust] * (len(header) - 1)
+    lines = ["  ".join(f(c, w) for f, c, w in zip(fmt, r, widths, strict=True)) for r in rows]
+    head = "  ".join(f(c, w) for f, c, w in zip(fmt, header, widths, strict=True))
+    return "\n".join([head, "-" * len(head), *lines])
+
+
+def _json_ready(value: Any) -> Any:
+    """Converts numpy values to Python ones and NaN / inf to None."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_results(run_dir: str | Path, results: Mapping[str, Any]) -> Path:
+    """Writes ``results`` to ``run_dir/results.json`` (folders made as needed)."""
+    path = Path(run_dir) / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_json_ready(results), indent=1) + "\n")
+    return path
+
+
+def load_results(run_dir: str | Path) -> dict[str, Any]:
+    """Reads ``results.json`` from a run folder (or the file itself).
+
+    Raises:
+        FileNotFoundError: if there is no results.json there.
+        ValueError: if it holds no ``strategies`` mapping.
+    """
+    path = Path(run_dir)
+    path = path / "results.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"run_dir must hold a results.json; not found: {path}")
+    results = json.loads(path.read_text())
+    if not isinstance(results.get("strategies"), dict):
+        raise ValueError(f"{path} must hold a 'strategies' mapping; got keys {sorted(results)}")
+    return results
