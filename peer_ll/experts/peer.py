@@ -250,14 +250,12 @@ class PEER(OwnerRoutingMixin, ExpertPool, RoutingStatsMixin, nn.Module):
         Costs T·H·K·d; gradients reach the query and the sub-keys of unfrozen
         segments.
         """
+        from peer_ll.kernels.selected_scores import selected_scores
+
         left, right = self.key_rows(ids)  # (T, H, K) each
-        keys = torch.where(self.key_frozen[:, None, None], self.sub_keys.detach(), self.sub_keys)
-        half = self.dim_key // 2
-        c_left = F.embedding(left, keys[:, 0])  # (T, H, K, d/2)
-        c_right = F.embedding(right, keys[:, 1])
-        return (c_left @ q[..., :half, None]).squeeze(-1) + (
-            c_right @ q[..., half:, None]
-        ).squeeze(-1)
+        return selected_scores(
+            q, self.sub_keys, left, right, frozen=self.key_frozen, backend=self.backend
+        )
 
     # ---------------------------------------------------------------- retrieval
     def _search(

@@ -4,6 +4,7 @@ Axis letters used in shapes:
     T  tokens (flattened leading dims)      H  heads
     K  experts retrieved per head (top-k)   D  input dim     E  output dim
     d  dim_key                              S  segments      R  sub-key rows
+    M  gathers per token (H·K)
 
 A pool of experts is a list of *segments*. Segment ``s`` is a row of the int64
 table ``segments`` (S, 4) = ``[key_offset, n_left, n_right, expert_offset]``: its
@@ -11,6 +12,10 @@ left sub-keys are ``sub_keys[key_offset : key_offset + n_left, 0]``, its right
 sub-keys ``sub_keys[key_offset : key_offset + n_right, 1]``, and the expert built
 from left key ``a`` and right key ``b`` has the id ``expert_offset + a * n_right + b``.
 Ids never change when segments are appended.
+
+The CPU path avoids building (T, M, D) gathers: row dot products run in token
+chunks that stay in cache (:func:`gather_dot`), weighted row sums use
+``embedding_bag``, and row gradients use one sort (:mod:`peer_ll.kernels.row_grad`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from peer_ll.kernels.row_grad import aggregate_rows, row_plan, to_table_grad
+
 ACTIVATIONS = ("gelu", "relu")
+_CHUNK_ELEMENTS = 1 << 20  # elements of one gathered chunk (4 MiB in fp32): stays in cache
 
 
 def product_topk(
@@ -43,11 +51,11 @@ def product_topk(
         segments: (S, 4) int64 segment table (see module docstring).
         k: number of experts to return per token and head.
         segment_mask: optional (T, S) bool; False excludes a segment for a token.
-            Excluded candidates score ``-inf``. When fewer than k experts exist,
-            the missing places score ``-inf`` with id -1.
 
     Returns:
         scores (T, H, k) sorted descending, and ids (T, H, k) int64 expert ids.
+        Places without an expert (fewer than k experts allowed) score ``-inf``
+        and have the id -1.
     """
     half = queries.shape[-1] // 2
     q_left, q_right = queries[..., :half], queries[..., half:]
@@ -70,19 +78,22 @@ def product_topk(
         cand_ids.append(ids)
     scores = torch.cat(cand_scores, dim=-1)
     ids = torch.cat(cand_ids, dim=-1)
-    if scores.shape[-1] < k:  # fewer experts than k: pad with -inf scores and id -1
+    if scores.shape[-1] < k:  # fewer experts than k: pad with -inf scores
         pad = k - scores.shape[-1]
         scores = F.pad(scores, (0, pad), value=-math.inf)
         ids = F.pad(ids, (0, pad), value=-1)
     scores, pick = scores.topk(k, dim=-1)
-    return scores, ids.gather(-1, pick)
+    ids = ids.gather(-1, pick).masked_fill_(scores == -math.inf, -1)
+    return scores, ids
 
 
-def _act(a: torch.Tensor, activation: str) -> torch.Tensor:
+def activate(a: torch.Tensor, activation: str) -> torch.Tensor:
+    """σ(a): exact (erf) GELU or ReLU."""
     return F.gelu(a) if activation == "gelu" else F.relu(a)
 
 
-def _act_grad(a: torch.Tensor, activation: str) -> torch.Tensor:
+def activate_grad(a: torch.Tensor, activation: str) -> torch.Tensor:
+    """σ'(a) for :func:`activate`."""
     if activation == "relu":
         return (a > 0).to(a.dtype)
     cdf = 0.5 * (1.0 + torch.erf(a * (1.0 / math.sqrt(2.0))))
@@ -90,47 +101,29 @@ def _act_grad(a: torch.Tensor, activation: str) -> torch.Tensor:
     return cdf + a * pdf
 
 
-def row_sparse_grad(
-    ids: torch.Tensor,
-    coeffs: torch.Tensor,
-    rhs: torch.Tensor,
-    shape: torch.Size,
-    frozen: torch.Tensor | None,
-    sparse: bool,
-) -> torch.Tensor:
-    """Aggregate per-row gradients ``grad[r] = Σ_{(t,m): ids[t,m]=r} coeffs[t,m]·rhs[t]``.
+def gather_dot(ids: torch.Tensor, table: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """Row dot products ``out[t, m] = table[ids[t, m]] · vec[t]``.
 
-    The sum runs as one sparse (rows × T) @ (T, C) product, so no (T·M, C)
-    tensor of per-retrieval rows is materialised. Frozen rows are dropped.
+    Runs in token chunks small enough to stay in cache, so the (T, M, C) gather
+    is never materialised as a whole.
 
     Args:
         ids: (T, M) int64 row ids.
-        coeffs: (T, M) per-retrieval coefficients.
-        rhs: (T, C) per-token vectors.
-        shape: shape of the full table (N, C).
-        frozen: optional (>= N,) bool mask of rows that get no gradient.
-        sparse: return a coalesced sparse COO gradient instead of a dense one.
+        table: (N, C) rows.
+        vec: (T, C) one vector per token.
 
     Returns:
-        (N, C) gradient, sparse COO (coalesced) or dense.
+        (T, M) in ``table``'s dtype.
     """
     T, M = ids.shape
-    flat = ids.reshape(-1)
-    token = torch.arange(T, device=ids.device).repeat_interleave(M)
-    vals = coeffs.reshape(-1)
-    if frozen is not None:
-        keep = ~frozen[flat]
-        flat, token, vals = flat[keep], token[keep], vals[keep]
-    rows, inverse = torch.unique(flat, return_inverse=True)
-    mat = torch.sparse_coo_tensor(
-        torch.stack([inverse, token]), vals, (rows.numel(), T), check_invariants=False
-    )
-    values = torch.sparse.mm(mat, rhs)  # (U, C)
-    if sparse:
-        return torch.sparse_coo_tensor(
-            rows[None], values, shape, is_coalesced=True, check_invariants=False
-        )
-    return torch.zeros(shape, dtype=rhs.dtype, device=rhs.device).index_copy_(0, rows, values)
+    vec = vec.to(table.dtype)
+    out = vec.new_empty(T, M)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, M * table.shape[-1]))
+    for start in range(0, T, chunk):  # a loop over cache-sized chunks, not tokens
+        stop = min(T, start + chunk)
+        rows = F.embedding(ids[start:stop], table)  # (chunk, M, C)
+        torch.bmm(rows, vec[start:stop, :, None], out=out[start:stop, :, None])
+    return out
 
 
 class _ExpertMix(torch.autograd.Function):
@@ -139,10 +132,9 @@ class _ExpertMix(torch.autograd.Function):
         T = x.shape[0]
         flat_ids = ids.reshape(T, -1)  # (T, M), M = H*K
         flat_gates = gates.reshape(T, -1)
-        u = F.embedding(flat_ids, down)  # (T, M, D)
-        a = torch.bmm(u, x.unsqueeze(-1)).squeeze(-1)  # (T, M)
-        w = _act(a, activation) * flat_gates  # (T, M)
-        out = F.embedding_bag(flat_ids, up, per_sample_weights=w, mode="sum")  # (T, E)
+        a = gather_dot(flat_ids, down, x)  # (T, M)
+        w = activate(a, activation) * flat_gates  # (T, M)
+        out = F.embedding_bag(flat_ids, up, per_sample_weights=w.to(up.dtype), mode="sum")
         ctx.save_for_backward(x, flat_ids, flat_gates, down, up, a, frozen)
         ctx.activation, ctx.sparse_grad, ctx.gate_shape = activation, sparse_grad, gates.shape
         return out
@@ -151,24 +143,24 @@ class _ExpertMix(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, flat_ids, flat_gates, down, up, a, frozen = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        frozen = frozen if frozen.numel() else None
-        h = _act(a, ctx.activation)
-        v = F.embedding(flat_ids, up)  # (T, M, E)
-        gv = torch.bmm(v, grad_out.unsqueeze(-1)).squeeze(-1)  # (T, M): g·v_i
-        del v
+        h = activate(a, ctx.activation)
+        gv = gather_dot(flat_ids, up, grad_out)  # (T, M): grad_out · v_i
         grad_gates = (gv * h).reshape(ctx.gate_shape) if ctx.needs_input_grad[2] else None
-        da = gv * flat_gates * _act_grad(a, ctx.activation)  # (T, M)
+        da = gv * flat_gates * activate_grad(a, ctx.activation)  # (T, M)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            u = F.embedding(flat_ids, down)  # (T, M, D)
-            grad_x = torch.bmm(da.unsqueeze(1), u).squeeze(1)
+            grad_x = F.embedding_bag(
+                flat_ids, down, per_sample_weights=da.to(down.dtype), mode="sum"
+            ).to(x.dtype)
         grad_down = grad_up = None
-        if ctx.needs_input_grad[3]:
-            grad_down = row_sparse_grad(flat_ids, da, x, down.shape, frozen, ctx.sparse_grad)
-        if ctx.needs_input_grad[4]:
-            grad_up = row_sparse_grad(
-                flat_ids, h * flat_gates, grad_out, up.shape, frozen, ctx.sparse_grad
-            )
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            plan = row_plan(flat_ids, frozen)  # one sort serves both tables
+            if ctx.needs_input_grad[3]:
+                values = aggregate_rows(plan, da, x.to(down.dtype))
+                grad_down = to_table_grad(plan, values, down.shape, sparse=ctx.sparse_grad)
+            if ctx.needs_input_grad[4]:
+                values = aggregate_rows(plan, h * flat_gates, grad_out.to(up.dtype))
+                grad_up = to_table_grad(plan, values, up.shape, sparse=ctx.sparse_grad)
         return grad_x, None, grad_gates, grad_down, grad_up, None, None, None
 
 
@@ -187,7 +179,7 @@ def expert_mix(
 
     Args:
         x: (T, D) inputs.
-        ids: (T, H, K) int64 expert ids (rows of ``down`` and ``up``).
+        ids: (T, H, K) int64 expert ids (rows of ``down`` and ``up``), all valid.
         gates: (T, H, K) gate values.
         down: (N, D) table of u_i.
         up: (N, E) table of v_i.
@@ -201,3 +193,76 @@ def expert_mix(
     if frozen is None:
         frozen = torch.empty(0, dtype=torch.bool, device=x.device)
     return _ExpertMix.apply(x, ids, gates, down, up, activation, frozen, sparse_grad)
+
+
+class _SelectedScores(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, sub_keys, left, right, frozen):
+        TH, half = q.shape[0] * q.shape[1], q.shape[-1] // 2
+        q_rows = q.reshape(TH, -1)
+        ids_l, ids_r = left.reshape(TH, -1), right.reshape(TH, -1)
+        scores = gather_dot(ids_l, sub_keys[:, 0], q_rows[:, :half]) + gather_dot(
+            ids_r, sub_keys[:, 1], q_rows[:, half:]
+        )
+        ctx.save_for_backward(q_rows, sub_keys, ids_l, ids_r, frozen)
+        return scores.view(left.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q_rows, sub_keys, ids_l, ids_r, frozen = ctx.saved_tensors
+        g = grad.reshape(ids_l.shape).to(sub_keys.dtype)  # (T·H, K)
+        grad_q = grad_keys = None
+        if ctx.needs_input_grad[0]:
+            grad_q = torch.cat(
+                [
+                    F.embedding_bag(ids_l, sub_keys[:, 0], per_sample_weights=g, mode="sum"),
+                    F.embedding_bag(ids_r, sub_keys[:, 1], per_sample_weights=g, mode="sum"),
+                ],
+                dim=-1,
+            ).view(*grad.shape[:2], -1).to(q_rows.dtype)
+        if ctx.needs_input_grad[1]:
+            half = q_rows.shape[-1] // 2
+            rhs = q_rows.to(sub_keys.dtype)
+            sides = [
+                _key_grad(ids, g, rhs[:, i * half : (i + 1) * half], sub_keys.shape[0], frozen)
+                for i, ids in enumerate((ids_l, ids_r))
+            ]
+            grad_keys = torch.stack(sides, dim=1)
+        return grad_q, grad_keys, None, None, None
+
+
+def _key_grad(
+    ids: torch.Tensor, coeffs: torch.Tensor, rhs: torch.Tensor, rows: int, frozen: torch.Tensor
+) -> torch.Tensor:
+    """Dense (R, d/2) gradient of one side of the sub-keys, frozen rows zero."""
+    plan = row_plan(ids, frozen)
+    values = aggregate_rows(plan, coeffs, rhs)
+    return to_table_grad(plan, values, (rows, rhs.shape[-1]), sparse=False)
+
+
+def selected_scores(
+    queries: torch.Tensor,
+    sub_keys: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    *,
+    frozen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Differentiable scores ``q_left·c_left + q_right·c_right`` of retrieved experts.
+
+    Costs T·H·K·d. Gradients reach the queries and the sub-key rows that are not
+    frozen (a dense (R, 2, d/2) gradient whose frozen rows are zero).
+
+    Args:
+        queries: (T, H, d) queries.
+        sub_keys: (R, 2, d/2) sub-key table.
+        left: (T, H, K) int64 left sub-key rows of the retrieved experts.
+        right: (T, H, K) int64 right sub-key rows.
+        frozen: optional (R,) bool; frozen sub-key rows get no gradient.
+
+    Returns:
+        (T, H, K) scores.
+    """
+    if frozen is None:
+        frozen = torch.empty(0, dtype=torch.bool, device=queries.device)
+    return _SelectedScores.apply(queries, sub_keys, left, right, frozen)
