@@ -44,13 +44,17 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "strategy"
 
 
-def _heatmap(ax, values: np.ndarray, *, vmax: float = 1.0):
-    """Annotated heatmap of a 2-D array in [0, vmax] on ``ax`` (NaN cells blank); the image."""
-    image = ax.imshow(values, vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto")
-    for (i, j), v in np.ndenumerate(values):
+def _heatmap(ax, values: np.ndarray):
+    """Annotated percent heatmap of a 2-D array of fractions on ``ax``; returns the image.
+
+    NaN cells stay blank.
+    """
+    pct = 100 * values
+    image = ax.imshow(pct, vmin=0.0, vmax=100.0, cmap="viridis", aspect="auto")
+    for (i, j), v in np.ndenumerate(pct):
         if np.isfinite(v):
-            color = "black" if v > 0.6 * vmax else "white"
-            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7, color=color)
+            color = "black" if v > 60 else "white"
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color=color)
     return image
 
 

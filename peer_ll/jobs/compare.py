@@ -1,48 +1,317 @@
-"""``peer-ll run``: train a small PEER classifier on scikit-learn digits (interim main job)."""
+"""``peer-ll run``: compare continual-learning strategies on a task stream.
+
+With no arguments: Split-Digits (scikit-learn's bundled digits, class-incremental,
+5 experiences × 2 classes), 2 seeds, the eight strategies of
+``peer_ll.jobs.strategies_zoo.DEFAULT_STRATEGIES``. After each training experience
+every strategy is evaluated on the whole test stream, which fills its accuracy matrix
+R[i][j]. Joint training trains once on everything; its matrix repeats that one
+evaluation in every row, and its last row is the reference for intransigence.
+
+The run folder holds ``results.json`` (see ``peer_ll.evaluation.report``),
+``table.txt``, the PNG plots (``peer_ll.evaluation.plots``) and Avalanche text logs
+under ``logs/``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime as dt
+import os
+import platform
 import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from peer_ll.experts import PEER
-from peer_ll.optim import make_optimizer
+from peer_ll.evaluation.plots import draw_run_plots, slug
+from peer_ll.evaluation.report import results_table, summarize, write_results
+from peer_ll.jobs.strategies_zoo import (
+    DEFAULT_STRATEGIES,
+    STRATEGIES,
+    ZooConfig,
+    build_strategy,
+    parameter_counts,
+    stream_info,
+)
+
+DATASETS = ("digits", "fashion-mnist", "mnist")
+KINDS = ("class", "task", "permuted", "rotated")
+ACC = "Top1_Acc_Exp"
+
+
+def parse_stream(stream: str) -> tuple[str, str]:
+    """``"fashion-mnist-task"`` -> ``("fashion-mnist", "task")``."""
+    name, _, kind = stream.rpartition("-")
+    if name not in DATASETS or kind not in KINDS:
+        choices = [f"{d}-{k}" for d in DATASETS for k in KINDS]
+        raise ValueError(f"stream must be DATASET-KIND, one of {choices}; got {stream!r}")
+    return name, kind
+
+
+def _evaluator(log_file):
+    from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
+    from avalanche.logging import TextLogger
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from peer_ll.evaluation.plugins import peer_metrics
+
+    return EvaluationPlugin(
+        accuracy_metrics(experience=True),
+        forgetting_metrics(stream=True),
+        bwt_metrics(stream=True),
+        *peer_metrics(),
+        loggers=[TextLogger(log_file)] if log_file is not None else [],
+    )
+
+
+def _collect(values: dict[str, Any], t: int) -> tuple[list[float], dict, dict]:
+    """Accuracy row (T,), PEER metrics by layer, and health values from one evaluation."""
+    from peer_ll.evaluation.plugins import parse_metric_name
+
+    row, peer, health = [np.nan] * t, {}, {}
+    for name, value in values.items():
+        parts = parse_metric_name(name)
+        if parts is None or parts["phase"] != "eval" or parts["exp"] is None:
+            continue
+        metric, j = parts["metric"], parts["exp"]
+        if metric == ACC:
+            row[j] = float(value)
+        elif metric.startswith("PEER_"):
+            key = metric[len("PEER_"):]
+            if parts["owner"] is not None:
+                key = ("share", parts["owner"])
+            peer.setdefault(parts["module"], {}).setdefault(key, {})[j] = float(value)
+        elif metric.startswith("Plasticity_"):
+            health.setdefault(metric, {})[j] = float(value)
+    return row, peer, health
+
+
+def _routing(peer: dict, t: int) -> dict:
+    """``{layer: {"owners", "share" (T, O), "usage" (T,), ...}}`` from ``_collect``."""
+    names = {"Usage": "usage", "Unevenness": "unevenness", "Margin": "margin",
+             "GateEntropy": "gate_entropy"}  # fmt: skip
+    out = {}
+    for layer, stats in peer.items():
+        owners = sorted(k[1] for k in stats if isinstance(k, tuple))
+        entry = {"owners": owners}
+        entry["share"] = [
+            [stats[("share", o)].get(j, np.nan) for o in owners] for j in range(t)
+        ]
+        for key, name in names.items():
+            if key in stats:
+                entry[name] = [stats[key].get(j, np.nan) for j in range(t)]
+        out[layer] = entry
+    return out
+
+
+def run_strategy(key: str, bench, info, config: ZooConfig, *, seed: int, log_file=None,
+                 progress: bool = False) -> dict:  # fmt: skip
+    """Trains one strategy on ``bench`` and returns its seed record."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    t = info.n_experiences
+    strategy = build_strategy(key, info, config, evaluator=_evaluator(log_file))
+    train, test = bench.train_stream, bench.test_stream
+    rows, health_rows = [], []
+    start = time.perf_counter()
+    if key == "joint":
+        strategy.train(train)
+        values = strategy.eval(test)
+        row, peer, health = _collect(values, t)
+        rows, health_rows = [row] * t, [health] * t
+    else:
+        for exp in tqdm(train, desc=STRATEGIES[key], leave=False, disable=not progress):
+            strategy.train(exp)
+            values = strategy.eval(test)
+            row, peer, health = _collect(values, t)
+            rows.append(row)
+            health_rows.append(health)
+    seconds = time.perf_counter() - start
+    total, active = parameter_counts(strategy.model)
+    record = dict(seed=seed, accuracy_matrix=rows, params_total=total, params_active=active,
+                  seconds=seconds, routing=_routing(peer, t))  # fmt: skip
+    record["health"] = {
+        name: [[h.get(metric, {}).get(j, np.nan) for j in range(t)] for h in health_rows]
+        for name, metric in (("dead_units", "Plasticity_DeadUnits"),
+                             ("effective_rank", "Plasticity_EffectiveRank"))
+    }  # fmt: skip
+    if key != "joint":
+        record["avalanche"] = {
+            "forgetting": float(values["StreamForgetting/eval_phase/test_stream"]),
+            "bwt": float(values["StreamBWT/eval_phase/test_stream"]),
+        }
+    return record
+
+
+def run_comparison(
+    stream: str = "digits-class",
+    *,
+    strategies: Sequence[str] = DEFAULT_STRATEGIES,
+    seeds: Sequence[int] = (0, 1),
+    config: ZooConfig | None = None,
+    n_experiences: int | None = None,
+    max_train_per_exp: int | None = None,
+    max_test_per_exp: int | None = None,
+    log_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Trains every strategy on every seed; returns the ``results.json`` content.
+
+    Args:
+        stream: ``DATASET-KIND``, e.g. ``"digits-class"``, ``"fashion-mnist-permuted"``.
+        strategies: keys of ``peer_ll.jobs.strategies_zoo.STRATEGIES``.
+        seeds: one run per seed; the seed also draws the stream (class order,
+            permutations, subsample).
+        config: shared training settings (default ``ZooConfig()``).
+        n_experiences: experiences (default: 5; 10 for permuted streams).
+        max_train_per_exp, max_test_per_exp: subsample each experience.
+        log_dir: where to write one Avalanche text log per strategy and seed.
+        progress: show progress bars.
+    """
+    from peer_ll.data import make_stream
+
+    name, kind = parse_stream(stream)
+    config = config or ZooConfig()
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or not strategies:
+        raise ValueError(f"strategies must be among {list(STRATEGIES)}; got {list(strategies)}")
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed, got none")
+    records: dict[str, list[dict]] = {key: [] for key in strategies}
+    bar = tqdm(total=len(seeds) * len(strategies), desc="runs", unit="run", disable=not progress)
+    with bar, _quiet_avalanche():
+        for seed in seeds:
+            bench = make_stream(name, kind=kind, n_experiences=n_experiences, seed=seed,
+                                max_train_per_exp=max_train_per_exp,
+                                max_test_per_exp=max_test_per_exp)  # fmt: skip
+            info = stream_info(bench, kind)
+            for key in strategies:
+                bar.set_postfix_str(f"{STRATEGIES[key]}, seed {seed}")
+                with _log_file(log_dir, f"{slug(key)}-seed{seed}.log") as log:
+                    record = run_strategy(key, bench, info, config, seed=seed, log_file=log,
+                                          progress=progress)  # fmt: skip
+                records[key].append(record)
+                bar.update()
+    joint = {r["seed"]: r["accuracy_matrix"][-1] for r in records.get("joint", [])}
+    summaries = {STRATEGIES[k]: summarize(recs, joint_rows=joint) for k, recs in records.items()}
+    settings = dict(stream=stream, n_experiences=info.n_experiences, seeds=list(seeds),
+                    strategies=list(strategies), max_train_per_exp=max_train_per_exp,
+                    max_test_per_exp=max_test_per_exp, **asdict(config))  # fmt: skip
+    return {"config": settings, "environment": environment(config.device),
+            "strategies": summaries}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _quiet_avalanche():
+    """Drops warnings raised inside Avalanche (its deprecations reset warning filters)."""
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            if f"{os.sep}avalanche{os.sep}" not in str(filename):
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = showwarning
+        yield
+
+
+@contextlib.contextmanager
+def _log_file(log_dir, name: str):
+    if log_dir is None:
+        yield None
+        return
+    path = Path(log_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        yield handle
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """Date, machine and library versions, for the record."""
+    import avalanche
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return dict(date=dt.datetime.now().isoformat(timespec="seconds"), cpus=os.cpu_count(),
+                gpu=gpu, device=device, torch_threads=torch.get_num_threads(),
+                python=platform.python_version(), torch=torch.__version__,
+                avalanche=getattr(avalanche, "__version__", "?"), numpy=np.__version__)  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--stream", default="digits-class",
+                        help="DATASET-KIND: DATASET in digits, fashion-mnist, mnist; KIND in "
+                             "class, task, permuted, rotated (default digits-class)")
+    parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
+                        help=f"comma-separated, among {', '.join(STRATEGIES)} (default: the "
+                             "first eight)")
+    parser.add_argument("--epochs", type=int, default=ZooConfig.epochs,
+                        help=f"epochs per experience, every strategy (default {ZooConfig.epochs})")
+    parser.add_argument("--seeds", default="2",
+                        help="a count N (seeds 0..N-1) or a comma-separated list (default 2)")
+    parser.add_argument("--out", default=None,
+                        help="run folder (default runs/YYYYmmdd-HHMMSS)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--experiences", type=int, default=None,
+                        help="number of experiences (default 5; 10 for permuted)")
+    parser.add_argument("--max-train-per-exp", type=int, default=None,
+                        help="subsample each training experience to this many samples")
+    parser.add_argument("--max-test-per-exp", type=int, default=None,
+                        help="subsample each test experience to this many samples")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: tiny models run fastest so)")
+    for f in fields(ZooConfig):
+        if f.name not in ("epochs", "device"):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default),
+                                default=f.default, help=f"(default {f.default})")  # fmt: skip
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"3"`` -> [0, 1, 2]; ``"4,7"`` -> [4, 7]."""
+    try:
+        if "," in text:
+            return [int(s) for s in text.split(",") if s.strip()]
+        count = int(text)
+    except ValueError as err:
+        raise ValueError(f"--seeds must be a count or a list like 0,1; got {text!r}") from err
+    if count < 1:
+        raise ValueError(f"--seeds must be a count >= 1, got {count}")
+    return list(range(count))
 
 
 def main(args: argparse.Namespace) -> int:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    torch.manual_seed(args.seed)
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x / 16.0, y, test_size=0.2, random_state=args.seed, stratify=y
-    )
-    x_tr, x_te = (torch.tensor(a, dtype=torch.float32) for a in (x_tr, x_te))
-    y_tr, y_te = (torch.tensor(a) for a in (y_tr, y_te))
-    model = nn.Sequential(
-        nn.Linear(64, 64), PEER(64, num_keys=16, heads=4, topk=8, dim_key=32), nn.Linear(64, 10)
-    )
-    opt = make_optimizer(model, lr=3e-3)
-    start = time.perf_counter()
-    for _ in tqdm(range(args.epochs), desc="digits", unit="epoch"):
-        model.train()
-        for batch in torch.randperm(len(x_tr)).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x_tr[batch]), y_tr[batch]).backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x_te).argmax(-1) == y_te).float().mean().item()
-    print(f"PEER classifier on digits: test accuracy {acc:.3f} "
-          f"({time.perf_counter() - start:.1f} s)")
+    torch.set_num_threads(max(1, args.threads))
+    config = ZooConfig(**{f.name: getattr(args, f.name) for f in fields(ZooConfig)})
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    try:
+        parse_stream(args.stream)
+        seeds = parse_seeds(args.seeds)
+        if not strategies or set(strategies) - set(STRATEGIES):
+            raise ValueError(f"--strategies must be among {list(STRATEGIES)}; got {strategies}")
+    except ValueError as err:
+        print(f"peer-ll run: error: {err}")
+        return 2
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.out) if args.out else Path("runs") / stamp
+    results = run_comparison(
+        args.stream, strategies=strategies, seeds=seeds, config=config,
+        n_experiences=args.experiences, max_train_per_exp=args.max_train_per_exp,
+        max_test_per_exp=args.max_test_per_exp, log_dir=run_dir / "logs",
+    )  # fmt: skip
+    write_results(run_dir, results)
+    table = results_table(results)
+    (run_dir / "table.txt").write_text(table + "\n")
+    draw_run_plots(results, run_dir)
+    cfg = results["config"]
+    print(f"\n{cfg['stream']}: {cfg['n_experiences']} experiences, seeds {cfg['seeds']}, "
+          f"{config.epochs} epochs, replay budget {config.replay_budget}; "
+          "accuracy in %, mean ± std over seeds")  # fmt: skip
+    print(table)
+    print(f"\nrun folder: {run_dir}")
     return 0

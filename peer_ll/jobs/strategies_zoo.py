@@ -1,0 +1,186 @@
+"""The strategies that ``peer-ll run`` compares, built by name on a ``PEERClassifier``.
+
+Every strategy gets the same model family, optimizer (``peer_ll.optim.make_optimizer``,
+constant learning rate), epochs, mini-batch size and replay budget:
+
+| key | strategy | model | replay |
+|---|---|---|---|
+| ``naive`` | fine-tuning | fixed pool | none |
+| ``ewc`` | EWC (Kirkpatrick et al. 2017) | fixed pool | none |
+| ``lwf`` | LwF (Li & Hoiem 2017) | fixed pool | none |
+| ``replay`` | experience replay | fixed pool | ``replay_budget`` |
+| ``peer-grow`` | growth, old experts frozen | growing pool | ``replay_budget`` |
+| ``peer-grow-rd`` | growth + RouterDistillation | growing pool | ``replay_budget`` |
+| ``peer-sparse`` | SparseExpertFinetuning (top-t rows by TF-IDF) | fixed pool | ``replay_budget`` |
+| ``joint`` | joint training on all experiences (upper bound) | fixed pool | all data |
+| ``peer-grow-noreplay`` | growth alone (not in the default set) | growing pool | none |
+
+A growing pool starts with ``num_keys²`` experts and adds as many per experience; a
+fixed pool holds about as many experts as the growing one ends with
+(``round(num_keys · √T)²``), so total parameters match across strategies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peer_ll.experts import PEER
+from peer_ll.models import PEERClassifier
+from peer_ll.optim import make_optimizer
+
+__all__ = [
+    "DEFAULT_STRATEGIES",
+    "STRATEGIES",
+    "StreamInfo",
+    "ZooConfig",
+    "build_strategy",
+    "parameter_counts",
+    "stream_info",
+]
+
+#: Strategy key -> display name, in table order.
+STRATEGIES: dict[str, str] = {
+    "naive": "Naive",
+    "ewc": "EWC",
+    "lwf": "LwF",
+    "replay": "Replay",
+    "peer-grow": "PEER growth",
+    "peer-grow-rd": "PEER growth + RD",
+    "peer-sparse": "PEER sparse FT",
+    "joint": "Joint",
+    "peer-grow-noreplay": "PEER growth, no replay",
+}
+DEFAULT_STRATEGIES: tuple[str, ...] = tuple(STRATEGIES)[:8]
+
+#: The head that suits each stream kind (see ``PEERClassifier``).
+HEAD_OF_KIND = {
+    "class": "incremental", "task": "multihead", "permuted": "fixed", "rotated": "fixed",
+}  # fmt: skip
+
+
+@dataclass
+class ZooConfig:
+    """Training settings shared by every strategy."""
+
+    epochs: int = 5  # passes over each experience
+    lr: float = 1e-3  # Adam learning rate, constant
+    batch_size: int = 32  # training mini-batch
+    eval_batch_size: int = 256
+    replay_budget: int = 200  # samples in memory (Replay and the PEER strategies)
+    hidden: int = 64  # width of the encoder and the PEER block
+    num_keys: int = 16  # sub-keys per side of a segment: 256 experts per growth
+    ewc_lambda: float = 100.0
+    lwf_alpha: float = 1.0
+    lwf_temperature: float = 2.0
+    rd_alpha: float = 1.0  # RouterDistillation weight
+    top_t: int = 64  # rows per layer and step for sparse finetuning
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What a model needs to know about a stream."""
+
+    kind: str  # "class", "task", "permuted" or "rotated"
+    in_features: int
+    n_classes: int  # classes over the whole stream
+    classes_per_exp: int  # most classes in one experience
+    n_experiences: int
+
+
+def stream_info(bench, kind: str) -> StreamInfo:
+    """:class:`StreamInfo` of an Avalanche benchmark built with ``make_stream(kind=...)``."""
+    if kind not in HEAD_OF_KIND:
+        raise ValueError(f"kind must be one of {sorted(HEAD_OF_KIND)}, got {kind!r}")
+    train = bench.train_stream
+    per_exp = [len(exp.classes_in_this_experience) for exp in train]
+    x = train[0].dataset[0][0]
+    n_classes = max(per_exp) if kind == "task" else int(bench.n_classes)
+    return StreamInfo(kind, int(x.numel()), n_classes, max(per_exp), len(per_exp))
+
+
+def _model(info: StreamInfo, config: ZooConfig, *, grow: bool) -> PEERClassifier:
+    from peer_ll.strategies import GrowthPolicy
+
+    n, t = config.num_keys, info.n_experiences
+    if grow:
+        keys, policy = n, GrowthPolicy(max_experts=t * n * n)
+    else:
+        keys, policy = round(n * math.sqrt(t)), GrowthPolicy(when="never")
+    head = HEAD_OF_KIND[info.kind]
+    classes = info.n_classes if head == "fixed" else info.classes_per_exp
+    return PEERClassifier(
+        info.in_features, classes, hidden=config.hidden, peer={"num_keys": keys}, head=head,
+        growth=policy,
+    )  # fmt: skip
+
+
+def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=None):
+    """Builds strategy ``key`` (see the module table) with a fresh model.
+
+    Args:
+        key: one of :data:`STRATEGIES`.
+        info: the stream's :class:`StreamInfo`.
+        config: shared training settings.
+        evaluator: the Avalanche ``EvaluationPlugin`` (None: no metrics).
+
+    Returns:
+        The Avalanche strategy; its model is ``strategy.model``.
+    """
+    import avalanche.training as av
+
+    from peer_ll.strategies import peer_grow, peer_router_distillation, peer_sparse_finetuning
+
+    if key not in STRATEGIES:
+        raise ValueError(f"key must be one of {list(STRATEGIES)}, got {key!r}")
+    model = _model(info, config, grow=key.startswith("peer-grow"))
+    common = dict(
+        optimizer=make_optimizer(model, lr=config.lr), criterion=nn.CrossEntropyLoss(),
+        train_mb_size=config.batch_size, train_epochs=config.epochs,
+        eval_mb_size=config.eval_batch_size, device=torch.device(config.device),
+        evaluator=evaluator, eval_every=-1,
+    )  # fmt: skip
+    replay = dict(template=av.Replay, mem_size=config.replay_budget)
+    if key in ("naive", "peer-grow-noreplay"):
+        return peer_grow(model, **common)
+    if key == "ewc":
+        return peer_grow(model, template=av.EWC, ewc_lambda=config.ewc_lambda, **common)
+    if key == "lwf":
+        lwf = dict(alpha=config.lwf_alpha, temperature=config.lwf_temperature)
+        return peer_grow(model, template=av.LwF, **lwf, **common)
+    if key in ("replay", "peer-grow"):
+        return peer_grow(model, **replay, **common)
+    if key == "peer-grow-rd":
+        return peer_router_distillation(model, alpha=config.rd_alpha, **replay, **common)
+    if key == "peer-sparse":
+        return peer_sparse_finetuning(model, top_t=config.top_t, **replay, **common)
+    return peer_grow(model, template=av.JointTraining, **common)
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """Total and active parameters of a model with PEER layers.
+
+    Total counts the live rows of each PEER table (``num_experts`` expert rows,
+    ``num_sub_keys`` sub-key rows), not reserved capacity. Active counts what one
+    input uses: everything outside the expert tables (all sub-keys are scored) plus
+    ``min(N, heads · topk)`` experts per PEER layer.
+
+    Returns:
+        ``(total, active)``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    live = {}
+    inactive = 0
+    for layer in (m for m in model.modules() if isinstance(m, PEER)):
+        n = layer.num_experts
+        live[id(layer.down)] = n * layer.dim
+        live[id(layer.up)] = n * layer.dim_out
+        live[id(layer.sub_keys)] = layer.num_sub_keys * layer.dim_key
+        inactive += (n - min(n, layer.heads * layer.topk)) * (layer.dim + layer.dim_out)
+    total = sum(live.get(id(p), p.numel()) for p in model.parameters())
+    return total, total - inactive

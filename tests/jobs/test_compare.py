@@ -1,0 +1,137 @@
+"""``peer-ll run`` and ``peer-ll report`` on tiny configurations of digits streams."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from peer_ll.cli import main as cli
+from peer_ll.experts import PEER
+from peer_ll.jobs.compare import parse_seeds, parse_stream, run_comparison
+from peer_ll.jobs.strategies_zoo import STRATEGIES, ZooConfig, parameter_counts
+
+TINY = ["--epochs", "1", "--seeds", "1", "--experiences", "3", "--max-train-per-exp", "60",
+        "--max-test-per-exp", "30", "--num-keys", "4", "--hidden", "16", "--replay-budget", "30",
+        "--top-t", "8"]  # fmt: skip
+KEYS = ["accuracy_matrix", "avg_accuracy", "bwt", "forgetting", "learning_accuracy",
+        "intransigence", "params_total", "params_active", "seconds"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread avoids OpenMP spinning on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = cli(["run", *TINY, "--strategies", "naive,peer-grow,joint", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_run_writes_results_and_plots(run_dir, capsys):
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["config"]["stream"] == "digits-class" and results["config"]["seeds"] == [0]
+    assert list(results["strategies"]) == ["Naive", "PEER growth", "Joint"]
+    for name, s in results["strategies"].items():
+        for key in KEYS:
+            assert key in s and f"{key}_std" in s, (name, key)
+        assert np.shape(s["accuracy_matrix"]) == (3, 3)
+        assert len(s["per_seed"]) == 1 and np.shape(s["per_seed"][0]["accuracy_matrix"]) == (3, 3)
+        assert 0.0 <= s["avg_accuracy"] <= 1.0 and s["seconds"] > 0
+    grow = results["strategies"]["PEER growth"]
+    share = np.array(grow["routing"]["blocks.0.peer"]["share"])
+    assert share.shape == (3, 3)  # three experiences' inputs over three owners
+    np.testing.assert_allclose(share.sum(axis=1), 1.0, atol=1e-6)
+    assert np.shape(grow["health"]["effective_rank"]) == (3, 3)
+    joint = results["strategies"]["Joint"]
+    assert joint["bwt"] == 0.0 and joint["intransigence"] == 0.0
+    naive = results["strategies"]["Naive"]
+    # intransigence against the joint row of the same seed
+    expect = np.mean(np.array(joint["accuracy_matrix"][-1]) - np.diag(naive["accuracy_matrix"]))
+    assert naive["intransigence"] == pytest.approx(expect)
+    files = {p.name for p in run_dir.iterdir()}
+    assert {"results.json", "table.txt", "accuracy_curves.png",
+            "accuracy_matrix_peer-growth.png", "routing_share_peer-growth.png"} <= files
+    assert "routing_share_naive.png" not in files  # a fixed pool has one owner
+    assert (run_dir / "logs" / "peer-grow-seed0.log").read_text().count("PEER_Usage") > 0
+
+
+def test_metrics_agree_with_avalanches(run_dir):
+    results = json.loads((run_dir / "results.json").read_text())
+    for name in ("Naive", "PEER growth"):
+        record = results["strategies"][name]["per_seed"][0]
+        R = np.array(record["accuracy_matrix"])
+        first = np.mean(np.diag(R)[:-1] - R[-1, :-1])  # Avalanche's forgetting: first - last
+        assert record["avalanche"]["forgetting"] == pytest.approx(first)
+        assert record["avalanche"]["bwt"] == pytest.approx(record["bwt"])
+        assert record["forgetting"] >= first - 1e-12  # Chaudhry's max kind bounds it
+
+
+def test_report_prints_table_and_redraws(run_dir, capsys):
+    (run_dir / "accuracy_curves.png").unlink()
+    assert cli(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert (run_dir / "table.txt").read_text().strip() in out
+    assert (run_dir / "accuracy_curves.png").stat().st_size > 2000
+    assert cli(["report", str(run_dir / "missing")]) == 2
+    assert "results.json" in capsys.readouterr().out
+
+
+def test_every_strategy_runs_on_a_task_stream():
+    config = ZooConfig(epochs=1, hidden=16, num_keys=4, replay_budget=20, top_t=8)
+    results = run_comparison(
+        "digits-task", strategies=list(STRATEGIES), seeds=(3,), config=config, n_experiences=2,
+        max_train_per_exp=40, max_test_per_exp=20, progress=False,
+    )  # fmt: skip
+    assert list(results["strategies"]) == list(STRATEGIES.values())
+    for name, s in results["strategies"].items():
+        R = np.array(s["accuracy_matrix"])
+        assert R.shape == (2, 2) and np.all((R >= 0) & (R <= 1)), name
+        assert not math.isnan(s["intransigence"]), name
+    grow, naive = results["strategies"]["PEER growth"], results["strategies"]["Naive"]
+    # growth: 2 segments of 4² experts, 8 sub-key rows; fixed pool: round(4·√2)² = 36 experts,
+    # 6 sub-key rows. Expert rows hold 16 + 16 values, sub-key rows dim_key = 32.
+    assert grow["params_total"] - naive["params_total"] == (32 - 36) * 32 + (8 - 6) * 32
+    assert grow["params_active"] == grow["params_total"]  # heads · topk = 32 >= 32 experts
+    assert results["config"]["seeds"] == [3] and results["environment"]["cpus"] >= 1
+
+
+def test_domain_stream_and_argument_errors(tmp_path, capsys):
+    results = run_comparison(
+        "digits-permuted", strategies=["peer-grow"], seeds=(0,), n_experiences=2,
+        config=ZooConfig(epochs=1, hidden=16, num_keys=4, replay_budget=20),
+        max_train_per_exp=40, max_test_per_exp=20, progress=False,
+    )  # fmt: skip
+    share = results["strategies"]["PEER growth"]["routing"]["blocks.0.peer"]["share"]
+    assert np.shape(share) == (2, 2)
+    assert math.isnan(results["strategies"]["PEER growth"]["intransigence"])  # no joint run
+    assert cli(["run", "--stream", "digits-sideways", "--out", str(tmp_path)]) == 2
+    assert "stream must be DATASET-KIND" in capsys.readouterr().out
+    assert cli(["run", "--strategies", "naive,magic", "--out", str(tmp_path)]) == 2
+    assert "magic" in capsys.readouterr().out
+    assert not (tmp_path / "results.json").exists()
+    assert parse_stream("fashion-mnist-task") == ("fashion-mnist", "task")
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds("4,7") == [4, 7]
+    with pytest.raises(ValueError, match="--seeds must be a count >= 1, got 0"):
+        parse_seeds("0")
+
+
+def test_parameter_counts_hand_computed():
+    model = nn.Sequential(
+        nn.Linear(10, 16),
+        PEER(16, num_keys=4, heads=2, topk=4, dim_key=8, query_norm="layer", capacity=64),
+    )
+    # Linear 176, query 256, LayerNorm 16, live rows: down 16·16, up 16·16, sub-keys 4·8;
+    # the 48 reserved rows do not count.
+    assert parameter_counts(model) == (992, 992 - (16 - 2 * 4) * (16 + 16))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        parameter_counts("model")
