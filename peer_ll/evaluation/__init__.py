@@ -1,4 +1,11 @@
-"""Forgetting, plasticity and PEER routing metrics (pure functions on matrices)."""
+"""Forgetting, plasticity and PEER routing metrics; plugin metrics, reports and plots.
+
+The pure metrics load with the package. The Avalanche plugin metrics
+(``peer_ll.evaluation.plugins``), run summaries (``.report``) and plots (``.plots``)
+load on first use of one of their names, so importing the metrics stays light.
+"""
+
+from importlib import import_module
 
 from peer_ll.evaluation.metrics import (
     average_accuracy,
@@ -16,6 +23,22 @@ from peer_ll.evaluation.metrics import (
     usage,
 )
 
+_LAZY = {
+    "PEERRoutingMetrics": "plugins",
+    "PlasticityHealth": "plugins",
+    "parse_metric_name": "plugins",
+    "peer_metrics": "plugins",
+    "load_results": "report",
+    "results_table": "report",
+    "seed_scalars": "report",
+    "summarize": "report",
+    "write_results": "report",
+    "draw_run_plots": "plots",
+    "plot_accuracy_curves": "plots",
+    "plot_accuracy_matrix": "plots",
+    "plot_routing_share": "plots",
+}
+
 __all__ = [
     "average_accuracy",
     "bwt",
@@ -30,4 +53,11 @@ __all__ = [
     "routing_share",
     "unevenness",
     "usage",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f"peer_ll.evaluation.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

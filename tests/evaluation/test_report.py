@@ -111,3 +111,13 @@ def test_plots_written(tmp_path):
     assert slug("EWC") == "ewc"
     with pytest.raises(ValueError, match="R must be a non-empty"):
         plot_accuracy_matrix([1.0, 2.0], tmp_path / "bad.png")
+
+
+def test_package_exports_load_lazily():
+    import peer_ll.evaluation as E
+    from peer_ll.evaluation import plugins, report
+
+    assert E.summarize is report.summarize and E.PEERRoutingMetrics is plugins.PEERRoutingMetrics
+    assert set(E.__all__) >= {"peer_metrics", "results_table", "draw_run_plots", "usage"}
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        E.nope  # noqa: B018
