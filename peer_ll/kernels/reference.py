@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from peer_ll.kernels.row_grad import aggregate_rows, row_plan, to_table_grad
 
 ACTIVATIONS = ("gelu", "relu")
-_CHUNK_ELEMENTS = 1 << 20  # elements of one gathered chunk (4 MiB in fp32): stays in cache
+_CHUNK_ELEMENTS = 1 << 20  # elements of one gathered chunk on CPU (4 MiB in fp32): in cache
+_CUDA_CHUNK_ELEMENTS = 1 << 27  # on CUDA only memory matters: 256 MiB in bf16
 
 
 def product_topk(
@@ -118,7 +119,8 @@ def gather_dot(ids: torch.Tensor, table: torch.Tensor, vec: torch.Tensor) -> tor
     T, M = ids.shape
     vec = vec.to(table.dtype)
     out = vec.new_empty(T, M)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, M * table.shape[-1]))
+    budget = _CUDA_CHUNK_ELEMENTS if table.is_cuda else _CHUNK_ELEMENTS
+    chunk = max(1, budget // max(1, M * table.shape[-1]))
     for start in range(0, T, chunk):  # a loop over cache-sized chunks, not tokens
         stop = min(T, start + chunk)
         rows = F.embedding(ids[start:stop], table)  # (chunk, M, C)
