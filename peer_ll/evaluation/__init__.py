@@ -26,9 +26,10 @@ from peer_ll.evaluation.metrics import (
 _LAZY = {
     "PEERRoutingMetrics": "plugins",
     "PlasticityHealth": "plugins",
-    "parse_metric_name": "plugins",
     "peer_metrics": "plugins",
+    "evaluation_values": "report",
     "load_results": "report",
+    "parse_metric_name": "report",
     "results_table": "report",
     "seed_scalars": "report",
     "summarize": "report",

@@ -21,7 +21,6 @@ TensorBoard, CSV, ...). Names follow Avalanche's scheme, e.g.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from avalanche.evaluation import PluginMetric
@@ -32,6 +31,7 @@ from torch import nn
 from peer_ll.evaluation.metrics import dead_unit_fraction, effective_rank, routing_share
 from peer_ll.evaluation.metrics import unevenness as _unevenness
 from peer_ll.evaluation.metrics import usage as _usage
+from peer_ll.evaluation.report import METRIC_NAME, parse_metric_name
 from peer_ll.experts import PEER
 
 __all__ = [
@@ -45,30 +45,6 @@ __all__ = [
 
 #: Module types whose output counts as post-activation features by default.
 ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Softplus)
-
-#: Parses the names these metrics (and Avalanche's per-experience metrics) emit.
-METRIC_NAME = re.compile(
-    r"^(?P<metric>[^/]+)(?:/(?P<module>[^/]+?))?(?:/Owner(?P<owner>\d+))?"
-    r"/(?P<phase>train|eval)_phase/(?P<stream>[^/]+)_stream"
-    r"(?:/Task(?P<task>\d+))?(?:/Exp(?P<exp>\d+))?$"
-)
-
-
-def parse_metric_name(name: str) -> dict[str, str | int | None] | None:
-    """Splits an emitted metric name into its parts, or None if it has another form.
-
-    Returns:
-        ``{"metric", "module", "owner", "phase", "stream", "task", "exp"}``; owner, task
-        and exp are ints or None, module is a str or None.
-    """
-    match = METRIC_NAME.match(name)
-    if match is None:
-        return None
-    parts: dict[str, str | int | None] = match.groupdict()
-    for key in ("owner", "task", "exp"):
-        parts[key] = None if parts[key] is None else int(parts[key])
-    return parts
-
 
 class _PerExperienceMetric(PluginMetric[dict]):
     """Collects during one evaluation experience and emits after it."""

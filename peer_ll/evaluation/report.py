@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,8 +36,11 @@ from peer_ll.evaluation.metrics import (
 
 __all__ = [
     "COLUMNS",
+    "METRIC_NAME",
     "SCALARS",
+    "evaluation_values",
     "load_results",
+    "parse_metric_name",
     "results_table",
     "seed_scalars",
     "summarize",
@@ -66,6 +70,72 @@ COLUMNS = (
     ("Active", "params_active", "count"),
     ("Time s", "seconds", "time"),
 )
+
+
+#: Parses the per-experience names of Avalanche's and peer_ll's plugin metrics, e.g.
+#: ``PEER_RoutingShare/blocks.0.peer/Owner003/eval_phase/test_stream/Exp002``.
+METRIC_NAME = re.compile(
+    r"^(?P<metric>[^/]+)(?:/(?P<module>[^/]+?))?(?:/Owner(?P<owner>\d+))?"
+    r"/(?P<phase>train|eval)_phase/(?P<stream>[^/]+)_stream"
+    r"(?:/Task(?P<task>\d+))?(?:/Exp(?P<exp>\d+))?$"
+)
+_ROUTING = {"PEER_Usage": "usage", "PEER_Unevenness": "unevenness", "PEER_Margin": "margin",
+            "PEER_GateEntropy": "gate_entropy"}  # fmt: skip
+_HEALTH = {"Plasticity_DeadUnits": "dead_units", "Plasticity_EffectiveRank": "effective_rank"}
+
+
+def parse_metric_name(name: str) -> dict[str, str | int | None] | None:
+    """Splits an emitted metric name into its parts, or None if it has another form.
+
+    Returns:
+        ``{"metric", "module", "owner", "phase", "stream", "task", "exp"}``; owner, task
+        and exp are ints or None, module is a str or None.
+    """
+    match = METRIC_NAME.match(name)
+    if match is None:
+        return None
+    parts: dict[str, str | int | None] = match.groupdict()
+    for key in ("owner", "task", "exp"):
+        parts[key] = None if parts[key] is None else int(parts[key])
+    return parts
+
+
+def evaluation_values(values: Mapping[str, Any], t: int) -> dict[str, Any]:
+    """One evaluation over a T-experience test stream, from its metric values by name.
+
+    Args:
+        values: ``strategy.eval(test_stream)``'s result (Avalanche's
+            ``Top1_Acc_Exp`` and the peer_ll plugin metrics).
+        t: number of experiences.
+
+    Returns:
+        ``{"accuracy": (T,), "health": {"dead_units": (T,), "effective_rank": (T,)},
+        "routing": {layer: {"owners": (O,), "share": (T, O), "usage": (T,), ...}}}``,
+        NaN where a value is missing.
+    """
+    acc, health, peer = [math.nan] * t, {}, {}
+    for name, value in values.items():
+        parts = parse_metric_name(name)
+        if parts is None or parts["phase"] != "eval" or parts["exp"] is None:
+            continue
+        metric, j = parts["metric"], parts["exp"]
+        if metric == "Top1_Acc_Exp":
+            acc[j] = float(value)
+        elif metric in _HEALTH:
+            health.setdefault(_HEALTH[metric], [math.nan] * t)[j] = float(value)
+        elif metric == "PEER_RoutingShare":
+            shares = peer.setdefault(parts["module"], {}).setdefault("shares", {})
+            shares.setdefault(parts["owner"], [math.nan] * t)[j] = float(value)
+        elif metric in _ROUTING:
+            stats = peer.setdefault(parts["module"], {})
+            stats.setdefault(_ROUTING[metric], [math.nan] * t)[j] = float(value)
+    routing = {}
+    for layer, stats in peer.items():
+        shares = stats.pop("shares", {})
+        owners = sorted(shares)
+        share = [[shares[o][j] for o in owners] for j in range(t)]
+        routing[layer] = {"owners": owners, "share": share, **stats}
+    return {"accuracy": acc, "health": health, "routing": routing}
 
 
 def seed_scalars(R: Any, joint_row: Sequence[float] | None = None) -> dict[str, float]:

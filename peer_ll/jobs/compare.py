@@ -31,7 +31,12 @@ import torch
 from tqdm import tqdm
 
 from peer_ll.evaluation.plots import draw_run_plots, slug
-from peer_ll.evaluation.report import results_table, summarize, write_results
+from peer_ll.evaluation.report import (
+    evaluation_values,
+    results_table,
+    summarize,
+    write_results,
+)
 from peer_ll.jobs.strategies_zoo import (
     DEFAULT_STRATEGIES,
     STRATEGIES,
@@ -43,7 +48,19 @@ from peer_ll.jobs.strategies_zoo import (
 
 DATASETS = ("digits", "fashion-mnist", "mnist")
 KINDS = ("class", "task", "permuted", "rotated")
-ACC = "Top1_Acc_Exp"
+HELP = {
+    "lr": "Adam learning rate, constant, every strategy",
+    "batch_size": "training mini-batch",
+    "eval_batch_size": "evaluation mini-batch",
+    "replay_budget": "samples in memory for Replay and the PEER strategies",
+    "hidden": "width of the encoder and the PEER block",
+    "num_keys": "sub-keys per side of a pool segment (num_keys² experts per growth)",
+    "ewc_lambda": "EWC penalty weight",
+    "lwf_alpha": "LwF distillation weight",
+    "lwf_temperature": "LwF temperature",
+    "rd_alpha": "RouterDistillation weight",
+    "top_t": "expert rows per layer and step for sparse finetuning",
+}
 
 
 def parse_stream(stream: str) -> tuple[str, str]:
@@ -71,46 +88,6 @@ def _evaluator(log_file):
     )
 
 
-def _collect(values: dict[str, Any], t: int) -> tuple[list[float], dict, dict]:
-    """Accuracy row (T,), PEER metrics by layer, and health values from one evaluation."""
-    from peer_ll.evaluation.plugins import parse_metric_name
-
-    row, peer, health = [np.nan] * t, {}, {}
-    for name, value in values.items():
-        parts = parse_metric_name(name)
-        if parts is None or parts["phase"] != "eval" or parts["exp"] is None:
-            continue
-        metric, j = parts["metric"], parts["exp"]
-        if metric == ACC:
-            row[j] = float(value)
-        elif metric.startswith("PEER_"):
-            key = metric[len("PEER_"):]
-            if parts["owner"] is not None:
-                key = ("share", parts["owner"])
-            peer.setdefault(parts["module"], {}).setdefault(key, {})[j] = float(value)
-        elif metric.startswith("Plasticity_"):
-            health.setdefault(metric, {})[j] = float(value)
-    return row, peer, health
-
-
-def _routing(peer: dict, t: int) -> dict:
-    """``{layer: {"owners", "share" (T, O), "usage" (T,), ...}}`` from ``_collect``."""
-    names = {"Usage": "usage", "Unevenness": "unevenness", "Margin": "margin",
-             "GateEntropy": "gate_entropy"}  # fmt: skip
-    out = {}
-    for layer, stats in peer.items():
-        owners = sorted(k[1] for k in stats if isinstance(k, tuple))
-        entry = {"owners": owners}
-        entry["share"] = [
-            [stats[("share", o)].get(j, np.nan) for o in owners] for j in range(t)
-        ]
-        for key, name in names.items():
-            if key in stats:
-                entry[name] = [stats[key].get(j, np.nan) for j in range(t)]
-        out[layer] = entry
-    return out
-
-
 def run_strategy(key: str, bench, info, config: ZooConfig, *, seed: int, log_file=None,
                  progress: bool = False) -> dict:  # fmt: skip
     """Trains one strategy on ``bench`` and returns its seed record."""
@@ -119,29 +96,26 @@ def run_strategy(key: str, bench, info, config: ZooConfig, *, seed: int, log_fil
     t = info.n_experiences
     strategy = build_strategy(key, info, config, evaluator=_evaluator(log_file))
     train, test = bench.train_stream, bench.test_stream
-    rows, health_rows = [], []
+    evals = []
     start = time.perf_counter()
     if key == "joint":
         strategy.train(train)
         values = strategy.eval(test)
-        row, peer, health = _collect(values, t)
-        rows, health_rows = [row] * t, [health] * t
+        evals = [evaluation_values(values, t)] * t
     else:
         for exp in tqdm(train, desc=STRATEGIES[key], leave=False, disable=not progress):
             strategy.train(exp)
             values = strategy.eval(test)
-            row, peer, health = _collect(values, t)
-            rows.append(row)
-            health_rows.append(health)
+            evals.append(evaluation_values(values, t))
     seconds = time.perf_counter() - start
     total, active = parameter_counts(strategy.model)
-    record = dict(seed=seed, accuracy_matrix=rows, params_total=total, params_active=active,
-                  seconds=seconds, routing=_routing(peer, t))  # fmt: skip
+    record = dict(seed=seed, accuracy_matrix=[e["accuracy"] for e in evals],
+                  params_total=total, params_active=active, seconds=seconds,
+                  routing=evals[-1]["routing"])  # fmt: skip
     record["health"] = {
-        name: [[h.get(metric, {}).get(j, np.nan) for j in range(t)] for h in health_rows]
-        for name, metric in (("dead_units", "Plasticity_DeadUnits"),
-                             ("effective_rank", "Plasticity_EffectiveRank"))
-    }  # fmt: skip
+        name: [e["health"].get(name, [np.nan] * t) for e in evals]
+        for name in ("dead_units", "effective_rank")
+    }
     if key != "joint":
         record["avalanche"] = {
             "forgetting": float(values["StreamForgetting/eval_phase/test_stream"]),
@@ -268,8 +242,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default 1: tiny models run fastest so)")
     for f in fields(ZooConfig):
         if f.name not in ("epochs", "device"):
+            text = f"{HELP[f.name]} (default {f.default})"
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default),
-                                default=f.default, help=f"(default {f.default})")  # fmt: skip
+                                default=f.default, help=text)  # fmt: skip
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -121,3 +121,29 @@ def test_package_exports_load_lazily():
     assert set(E.__all__) >= {"peer_metrics", "results_table", "draw_run_plots", "usage"}
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         E.nope  # noqa: B018
+
+
+def test_evaluation_values_from_metric_names():
+    from peer_ll.evaluation.report import evaluation_values
+
+    s = "eval_phase/test_stream"
+    values = {
+        f"Top1_Acc_Exp/{s}/Task000/Exp000": 0.9, f"Top1_Acc_Exp/{s}/Task001/Exp001": 0.7,
+        f"PEER_Usage/b.peer/{s}/Exp001": 0.25,
+        f"PEER_RoutingShare/b.peer/Owner000/{s}/Exp000": 1.0,
+        f"PEER_RoutingShare/b.peer/Owner000/{s}/Exp001": 0.4,
+        f"PEER_RoutingShare/b.peer/Owner001/{s}/Exp001": 0.6,
+        f"Plasticity_EffectiveRank/encoder.2/{s}/Exp000": 3.5,
+        "Top1_Acc_Exp/train_phase/train_stream/Task000/Exp000": 0.1,  # not an evaluation
+        "StreamForgetting/eval_phase/test_stream": 0.2,  # not per experience
+    }  # fmt: skip
+    out = evaluation_values(values, 2)
+    assert out["accuracy"] == [0.9, 0.7]
+    assert out["health"]["effective_rank"][0] == 3.5 and math.isnan(
+        out["health"]["effective_rank"][1]
+    )
+    layer = out["routing"]["b.peer"]
+    assert layer["owners"] == [0, 1]
+    assert layer["share"][1] == [0.4, 0.6] and layer["share"][0][0] == 1.0
+    assert math.isnan(layer["share"][0][1])  # owner 1 did not exist at that evaluation
+    assert math.isnan(layer["usage"][0]) and layer["usage"][1] == 0.25
