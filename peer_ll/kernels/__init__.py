@@ -1,11 +1,18 @@
-"""Kernels for PEER: product-key top-k retrieval and expert mixing.
+"""Kernels for PEER: product-key top-k retrieval, expert mixing, selected scores.
 
-Each op lives in its own module with a Triton version and the pure-torch
-reference (``reference.py``) behind one public function that takes
+Each op has a Triton version and a pure-torch reference (``reference.py``, the CPU
+path and the test oracle) behind one public function that takes
 ``backend="auto" | "torch" | "triton"``:
 
-- ``peer_ll.kernels.product_topk.product_topk``
-- ``peer_ll.kernels.expert_mix.expert_mix``
+- ``peer_ll.kernels.product_topk.product_topk``: exact top-k over segmented
+  product keys (not differentiable);
+- ``peer_ll.kernels.selected_scores.selected_scores``: differentiable scores of
+  the retrieved experts;
+- ``peer_ll.kernels.expert_mix.expert_mix``: ``Σ g·σ(u·x)·v`` with row-sparse
+  table gradients (``peer_ll.kernels.row_grad``).
+
+Triton is imported only when a Triton kernel first runs (the ``_*_triton.py``
+modules), never at import.
 """
 
 from peer_ll.kernels.backend import BACKENDS, resolve_backend

@@ -68,8 +68,11 @@ def product_topk(
         k_left, k_right = min(k, n_left), min(k, n_right)
         s_left, i_left = left[..., offset : offset + n_left].topk(k_left, dim=-1)
         s_right, i_right = right[..., offset : offset + n_right].topk(k_right, dim=-1)
-        sums = (s_left[..., :, None] + s_right[..., None, :]).flatten(-2)  # (T, H, kl*kr)
-        ids = (expert_offset + i_left[..., :, None] * n_right + i_right[..., None, :]).flatten(-2)
+        # Both lists are sorted: pair (a, b) of ranks has (a+1)(b+1)-1 pairs at least as
+        # good, so only pairs with (a+1)(b+1) <= k can be in the top-k (~k·ln k of k²).
+        a, b = _rank_pairs(k_left, k_right, k, queries.device)
+        sums = s_left.index_select(-1, a) + s_right.index_select(-1, b)  # (T, H, P)
+        ids = expert_offset + i_left.index_select(-1, a) * n_right + i_right.index_select(-1, b)
         if sums.shape[-1] > k:
             sums, pick = sums.topk(k, dim=-1)
             ids = ids.gather(-1, pick)
@@ -86,6 +89,16 @@ def product_topk(
     scores, pick = scores.topk(k, dim=-1)
     ids = ids.gather(-1, pick).masked_fill_(scores == -math.inf, -1)
     return scores, ids
+
+
+def _rank_pairs(
+    k_left: int, k_right: int, k: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank pairs (a, b), a < k_left, b < k_right, with (a + 1)(b + 1) <= k."""
+    a = torch.arange(k_left, device=device)[:, None]
+    b = torch.arange(k_right, device=device)[None, :]
+    keep = ((a + 1) * (b + 1) <= k).nonzero()
+    return keep[:, 0], keep[:, 1]
 
 
 def activate(a: torch.Tensor, activation: str) -> torch.Tensor:
