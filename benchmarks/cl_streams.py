@@ -27,11 +27,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from peer_ll.evaluation.plots import draw_run_plots
 from peer_ll.evaluation.report import load_results, results_table, write_results
-from peer_ll.jobs.compare import parse_seeds, run_comparison
+from peer_ll.jobs.compare import cpu_threads, parse_seeds, run_comparison
 from peer_ll.jobs.strategies_zoo import STRATEGIES, ZooConfig
 
 STREAMS = {
@@ -105,6 +104,25 @@ def section(all_results: dict[str, dict], command: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _run_or_load(stream: str, args, all_results: dict) -> None:
+    """Runs one stream (or loads its finished run with --from-runs) into ``all_results``."""
+    if args.from_runs:
+        path = Path(args.from_runs) / stream
+        if (path / "results.json").is_file():
+            all_results[stream] = load_results(path)
+        return
+    config = ZooConfig(epochs=args.epochs, hidden=args.hidden)
+    results = run_comparison(
+        stream, strategies=args.strategies.split(","), seeds=parse_seeds(args.seeds),
+        config=config, max_train_per_exp=args.max_train_per_exp,
+        max_test_per_exp=args.max_test_per_exp, log_dir=Path(args.out) / stream / "logs",
+    )  # fmt: skip
+    write_results(Path(args.out) / stream, results)
+    draw_run_plots(results, Path(args.out) / stream)
+    all_results[stream] = results
+    print(f"\n{STREAMS.get(stream, stream)}\n{results_table(results)}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", default=",".join(STREAMS))
@@ -119,24 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-append", action="store_true", help="leave RESULTS.md alone")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     all_results = {}
-    for stream in args.streams.split(","):
-        if args.from_runs:
-            path = Path(args.from_runs) / stream
-            if (path / "results.json").is_file():
-                all_results[stream] = load_results(path)
-            continue
-        config = ZooConfig(epochs=args.epochs, hidden=args.hidden)
-        results = run_comparison(
-            stream, strategies=args.strategies.split(","), seeds=parse_seeds(args.seeds),
-            config=config, max_train_per_exp=args.max_train_per_exp,
-            max_test_per_exp=args.max_test_per_exp, log_dir=Path(args.out) / stream / "logs",
-        )  # fmt: skip
-        write_results(Path(args.out) / stream, results)
-        draw_run_plots(results, Path(args.out) / stream)
-        all_results[stream] = results
-        print(f"\n{STREAMS.get(stream, stream)}\n{results_table(results)}", flush=True)
+    with cpu_threads(args.threads):
+        for stream in args.streams.split(","):
+            _run_or_load(stream, args, all_results)
     if not all_results:
         print("no finished stream to report")
         return 1

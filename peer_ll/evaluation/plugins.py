@@ -215,12 +215,14 @@ class PlasticityHealth(_PerExperienceMetric):
         self._remove_hooks()
         if not self._rows:
             return []
-        features = torch.cat(self._rows)
+        features = torch.cat(self._rows)  # (n, units)
         self._rows, self._count = [], 0
+        dead = dead_unit_fraction(features, threshold=self.threshold, atol=self.atol)
+        if features.shape[0] > features.shape[1]:
+            # R of a QR factorisation has the singular values of the features: a small SVD.
+            features = torch.linalg.qr(features.double(), mode="r").R  # (units, units)
         values = {
-            f"Plasticity_DeadUnits/{self._name}": dead_unit_fraction(
-                features, threshold=self.threshold, atol=self.atol
-            ),
+            f"Plasticity_DeadUnits/{self._name}": dead,
             f"Plasticity_EffectiveRank/{self._name}": effective_rank(features),
         }
         return self._emit(strategy, values)

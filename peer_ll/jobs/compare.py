@@ -260,8 +260,17 @@ def parse_seeds(text: str) -> list[int]:
     return list(range(count))
 
 
+def cpu_threads(threads: int):
+    """Uses ``threads`` threads in torch and in the BLAS libraries numpy calls."""
+    torch.set_num_threads(max(1, threads))
+    try:
+        from threadpoolctl import threadpool_limits  # comes with scikit-learn
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    return threadpool_limits(max(1, threads))
+
+
 def main(args: argparse.Namespace) -> int:
-    torch.set_num_threads(max(1, args.threads))
     config = ZooConfig(**{f.name: getattr(args, f.name) for f in fields(ZooConfig)})
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     try:
@@ -274,11 +283,12 @@ def main(args: argparse.Namespace) -> int:
         return 2
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.out) if args.out else Path("runs") / stamp
-    results = run_comparison(
-        args.stream, strategies=strategies, seeds=seeds, config=config,
-        n_experiences=args.experiences, max_train_per_exp=args.max_train_per_exp,
-        max_test_per_exp=args.max_test_per_exp, log_dir=run_dir / "logs",
-    )  # fmt: skip
+    with cpu_threads(args.threads):
+        results = run_comparison(
+            args.stream, strategies=strategies, seeds=seeds, config=config,
+            n_experiences=args.experiences, max_train_per_exp=args.max_train_per_exp,
+            max_test_per_exp=args.max_test_per_exp, log_dir=run_dir / "logs",
+        )  # fmt: skip
     write_results(run_dir, results)
     table = results_table(results)
     (run_dir / "table.txt").write_text(table + "\n")
