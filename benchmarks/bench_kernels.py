@@ -204,31 +204,34 @@ def layer_bench(T, D, H, K, dk, n, bench) -> list[tuple[str, str, float, str]]:
     x = torch.randn(T, D, device=dev, dtype=bf16, requires_grad=True)
     dy = torch.randn(T, D, device=dev, dtype=bf16)
     rows = []
+    torch.manual_seed(0)
+    with torch.device(dev):  # build the 1024² pool on the device, not on the host
+        layer = PEER(D, num_keys=n, heads=H, topk=K, dim_key=dk).to(bf16)
     for backend in ("triton", "torch"):
-        torch.manual_seed(0)
-        layer = PEER(D, num_keys=n, heads=H, topk=K, dim_key=dk, backend=backend)
-        layer = layer.to(dev, bf16)
+        layer.backend = backend
 
-        def fb(layer=layer):
+        def fwd_bwd():
             layer.zero_grad(set_to_none=True)
             x.grad = None
             layer(x).backward(dy)
 
-        rows.append(("layer fwd+bwd", backend, bench(fb), ""))
+        rows.append(("layer fwd+bwd", backend, bench(fwd_bwd), ""))
         opt = make_optimizer(layer, lr=1e-4)
 
-        def step(layer=layer, opt=opt):
+        def step(opt=opt):
             opt.zero_grad(set_to_none=True)
             layer(x).backward(dy)
             opt.step()
 
         rows.append(("layer train step", backend, bench(step), "SparseAdamW"))
-        del layer, opt
-        torch.cuda.empty_cache()
+        del opt
+        if dev == "cuda":
+            torch.cuda.empty_cache()
     # peer-pytorch with the paper's semantics: softmax over 16 experts per head; its
     # dim_key is the size of one half, so 64 here matches dim_key = 128.
-    lucid = LucidPEER(D, heads=H, num_experts=n * n, num_experts_per_head=K, dim_key=dk // 2,
-                      non_competing_scores=False).to(dev, bf16)
+    with torch.device(dev):
+        lucid = LucidPEER(D, heads=H, num_experts=n * n, num_experts_per_head=K,
+                          dim_key=dk // 2, non_competing_scores=False).to(bf16)
     x3, dy3 = x.detach().view(1, T, D).requires_grad_(), dy.view(1, T, D)
 
     def lucid_fb():
