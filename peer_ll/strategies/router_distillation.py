@@ -160,6 +160,9 @@ class RouterDistillation(_RoutingTeacher):
     Args:
         alpha: weight of the loss.
         temperature: softmax temperature τ over the candidates' scores.
+        query_alpha: weight of an added query-matching term (as
+            :class:`QueryDistillation`, without a second teacher). 0 gives pure LwF
+            on routing.
         buffer: replayed samples to distill on as well: an Avalanche dataset, or an
             object with a ``.buffer`` dataset (an ``ExemplarsBuffer`` or a storage
             policy). Its items are ``(x, y[, task])``.
@@ -175,13 +178,16 @@ class RouterDistillation(_RoutingTeacher):
         alpha: float = 1.0,
         *,
         temperature: float = 1.0,
+        query_alpha: float = 0.0,
         buffer=None,
         replay_mb_size: int = 32,
     ) -> None:
         super().__init__(alpha=alpha, buffer=buffer, replay_mb_size=replay_mb_size)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        self.temperature = temperature
+        if not query_alpha >= 0:
+            raise ValueError(f"query_alpha must be >= 0, got {query_alpha!r}")
+        self.temperature, self.query_alpha = temperature, query_alpha
 
     def _layer_loss(self, s_layer, x_s, owners_s, t_layer, x_t, owners_t) -> torch.Tensor:
         q_s = recompute_query(s_layer, x_s)  # (T, H, d), differentiable
@@ -190,7 +196,10 @@ class RouterDistillation(_RoutingTeacher):
         ids_s = recompute_ids(s_layer, x_s.detach(), owners_s)
         ids_t = recompute_ids(t_layer, x_t, owners_t)
         candidates = torch.cat([ids_t, ids_s], dim=-1)  # (T, H, 2K)
-        return routing_kl(s_layer, q_s, t_layer, q_t, candidates, temperature=self.temperature)
+        loss = routing_kl(s_layer, q_s, t_layer, q_t, candidates, temperature=self.temperature)
+        if self.query_alpha:
+            loss = loss + self.query_alpha * (q_s - q_t).pow(2).sum(-1).mean()
+        return loss
 
 
 class QueryDistillation(_RoutingTeacher):

@@ -60,12 +60,16 @@ class LossTrace(SupervisedPlugin):
         self.distill.last_loss = float("nan")
 
 
-@pytest.mark.parametrize("kind", [RouterDistillation, QueryDistillation])
+@pytest.mark.parametrize(
+    "make",
+    [RouterDistillation, QueryDistillation, lambda a: RouterDistillation(a, query_alpha=1.0)],
+    ids=["router", "query", "router+query"],
+)
 def test_distillation_starts_at_zero_and_pulls_after_the_first_experience(
-    kind, small_peer, class_stream
+    make, small_peer, class_stream
 ):
     model = PEERClassifier(64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy(max_experts=48))
-    distill = kind(1.0)
+    distill = make(1.0)
     trace = LossTrace(distill)
     strategy = peer_grow(
         model, plugins=[distill, trace], train_mb_size=32, train_epochs=2, evaluator=None
@@ -100,7 +104,8 @@ def test_distillation_with_a_buffer_trains(small_peer, class_stream):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(alpha=-1.0), dict(temperature=0.0), dict(replay_mb_size=0)]
+    "kwargs",
+    [dict(alpha=-1.0), dict(temperature=0.0), dict(query_alpha=-1.0), dict(replay_mb_size=0)],
 )
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
