@@ -13,14 +13,15 @@ sub-keys ``sub_keys[key_offset : key_offset + n_right, 1]``, and the expert buil
 from left key ``a`` and right key ``b`` has the id ``expert_offset + a * n_right + b``.
 Ids never change when segments are appended.
 
-The CPU path avoids building (T, M, D) gathers: row dot products run in token
-chunks that stay in cache (:func:`gather_dot`), weighted row sums use
-``embedding_bag``, and row gradients use one sort (:mod:`peer_ll.kernels.row_grad`).
+The CPU path avoids building (T, M, D) gathers: row dot products are one sampled
+matrix product (:func:`gather_dot`), weighted row sums use ``embedding_bag``, and
+row gradients use one sort (:mod:`peer_ll.kernels.row_grad`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,8 @@ from peer_ll.kernels.row_grad import aggregate_rows, row_plan, to_table_grad
 ACTIVATIONS = ("gelu", "relu")
 _CHUNK_ELEMENTS = 1 << 20  # elements of one gathered chunk on CPU (4 MiB in fp32): in cache
 _CUDA_CHUNK_ELEMENTS = 1 << 27  # on CUDA only memory matters: 256 MiB in bf16
+_SAMPLED_DTYPES = (torch.float32, torch.float64)  # dtypes of CPU sampled_addmm
+_DENSE_KEY_GRAD_ELEMENTS = 1 << 25  # (T·H, R) sub-key coefficients up to 128 MiB in fp32
 
 
 def product_topk(
@@ -116,10 +119,12 @@ def activate_grad(a: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def gather_dot(ids: torch.Tensor, table: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-    """Row dot products ``out[t, m] = table[ids[t, m]] · vec[t]``.
+    """Row dot products ``out[t, m] = table[ids[t, m]] · vec[t]``, without a (T, M, C) gather.
 
-    Runs in token chunks small enough to stay in cache, so the (T, M, C) gather
-    is never materialised as a whole.
+    On CPU (fp32/fp64) this is one sampled matrix product
+    (``torch.sparse.sampled_addmm`` over the (T, N) pattern of ``ids``): one
+    parallel op that reads each gathered row once. Elsewhere it gathers in token
+    chunks (small enough to stay in cache on CPU, a few hundred MiB on CUDA).
 
     Args:
         ids: (T, M) int64 row ids.
@@ -131,10 +136,22 @@ def gather_dot(ids: torch.Tensor, table: torch.Tensor, vec: torch.Tensor) -> tor
     """
     T, M = ids.shape
     vec = vec.to(table.dtype)
+    if not table.is_cuda and table.dtype in _SAMPLED_DTYPES and T * M:
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(
+                torch.arange(0, T * M + 1, M, device=ids.device),
+                ids.reshape(-1),
+                vec.new_zeros(T * M),
+                (T, table.shape[0]),
+                check_invariants=False,
+            )
+            out = torch.sparse.sampled_addmm(pattern, vec, table.T, beta=0.0)
+        return out.values().view(T, M)
     out = vec.new_empty(T, M)
     budget = _CUDA_CHUNK_ELEMENTS if table.is_cuda else _CHUNK_ELEMENTS
     chunk = max(1, budget // max(1, M * table.shape[-1]))
-    for start in range(0, T, chunk):  # a loop over cache-sized chunks, not tokens
+    for start in range(0, T, chunk):  # a loop over memory-sized chunks, not tokens
         stop = min(T, start + chunk)
         rows = F.embedding(ids[start:stop], table)  # (chunk, M, C)
         torch.bmm(rows, vec[start:stop, :, None], out=out[start:stop, :, None])
@@ -249,7 +266,15 @@ class _SelectedScores(torch.autograd.Function):
 def _key_grad(
     ids: torch.Tensor, coeffs: torch.Tensor, rhs: torch.Tensor, rows: int, frozen: torch.Tensor
 ) -> torch.Tensor:
-    """Dense (R, d/2) gradient of one side of the sub-keys, frozen rows zero."""
+    """Dense (R, d/2) gradient of one side of the sub-keys, frozen rows zero.
+
+    R is small (sub-keys per side, not experts), so a (T·H, R) coefficient matrix and
+    one matrix product beat grouping the places by row, while that matrix is small.
+    """
+    if ids.shape[0] * rows <= _DENSE_KEY_GRAD_ELEMENTS:
+        weights = rhs.new_zeros(ids.shape[0], rows).scatter_add_(1, ids, coeffs.to(rhs.dtype))
+        grad = weights.T @ rhs  # (R, d/2)
+        return grad.masked_fill_(frozen[:, None], 0.0) if frozen.numel() else grad
     plan = row_plan(ids, frozen)
     values = aggregate_rows(plan, coeffs, rhs)
     return to_table_grad(plan, values, (rows, rhs.shape[-1]), sparse=False)

@@ -49,8 +49,10 @@ def row_plan(ids: torch.Tensor, frozen: torch.Tensor | None = None) -> RowPlan:
         The :class:`RowPlan`.
     """
     flat = ids.reshape(-1)
+    if ids.numel() and int(ids.max()) < 2**31:  # int32 keys sort faster
+        flat = flat.to(torch.int32)
     sorted_ids, order = torch.sort(flat, stable=True)
-    first = int(torch.searchsorted(sorted_ids, 0))  # ids of -1 (no expert) sort first
+    first = int((sorted_ids < 0).sum())  # ids of -1 (no expert) sort first
     sorted_ids, order = sorted_ids[first:], order[first:]
     if frozen is not None and frozen.numel():
         keep = ~frozen[sorted_ids]
@@ -59,7 +61,7 @@ def row_plan(ids: torch.Tensor, frozen: torch.Tensor | None = None) -> RowPlan:
         sorted_ids, return_inverse=True, return_counts=True
     )
     offsets = F.pad(torch.cumsum(counts, 0), (1, 0))
-    return RowPlan(rows, offsets, order, slots, ids.shape[-1])
+    return RowPlan(rows.long(), offsets, order, slots, ids.shape[-1])
 
 
 def aggregate_rows(

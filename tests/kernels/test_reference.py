@@ -83,11 +83,15 @@ def test_row_plan_groups_places_and_drops_frozen_and_missing():
     assert grad[4].tolist() == [1.0, 1.0] and grad[7].tolist() == [0.0, 0.0]
 
 
-def test_gather_dot_chunks_agree_with_one_gather(monkeypatch):
+@pytest.mark.parametrize("path", ["sampled", "chunked"])
+def test_gather_dot_agrees_with_one_gather(monkeypatch, path):
     ids = torch.randint(0, 50, (37, 15))
+    ids[0, :2] = 7  # the same row twice for one token
     table, vec = torch.randn(50, 24), torch.randn(37, 24)
     expected = (table[ids] * vec[:, None]).sum(-1)
-    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 15 * 24 * 4)  # 4 tokens per chunk
+    if path == "chunked":  # the CUDA / non-fp32 path, with 4 tokens per chunk
+        monkeypatch.setattr(reference, "_SAMPLED_DTYPES", ())
+        monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 15 * 24 * 4)
     assert rel_rms(reference.gather_dot(ids, table, vec), expected) <= TOL
 
 
