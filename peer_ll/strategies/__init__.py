@@ -1,5 +1,6 @@
 """Avalanche glue: PEER pools that grow per experience, plugins and strategy factories."""
 
+from peer_ll.strategies.calibrated_margin import CalibratedMarginInference
 from peer_ll.strategies.carry_state import CarryOptimizerState
 from peer_ll.strategies.dense_grads import (
     DENSE_GRAD_PLUGINS,
@@ -15,6 +16,9 @@ from peer_ll.strategies.growth import (
     attach_growth,
     growth_modules,
 )
+from peer_ll.strategies.owner_gate import GateOwnerInference, OwnerGate, ReplayOwnerGate
+from peer_ll.strategies.protect import peer_protect, protect_classifier, protect_plugin
+from peer_ll.strategies.protect_plugins import KeyMarginProtection, OwnerRouting, owner_heads
 from peer_ll.strategies.router_distillation import (
     QueryDistillation,
     RouterDistillation,
@@ -40,4 +44,14 @@ __all__ = [
     "peer_sparse_finetuning",
     "routing_kl",
     "sparse_aware",
+    "GateOwnerInference",
+    "KeyMarginProtection",
+    "OwnerGate",
+    "OwnerRouting",
+    "ReplayOwnerGate",
+    "owner_heads",
+    "peer_protect",
+    "protect_plugin",
+    "CalibratedMarginInference",
+    "protect_classifier",
 ]
