@@ -1,8 +1,9 @@
 """Forgetting, plasticity and PEER routing metrics; plugin metrics, reports and plots.
 
 The pure metrics load with the package. The Avalanche plugin metrics
-(``peer_ll.evaluation.plugins``), run summaries (``.report``) and plots (``.plots``)
-load on first use of one of their names, so importing the metrics stays light.
+(``peer_ll.evaluation.plugins``, ``.matrix_plugin``), run summaries (``.report``) and
+plots (``.plots``) load on first use of one of their names, so importing the metrics
+stays light.
 """
 
 from importlib import import_module
@@ -24,6 +25,7 @@ from peer_ll.evaluation.metrics import (
 )
 
 _LAZY = {
+    "AccuracyMatrix": "matrix_plugin",
     "PEERRoutingMetrics": "plugins",
     "PlasticityHealth": "plugins",
     "peer_metrics": "plugins",

@@ -77,10 +77,12 @@ def _evaluator(log_file):
     from avalanche.logging import TextLogger
     from avalanche.training.plugins import EvaluationPlugin
 
+    from peer_ll.evaluation.matrix_plugin import AccuracyMatrix
     from peer_ll.evaluation.plugins import peer_metrics
 
     return EvaluationPlugin(
         accuracy_metrics(experience=True),
+        AccuracyMatrix(),
         forgetting_metrics(stream=True),
         bwt_metrics(stream=True),
         *peer_metrics(),

@@ -4,6 +4,7 @@ import io
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -181,3 +182,48 @@ def test_parse_metric_name():
     assert parse_metric_name("StreamForgetting/eval_phase/test_stream")["exp"] is None
     assert parse_metric_name("not a metric") is None
     assert parse_metric_name("A/x/train_phase/train_stream/Exp000")["exp"] == 0
+
+
+def test_accuracy_matrix_matches_avalanche(stream):
+    from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from peer_ll.evaluation.matrix_plugin import AccuracyMatrix
+
+    model = _model()
+    joint = [0.9, 0.8, 0.7]
+    matrix = AccuracyMatrix(joint=joint)
+    test = stream.test_stream
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluator = EvaluationPlugin(
+            matrix, accuracy_metrics(experience=True), forgetting_metrics(stream=True),
+            bwt_metrics(stream=True), loggers=[],
+        )  # fmt: skip
+        strategy = Naive(
+            model=model, optimizer=make_optimizer(model, lr=1e-2), criterion=nn.CrossEntropyLoss(),
+            train_mb_size=16, train_epochs=2, eval_mb_size=16, evaluator=evaluator, eval_every=1,
+        )  # fmt: skip
+        acc = "Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{:03d}"
+        values = strategy.eval(test)
+        initial = [values[acc.format(j)] for j in range(3)]
+        rows = []
+        for exp in stream.train_stream:
+            strategy.train(exp, eval_streams=[test])  # periodic evaluations: ignored
+            values = strategy.eval(test)
+            rows.append([values[acc.format(j)] for j in range(3)])
+    R = np.array(rows)
+    np.testing.assert_allclose(matrix.matrix, R)
+    np.testing.assert_allclose(matrix.initial, initial)
+    s = "eval_phase/test_stream"
+    assert values[f"CL_AvgAccuracy/{s}"] == pytest.approx(M.average_accuracy(R))
+    assert values[f"CL_Forgetting/{s}"] == pytest.approx(M.forgetting(R, kind="max"))
+    assert values[f"CL_LearningAccuracy/{s}"] == pytest.approx(M.learning_accuracy(R))
+    assert values[f"CL_FWT/{s}"] == pytest.approx(M.fwt(R, initial))
+    assert values[f"CL_Intransigence/{s}"] == pytest.approx(M.intransigence(R, joint))
+    # Avalanche's own stream metrics are the "first" kind of forgetting, and BWT
+    assert values[f"StreamForgetting/{s}"] == pytest.approx(M.forgetting(R, kind="first"))
+    assert values[f"CL_BWT/{s}"] == pytest.approx(values[f"StreamBWT/{s}"])
+    assert M.forgetting(R, kind="first") > 0  # Naive forgot something: the checks could fail
+    assert set(matrix.result()) == {n for n in values if n.startswith("CL_")}

@@ -14,7 +14,7 @@ from peer_ll.jobs.compare import parse_seeds, parse_stream, run_comparison
 from peer_ll.jobs.strategies_zoo import STRATEGIES, ZooConfig, parameter_counts
 
 TINY = ["--epochs", "1", "--seeds", "1", "--experiences", "3", "--max-train-per-exp", "60",
-        "--max-test-per-exp", "30", "--num-keys", "4", "--hidden", "16", "--replay-budget", "30",
+        "--max-test-per-exp", "30", "--num-keys", "8", "--hidden", "16", "--replay-budget", "30",
         "--top-t", "8"]  # fmt: skip
 KEYS = ["accuracy_matrix", "avg_accuracy", "bwt", "forgetting", "learning_accuracy",
         "intransigence", "params_total", "params_active", "seconds"]  # fmt: skip
@@ -62,7 +62,8 @@ def test_run_writes_results_and_plots(run_dir, capsys):
     assert {"results.json", "table.txt", "accuracy_curves.png",
             "accuracy_matrix_peer-growth.png", "routing_share_peer-growth.png"} <= files
     assert "routing_share_naive.png" not in files  # a fixed pool has one owner
-    assert (run_dir / "logs" / "peer-grow-seed0.log").read_text().count("PEER_Usage") > 0
+    log = (run_dir / "logs" / "peer-grow-seed0.log").read_text()
+    assert "PEER_Usage/blocks.0.peer" in log and "CL_Forgetting/eval_phase/test_stream" in log
 
 
 def test_metrics_agree_with_avalanches(run_dir):
@@ -87,7 +88,7 @@ def test_report_prints_table_and_redraws(run_dir, capsys):
 
 
 def test_every_strategy_runs_on_a_task_stream():
-    config = ZooConfig(epochs=1, hidden=16, num_keys=4, replay_budget=20, top_t=8)
+    config = ZooConfig(epochs=1, hidden=16, num_keys=8, replay_budget=20, top_t=8)
     results = run_comparison(
         "digits-task", strategies=list(STRATEGIES), seeds=(3,), config=config, n_experiences=2,
         max_train_per_exp=40, max_test_per_exp=20, progress=False,
@@ -98,17 +99,18 @@ def test_every_strategy_runs_on_a_task_stream():
         assert R.shape == (2, 2) and np.all((R >= 0) & (R <= 1)), name
         assert not math.isnan(s["intransigence"]), name
     grow, naive = results["strategies"]["PEER growth"], results["strategies"]["Naive"]
-    # growth: 2 segments of 4² experts, 8 sub-key rows; fixed pool: round(4·√2)² = 36 experts,
-    # 6 sub-key rows. Expert rows hold 16 + 16 values, sub-key rows dim_key = 32.
-    assert grow["params_total"] - naive["params_total"] == (32 - 36) * 32 + (8 - 6) * 32
-    assert grow["params_active"] == grow["params_total"]  # heads · topk = 32 >= 32 experts
+    # growth: 2 segments of 8² experts, 16 sub-key rows; fixed pool: round(8·√2)² = 121
+    # experts, 11 sub-key rows. Expert rows hold 16 + 16 values, sub-key rows dim_key = 32.
+    assert grow["params_total"] - naive["params_total"] == (128 - 121) * 32 + (16 - 11) * 32
+    # one input uses heads · topk = 32 of the 128 experts
+    assert grow["params_total"] - grow["params_active"] == (128 - 32) * 32
     assert results["config"]["seeds"] == [3] and results["environment"]["cpus"] >= 1
 
 
 def test_domain_stream_and_argument_errors(tmp_path, capsys):
     results = run_comparison(
         "digits-permuted", strategies=["peer-grow"], seeds=(0,), n_experiences=2,
-        config=ZooConfig(epochs=1, hidden=16, num_keys=4, replay_budget=20),
+        config=ZooConfig(epochs=1, hidden=16, num_keys=8, replay_budget=20),
         max_train_per_exp=40, max_test_per_exp=20, progress=False,
     )  # fmt: skip
     share = results["strategies"]["PEER growth"]["routing"]["blocks.0.peer"]["share"]
