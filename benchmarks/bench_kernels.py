@@ -23,6 +23,7 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -273,13 +274,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:  # before anything imports Triton
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    command = "python benchmarks/bench_kernels.py " + " ".join(sys.argv[1:])
+    command = shlex.join(["python", "benchmarks/bench_kernels.py", *sys.argv[1:]])
     stamp = f"`{command.strip()}` — {datetime.date.today()}, {_machine()}, {_versions()}."
     if args.cpu:
         torch.set_num_threads(os.cpu_count() or 1)
         rows = cpu_bench(args.repeats)
         label = args.label or "this tree"
-        lines = [f"CPU layer (dim 256, 256² experts, 2048 tokens, torch path), {label}: "]
+        load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+        lines = [f"CPU layer (dim 256, 256² experts, 2048 tokens, torch path), {label} "
+                 f"(load average {load} after the run):"]
         lines += [f"- {name}: {ms:.0f} ms (median of {args.repeats})" for name, ms in rows]
         record(stamp + "\n\n" + "\n".join(lines), args.out, not args.no_write)
         return
