@@ -27,7 +27,7 @@ def _pack(score, idx):
     """(fp32 score, int32 id) -> int64 that orders like (score, id)."""
     bits = score.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving int32 of the float
-    return (key.to(tl.int64) << 32) | (idx.to(tl.int64) & 0xFFFFFFFF)
+    return (key.to(tl.int64) << 32) | idx.to(tl.uint32).to(tl.int64)  # id zero-extended
 
 @triton.jit
 def _unpack(packed):
