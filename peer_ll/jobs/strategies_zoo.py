@@ -14,6 +14,8 @@ constant learning rate), epochs, mini-batch size and replay budget:
 | ``peer-sparse`` | SparseExpertFinetuning (top-t rows by TF-IDF) | fixed pool | ``replay_budget`` |
 | ``joint`` | joint training on all experiences (upper bound) | fixed pool | all data |
 | ``peer-grow-noreplay`` | growth alone (not in the default set) | growing pool | none |
+| ``peer-protect`` | routing protection, likelihood owners (not default) | growing | none |
+| ``peer-protect-gate`` | routing protection, replay owner gate (not default) | growing | budget |
 
 A growing pool starts with ``num_keys²`` experts and adds as many per experience; a
 fixed pool holds about as many experts as the growing one ends with
@@ -53,6 +55,8 @@ STRATEGIES: dict[str, str] = {
     "peer-sparse": "PEER sparse FT",
     "joint": "Joint",
     "peer-grow-noreplay": "PEER growth, no replay",
+    "peer-protect": "PEER protect",
+    "peer-protect-gate": "PEER protect + gate",
 }
 DEFAULT_STRATEGIES: tuple[str, ...] = tuple(STRATEGIES)[:8]
 
@@ -137,7 +141,15 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
 
     if key not in STRATEGIES:
         raise ValueError(f"key must be one of {list(STRATEGIES)}, got {key!r}")
-    model = _model(info, config, grow=key.startswith("peer-grow"))
+    if key.startswith("peer-protect"):
+        from peer_ll.strategies import protect_classifier
+
+        model = protect_classifier(
+            info.in_features, info.n_classes, experiences=info.n_experiences,
+            hidden=config.hidden, num_keys=config.num_keys,
+        )  # fmt: skip
+    else:
+        model = _model(info, config, grow=key.startswith("peer-grow"))
     common = dict(
         optimizer=make_optimizer(model, lr=config.lr), criterion=nn.CrossEntropyLoss(),
         train_mb_size=config.batch_size, train_epochs=config.epochs,
@@ -156,6 +168,11 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
         return peer_grow(model, **replay, **common)
     if key == "peer-grow-rd":
         return peer_router_distillation(model, alpha=config.rd_alpha, **replay, **common)
+    if key.startswith("peer-protect"):
+        from peer_ll.strategies import peer_protect
+
+        gate = dict(inference="gate", mem_size=config.replay_budget)
+        return peer_protect(model, **(gate if key == "peer-protect-gate" else {}), **common)
     if key == "peer-sparse":
         return peer_sparse_finetuning(model, top_t=config.top_t, **replay, **common)
     return peer_grow(model, template=av.JointTraining, **common)
