@@ -40,39 +40,43 @@ def routing_kl(
     q_student: torch.Tensor,
     teacher: PEER,
     q_teacher: torch.Tensor,
-    candidates: torch.Tensor,
+    ids_teacher: torch.Tensor,
+    ids_student: torch.Tensor,
     *,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Mean KL(teacher ‖ student) of the routing over per-token candidate experts.
+    """Mean KL(teacher ‖ student) of the routing over the union of both top-k sets.
 
     Args:
         student, teacher: two PEER layers with the same pool layout.
         q_student: (T, H, d) student queries (differentiable).
         q_teacher: (T, H, d) teacher queries.
-        candidates: (T, H, C) expert ids; -1 marks a place to ignore, and a
-            repeated id counts once.
+        ids_teacher, ids_student: (T, H, K) top-k ids of each model (no repeats
+            within a row, as ``retrieve`` gives them; -1 marks a missing place).
         temperature: softmax temperature τ.
 
     Returns:
-        A scalar: ``τ² · mean over (T, H) of KL``.
+        A scalar: ``τ² · mean over (T, H) of KL`` of the softmaxes over the candidates.
     """
-    ignore = candidates < 0
-    same = candidates[..., :, None] == candidates[..., None, :]  # (T, H, C, C)
-    ignore |= torch.tril(same, diagonal=-1).any(-1)  # a repeat of an earlier candidate
-    ids = candidates.clamp_min(0)
+    # A student candidate that the teacher also picked counts once; -1 counts never.
+    repeat = (ids_student[..., :, None] == ids_teacher[..., None, :]).any(-1)
+    ignore = torch.cat([ids_teacher < 0, (ids_student < 0) | repeat], dim=-1)  # (T, H, 2K)
+
+    def scores(layer: PEER, q: torch.Tensor) -> torch.Tensor:
+        # One call per half: each half holds no repeated id.
+        both = [_scores(layer, q, ids.clamp_min(0)) for ids in (ids_teacher, ids_student)]
+        return torch.cat(both, dim=-1).masked_fill(ignore, float("-inf")) / temperature
+
     with torch.no_grad():
-        s_t = _scores(teacher, q_teacher, ids).masked_fill(ignore, float("-inf"))
-        log_p_t = (s_t / temperature).log_softmax(-1)
-    s_s = _scores(student, q_student, ids).masked_fill(ignore, float("-inf"))
-    log_p_s = (s_s / temperature).log_softmax(-1)
+        log_p_t = scores(teacher, q_teacher).log_softmax(-1)
+    log_p_s = scores(student, q_student).log_softmax(-1)
     diff = (log_p_t - log_p_s).masked_fill(ignore, 0.0)  # no inf - inf at ignored places
     kl = (log_p_t.exp() * diff).sum(-1)  # (T, H)
     return temperature**2 * kl.mean()
 
 
 def _scores(layer: PEER, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The scores retrieval ranks ``ids`` (T, H, C) by: each with its owner's query adapter."""
+    """The scores retrieval ranks ``ids`` (T, H, K) by: each with its owner's query adapter."""
     return layer._owner_scores(q, ids)  # PEER's adapter-aware selected_scores
 
 
@@ -201,8 +205,7 @@ class RouterDistillation(_RoutingTeacher):
             q_t = recompute_query(t_layer, x_t)
         ids_s = recompute_ids(s_layer, x_s.detach(), owners_s)
         ids_t = recompute_ids(t_layer, x_t, owners_t)
-        candidates = torch.cat([ids_t, ids_s], dim=-1)  # (T, H, 2K)
-        loss = routing_kl(s_layer, q_s, t_layer, q_t, candidates, temperature=self.temperature)
+        loss = routing_kl(s_layer, q_s, t_layer, q_t, ids_t, ids_s, temperature=self.temperature)
         if self.query_alpha:
             loss = loss + self.query_alpha * (q_s - q_t).pow(2).sum(-1).mean()
         return loss

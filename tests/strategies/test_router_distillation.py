@@ -29,22 +29,37 @@ def test_routing_kl_is_zero_for_equal_models_and_positive_otherwise(small_peer):
     x = torch.randn(10, 8)
     q = student.query(x)  # (10, H, d)
     _, ids = student.retrieve(x)
-    assert routing_kl(student, q, teacher, q.detach(), ids).abs() < 1e-6
+    assert routing_kl(student, q, teacher, q.detach(), ids, ids).abs() < 1e-6
     q_moved = (q.detach() + 0.5 * torch.randn_like(q)).requires_grad_()
-    loss = routing_kl(student, q_moved, teacher, q.detach(), ids, temperature=2.0)
+    _, moved_ids = student.retrieve(x * 3.0)
+    loss = routing_kl(student, q_moved, teacher, q.detach(), ids, moved_ids, temperature=2.0)
     assert loss > 1e-3
     loss.backward()
     assert q_moved.grad.abs().sum() > 0
 
 
-def test_routing_kl_counts_repeats_once_and_ignores_missing(small_peer):
-    student, teacher = _pair(small_peer)
+def test_routing_kl_matches_a_direct_computation(small_peer):
+    # 8 sub-keys per side: a union of up to 8 candidates per row (the CPU score kernel
+    # fails on rows of more ids than sub-key rows).
+    student, teacher = _pair(small_peer | dict(num_keys=8))
     x = torch.randn(6, 8)
-    q_s, q_t = student.query(x) * 1.5, student.query(x)
-    _, ids = student.retrieve(x)
-    once = routing_kl(student, q_s, teacher, q_t, ids)
-    padded = torch.cat([ids, ids, torch.full_like(ids, -1)], dim=-1)
-    torch.testing.assert_close(routing_kl(student, q_s, teacher, q_t, padded), once)
+    q_t = student.query(x).detach()
+    q_s = q_t * 1.5
+    _, ids_t = student.retrieve(x)
+    _, ids_s = student.retrieve(-x)
+    union = [
+        sorted(set(a) | set(b))
+        for a, b in zip(ids_t.flatten(0, 1).tolist(), ids_s.flatten(0, 1).tolist(), strict=True)
+    ]
+    expected = []
+    for row, cands in enumerate(union):
+        t, h = divmod(row, q_t.shape[1])
+        ids = torch.tensor(cands)[None, None]  # (1, 1, C)
+        p = teacher.selected_scores(q_t[t : t + 1, h : h + 1], ids).log_softmax(-1)
+        r = student.selected_scores(q_s[t : t + 1, h : h + 1], ids).log_softmax(-1)
+        expected.append((p.exp() * (p - r)).sum())
+    got = routing_kl(student, q_s, teacher, q_t, ids_t, ids_s)
+    torch.testing.assert_close(got, torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)
 
 
 class LossTrace(SupervisedPlugin):
