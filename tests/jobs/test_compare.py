@@ -11,7 +11,12 @@ from torch import nn
 from peer_ll.cli import main as cli
 from peer_ll.experts import PEER
 from peer_ll.jobs.compare import parse_seeds, parse_stream, run_comparison
-from peer_ll.jobs.strategies_zoo import STRATEGIES, ZooConfig, parameter_counts
+from peer_ll.jobs.strategies_zoo import (
+    DEFAULT_STRATEGIES,
+    STRATEGIES,
+    ZooConfig,
+    parameter_counts,
+)
 
 TINY = ["--epochs", "1", "--seeds", "1", "--experiences", "3", "--max-train-per-exp", "60",
         "--max-test-per-exp", "30", "--num-keys", "8", "--hidden", "16", "--replay-budget", "30",
@@ -89,11 +94,12 @@ def test_report_prints_table_and_redraws(run_dir, capsys):
 
 def test_every_strategy_runs_on_a_task_stream():
     config = ZooConfig(epochs=1, hidden=16, num_keys=8, replay_budget=20, top_t=8)
+    keys = [*DEFAULT_STRATEGIES, "peer-grow-noreplay"]
     results = run_comparison(
-        "digits-task", strategies=list(STRATEGIES), seeds=(3,), config=config, n_experiences=2,
+        "digits-task", strategies=keys, seeds=(3,), config=config, n_experiences=2,
         max_train_per_exp=40, max_test_per_exp=20, progress=False,
     )  # fmt: skip
-    assert list(results["strategies"]) == list(STRATEGIES.values())
+    assert list(results["strategies"]) == [STRATEGIES[k] for k in keys]
     for name, s in results["strategies"].items():
         R = np.array(s["accuracy_matrix"])
         assert R.shape == (2, 2) and np.all((R >= 0) & (R <= 1)), name
