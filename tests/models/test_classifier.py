@@ -69,7 +69,9 @@ def test_incremental_head_grows_with_new_classes():
 
     from avalanche.models.dynamic_modules import avalanche_model_adaptation
 
-    model = _model()
+    from peer_ll.strategies import GrowthPolicy
+
+    model = _model(growth=GrowthPolicy(max_experts=32))
     exp = SimpleNamespace(current_experience=1, classes_in_this_experience=[7], task_labels=[0])
     avalanche_model_adaptation(model, exp)
     assert model(torch.randn(2, 64)).shape == (2, 8)
