@@ -79,7 +79,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 frozen = getattr(p, "peer_frozen_rows", None)
                 if p.grad.is_sparse:
-                    self._sparse_update(p, p.grad.coalesce(), state, group, frozen)
+                    self._sparse_update(p, _coalesced(p.grad), state, group, frozen)
                 else:
                     self._dense_update(p, p.grad, state, group, frozen)
         return loss
@@ -128,6 +128,21 @@ class SparseAdamW(torch.optim.Optimizer):
 
 _FUSED = hasattr(torch, "_fused_adamw_")
 _ROW_CHUNK = 1 << 15
+
+
+def _coalesced(grad: torch.Tensor) -> torch.Tensor:
+    """``grad.coalesce()`` without the sort when its row indices already increase strictly.
+
+    PEER's kernels return coalesced gradients, but autograd's accumulation drops the flag.
+    """
+    if grad.is_coalesced():
+        return grad
+    rows = grad._indices()
+    if rows.shape[0] == 1 and bool((rows[0, 1:] > rows[0, :-1]).all()):
+        return torch.sparse_coo_tensor(
+            rows, grad._values(), grad.shape, is_coalesced=True, check_invariants=False
+        )
+    return grad.coalesce()
 
 
 def _adamw(p, grad, m, v, step, group) -> None:

@@ -87,3 +87,13 @@ def test_bf16_expert_state_halves_moment_memory_and_still_trains():
     assert opt.state[layer.down]["exp_avg"].dtype == torch.bfloat16
     assert opt.state[layer.to_query.weight]["exp_avg"].dtype == torch.float32
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_uncoalesced_sparse_gradient_with_repeated_rows_is_summed():
+    table = torch.nn.Parameter(torch.zeros(4, 2))
+    opt = SparseAdamW([table], lr=0.1)
+    grad = torch.sparse_coo_tensor(torch.tensor([[2, 2]]), torch.ones(2, 2), (4, 2))
+    table.grad = grad
+    opt.step()
+    assert torch.equal(opt.state[table]["exp_avg"][2], torch.full((2,), 0.1 * 2.0))
+    assert float(table[[0, 1, 3]].abs().sum()) == 0.0

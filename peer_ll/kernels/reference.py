@@ -136,7 +136,9 @@ def gather_dot(ids: torch.Tensor, table: torch.Tensor, vec: torch.Tensor) -> tor
     """
     T, M = ids.shape
     vec = vec.to(table.dtype)
-    if not table.is_cuda and table.dtype in _SAMPLED_DTYPES and T * M:
+    # sampled_addmm rejects a row pattern with more entries than the table has rows
+    # (repeated ids across heads in a tiny pool); such pools take the gather path.
+    if not table.is_cuda and table.dtype in _SAMPLED_DTYPES and T * M and M <= table.shape[0]:
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
             pattern = torch.sparse_csr_tensor(

@@ -119,3 +119,15 @@ def test_selected_scores_gradient_matches_brute_force_scores():
 
 def test_segments_constant_matches_case():
     assert retrieval_case()[2].tolist() == SEGMENTS
+
+def test_gather_dot_with_more_ids_per_row_than_table_rows():
+    """Heads of a tiny pool retrieve the same expert: M > N with repeated ids."""
+    from peer_ll.kernels.reference import gather_dot
+
+    ids = torch.tensor([[0, 0, 0, 0, 1], [1, 2, 3, 0, 0]])
+    table, vec = torch.randn(4, 8), torch.randn(2, 8)
+    expected = (table[ids] * vec[:, None]).sum(-1)
+    torch.testing.assert_close(gather_dot(ids, table, vec), expected)
+    from peer_ll.experts import PEER
+
+    PEER(8, num_keys=2, heads=1, topk=4, dim_key=8)(torch.randn(3, 8)).sum().backward()
