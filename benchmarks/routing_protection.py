@@ -1,0 +1,370 @@
+"""Routing protection (``peer_protect``) against Naive, EWC, LwF and Replay, 3 seeds.
+
+Streams (``peer_ll.data.make_stream``), 5 experiences each:
+- ``digits-class``: Split-Digits (scikit-learn digits), class-incremental, 5 × 2 classes;
+- ``fmnist-permuted``: Permuted Fashion-MNIST, domain-incremental;
+- ``fmnist-task``: Split-Fashion-MNIST, task-incremental (baselines: one head per task);
+- ``fmnist-class``: Split-Fashion-MNIST, class-incremental.
+
+Every method trains a ``PEERClassifier`` (hidden 128, PEER 4 heads, top-8, dim_key 32)
+with the same epochs, batch, learning rate and, where it replays, the same budget.
+Baselines keep one fixed pool of 36² experts (about the final grown size) and train
+everything. ``Grow`` is ``peer_grow`` (grow, freeze old experts, the trunk trains).
+``Protect-*`` are ``peer_protect`` variants: 16² experts per experience, old owners and
+(after the first experience) the trunk frozen, per-owner query adapter (rank 4 +
+affine) and ``OwnerHead``; they differ in test-time owners: ``LL`` likelihood, ``Margin``
+key match, ``Soft`` posterior mixing, ``Gate`` an owner classifier fit on the replay
+budget, ``All`` unrestricted retrieval, ``Oracle`` the experience id (task known). ``+KM``
+adds the key-margin loss. No ``Protect-*`` method sees task labels.
+Each run is one line of ``--out`` (JSON lines), so a partial run can be reported:
+
+    python benchmarks/routing_protection.py run --streams fmnist-permuted --seeds 0 1 2
+    python benchmarks/routing_protection.py report        # tables, plots, RESULTS.md
+
+``report`` replaces this script's own section of RESULTS.md (hand-written notes too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).parent
+STREAMS = {
+    "digits-class": ("digits", "class", "Split-Digits, class-incremental, 5 × 2 classes"),
+    "fmnist-permuted": ("fashion-mnist", "permuted",
+                        "Permuted Fashion-MNIST, domain-incremental, 5 experiences"),
+    "fmnist-task": ("fashion-mnist", "task",
+                    "Split-Fashion-MNIST, task-incremental, 5 × 2 classes"),
+    "fmnist-class": ("fashion-mnist", "class",
+                     "Split-Fashion-MNIST, class-incremental, 5 × 2 classes"),
+}
+BASELINES = ("Naive", "EWC", "LwF", f"Replay({200})")
+PROTECT = {  # name: peer_protect keyword arguments
+    "Protect-LL": dict(inference="likelihood"),
+    "Protect-Soft": dict(inference="soft", inference_options=dict(top=2)),
+    "Protect-Margin": dict(inference="margin"),
+    "Protect-All": dict(inference="all", restrict_training=False),
+    "Protect-All+KM": dict(inference="all", restrict_training=False, key_margin=1.0),
+    "Protect-Gate(200)": dict(inference="gate", mem_size=200),
+    "Protect-Oracle": dict(inference="oracle"),
+}
+ABLATIONS = {  # fmnist-permuted, fewer seeds
+    "Protect-MarginZ": dict(inference="margin-z"),
+    "Protect-Margin+KM": dict(inference="margin", key_margin=1.0),
+    "Protect-LL, shared head": dict(inference="likelihood", _owner_head=False),
+    "Protect-LL, no query adapter": dict(inference="likelihood", _adapter=False),
+    "Protect-LL, trunk trains": dict(inference="likelihood", freeze_trunk=False),
+    "Protect-All+KM(λ=10)": dict(inference="all", restrict_training=False, key_margin=10.0),
+    "Protect-All+KM(m=1)": dict(inference="all", restrict_training=False, key_margin=1.0,
+                                margin=1.0),
+    "Protect-All+KM(rank=1)": dict(inference="all", restrict_training=False, key_margin=1.0,
+                                   margin_rank=1),
+}
+METHODS = (*BASELINES, "Grow", *PROTECT)
+HEADING = "## Routing protection: peer_protect against baselines (benchmarks/routing_protection.py)"
+CFG = dict(hidden=128, epochs=2, batch=32, lr=1e-3, train_per_exp=2000, test_per_exp=1000,
+           n_exp=5, mem_size=200, ewc_lambda=100.0, lwf_alpha=1.0, lwf_temperature=2.0)
+PEER = dict(heads=4, topk=8, dim_key=32, query_norm="layer")
+
+
+def build(method: str, stream: str, n_classes: int, in_features: int):
+    """The model and strategy of ``method`` for ``stream``."""
+    from avalanche.training import EWC, LwF, Replay
+    from avalanche.training.templates import SupervisedTemplate
+
+    from peer_ll.models import PEERClassifier
+    from peer_ll.models.owner_head import with_owner_head
+    from peer_ll.optim import make_optimizer
+    from peer_ll.strategies import GrowthPolicy, peer_grow, peer_protect
+
+    kind = STREAMS[stream][1]
+    common = dict(train_mb_size=CFG["batch"], train_epochs=CFG["epochs"], eval_mb_size=500,
+                  evaluator=None)
+    if method in BASELINES or method == "Grow":
+        head = {"class": "incremental", "task": "multihead", "permuted": "fixed"}[kind]
+        grow = method == "Grow"
+        model = PEERClassifier(in_features, n_classes, hidden=CFG["hidden"], head=head,
+                               peer=dict(PEER, num_keys=16 if grow else 36),
+                               growth=GrowthPolicy() if grow else GrowthPolicy(when="never"))
+        opt = make_optimizer(model, lr=CFG["lr"])
+        template, extra = {"Naive": (SupervisedTemplate, {}), "Grow": (SupervisedTemplate, {}),
+                           "EWC": (EWC, dict(ewc_lambda=CFG["ewc_lambda"])),
+                           "LwF": (LwF, dict(alpha=CFG["lwf_alpha"],
+                                             temperature=CFG["lwf_temperature"])),
+                           }.get(method, (Replay, dict(mem_size=CFG["mem_size"])))
+        return model, peer_grow(model, opt, template=template, **extra, **common)
+    kwargs = dict({**PROTECT, **ABLATIONS}[method])
+    adapter = kwargs.pop("_adapter", True)
+    peer = dict(PEER, num_keys=16, query_adapter_rank=4 if adapter else 0,
+                query_adapter_affine=adapter)
+    model = PEERClassifier(in_features, n_classes if kind != "task" else 2,
+                           hidden=CFG["hidden"], head="fixed", peer=peer)
+    if kwargs.pop("_owner_head", True):
+        with_owner_head(model)
+    opt = make_optimizer(model, lr=CFG["lr"])
+    return model, peer_protect(model, opt, **kwargs, **common)
+
+
+def run_one(stream: str, method: str, seed: int) -> dict:
+    """Train ``method`` on ``stream`` once; the accuracy matrix, owner inference, routing."""
+    from avalanche.core import SupervisedPlugin
+
+    from peer_ll.data import make_stream
+    from peer_ll.strategies import OwnerRouting
+
+    torch.manual_seed(seed)
+    name, kind, _ = STREAMS[stream]
+    limits = {} if name == "digits" else dict(max_train_per_exp=CFG["train_per_exp"],
+                                              max_test_per_exp=CFG["test_per_exp"])
+    bm = make_stream(name, kind=kind, n_experiences=CFG["n_exp"], seed=seed, **limits)
+    n_classes = 10
+    in_features = int(np.prod(bm.train_stream[0].dataset[0][0].shape))
+    model, strategy = build(method, stream, n_classes, in_features)
+
+    class Record(SupervisedPlugin):
+        """Accuracy and per-owner router mass of each evaluated experience."""
+
+        def before_eval_exp(self, strategy, **kw):
+            self.right, self.total = 0, 0
+            self.layers = [m for m in strategy.model.modules() if hasattr(m, "router_mass")]
+            self.mass = [m.router_mass.detach().clone() for m in self.layers]
+
+        def after_eval_iteration(self, strategy, **kw):
+            self.right += int((strategy.mb_output.argmax(-1) == strategy.mb_y).sum())
+            self.total += len(strategy.mb_y)
+
+        def after_eval_exp(self, strategy, **kw):
+            exp = strategy.experience.current_experience
+            self.acc[exp] = self.right / self.total
+            layer, before = self.layers[-1], self.mass[-1]
+            n = layer.num_experts
+            mass = (layer.router_mass[:n] - before[:n]).clamp_min(0).double()
+            owners = layer.owners
+            share = torch.zeros(int(owners.max()) + 1, dtype=torch.float64)
+            share.index_add_(0, owners.cpu(), mass.cpu())
+            self.share[exp] = (share / share.sum().clamp_min(1e-12)).tolist()
+
+    rec = Record()
+    strategy.plugins.append(rec)
+    T = CFG["n_exp"]
+    R = np.full((T, T), np.nan)
+    start = time.perf_counter()
+    for i, exp in enumerate(bm.train_stream):
+        strategy.train(exp)
+        rec.acc, rec.share = {}, {}
+        strategy.eval(bm.test_stream[: i + 1])
+        R[i, : i + 1] = [rec.acc[j] for j in range(i + 1)]
+    routing = [p for p in strategy.plugins if isinstance(p, OwnerRouting)]
+    inferred = {}
+    if routing:
+        inferred = {int(j): float(np.mean(list(v.values())))
+                    for j, v in routing[0].inference_accuracy.items()}
+    return dict(stream=stream, method=method, seed=seed, R=R.tolist(), inferred=inferred,
+                share=[rec.share[j] for j in range(T)], seconds=time.perf_counter() - start,
+                params=sum(p.numel() for p in model.parameters()))
+
+
+def cmd_run(args) -> None:
+    torch.set_num_threads(args.threads)  # a shared 2-core machine: one thread is fastest
+    warnings.filterwarnings("ignore")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {(r["stream"], r["method"], r["seed"]) for r in load(out)}
+    for stream in args.streams:
+        methods = args.methods or list(METHODS)
+        for seed in args.seeds:
+            for method in methods:
+                if (stream, method, seed) in done:
+                    continue
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # Avalanche's deprecation notes
+                    rec = run_one(stream, method, seed)
+                with out.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                R = np.asarray(rec["R"])
+                print(f"{stream:16s} {method:28s} seed {seed}: acc {100 * R[-1].mean():5.1f} "
+                      f"learn {100 * np.diag(R).mean():5.1f} ({rec['seconds']:.0f} s)", flush=True)
+
+
+def summary(records: list[dict]) -> dict:
+    """Mean and sample std over seeds of one (stream, method)'s scalars."""
+    from peer_ll.evaluation.metrics import average_accuracy, forgetting, learning_accuracy
+
+    rows = {"acc": [], "forg": [], "learn": [], "owner": []}
+    for r in records:
+        R = np.asarray(r["R"], dtype=float)
+        rows["acc"].append(100 * average_accuracy(R))
+        rows["forg"].append(100 * forgetting(R, kind="max"))
+        rows["learn"].append(100 * learning_accuracy(R))
+        if r["inferred"]:
+            rows["owner"].append(100 * np.mean(list(r["inferred"].values())))
+    out = {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+           for k, v in rows.items() if v}
+    per_exp = [[r["inferred"].get(str(j), np.nan) for j in range(len(r["R"]))]
+               for r in records if r["inferred"]]
+    if per_exp:
+        out["owner_per_exp"] = (100 * np.nanmean(per_exp, axis=0)).round(0).astype(int).tolist()
+    out["seeds"] = len(records)
+    return out
+
+
+def tables(records: list[dict]) -> str:
+    """Markdown tables, one per stream, methods in a fixed order."""
+    order = [*METHODS, *ABLATIONS]
+    out = []
+    for stream, (_, _, title) in STREAMS.items():
+        mine = [r for r in records if r["stream"] == stream]
+        if not mine:
+            continue
+        out += [f"### {title}", "",
+                "| method | seeds | avg acc % | forgetting | learning acc | owner inference % "
+                "| per experience |", "|---|---|---|---|---|---|---|"]
+        for method in sorted({r["method"] for r in mine}, key=order.index):
+            s = summary([r for r in mine if r["method"] == method])
+            cells = [f"{s[k][0]:.1f} ± {s[k][1]:.1f}" if k in s else "—"
+                     for k in ("acc", "forg", "learn", "owner")]
+            per = " / ".join(map(str, s.get("owner_per_exp", []))) or "—"
+            out.append(f"| {method} | {s['seeds']} | " + " | ".join(cells) + f" | {per} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def goals(records: list[dict]) -> str:
+    """Markdown: the issue's goals, each with the two figures it compares and a verdict."""
+    def get(stream, method):
+        mine = [r for r in records if r["stream"] == stream and r["method"] == method]
+        return summary(mine) if mine else None
+
+    rows = ["| goal | stream | ours | baseline | met |", "|---|---|---|---|---|"]
+
+    def add(goal, stream, ours, base, key, better):
+        a, b = get(stream, ours), get(stream, base)
+        if a is None or b is None:
+            return
+        x, y = a[key][0], b[key][0]
+        ok = better(x, y)
+        rows.append(f"| {goal} | {stream} | {ours} {x:.1f} | {base} {y:.1f} | "
+                    f"{'yes' if ok else '**no**'} |")
+
+    for stream in ("fmnist-permuted", "fmnist-task"):
+        for base in ("EWC", "LwF"):
+            add("no replay: higher final acc", stream, "Protect-LL", base, "acc", float.__gt__)
+            add("no replay: less forgetting", stream, "Protect-LL", base, "forg", float.__lt__)
+    for stream in STREAMS:
+        add("same replay budget: higher final acc", stream, "Protect-Gate(200)",
+            BASELINES[-1], "acc", float.__gt__)
+        for ours in ("Protect-LL", "Protect-Gate(200)"):
+            add("learning acc within 3 points of Naive", stream, ours, "Naive", "learn",
+                lambda x, y: x >= y - 3.0)
+    return "\n".join(rows)
+
+
+def plot_shares(records: list[dict], folder: Path) -> list[Path]:
+    """One PNG per stream: routing share (experience j × owner o), seed-mean, growing methods."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for stream in STREAMS:
+        by = {}
+        for r in records:
+            if r["stream"] == stream and len(r["share"][0]) > 1:
+                by.setdefault(r["method"], []).append(np.asarray(r["share"], dtype=float))
+        if not by:
+            continue
+        names = [m for m in [*METHODS, *ABLATIONS] if m in by]
+        cols = min(7, len(names))
+        rows = -(-len(names) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.6 * rows), squeeze=False)
+        for ax in axes.flat[len(names):]:
+            ax.axis("off")
+        for ax, name in zip(axes.flat, names, strict=False):  # spare axes stay off
+            image = ax.imshow(100 * np.mean(by[name], axis=0), vmin=0, vmax=100, cmap="viridis")
+            ax.set_title(name, fontsize=7)
+            ax.set_xlabel("expert owner", fontsize=7)
+            if ax in axes[:, 0]:
+                ax.set_ylabel("test inputs of experience", fontsize=7)
+            ax.tick_params(labelsize=6)
+        fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.02, label="routing share %")
+        fig.suptitle(f"{STREAMS[stream][2]}: router mass after the last experience", fontsize=8)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"routing_protection_{stream}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def cmd_report(args) -> None:
+    import datetime
+    import os
+    import platform
+
+    import avalanche
+
+    records = [r for path in args.inputs for r in load(Path(path))]
+    body = tables(records)
+    print(body + "\n" + goals(records))
+    figures = plot_shares(records, HERE / "figures")
+    if args.no_append:
+        return
+    env = (f"Date: {datetime.date.today()}; machine: {os.cpu_count()} CPUs (shared with other "
+           f"jobs), no GPU, 1 torch thread per run; python {platform.python_version()}, torch "
+           f"{torch.__version__}, avalanche {avalanche.__version__}, numpy {np.__version__}.")
+    section = "\n".join([
+        HEADING, "", f"Command: `{' '.join(args.command)}` then `python "
+        "benchmarks/routing_protection.py report`  ", env + "  ",
+        f"Settings: {CFG}; PEER {PEER}. Fashion-MNIST subsampled to {CFG['train_per_exp']} "
+        f"training and {CFG['test_per_exp']} test images per experience (balanced), 5 "
+        "experiences (permuted: 5, not 10), to fit a shared 2-core CPU; Split-Digits uses all "
+        "of scikit-learn's digits. Accuracy, forgetting (Chaudhry's max) and learning accuracy "
+        "(R[i][i]) in %, mean ± sample std over seeds; owner inference: share of test inputs "
+        "of experience j whose top inferred owner is j, after the last experience.", "",
+        "Goals of the issue, checked on the means above:", "", goals(records), "",
+        body, "Routing-share plots: " + ", ".join(f"`benchmarks/figures/{p.name}`"
+                                               for p in figures), ""])
+    results = HERE / "RESULTS.md"
+    text = results.read_text() if results.exists() else "# Benchmark results\n"
+    if HEADING in text:  # replace this script's own section
+        start = text.index(HEADING)
+        nxt = text.find("\n## ", start + len(HEADING))
+        text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    results.write_text(text)
+
+
+def load(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="train and append one JSON line per run")
+    run.add_argument("--streams", nargs="+", default=list(STREAMS), choices=list(STREAMS))
+    run.add_argument("--methods", nargs="+", default=None)
+    run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    run.add_argument("--threads", type=int, default=1)
+    run.add_argument("--out", default=str(HERE / "runs" / "routing_protection.jsonl"))
+    run.set_defaults(func=cmd_run)
+    report = sub.add_parser("report", help="tables, routing-share plots, RESULTS.md section")
+    report.add_argument("--inputs", nargs="+", default=[str(HERE / "runs" /
+                                                          "routing_protection.jsonl")])
+    report.add_argument("--command", nargs="+", default=["python",
+                        "benchmarks/routing_protection.py", "run"], help="command to cite")
+    report.add_argument("--no-append", action="store_true", help="leave RESULTS.md alone")
+    report.set_defaults(func=cmd_report)
+    args = parser.parse_args()
+    args.func(args)
