@@ -13,7 +13,6 @@ import sys
 COMMANDS = {
     "run": ("peer_ll.jobs.compare", "compare continual-learning strategies on a task stream"),
     "report": ("peer_ll.jobs.report", "print the table and redraw the plots of a finished run"),
-    "lm": ("peer_ll.jobs.lm", "add experts for new text domains to a PEER language model"),
     "data": ("peer_ll.jobs.data", "find or install data sets (peer-ll data fetch NAME)"),
 }
 
