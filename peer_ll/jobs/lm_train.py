@@ -1,0 +1,176 @@
+"""Training and evaluation loops for :class:`peer_ll.models.PEERLM` on next-token blocks.
+
+Plain torch loops, no Avalanche template: blocks are LongTensors (N, T + 1) as
+:meth:`peer_ll.data.text.TextDomainBenchmark.get_split` returns them (inputs
+``[:, :-1]``, targets ``[:, 1:]``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from peer_ll.evaluation.metrics import routing_share
+from peer_ll.models.lm import PEERLM, Domain
+from peer_ll.optim import make_optimizer
+
+GradHook = Callable[[PEERLM], None]
+
+
+def sample_batches(
+    blocks: torch.Tensor, *, batch_size: int, steps: int, seed: int = 0
+) -> Iterator[torch.Tensor]:
+    """``steps`` batches (B, T + 1) drawn by seeded shuffled passes over the blocks."""
+    if blocks.dim() != 2 or blocks.shape[0] == 0:
+        raise ValueError(
+            f"blocks: expected a non-empty (N, T + 1) tensor, got {tuple(blocks.shape)}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        while order.numel() < batch_size:
+            order = torch.cat([order, torch.randperm(blocks.shape[0], generator=gen)])
+        yield blocks[order[:batch_size]]
+        order = order[batch_size:]
+
+
+def train_lm(
+    model: PEERLM,
+    blocks: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    warmup: int = 20,
+    seed: int = 0,
+    domain: Domain = None,
+    grad_hook: GradHook | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train the parameters that require grad, with :func:`peer_ll.optim.make_optimizer`.
+
+    Linear warm-up over ``warmup`` steps, then cosine decay to 10 % of ``lr``.
+    Frozen PEER rows and parameters without ``requires_grad`` never change.
+
+    Args:
+        model: the model, trained in place.
+        blocks: (N, T + 1) token blocks.
+        steps: optimizer steps.
+        batch_size: blocks per step.
+        lr: peak learning rate.
+        warmup: warm-up steps.
+        seed: seeds the batch order.
+        domain: the route to train through (see :meth:`PEERLM.forward`).
+        grad_hook: called after each backward, before the step (to edit gradients).
+        desc: progress bar label.
+        progress: show a tqdm bar.
+
+    Returns:
+        {"seconds": wall time, "loss": mean loss of the last 10 % of steps}.
+    """
+    if steps < 0:
+        raise ValueError(f"steps: expected an int >= 0, got {steps}")
+    opt = make_optimizer(model, lr=lr)
+    model.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
+    for step, batch in enumerate(sample_batches(blocks, batch_size=batch_size, steps=steps,
+                                                seed=seed)):
+        scale = min(1.0, (step + 1) / max(1, warmup))
+        scale *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+        _, loss = model(batch[:, :-1], batch[:, 1:], domain=domain)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_hook is not None:
+            grad_hook(model)
+        opt.step()
+        losses.append(loss.item())
+        bar.update()
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    bar.close()
+    model.eval()
+    tail = losses[-max(1, steps // 10) :] if losses else [float("nan")]
+    return {"seconds": time.perf_counter() - start, "loss": sum(tail) / len(tail)}
+
+
+@torch.no_grad()
+def perplexity(
+    model: PEERLM, blocks: torch.Tensor, *, domain: Domain = None, batch_size: int = 32
+) -> float:
+    """exp(mean next-token cross-entropy) over every target of ``blocks`` (N, T + 1)."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in blocks.split(batch_size):
+        logits, _ = model(batch[:, :-1], domain=domain)
+        nll = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).double(), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total, count = total + float(nll), count + batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def domain_accuracy(model: PEERLM, blocks: torch.Tensor, domain: int, *, batch_size: int = 32):
+    """Share of positions of ``blocks`` that :meth:`PEERLM.infer_domains` reads as ``domain``."""
+    hits, count = 0, 0
+    for batch in blocks.split(batch_size):
+        inferred = model.infer_domains(batch[:, :-1])
+        hits, count = hits + int((inferred == domain).sum()), count + inferred.numel()
+    return hits / count
+
+
+@torch.no_grad()
+def routing_shares(
+    model: PEERLM, blocks: torch.Tensor, *, domain: Domain = None, batch_size: int = 32
+) -> dict[int, float]:
+    """Share of the router mass that ``blocks``' tokens put on each owner's experts.
+
+    Summed over the model's PEER layers. For an old domain after growth, the
+    share on newer owners is the routing drift.
+    """
+    layers = model.peer_layers
+    for layer in layers:
+        layer.reset_routing_stats()
+    model.eval()
+    for batch in blocks.split(batch_size):
+        model(batch[:, :-1], domain=domain)
+    mass = torch.cat([layer.expert_mass for layer in layers])
+    expert_owner = torch.cat([layer.owners for layer in layers])
+    for layer in layers:
+        layer.reset_routing_stats()
+    return routing_share(mass, expert_owner)
+
+
+def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of parameter entries (a tied weight counts once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def changed_entries(before: dict[str, torch.Tensor], model: nn.Module) -> int:
+    """Parameter entries of ``model`` that differ from a ``state_dict`` snapshot ``before``.
+
+    Rows a PEER layer allocated after the snapshot compare against zeros, so new
+    experts count as changed and unused spare rows do not.
+    """
+    total = 0
+    for name, p in model.named_parameters():
+        now, old = p.detach(), before[name].to(p.device)
+        if now.dim() and now.shape[0] > old.shape[0]:  # grown past capacity: pad with zeros
+            old = torch.cat([old, old.new_zeros(now.shape[0] - old.shape[0], *old.shape[1:])])
+        total += int((now != old).sum())
+    return total

@@ -1,0 +1,315 @@
+"""PEERLM: a small decoder-only language model whose middle FFNs are PEER layers.
+
+The model grows by domain. :meth:`PEERLM.grow` appends one segment of experts,
+owned by a new domain, to every PEER layer; :meth:`PEERLM.freeze_old` freezes
+everything else (embeddings, attention, norms, head, query networks, old experts
+and old sub-keys). A domain's *route* says which experts its tokens use:
+
+- growth "branch" (default): domain 0 (the base) uses the base experts; domain
+  d > 0 adds a second retrieval restricted to its own experts, whose output is
+  summed with the base one. New experts start with zero output weights, so a
+  grown model computes exactly what it computed before, until it trains.
+- growth "pool": new experts join the paper's single retrieval; domain d uses
+  one retrieval over the experts of owners 0..d.
+
+``model(idx, domain=0)`` therefore computes exactly what the model computed
+before any growth, whatever was trained later. ``domain="infer"`` picks a domain
+per token without being told: the one whose route predicted the context so far
+best (see :meth:`PEERLM.infer_domains`).
+
+Axis letters: ``B`` batch, ``T`` positions, ``D`` width, ``V`` vocabulary,
+``O`` candidate domains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peer_ll.experts import PEER
+from peer_ll.models.transformer import Block, LMConfig, Route
+
+CHECKPOINT_FORMAT = 1
+Domain = int | str | None
+
+class PEERLM(nn.Module):
+    """Decoder-only transformer LM with PEER layers in place of some FFNs.
+
+    Args:
+        config: an :class:`LMConfig`; ``config.peer_layers`` names the PEER blocks
+            (default: the middle one) and ``config.query_norm`` defaults to
+            "layer", since BatchNorm leaks future tokens in a causal model.
+
+    Shapes:
+        idx (B, T) int64 token ids, T <= block_size -> logits (B, T, V).
+    """
+
+    def __init__(self, config: LMConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = LMConfig() if config is None else config
+        if not isinstance(config, LMConfig):
+            raise TypeError(f"config: expected an LMConfig, got {type(config).__name__}")
+        self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
+        self.pos_emb = nn.Embedding(config.block_size, config.dim)
+        self.blocks = nn.ModuleList(
+            Block(config, peer=i in config.peer_layers) for i in range(config.layers)
+        )
+        self.ln_out = nn.LayerNorm(config.dim)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight  # weight tying, as in GPT-2 / nanoGPT
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    @property
+    def peer_layers(self) -> list[PEER]:
+        """The PEER layers, in depth order."""
+        return [b.ffn for b in self.blocks if b.is_peer]
+
+    @property
+    def owners(self) -> list[int]:
+        """Owner (domain) ids present in the PEER layers, ascending (= training order)."""
+        return sorted(set(self.peer_layers[0].segment_owner.tolist()))
+
+    def route(self, domain: int | None) -> Route:
+        """The owner groups a ``domain``'s tokens retrieve from (None: every expert)."""
+        owners = self.owners
+        if domain is None:
+            return None if self.config.growth == "pool" else [[o] for o in owners]
+        if isinstance(domain, bool) or not isinstance(domain, int) or domain not in owners:
+            raise ValueError(f"domain: expected None, 'infer' or one of {owners}, got {domain!r}")
+        if self.config.growth == "pool":
+            return [[o for o in owners if o <= domain]]
+        return [[owners[0]]] if domain == owners[0] else [[owners[0]], [domain]]
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, domain: Domain = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Next-token logits, and the mean cross-entropy when ``targets`` are given.
+
+        Args:
+            idx: (B, T) token ids.
+            targets: optional (B, T) next-token ids; -1 entries are ignored.
+            domain: None (every expert), a domain's owner id (its route: task-aware
+                inference; domain 0 is the model before any growth), or "infer"
+                (per token, see :meth:`infer_domains`).
+
+        Returns:
+            logits (B, T, V) and the loss (a scalar) or None.
+        """
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.is_floating_point():
+            raise ValueError(f"idx: expected an int tensor (B, T), got {_describe(idx)}")
+        T = idx.shape[1]
+        if not 1 <= T <= self.config.block_size:
+            raise ValueError(f"idx: expected 1 <= T <= {self.config.block_size}, got T={T}")
+        if isinstance(domain, str):
+            if domain != "infer":
+                raise ValueError(f"domain: expected None, 'infer' or an owner id, got {domain!r}")
+            logits = self._inferred_logits(idx)[0]
+        else:
+            logits = self._logits(idx, self.route(domain))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def _logits(self, idx: torch.Tensor, route: Route) -> torch.Tensor:
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x, route)
+        return self.head(self.ln_out(x))  # (B, T, V)
+
+    def infer_domains(self, idx: torch.Tensor) -> torch.Tensor:
+        """The domain each position of ``idx`` (B, T) is read as: (B, T) owner ids.
+
+        Every domain's route scores the tokens seen so far: position t's evidence
+        for domain d is ``Σ_{s<=t} log p_d(idx[s] | idx[<s])``, which uses no token
+        after t, so the model stays causal. Position t takes the domain with the
+        most evidence (ties, such as position 0, go to the base domain). A domain
+        whose experts do not fit a text predicts it worse, so an old domain's text
+        is read as that domain and gets exactly its old route. In the spirit of
+        Expert Gate (Aljundi et al. 2017), with the LM's own likelihood in place
+        of an autoencoder's reconstruction error. Costs one forward per domain.
+        """
+        with torch.no_grad():
+            return self._inferred_logits(idx)[1]
+
+    def _inferred_logits(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        owners = self.owners
+        logits = torch.stack([self._logits(idx, self.route(d)) for d in owners])  # (O, B, T, V)
+        with torch.no_grad():
+            logp = logits[:, :, :-1].float().log_softmax(-1)
+            seen = logp.gather(-1, idx[None, :, 1:, None].expand(len(owners), -1, -1, 1))
+            evidence = F.pad(seen.squeeze(-1).cumsum(-1), (1, 0))  # (O, B, T)
+            pick = evidence.argmax(0)  # (B, T); first maximum: the base domain on ties
+        chosen = logits.gather(0, pick[None, :, :, None].expand(1, -1, -1, logits.shape[-1]))
+        return chosen[0], torch.tensor(owners, device=idx.device)[pick]
+
+    # ------------------------------------------------------------------- growth
+    def grow(self, num_keys: int, *, owner: int) -> dict[int, torch.Tensor]:
+        """Append a segment of ``num_keys``² experts owned by ``owner`` to every PEER layer.
+
+        Args:
+            num_keys: sub-keys per side of the new segment.
+            owner: a new owner id, larger than every present one (training order).
+
+        With growth "branch" the new experts' output weights (``up`` rows) start at
+        zero, so every route computes what it computed before until they train, and
+        (with ``config.grow_dense_blocks``) dense blocks grow experts too, in a
+        PEER layer beside their MLP (:meth:`Block.grow_dense`).
+
+        Returns:
+            {block index: (num_keys²,) ids of the new experts}.
+        """
+        if isinstance(owner, bool) or not isinstance(owner, int) or owner <= max(self.owners):
+            raise ValueError(f"owner: expected an int > {max(self.owners)}, got {owner!r}")
+        branch = self.config.growth == "branch"
+        new = {}
+        for i, block in enumerate(self.blocks):
+            if block.is_peer:
+                new[i] = block.ffn.grow(num_keys, owner=owner)
+                layer = block.ffn
+            elif branch and self.config.grow_dense_blocks:
+                block.grow_dense(self.config, num_keys, owner=owner)
+                layer = block.grown
+                new[i] = torch.arange(layer.num_experts - num_keys**2, layer.num_experts)
+            else:
+                continue
+            if branch:
+                with torch.no_grad():
+                    layer.up[new[i]] = 0.0
+        return new
+
+    def freeze_old(self, owner: int) -> None:
+        """Freeze everything except the experts and sub-keys of ``owner``.
+
+        Embeddings, attention, LayerNorms, the head, every shared PEER query
+        network and the experts, sub-keys and query adapters of all other owners
+        get no gradient and no optimizer change (with
+        :func:`peer_ll.optim.make_optimizer`). ``owner``'s query adapters train.
+        """
+        if owner not in self.owners:
+            raise ValueError(f"owner: expected one of {self.owners}, got {owner!r}")
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for layer in self.modules():
+            if not isinstance(layer, PEER):
+                continue
+            present = set(layer.segment_owner.tolist())
+            others = sorted(present - {owner})
+            if others:
+                layer.freeze(others, keys=True, query=True)
+            if owner in present:
+                layer.unfreeze(owner, keys=True, query=False)
+            layer.freeze([], keys=False, query=True)  # the shared query network
+            for p in (layer.down, layer.up, layer.sub_keys):
+                p.requires_grad_(True)
+
+    def unfreeze_all(self) -> None:
+        """Make every parameter, expert and sub-key trainable again."""
+        for p in self.parameters():
+            p.requires_grad_(True)
+        for layer in self.modules():
+            if isinstance(layer, PEER):
+                layer.unfreeze(None, keys=True, query=True)
+
+    # --------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        domain: Domain = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample a continuation: (B, T0) prompt ids -> (B, T0 + max_new_tokens).
+
+        The context is cropped to the last ``block_size`` tokens. ``temperature``
+        0 means greedy decoding; ``domain`` is passed to :meth:`forward`. Decode
+        bytes with :func:`peer_ll.data.text.decode`.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature: expected a float >= 0, got {temperature}")
+        was_training = self.training
+        self.eval()
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size :], domain=domain)
+            logits = logits[:, -1]  # (B, V)
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        self.train(was_training)
+        return idx
+
+    # ---------------------------------------------------------------- save/load
+    def save(self, path: str | os.PathLike) -> None:
+        """Write config and weights to one file, atomically (temp file + os.replace).
+
+        An interrupted save leaves any previous checkpoint at ``path`` intact.
+        """
+        path = os.fspath(path)
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "config": json.dumps(self.config.to_dict()),
+            "state_dict": self.state_dict(),
+        }
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load weights; dense blocks first get the grown PEER layers the checkpoint has."""
+        for i, block in enumerate(self.blocks):
+            owners = state_dict.get(f"blocks.{i}.grown.segment_owner")
+            segments = state_dict.get(f"blocks.{i}.grown.segments")
+            if owners is not None and segments is not None and block.grown is None:
+                block.grow_dense(self.config, int(segments[0, 1]), owner=int(owners[0]))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> PEERLM:
+        """Build a PEERLM from :meth:`save`'s file; PEER layers grow to the saved pools."""
+        payload = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"path: expected a PEERLM checkpoint (format {CHECKPOINT_FORMAT})")
+        model = cls(LMConfig.from_dict(json.loads(payload["config"])))
+        model.load_state_dict(payload["state_dict"])
+        return model
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+__all__ = ["PEERLM", "LMConfig"]

@@ -1,0 +1,206 @@
+"""Parts of PEERLM: its config and transformer blocks (some with PEER FFNs).
+
+Axis letters: ``B`` batch, ``T`` positions, ``D`` model width, ``V`` vocabulary,
+``h`` attention heads. The block is nanoGPT's pre-LayerNorm block; a PEER block
+swaps the MLP for a :class:`peer_ll.experts.PEER` layer, as in the PEER paper
+(He 2024, section 3), which replaces the FFN of a middle block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peer_ll.experts import PEER
+
+GROWTH = ("branch", "pool")
+Route = list[list[int]] | None  # owner groups; each group is one PEER retrieval, outputs summed
+
+
+@dataclass
+class LMConfig:
+    """Configuration of :class:`peer_ll.models.PEERLM`; JSON-serialisable.
+
+    The PEER defaults are smaller than the paper's (N = 1024², h = 8, k = 16,
+    d = 128) so that the model trains on a CPU in minutes.
+    """
+
+    vocab_size: int = 258  # bytes + BOS + EOS (peer_ll.data.text.TEXT_VOCAB_SIZE)
+    block_size: int = 128  # longest context, T
+    dim: int = 128  # model width, D
+    layers: int = 4
+    attn_heads: int = 4
+    mlp_ratio: int = 4  # hidden width of the dense FFNs, as a multiple of D
+    peer_layers: tuple[int, ...] | None = None  # blocks with PEER FFNs; None: the middle one
+    peer_num_keys: int = 32  # sub-keys per side of the first segment (paper: 1024)
+    peer_heads: int = 4  # retrieval heads (paper: 8)
+    peer_topk: int = 8  # experts per head (paper: 16)
+    peer_dim_key: int = 64  # query/key size (paper: 128)
+    # LayerNorm, not the paper's BatchNorm: BatchNorm's batch statistics mix all
+    # positions of a batch, so a token's query would depend on future tokens.
+    query_norm: str | None = "layer"
+    peer_capacity: int | None = None  # expert rows to reserve for growth (None: the first segment)
+    # How a grown domain's experts are used: "branch" (a separate retrieval added to the
+    # base experts' one, new experts start as a no-op) or "pool" (they join one retrieval).
+    growth: str = "branch"
+    # With "branch" growth, dense-FFN blocks also grow experts: a PEER layer beside the
+    # MLP, created at the first growth, that holds only grown domains' experts.
+    grow_dense_blocks: bool = True
+    # Per-owner query adapters of every PEER layer (peer_ll.experts.QueryAdapter): a new
+    # domain trains its own on a frozen shared query network (0 and False: none, paper).
+    adapter_rank: int = 8
+    adapter_affine: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "dim", "layers", "attn_heads", "mlp_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if self.dim % self.attn_heads:
+            raise ValueError(
+                f"dim: expected a multiple of attn_heads={self.attn_heads}, got {self.dim}"
+            )
+        if self.peer_layers is None:
+            self.peer_layers = (self.layers // 2,)
+        self.peer_layers = tuple(sorted(set(self.peer_layers)))
+        bad = [i for i in self.peer_layers if not 0 <= i < self.layers]
+        if bad or not self.peer_layers:
+            raise ValueError(
+                f"peer_layers: expected block indices in [0, {self.layers}), got {self.peer_layers}"
+            )
+        if self.query_norm == "batch":
+            raise ValueError(
+                "query_norm: expected 'layer' or None for a causal language model (BatchNorm "
+                "mixes positions, so it leaks future tokens), got 'batch'"
+            )
+        if not isinstance(self.adapter_rank, int) or self.adapter_rank < 0:
+            raise ValueError(f"adapter_rank: expected an int >= 0, got {self.adapter_rank!r}")
+        if self.growth not in GROWTH:
+            raise ValueError(f"growth: expected one of {GROWTH}, got {self.growth!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected a float in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict; :meth:`from_dict` inverts it."""
+        out = asdict(self)
+        out["peer_layers"] = list(self.peer_layers)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LMConfig:
+        """Builds a config from :meth:`to_dict` output; unknown keys raise ValueError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config: unknown keys {unknown}; expected keys among {sorted(known)}")
+        data = dict(data)
+        if data.get("peer_layers") is not None:
+            data["peer_layers"] = tuple(data["peer_layers"])
+        return cls(**data)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        self.heads, self.dropout = config.attn_heads, config.dropout
+        self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
+        self.proj = nn.Linear(config.dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, h, T, D/h)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    """The dense FFN: (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        hidden = config.mlp_ratio * config.dim
+        self.fc = nn.Linear(config.dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+def make_peer(config: LMConfig, *, num_keys: int | None = None, owner: int = 0) -> PEER:
+    """A PEER layer as ``config`` describes it (default: the base layer of owner 0)."""
+    return PEER(
+        config.dim,
+        num_keys=config.peer_num_keys if num_keys is None else num_keys,
+        heads=config.peer_heads,
+        topk=config.peer_topk,
+        dim_key=config.peer_dim_key,
+        query_norm=config.query_norm,
+        capacity=config.peer_capacity if num_keys is None else None,
+        owner=owner,
+        query_stats=None,  # PEERLM infers domains from its own likelihood
+        query_adapter_rank=config.adapter_rank,
+        query_adapter_affine=config.adapter_affine,
+    )
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + ffn(ln(x)).
+
+    ``ffn`` is a dense MLP, or a PEER layer when ``peer`` is True. ``route`` is
+    None (every expert in one retrieval) or a list of owner groups, the base group
+    first: a PEER FFN runs one retrieval restricted to each group
+    (``PEER(x, owners=group)``) and sums the outputs. A dense block computes its
+    MLP for the base group and, once :meth:`grow_dense` gave it a ``grown`` PEER
+    layer, one retrieval in it for each later group.
+    """
+
+    def __init__(self, config: LMConfig, *, peer: bool) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(config.dim)
+        self.attn = CausalSelfAttention(config)
+        self.ln_ffn = nn.LayerNorm(config.dim)
+        self.ffn: nn.Module = make_peer(config) if peer else MLP(config)
+        self.is_peer = peer
+        self.grown: PEER | None = None
+        self.drop = nn.Dropout(config.dropout)
+
+    def grow_dense(self, config: LMConfig, num_keys: int, *, owner: int) -> None:
+        """Give a dense block grown experts: a PEER layer whose first segment is ``owner``'s.
+
+        Its shared query network stays frozen (owners train their query adapters),
+        and its output weights start at zero, so it adds nothing until trained.
+        """
+        if self.is_peer:
+            raise ValueError("grow_dense: expected a dense block, got a PEER block")
+        if self.grown is not None:
+            self.grown.grow(num_keys, owner=owner)
+        else:
+            self.grown = make_peer(config, num_keys=num_keys, owner=owner).to(
+                self.ln_ffn.weight.device
+            )
+            self.grown.freeze(None, keys=False, query=True)
+            self.grown.unfreeze(None, keys=False, query=False)
+
+    def forward(self, x: torch.Tensor, route: Route = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_attn(x)))
+        h = self.ln_ffn(x)
+        if route is None:
+            return x + self.drop(self.ffn(h))
+        if self.is_peer:
+            out = self.ffn(h, route[0])
+            for group in route[1:]:
+                out = out + self.ffn(h, group)
+        else:
+            out = self.ffn(h)
+            for group in route[1:] if self.grown is not None else ():
+                out = out + self.grown(h, group)
+        return x + self.drop(out)
+
