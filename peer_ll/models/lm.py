@@ -15,7 +15,8 @@ and old sub-keys). A domain's *route* says which experts its tokens use:
 ``model(idx, domain=0)`` therefore computes exactly what the model computed
 before any growth, whatever was trained later. ``domain="infer"`` picks a domain
 per token without being told: the one whose route predicted the context so far
-best (see :meth:`PEERLM.infer_domains`).
+best, mixing the domains' predictions by their posterior (see
+:meth:`PEERLM.domain_posterior`).
 
 Axis letters: ``B`` batch, ``T`` positions, ``D`` width, ``V`` vocabulary,
 ``O`` candidate domains.
@@ -101,7 +102,7 @@ class PEERLM(nn.Module):
             targets: optional (B, T) next-token ids; -1 entries are ignored.
             domain: None (every expert), a domain's owner id (its route: task-aware
                 inference; domain 0 is the model before any growth), or "infer"
-                (per token, see :meth:`infer_domains`).
+                (the domains' posterior mixture, see :meth:`domain_posterior`).
 
         Returns:
             logits (B, T, V) and the loss (a scalar) or None.
@@ -114,45 +115,58 @@ class PEERLM(nn.Module):
         if isinstance(domain, str):
             if domain != "infer":
                 raise ValueError(f"domain: expected None, 'infer' or an owner id, got {domain!r}")
-            logits = self._inferred_logits(idx)[0]
+            logits = self._mixture(idx)[0]  # log-probabilities: valid logits
         else:
-            logits = self._logits(idx, self.route(domain))
+            logits = self._logits(idx, domain)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def _logits(self, idx: torch.Tensor, route: Route) -> torch.Tensor:
+    def _logits(self, idx: torch.Tensor, domain: int | None) -> torch.Tensor:
+        route = self.route(domain)
+        # Attention adapters: only a grown domain's own route (never domain None) uses them.
+        adapter = domain if domain is not None and domain != self.owners[0] else None
         x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
-            x = block(x, route)
+            x = block(x, route, adapter)
         return self.head(self.ln_out(x))  # (B, T, V)
 
     def infer_domains(self, idx: torch.Tensor) -> torch.Tensor:
-        """The domain each position of ``idx`` (B, T) is read as: (B, T) owner ids.
+        """The most probable domain of each position of ``idx`` (B, T): (B, T) owner ids.
 
-        Every domain's route scores the tokens seen so far: position t's evidence
-        for domain d is ``Σ_{s<=t} log p_d(idx[s] | idx[<s])``, which uses no token
-        after t, so the model stays causal. Position t takes the domain with the
-        most evidence (ties, such as position 0, go to the base domain). A domain
-        whose experts do not fit a text predicts it worse, so an old domain's text
-        is read as that domain and gets exactly its old route. In the spirit of
-        Expert Gate (Aljundi et al. 2017), with the LM's own likelihood in place
+        See :meth:`domain_posterior`; ties (position 0) go to the base domain.
+        """
+        with torch.no_grad():
+            return torch.tensor(self.owners, device=idx.device)[self._mixture(idx)[1].argmax(0)]
+
+    def domain_posterior(self, idx: torch.Tensor) -> torch.Tensor:
+        """Posterior over domains at each position of ``idx`` (B, T): (O, B, T).
+
+        Every domain's route scores the tokens seen so far: with a uniform prior,
+        position t's posterior for domain d is proportional to
+        ``Π_{s<=t} p_d(idx[s] | idx[<s])``, which uses no token after t, so the
+        model stays causal. ``domain="infer"`` predicts with the posterior mixture
+        ``Σ_d w_d(t) p_d(· | idx[<=t])`` (Bayesian model averaging): its log-loss
+        over a sequence is at most the best single domain's plus log O, and a
+        domain whose experts do not fit a text soon gets no weight. In the spirit
+        of Expert Gate (Aljundi et al. 2017), with the LM's own likelihood in place
         of an autoencoder's reconstruction error. Costs one forward per domain.
         """
         with torch.no_grad():
-            return self._inferred_logits(idx)[1]
+            return self._mixture(idx)[1].exp()
 
-    def _inferred_logits(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mixture(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities (B, T, V) of the posterior mixture, log-posterior (O, B, T)."""
         owners = self.owners
-        logits = torch.stack([self._logits(idx, self.route(d)) for d in owners])  # (O, B, T, V)
+        logp = torch.stack(
+            [self._logits(idx, d).float().log_softmax(-1) for d in owners]
+        )  # (O, B, T, V)
         with torch.no_grad():
-            logp = logits[:, :, :-1].float().log_softmax(-1)
-            seen = logp.gather(-1, idx[None, :, 1:, None].expand(len(owners), -1, -1, 1))
+            seen = logp[:, :, :-1].gather(-1, idx[None, :, 1:, None].expand(len(owners), -1, -1, 1))
             evidence = F.pad(seen.squeeze(-1).cumsum(-1), (1, 0))  # (O, B, T)
-            pick = evidence.argmax(0)  # (B, T); first maximum: the base domain on ties
-        chosen = logits.gather(0, pick[None, :, :, None].expand(1, -1, -1, logits.shape[-1]))
-        return chosen[0], torch.tensor(owners, device=idx.device)[pick]
+            log_post = evidence.log_softmax(0)
+        return torch.logsumexp(logp + log_post[..., None], dim=0), log_post
 
     # ------------------------------------------------------------------- growth
     def grow(self, num_keys: int, *, owner: int) -> dict[int, torch.Tensor]:
@@ -165,7 +179,9 @@ class PEERLM(nn.Module):
         With growth "branch" the new experts' output weights (``up`` rows) start at
         zero, so every route computes what it computed before until they train, and
         (with ``config.grow_dense_blocks``) dense blocks grow experts too, in a
-        PEER layer beside their MLP (:meth:`Block.grow_dense`).
+        PEER layer beside their MLP (:meth:`Block.grow_dense`), and (with
+        ``config.attention_adapter_rank``) every attention gets low-rank deltas
+        that only ``owner``'s route applies.
 
         Returns:
             {block index: (num_keys²,) ids of the new experts}.
@@ -187,6 +203,9 @@ class PEERLM(nn.Module):
             if branch:
                 with torch.no_grad():
                     layer.up[new[i]] = 0.0
+        if branch and self.config.attention_adapter_rank:
+            for block in self.blocks:
+                block.attn.add_adapter(owner, self.config.attention_adapter_rank)
         return new
 
     def freeze_old(self, owner: int) -> None:
@@ -195,7 +214,8 @@ class PEERLM(nn.Module):
         Embeddings, attention, LayerNorms, the head, every shared PEER query
         network and the experts, sub-keys and query adapters of all other owners
         get no gradient and no optimizer change (with
-        :func:`peer_ll.optim.make_optimizer`). ``owner``'s query adapters train.
+        :func:`peer_ll.optim.make_optimizer`). ``owner``'s query and attention
+        adapters train.
         """
         if owner not in self.owners:
             raise ValueError(f"owner: expected one of {self.owners}, got {owner!r}")
@@ -213,6 +233,9 @@ class PEERLM(nn.Module):
             layer.freeze([], keys=False, query=True)  # the shared query network
             for p in (layer.down, layer.up, layer.sub_keys):
                 p.requires_grad_(True)
+        for block in self.blocks:
+            if str(owner) in block.attn.adapters:
+                block.attn.adapters[str(owner)].requires_grad_(True)
 
     def unfreeze_all(self) -> None:
         """Make every parameter, expert and sub-key trainable again."""
@@ -287,8 +310,15 @@ class PEERLM(nn.Module):
             raise
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load weights; dense blocks first get the grown PEER layers the checkpoint has."""
+        """Load weights; blocks first get the grown layers and adapters the checkpoint has."""
         for i, block in enumerate(self.blocks):
+            head = f"blocks.{i}.attn.adapters."
+            for name, value in state_dict.items():
+                if not (name.startswith(head) and name.endswith(".qkv.down")):
+                    continue
+                owner = name[len(head) :].split(".")[0]
+                if owner not in block.attn.adapters:
+                    block.attn.add_adapter(int(owner), value.shape[1])
             owners = state_dict.get(f"blocks.{i}.grown.segment_owner")
             segments = state_dict.get(f"blocks.{i}.grown.segments")
             if owners is not None and segments is not None and block.grown is None:

@@ -53,6 +53,9 @@ class LMConfig:
     # domain trains its own on a frozen shared query network (0 and False: none, paper).
     adapter_rank: int = 8
     adapter_affine: bool = True
+    # With "branch" growth, a grown domain also owns rank-r deltas of every attention
+    # projection, used only on its own route (0: none; attention stays as trained).
+    attention_adapter_rank: int = 16
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -77,8 +80,10 @@ class LMConfig:
                 "query_norm: expected 'layer' or None for a causal language model (BatchNorm "
                 "mixes positions, so it leaks future tokens), got 'batch'"
             )
-        if not isinstance(self.adapter_rank, int) or self.adapter_rank < 0:
-            raise ValueError(f"adapter_rank: expected an int >= 0, got {self.adapter_rank!r}")
+        for name in ("adapter_rank", "attention_adapter_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
         if self.growth not in GROWTH:
             raise ValueError(f"growth: expected one of {GROWTH}, got {self.growth!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -103,22 +108,51 @@ class LMConfig:
         return cls(**data)
 
 
+class LowRankDelta(nn.Module):
+    """A LoRA-style residual ``(x A) B``: (..., D) -> (..., E); B starts at zero."""
+
+    def __init__(self, dim: int, dim_out: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Parameter(torch.randn(dim, rank) / dim**0.5)
+        self.up = nn.Parameter(torch.zeros(rank, dim_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.down) @ self.up
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention: (B, T, D) -> (B, T, D)."""
+    """Multi-head causal self-attention: (B, T, D) -> (B, T, D).
+
+    A grown domain may own low-rank deltas of the qkv and output projections
+    (``adapters[str(owner)]``, see :meth:`add_adapter`); ``forward(x, owner)``
+    applies that owner's, and no others, so other owners' attention is unchanged.
+    """
 
     def __init__(self, config: LMConfig) -> None:
         super().__init__()
         self.heads, self.dropout = config.attn_heads, config.dropout
         self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
         self.proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.adapters = nn.ModuleDict()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def add_adapter(self, owner: int, rank: int) -> None:
+        """Give ``owner`` zero-initialised rank-``rank`` deltas of qkv and proj."""
+        dim = self.proj.in_features
+        adapter = nn.ModuleDict(
+            {"qkv": LowRankDelta(dim, 3 * dim, rank), "proj": LowRankDelta(dim, dim, rank)}
+        )
+        self.adapters[str(owner)] = adapter.to(self.proj.weight.device)
+
+    def forward(self, x: torch.Tensor, owner: int | None = None) -> torch.Tensor:
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).unbind(2)
+        adapter = self.adapters[str(owner)] if str(owner) in self.adapters else None
+        qkv = self.qkv(x) if adapter is None else self.qkv(x) + adapter["qkv"](x)
+        q, k, v = qkv.view(B, T, 3, self.heads, D // self.heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, h, T, D/h)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.proj(y) if adapter is None else self.proj(y) + adapter["proj"](y)
 
 
 class MLP(nn.Module):
@@ -159,7 +193,8 @@ class Block(nn.Module):
     first: a PEER FFN runs one retrieval restricted to each group
     (``PEER(x, owners=group)``) and sums the outputs. A dense block computes its
     MLP for the base group and, once :meth:`grow_dense` gave it a ``grown`` PEER
-    layer, one retrieval in it for each later group.
+    layer, one retrieval in it for each later group. The attention applies the
+    adapter of owner ``adapter``, if it has one.
     """
 
     def __init__(self, config: LMConfig, *, peer: bool) -> None:
@@ -189,8 +224,10 @@ class Block(nn.Module):
             self.grown.freeze(None, keys=False, query=True)
             self.grown.unfreeze(None, keys=False, query=False)
 
-    def forward(self, x: torch.Tensor, route: Route = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_attn(x)))
+    def forward(
+        self, x: torch.Tensor, route: Route = None, adapter: int | None = None
+    ) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_attn(x), adapter))
         h = self.ln_ffn(x)
         if route is None:
             return x + self.drop(self.ffn(h))
