@@ -44,9 +44,10 @@ class TfidfRows:
     Lin et al. 2025 rank memory slots by TF-IDF: the term frequency is a slot's
     access on the current batch, the inverse document frequency counts the
     background batches (earlier domains) that accessed it. Here the access of an
-    expert is its router mass (gate-weighted hits) and a row counts as accessed by
-    a background batch when its mass there is positive. Only the top ``top_t``
-    rows of each PEER layer keep their (row-sparse) gradients.
+    expert is its router mass (gate-weighted hits), a row counts as accessed by a
+    background batch when its mass there is positive, and the IDF is smoothed,
+    ``log((1 + n) / (1 + df)) + 1``. Only the top ``top_t`` rows of each PEER
+    layer keep their (row-sparse) gradients; nothing else trains.
 
     Args:
         model: the model; call with it after ``backward()``.
@@ -74,7 +75,9 @@ class TfidfRows:
                     for d, layer in zip(df, layers, strict=True):
                         d += (layer.expert_mass > 0).float()
                     n_docs += 1
-        self.idf = [torch.log((n_docs + 1) / (d + 1)) for d in df]
+        # Smoothed IDF (as scikit-learn's): a small pool is hit by nearly every batch,
+        # where the plain log(n / df) would be 0 for every row and select nothing.
+        self.idf = [torch.log((n_docs + 1) / (d + 1)) + 1 for d in df]
         for layer in layers:
             layer.reset_routing_stats()
         model.train()
@@ -98,7 +101,8 @@ def _keep_rows(grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     rows = grad.indices()[0]
     sel = keep[rows]
     return torch.sparse_coo_tensor(
-        rows[sel][None], grad.values()[sel], grad.shape, is_coalesced=True
+        rows[sel][None], grad.values()[sel], grad.shape, is_coalesced=True,
+        check_invariants=False,
     )
 
 

@@ -161,16 +161,30 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
     return total
 
 
-def changed_entries(before: dict[str, torch.Tensor], model: nn.Module) -> int:
-    """Parameter entries of ``model`` that differ from a ``state_dict`` snapshot ``before``.
+def touched_entries(before: dict[str, torch.Tensor], model: nn.Module) -> tuple[int, int]:
+    """(changed old, new) parameter entries of ``model`` since a ``state_dict`` snapshot.
 
-    Rows a PEER layer allocated after the snapshot compare against zeros, so new
-    experts count as changed and unused spare rows do not.
+    An old entry is one in use at the snapshot: every entry of a 0-D/1-D parameter,
+    and the entries of rows that were not all zero (spare rows of a PEER table are
+    zero). *Changed old* counts old entries whose value differs now. *New* counts
+    the non-zero entries of parameters created since, and of rows not in use then
+    (grown experts, adapters).
     """
-    total = 0
+    changed, new = 0, 0
     for name, p in model.named_parameters():
-        now, old = p.detach(), before[name].to(p.device)
-        if now.dim() and now.shape[0] > old.shape[0]:  # grown past capacity: pad with zeros
+        now = p.detach()
+        old = before.get(name)
+        if old is None:
+            new += int((now != 0).sum())
+            continue
+        old = old.to(now.device)
+        if now.dim() and now.shape[0] > old.shape[0]:  # reallocated: pad with spare rows
             old = torch.cat([old, old.new_zeros(now.shape[0] - old.shape[0], *old.shape[1:])])
-        total += int((now != old).sum())
-    return total
+        if now.dim() > 1:
+            in_use = (old != 0).flatten(1).any(dim=1).view(-1, *[1] * (now.dim() - 1))
+            in_use = in_use.expand_as(now)
+        else:
+            in_use = torch.ones_like(now, dtype=torch.bool)
+        changed += int(((now != old) & in_use).sum())
+        new += int(((now != 0) & ~in_use).sum())
+    return changed, new

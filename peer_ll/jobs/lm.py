@@ -1,0 +1,203 @@
+"""``peer-ll lm``: add experts for new text domains to a PEER language model.
+
+1. Train a :class:`peer_ll.models.PEERLM` on the first domain (A).
+2. For each later domain (B, C, ...), starting from that model, every method of
+   :mod:`peer_ll.jobs.lm_methods` learns the domains in order: full finetuning,
+   PEER sparse finetuning (TF-IDF top-t), grow-only (new experts join the pool,
+   everything old frozen) and grow-and-freeze (new experts and adapters owned by
+   the domain, everything old frozen, the domain inferred at test time).
+3. After every domain each method is evaluated on every domain's test split,
+   which fills its perplexity matrix R[i][j]; its model is saved, and at the
+   end every checkpoint is loaded in a new process and must give the same
+   perplexities, bit for bit.
+
+The run folder holds ``results.json`` (R matrices, forgetting, gains, parameters
+touched, seconds), ``table.txt``, ``samples.txt``, ``checkpoints/`` and
+``eval_blocks.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime as dt
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from peer_ll.jobs import lm_report
+from peer_ll.jobs.lm_methods import (
+    EVALUATIONS,
+    METHODS,
+    MethodSettings,
+    eval_domain,
+    growth_of,
+    prepare,
+    train_domain,
+)
+from peer_ll.jobs.lm_reload import reload_check
+from peer_ll.jobs.lm_train import (
+    count_parameters,
+    domain_accuracy,
+    perplexity,
+    routing_shares,
+    touched_entries,
+    train_lm,
+)
+from peer_ll.models.lm import PEERLM
+from peer_ll.models.transformer import LMConfig
+
+DEFAULT_DOMAINS = ("python-stdlib", "pydoc-topics", "unicode-names")
+TINY = dict(dim=32, layers=2, attn_heads=2, block_size=32, peer_num_keys=8, peer_heads=2,
+            peer_topk=4, peer_dim_key=16, adapter_rank=4, attention_adapter_rank=4)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--domains", nargs="+", default=list(DEFAULT_DOMAINS), metavar="DOMAIN",
+        help="domains in stream order: built-in names (python-stdlib, pydoc-topics, "
+             "unicode-names) or NAME=PATH for a folder or file of text (default: the three "
+             "built-ins)")
+    add("--steps-first", type=int, default=300, help="training steps on the first domain (300)")
+    add("--steps", type=int, default=120, help="training steps on each later domain (120)")
+    add("--lr-first", type=float, default=3e-3, help="peak learning rate, first domain (3e-3)")
+    add("--lr", type=float, default=6e-3, help="peak learning rate, later domains (6e-3)")
+    add("--batch-size", type=int, default=16, help="blocks per step (16)")
+    add("--block-size", type=int, default=128, help="context length T (128)")
+    add("--max-bytes", type=int, default=600_000, help="bytes of text per domain (600000)")
+    add("--eval-blocks", type=int, default=64, help="test blocks per domain (64)")
+    add("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+        help="methods for the later domains (default: all)")
+    add("--grow-keys", type=int, default=32, help="sub-keys per side of a grown segment (32)")
+    add("--top-t", type=int, default=256, help="sparse finetuning: rows per layer and step (256)")
+    add("--dim", type=int, default=128, help="model width (128)")
+    add("--layers", type=int, default=4, help="transformer blocks (4); PEER in the middle one")
+    add("--tiny", action="store_true", help="a tiny model and data, for a smoke run")
+    add("--seed", type=int, default=0, help="random seed (0)")
+    add("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add("--out", default=None, help="run folder (default: runs/lm-<time>)")
+    add("--no-reload-check", action="store_true", help="skip loading checkpoints anew")
+    add("--no-progress", action="store_true", help="no progress bars")
+
+
+def load_blocks(args: argparse.Namespace) -> dict[str, dict[str, torch.Tensor]]:
+    """{domain: {"train": (N, T+1), "test": (M, T+1)}} token blocks of the stream."""
+    from peer_ll.data.text import text_domain_stream
+    from peer_ll.data.text_domains import text_domain
+
+    domains = []
+    for spec in args.domains:
+        name, sep, path = spec.partition("=")
+        domains.append(text_domain(name, path) if sep else spec)
+    stream = text_domain_stream(domains, block_size=args.block_size,
+                                max_bytes_per_domain=args.max_bytes, seed=args.seed)
+    return {
+        name: {"train": stream.get_split(name, "train"),
+               "test": stream.get_split(name, "test")[: args.eval_blocks]}
+        for name in stream.domain_names
+    }
+
+
+def evaluate(model: PEERLM, method: str, tests: list[torch.Tensor]) -> dict[str, list[float]]:
+    """{row label: [perplexity on each domain's test blocks]} for a method's labels."""
+    return {
+        label: [perplexity(model, t, domain=eval_domain(mode, j, model))
+                for j, t in enumerate(tests)]
+        for label, (m, mode) in EVALUATIONS.items() if m == method
+    }
+
+
+def run_method(method, base, names, blocks, args, settings, out) -> dict:
+    """Learn domains 1..T-1 with ``method`` from ``base``; returns its records."""
+    model = PEERLM(dataclasses.replace(base.config, growth=growth_of(method)))
+    model.load_state_dict(base.state_dict())
+    tests = [blocks[n]["test"] for n in names]
+    rec = {"seconds": [], "new_params": [], "changed_old_params": [], "trainable": [],
+           "rows": {}, "checkpoints": [], "extra": []}
+    for t in range(1, len(names)):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        start = time.perf_counter()
+        hook = prepare(method, model, owner=t, settings=settings,
+                       background=[blocks[n]["train"] for n in names[:t]])
+        rec["trainable"].append(count_parameters(model, trainable_only=True))
+        train_lm(model, blocks[names[t]]["train"], steps=args.steps, batch_size=args.batch_size,
+                 lr=args.lr, seed=args.seed + t, domain=train_domain(method, t), grad_hook=hook,
+                 desc=f"{method} on {names[t]}", progress=not args.no_progress)
+        rec["seconds"].append(time.perf_counter() - start)
+        changed, new = touched_entries(before, model)
+        rec["new_params"].append(new)
+        rec["changed_old_params"].append(changed)
+        for label, row in evaluate(model, method, tests).items():
+            rec["rows"].setdefault(label, []).append(row)
+        rec["extra"].append(_diagnostics(model, method, tests))
+        path = out / "checkpoints" / f"{method}-{t}-{names[t]}.pt"
+        model.save(path)
+        rec["checkpoints"].append(str(path.relative_to(out)))
+    rec["model"] = model
+    return rec
+
+
+def _diagnostics(model: PEERLM, method: str, tests: list[torch.Tensor]) -> dict:
+    if method == "grow-only":  # routing drift: router mass each domain puts on each owner
+        return {"routing_share": [routing_shares(model, t) for t in tests]}
+    if method == "grow-and-freeze":
+        owners = model.owners
+        return {"domain_accuracy": [domain_accuracy(model, t, j) if j in owners else None
+                                    for j, t in enumerate(tests)]}
+    return {}
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.tiny:
+        args.max_bytes, args.eval_blocks = min(args.max_bytes, 60_000), min(args.eval_blocks, 8)
+        args.block_size = TINY["block_size"]
+    out = Path(args.out or f"runs/lm-{dt.datetime.now():%Y%m%d-%H%M%S}")
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    blocks = load_blocks(args)
+    names = list(blocks)
+    if len(names) < 2:
+        raise ValueError(f"--domains: expected at least 2 domains, got {names}")
+    shape = TINY if args.tiny else dict(dim=args.dim, layers=args.layers,
+                                        block_size=args.block_size)
+    config = LMConfig(**shape)
+    settings = MethodSettings(grow_keys=args.grow_keys, top_t=args.top_t)
+    if args.tiny:
+        settings = dataclasses.replace(settings, grow_keys=min(args.grow_keys, 8),
+                                       top_t=min(args.top_t, 16), background_batches=4)
+    torch.save({n: b["test"] for n, b in blocks.items()}, out / "eval_blocks.pt")
+
+    base = PEERLM(config)
+    start = time.perf_counter()
+    train_lm(base, blocks[names[0]]["train"], steps=args.steps_first, batch_size=args.batch_size,
+             lr=args.lr_first, seed=args.seed, desc=f"train on {names[0]}",
+             progress=not args.no_progress)
+    first_seconds = time.perf_counter() - start
+    first_row = [perplexity(base, blocks[n]["test"]) for n in names]
+    base.save(out / "checkpoints" / f"base-0-{names[0]}.pt")
+
+    records = {}
+    for method in args.methods:
+        records[method] = run_method(method, copy.deepcopy(base), names, blocks, args,
+                                     settings, out)
+    results = lm_report.summarize(names, first_row, first_seconds, records,
+                                  base_params=count_parameters(base))
+    results["config"] = {"model": config.to_dict(), "methods": dataclasses.asdict(settings),
+                         "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    results["samples"] = lm_report.samples(records, blocks, names)
+    if not args.no_reload_check:
+        results["reload"] = reload_check(out, records, first_row)
+    text = lm_report.tables(results)
+    print(text)
+    (out / "table.txt").write_text(text + "\n")
+    (out / "samples.txt").write_text(results["samples"])
+    with open(out / "results.json", "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"run folder: {os.fspath(out)}")
+    return 0 if results.get("reload", {}).get("identical", True) else 1

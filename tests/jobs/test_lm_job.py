@@ -1,0 +1,67 @@
+"""``peer-ll lm`` on a tiny model and small slices of the built-in domains; the example."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peer_ll.jobs import lm
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm")
+    parser = argparse.ArgumentParser()
+    lm.add_arguments(parser)
+    args = parser.parse_args(["--tiny", "--steps-first", "30", "--steps", "15", "--no-progress",
+                              "--out", str(out)])
+    code = lm.main(args)
+    return code, out, json.loads((out / "results.json").read_text())
+
+
+def test_job_writes_a_run_folder(run):
+    code, out, results = run
+    assert code == 0
+    assert (out / "table.txt").read_text().startswith("method")
+    assert "--- grow-and-freeze" in (out / "samples.txt").read_text()
+    names = results["domains"]
+    assert names == list(lm.DEFAULT_DOMAINS)
+    assert set(results["methods"]) >= {"full finetuning", "sparse finetuning (TF-IDF)",
+                                       "grow-only (all experts)", "grow-and-freeze"}
+    for row in results["methods"].values():
+        assert len(row["R"]) == 3 and all(len(r) == 3 for r in row["R"])
+        assert len(row["seconds"]) == 2 and all(s > 0 for s in row["seconds"])
+    assert len(list((out / "checkpoints").glob("*.pt"))) == 1 + 4 * 2
+    assert "goal" in results and isinstance(results["goal"]["met"], bool)
+
+
+def test_frozen_methods_touch_nothing_old_and_keep_the_first_domain(run):
+    _, _, results = run
+    methods = results["methods"]
+    for label in ("grow-only (all experts)", "grow-and-freeze"):
+        assert methods[label]["changed_old_params"] == [0, 0]
+        assert all(n > 0 for n in methods[label]["new_params"])
+    known = methods["grow-and-freeze, domain known"]["R"]
+    assert [r[0] for r in known] == [known[0][0]] * 3  # A bit for bit after B and C
+    assert all(n > 0 for n in methods["full finetuning"]["changed_old_params"])
+    assert methods["sparse finetuning (TF-IDF)"]["new_params"] == [0, 0]
+
+
+def test_checkpoints_reload_identically_in_a_new_process(run):
+    _, _, results = run
+    # 3 domains × (base + 2 checkpoints × (full, sparse, grow-only) + 2 × 3 grow-and-freeze rows)
+    assert results["reload"]["identical"] and results["reload"]["checked"] == 3 * (1 + 6 + 6)
+
+
+def test_example_runs_tiny():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "add_domain_experts.py"),
+                          "--tiny"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "restricted to A's experts" in out.stdout and "sample:" in out.stdout
