@@ -1,21 +1,21 @@
 """PEERLM: a small decoder-only language model whose middle FFNs are PEER layers.
 
-The model grows by domain. :meth:`PEERLM.grow` appends one segment of experts,
-owned by a new domain, to every PEER layer; :meth:`PEERLM.freeze_old` freezes
-everything else (embeddings, attention, norms, head, query networks, old experts
-and old sub-keys). A domain's *route* says which experts its tokens use:
+The model grows by domain (owner). :meth:`PEERLM.grow` gives a new domain its
+own experts, :meth:`PEERLM.freeze_old` freezes everything else (embeddings,
+attention, norms, head, shared query networks, other domains' experts, sub-keys
+and adapters). A domain's *route* says what its tokens use:
 
-- growth "branch" (default): domain 0 (the base) uses the base experts; domain
-  d > 0 adds a second retrieval restricted to its own experts, whose output is
-  summed with the base one. New experts start with zero output weights, so a
-  grown model computes exactly what it computed before, until it trains.
-- growth "pool": new experts join the paper's single retrieval; domain d uses
-  one retrieval over the experts of owners 0..d.
+- growth "branch" (default, the grow-and-freeze method): domain 0 (the base)
+  uses what it was trained with. Domain d > 0 adds, in every block, one
+  retrieval restricted to its own experts (a new segment of the PEER pool, or of
+  a PEER layer beside a dense MLP) and its own low-rank attention deltas. New
+  output weights start at zero, so growth alone changes no route.
+- growth "pool" (grow-only): new experts join the paper's single retrieval;
+  domain d uses one retrieval over the experts of owners 0..d.
 
-``model(idx, domain=0)`` therefore computes exactly what the model computed
-before any growth, whatever was trained later. ``domain="infer"`` picks a domain
-per token without being told: the one whose route predicted the context so far
-best, mixing the domains' predictions by their posterior (see
+``model(idx, domain=0)`` computes exactly what the model computed before any
+growth, whatever was trained later. ``domain="infer"`` needs no label: it mixes
+the domains' predictions by their posterior given the context so far (see
 :meth:`PEERLM.domain_posterior`).
 
 Axis letters: ``B`` batch, ``T`` positions, ``D`` width, ``V`` vocabulary,
@@ -312,17 +312,7 @@ class PEERLM(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load weights; blocks first get the grown layers and adapters the checkpoint has."""
         for i, block in enumerate(self.blocks):
-            head = f"blocks.{i}.attn.adapters."
-            for name, value in state_dict.items():
-                if not (name.startswith(head) and name.endswith(".qkv.down")):
-                    continue
-                owner = name[len(head) :].split(".")[0]
-                if owner not in block.attn.adapters:
-                    block.attn.add_adapter(int(owner), value.shape[1])
-            owners = state_dict.get(f"blocks.{i}.grown.segment_owner")
-            segments = state_dict.get(f"blocks.{i}.grown.segments")
-            if owners is not None and segments is not None and block.grown is None:
-                block.grow_dense(self.config, int(segments[0, 1]), owner=int(owners[0]))
+            block.match_checkpoint(self.config, state_dict, f"blocks.{i}.")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @classmethod

@@ -224,6 +224,19 @@ class Block(nn.Module):
             self.grown.freeze(None, keys=False, query=True)
             self.grown.unfreeze(None, keys=False, query=False)
 
+    def match_checkpoint(self, config: LMConfig, state_dict: dict, prefix: str) -> None:
+        """Create the grown layer and attention adapters a checkpoint holds for this block."""
+        head = prefix + "attn.adapters."
+        for name, value in state_dict.items():
+            if name.startswith(head) and name.endswith(".qkv.down"):
+                owner = name[len(head) :].split(".")[0]
+                if owner not in self.attn.adapters:
+                    self.attn.add_adapter(int(owner), value.shape[1])
+        owners = state_dict.get(prefix + "grown.segment_owner")
+        segments = state_dict.get(prefix + "grown.segments")
+        if owners is not None and segments is not None and self.grown is None:
+            self.grow_dense(config, int(segments[0, 1]), owner=int(owners[0]))
+
     def forward(
         self, x: torch.Tensor, route: Route = None, adapter: int | None = None
     ) -> torch.Tensor:

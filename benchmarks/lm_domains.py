@@ -1,0 +1,85 @@
+"""Benchmark: add experts for new text domains to a PEER language model.
+
+Runs ``peer-ll lm`` (``peer_ll.jobs.lm``) on three built-in domains in sequence,
+python-stdlib → pydoc-topics → unicode-names, with longer training than the job's
+defaults, prints its table and appends the figures to ``benchmarks/RESULTS.md``
+under its own heading (``--no-append`` to skip). Every method starts from the same
+model trained on the first domain; figures are perplexities and ratios measured in
+the same run.
+
+    python benchmarks/lm_domains.py                  # about 15 minutes on 2 CPU cores
+    python benchmarks/lm_domains.py --steps-first 60 --steps 20 --no-append   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from peer_ll.jobs import lm
+
+HEADING = "## Language model: adding experts for new text domains (benchmarks/lm_domains.py)"
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SETTINGS = ["--steps-first", "1000", "--steps", "250", "--max-bytes", "1000000",
+            "--eval-blocks", "96", "--lr-first", "3e-3", "--lr", "6e-3", "--grow-keys", "32"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    lm.add_arguments(parser)
+    parser.add_argument("--no-append", action="store_true", help="do not write RESULTS.md")
+    argv = SETTINGS + sys.argv[1:]
+    args = parser.parse_args(argv)
+    if not args.threads:
+        args.threads = os.cpu_count() or 1
+    args.out = args.out or f"benchmarks/runs/lm-domains-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    load_before = os.getloadavg()[0]
+    code = lm.main(args)
+    results = json.loads((Path(args.out) / "results.json").read_text())
+    if not args.no_append:
+        append(results, args, load_before)
+    return code
+
+
+def append(results: dict, args: argparse.Namespace, load_before: float) -> None:
+    """Add this run's section to RESULTS.md (one section per run, under HEADING)."""
+    import avalanche
+    import datasets
+
+    table = (Path(args.out) / "table.txt").read_text().rstrip()
+    command = "python benchmarks/lm_domains.py " + shlex.join(sys.argv[1:])
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    text = [
+        f"\n### Run of {datetime.date.today()}\n",
+        f"Command: `{command.strip()}` (settings: `{' '.join(SETTINGS)}`).",
+        f"Machine: {os.cpu_count()} CPU cores, {gpu}, {args.threads} torch threads; load "
+        f"average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (shared "
+        "machine: seconds are only comparable within the run).",
+        f"Versions: Python {platform.python_version()}, torch {torch.__version__}, "
+        f"avalanche-lib {avalanche.__version__}, datasets {datasets.__version__}.",
+        f"Model: {json.dumps(results['config']['model'])}.",
+        "",
+        "```",
+        table,
+        "```",
+    ]
+    body = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if HEADING not in body:
+        body = body.rstrip() + "\n\n" + HEADING + "\n"
+    start = body.index(HEADING) + len(HEADING)
+    nxt = body.find("\n## ", start)
+    end = len(body) if nxt < 0 else nxt
+    body = body[:end].rstrip() + "\n" + "\n".join(text) + "\n" + body[end:]
+    RESULTS.write_text(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
