@@ -6,7 +6,7 @@ uses stays frozen. A's perplexity is checked three ways: restricted to A's own
 experts (exactly as before), with every expert, and with the domain inferred
 from the text. Finally the model is saved, loaded back and sampled.
 
-    python examples/add_domain_experts.py            # about 3 minutes on 2 CPU cores
+    python examples/add_domain_experts.py            # about 2 minutes on 2 CPU cores
     python examples/add_domain_experts.py --tiny     # a few seconds
 """
 
