@@ -14,6 +14,7 @@ COMMANDS = {
     "run": ("peer_ll.jobs.compare", "compare continual-learning strategies on a task stream"),
     "report": ("peer_ll.jobs.report", "print the table and redraw the plots of a finished run"),
     "data": ("peer_ll.jobs.data", "find or install data sets (peer-ll data fetch NAME)"),
+    "lm": ("peer_ll.jobs.lm", "add experts for new text domains to a PEER language model"),
 }
 
 

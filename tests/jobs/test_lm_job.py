@@ -65,3 +65,38 @@ def test_example_runs_tiny():
                           "--tiny"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "restricted to A's experts" in out.stdout and "sample:" in out.stdout
+
+
+def test_cli_runs_user_folders_as_domains(tmp_path):
+    """``peer-ll lm --domains NAME=FOLDER ...``: any folder of text files is a domain."""
+    from peer_ll.cli import main as cli
+
+    words = {"alpha": "def f(x):\n    return x + {i}\n", "beta": "The {i}th topic reads well. ",
+             "gamma": "LATIN LETTER {i} WITH MARK\n"}
+    specs = []
+    for name, pattern in words.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for doc in range(12):
+            (folder / f"doc{doc}.txt").write_text("".join(
+                pattern.format(i=doc * 100 + i) for i in range(60)))
+        specs.append(f"{name}={folder}")
+    out = tmp_path / "run"
+    code = cli(["lm", "--tiny", "--steps-first", "10", "--steps", "5", "--no-progress",
+                "--methods", "full", "grow-and-freeze", "--out", str(out), "--domains", *specs])
+    results = json.loads((out / "results.json").read_text())
+    assert code == 0 and results["domains"] == ["alpha", "beta", "gamma"]
+    assert set(results["methods"]) == {"full finetuning", "grow-and-freeze",
+                                       "grow-and-freeze, domain known",
+                                       "grow-and-freeze, all branches"}
+    known = results["methods"]["grow-and-freeze, domain known"]["R"]
+    assert known[1][0] == known[0][0] == known[2][0]
+    assert results["reload"]["identical"]
+
+
+def test_cli_rejects_a_single_domain(tmp_path):
+    from peer_ll.cli import main as cli
+
+    with pytest.raises(ValueError, match="--domains: expected at least 2"):
+        cli(["lm", "--tiny", "--no-progress", "--out", str(tmp_path), "--domains",
+             "pydoc-topics"])
