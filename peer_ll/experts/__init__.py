@@ -7,6 +7,7 @@ from peer_ll.experts.owner_inference import (
     peer_layers,
     set_owner_inference,
 )
+from peer_ll.experts.owner_input import InputOwnerStats, InputRouting
 from peer_ll.experts.owner_routing import QueryAdapter
 from peer_ll.experts.owner_stats import OwnerQueryStats, recording_query_stats
 from peer_ll.experts.peer import PEER
@@ -15,6 +16,8 @@ from peer_ll.experts.routing import expert_usage, unevenness
 
 __all__ = [
     "PEER",
+    "InputOwnerStats",
+    "InputRouting",
     "OwnerInference",
     "OwnerQueryStats",
     "QueryAdapter",

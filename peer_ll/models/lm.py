@@ -303,6 +303,7 @@ class PEERLM(nn.Module):
                 torch.save(payload, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; keep the usual mode
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -324,6 +325,12 @@ class PEERLM(nn.Module):
         model = cls(LMConfig.from_dict(json.loads(payload["config"])))
         model.load_state_dict(payload["state_dict"])
         return model
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _describe(x: object) -> str:

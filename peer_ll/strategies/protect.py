@@ -83,7 +83,9 @@ def peer_protect(
         criterion: default ``torch.nn.CrossEntropyLoss()``.
         inference: test-time owners: "likelihood" (query statistics), "margin"
             (key-match confidence), "margin-z" (key match calibrated per owner, see
-            :class:`CalibratedMarginInference`), "soft" (likelihood posterior mixing), "gate"
+            :class:`CalibratedMarginInference`), "soft" (likelihood posterior mixing), "input"
+            (per-owner low-rank Gaussians of the model's inputs, no replay: see
+            :class:`~peer_ll.experts.owner_input.InputOwnerStats`), "gate"
             (an owner classifier fit on ``mem_size`` replayed inputs), "oracle" (the
             experience id: task known), "all" (unrestricted retrieval), or an
             :class:`~peer_ll.experts.OwnerInference`.

@@ -33,9 +33,10 @@ from torch.utils.data import DataLoader
 from peer_ll.experts import OwnerInference, key_margin_loss, recording_query_stats
 from peer_ll.experts import peer_layers as named_peer_layers
 from peer_ll.experts.owner_inference import METHODS
+from peer_ll.experts.owner_input import InputOwnerStats
 from peer_ll.models.owner_head import OwnerHead
 
-INFERENCES = (*METHODS, "oracle", "all")
+INFERENCES = (*METHODS, "input", "oracle", "all")
 
 
 def owner_heads(model: nn.Module) -> list[OwnerHead]:
@@ -67,8 +68,10 @@ class OwnerRouting(SupervisedPlugin):
     Args:
         inference: how evaluation picks owners: "likelihood", "margin", "soft" (see
             :class:`~peer_ll.experts.OwnerInference`), an ``OwnerInference``,
-            "oracle" (the evaluated experience's id: task known, an upper bound) or
-            "all" (no restriction: every owner is searched).
+            "input" (each owner's inputs modelled by low-rank Gaussians, see
+            :class:`~peer_ll.experts.owner_input.InputOwnerStats`; options ``rank``,
+            ``per_class``, ``min_var``), "oracle" (the evaluated experience's id: task
+            known, an upper bound) or "all" (no restriction: every owner is searched).
         freeze_trunk: from the second experience on, freeze every parameter that no
             owner owns (and hold trunk BatchNorm statistics still).
         restrict_training: training forwards retrieve only from the training owner.
@@ -105,8 +108,13 @@ class OwnerRouting(SupervisedPlugin):
             )
         elif inference in METHODS:
             inference = OwnerInference(inference, **inference_options)
+        elif inference == "input":
+            self.input_stats = InputOwnerStats(**inference_options)
         elif inference_options:
             raise TypeError(f"inference={inference!r} takes no options, got {inference_options}")
+        if inference != "input":
+            self.input_stats = None
+        self._input_routing = None
         self.inference = inference
         self._candidates = getattr(inference, "candidates", None)  # the caller's, if any
         self.freeze_trunk, self.restrict_training = bool(freeze_trunk), bool(restrict_training)
@@ -187,6 +195,9 @@ class OwnerRouting(SupervisedPlugin):
             return
         if self.clean_stats:
             self._collect_stats(strategy, owner)
+        if self.input_stats is not None:
+            xs, ys = zip(*((x, y) for x, y, *_ in experience_loader(strategy)), strict=True)
+            self.input_stats.fit(owner, torch.cat(xs), torch.cat(ys))
         if owner not in self.owners_trained:
             self.owners_trained.append(owner)
 
@@ -233,17 +244,27 @@ class OwnerRouting(SupervisedPlugin):
             self.inference.candidates = list(trained)
             for layer in layers.values():
                 layer.owner_inference, layer.eval_owners = self.inference, "infer"
+        if self.input_stats is not None and self.owners_trained:
+            self._input_routing = self.input_stats.attach(strategy.model, self.owners_trained)
 
     def before_eval_exp(self, strategy, **kwargs) -> None:
         exp = int(strategy.experience.current_experience)
         layers = named_peer_layers(strategy.model)
         self._counts = {name: [0, 0] for name in layers}
+        if self._input_routing is not None:
+            self._counts = {"input": [0, 0]}
         if self.inference == "oracle":
             for layer in layers.values():
                 layer.eval_owners = exp if exp in layer.owners.tolist() else None
 
     def after_eval_forward(self, strategy, **kwargs) -> None:
         exp = int(strategy.experience.current_experience)
+        if self._input_routing is not None and self._input_routing.last_owners is not None:
+            got = self._input_routing.last_owners
+            self._counts["input"][0] += int((got == exp).sum())
+            self._counts["input"][1] += got.numel()
+            self._input_routing.last_owners = None
+            return
         for name, layer in named_peer_layers(strategy.model).items():
             got = layer.last_inferred_owners
             if got is not None and name in self._counts:
@@ -258,6 +279,9 @@ class OwnerRouting(SupervisedPlugin):
             self.inference_accuracy[exp] = done
 
     def after_eval(self, strategy, **kwargs) -> None:
+        if self._input_routing is not None:
+            self._input_routing.remove()
+            self._input_routing = None
         for name, layer in named_peer_layers(strategy.model).items():
             if name in self._saved:
                 layer.owner_inference, layer.eval_owners = self._saved[name]

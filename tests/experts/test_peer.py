@@ -207,5 +207,6 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="owners must be an int, got str"):
         layer(torch.randn(3, 24), owners=["x"])
     layer.grow(2, owner=1)
-    with pytest.raises(ValueError, match="topk=5 experts are needed, but owners \\[1\\] hold only 4"):
+    needed = "topk=5 experts are needed, but owners \\[1\\] hold only 4"
+    with pytest.raises(ValueError, match=needed):
         layer(torch.randn(3, 24), owners=1)

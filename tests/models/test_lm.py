@@ -179,6 +179,9 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         model.save(path)
     assert path.read_bytes() == saved and os.listdir(tmp_path) == ["lm.pt"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600
 
 
 def test_load_in_a_new_process_gives_identical_perplexities(grown, domains, tmp_path):

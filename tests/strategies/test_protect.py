@@ -83,6 +83,32 @@ def test_inference_accuracy_is_recorded_per_experience(inference, small_peer, cl
         assert sum(a["blocks.0.peer"] for a in acc.values()) / 2 > 0.6
 
 
+def test_input_inference_routes_by_input_statistics(small_peer, class_stream):
+    model = _model(small_peer)
+    strategy = peer_protect(model, inference="input", inference_options=dict(rank=4),
+                            **COMMON)
+    plugin = protect_plugin(strategy)
+    for exp in class_stream.train_stream:
+        strategy.train(exp)
+    assert plugin.input_stats.owners == [0, 1, 2]
+    assert len(plugin.input_stats.groups[1]) == 3  # one Gaussian per class of experience 1
+    strategy.eval(class_stream.test_stream)
+    acc = plugin.inference_accuracy
+    assert sorted(acc) == [0, 1, 2] and all(list(v) == ["input"] for v in acc.values())
+    assert sum(v["input"] for v in acc.values()) / 3 > 0.8  # digit classes differ per experience
+    layer = model.peer_layers[0]
+    assert layer.eval_owners is None and not model._forward_pre_hooks  # switched off after
+    # what evaluation computed is the owner-restricted function of each inferred owner
+    x = _test_x(class_stream, 1)
+    owners = plugin.input_stats.infer(x)
+    model.eval()
+    layer.eval_owners = owners
+    want = model(x)
+    handle = plugin.input_stats.attach(model)
+    assert torch.equal(model(x), want)
+    handle.remove()
+
+
 def test_key_margin_plugin_adds_its_loss_from_the_second_experience(small_peer, class_stream):
     model = _model(small_peer)
     strategy = peer_protect(model, inference="all", key_margin=1.0, margin=5.0, **COMMON)
