@@ -16,6 +16,7 @@ constant learning rate), epochs, mini-batch size and replay budget:
 | ``peer-grow-noreplay`` | growth alone (not in the default set) | growing pool | none |
 | ``peer-protect`` | routing protection, likelihood owners (not default) | growing | none |
 | ``peer-protect-gate`` | routing protection, replay owner gate (not default) | growing | budget |
+| ``peer-protect-input`` | routing protection, input-statistics owners (not default) | growing | none |
 
 A growing pool starts with ``num_keys²`` experts and adds as many per experience; a
 fixed pool holds about as many experts as the growing one ends with
@@ -57,6 +58,7 @@ STRATEGIES: dict[str, str] = {
     "peer-grow-noreplay": "PEER growth, no replay",
     "peer-protect": "PEER protect",
     "peer-protect-gate": "PEER protect + gate",
+    "peer-protect-input": "PEER protect, input owners",
 }
 DEFAULT_STRATEGIES: tuple[str, ...] = tuple(STRATEGIES)[:8]
 
@@ -171,8 +173,12 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
     if key.startswith("peer-protect"):
         from peer_ll.strategies import peer_protect
 
-        gate = dict(inference="gate", mem_size=config.replay_budget)
-        return peer_protect(model, **(gate if key == "peer-protect-gate" else {}), **common)
+        inference = {
+            "peer-protect": {},
+            "peer-protect-gate": dict(inference="gate", mem_size=config.replay_budget),
+            "peer-protect-input": dict(inference="input"),
+        }[key]
+        return peer_protect(model, **inference, **common)
     if key == "peer-sparse":
         return peer_sparse_finetuning(model, top_t=config.top_t, **replay, **common)
     return peer_grow(model, template=av.JointTraining, **common)

@@ -143,3 +143,16 @@ def test_parameter_counts_hand_computed():
     assert parameter_counts(model) == (992, 992 - (16 - 2 * 4) * (16 + 16))
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         parameter_counts("model")
+
+
+def test_routing_protection_strategies_run_in_the_job():
+    config = ZooConfig(epochs=1, hidden=16, num_keys=4, replay_budget=20)
+    keys = ["peer-protect", "peer-protect-gate", "peer-protect-input"]
+    results = run_comparison(
+        "digits-class", strategies=keys, seeds=(0,), config=config, n_experiences=2,
+        max_train_per_exp=60, max_test_per_exp=30, progress=False,
+    )  # fmt: skip
+    assert list(results["strategies"]) == [STRATEGIES[k] for k in keys]
+    for name, s in results["strategies"].items():
+        R = np.array(s["accuracy_matrix"])
+        assert R.shape == (2, 2) and np.all((R >= 0) & (R <= 1)), name
