@@ -16,7 +16,7 @@ constant learning rate), epochs, mini-batch size and replay budget:
 | ``peer-grow-noreplay`` | growth alone (not in the default set) | growing pool | none |
 | ``peer-protect`` | routing protection, likelihood owners (not default) | growing | none |
 | ``peer-protect-gate`` | routing protection, replay owner gate (not default) | growing | budget |
-| ``peer-protect-input`` | routing protection, owners from input PPCA (not default) | growing | none |
+| ``peer-protect-input`` | routing protection, input PPCA owners (not default) | growing | none |
 
 A growing pool starts with ``num_keys²`` experts and adds as many per experience; a
 fixed pool holds about as many experts as the growing one ends with
