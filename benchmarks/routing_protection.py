@@ -14,7 +14,8 @@ everything. ``Grow`` is ``peer_grow`` (grow, freeze old experts, the trunk train
 (after the first experience) the trunk frozen, per-owner query adapter (rank 4 +
 affine) and ``OwnerHead``; they differ in test-time owners: ``LL`` likelihood, ``Margin``
 key match, ``Soft`` posterior mixing, ``Input`` per-owner-and-class low-rank Gaussians
-of the raw inputs (rank 20, no replay), ``Gate`` an owner classifier fit on the replay
+of the raw inputs (rank 20, no replay; ``+Enc``: each owner also trains its own copy of
+the encoder's input layer), ``Gate`` an owner classifier fit on the replay
 budget, ``All`` unrestricted retrieval, ``Oracle`` the experience id (task known). ``+KM``
 adds the key-margin loss. No ``Protect-*`` method sees task labels.
 Each run is one line of ``--out`` (JSON lines), so a partial run can be reported:
@@ -54,6 +55,8 @@ PROTECT = {  # name: peer_protect keyword arguments
     "Protect-All": dict(inference="all", restrict_training=False),
     "Protect-All+KM": dict(inference="all", restrict_training=False, key_margin=1.0),
     "Protect-Input": dict(inference="input", inference_options=dict(rank=20)),
+    "Protect-Input+Enc": dict(inference="input", inference_options=dict(rank=20),
+                              _owner_encoder=True),
     "Protect-Gate(200)": dict(inference="gate", mem_size=200),
     "Protect-Oracle": dict(inference="oracle"),
 }
@@ -82,7 +85,7 @@ def build(method: str, stream: str, n_classes: int, in_features: int):
     from avalanche.training.templates import SupervisedTemplate
 
     from peer_ll.models import PEERClassifier
-    from peer_ll.models.owner_head import with_owner_head
+    from peer_ll.models.owner_head import with_owner_encoder, with_owner_head
     from peer_ll.optim import make_optimizer
     from peer_ll.strategies import GrowthPolicy, peer_grow, peer_protect
 
@@ -110,6 +113,8 @@ def build(method: str, stream: str, n_classes: int, in_features: int):
                            hidden=CFG["hidden"], head="fixed", peer=peer)
     if kwargs.pop("_owner_head", True):
         with_owner_head(model)
+    if kwargs.pop("_owner_encoder", False):
+        with_owner_encoder(model)
     opt = make_optimizer(model, lr=CFG["lr"])
     return model, peer_protect(model, opt, **kwargs, **common)
 
@@ -257,13 +262,13 @@ def goals(records: list[dict]) -> str:
 
     for stream in ("fmnist-permuted", "fmnist-task"):
         for base in ("EWC", "LwF"):
-            for ours in ("Protect-LL", "Protect-Input"):
+            for ours in ("Protect-LL", "Protect-Input", "Protect-Input+Enc"):
                 add("no replay: higher final acc", stream, ours, base, "acc", float.__gt__)
                 add("no replay: less forgetting", stream, ours, base, "forg", float.__lt__)
     for stream in STREAMS:
         add("same replay budget: higher final acc", stream, "Protect-Gate(200)",
             BASELINES[-1], "acc", float.__gt__)
-        for ours in ("Protect-LL", "Protect-Input", "Protect-Gate(200)"):
+        for ours in ("Protect-LL", "Protect-Input", "Protect-Input+Enc", "Protect-Gate(200)"):
             add("learning acc within 3 points of Naive", stream, ours, "Naive", "learn",
                 lambda x, y: x >= y - 3.0)
     return "\n".join(rows)

@@ -234,3 +234,71 @@ def with_owner_head(model: nn.Module, *, init: str = "copy") -> nn.Module:
         first.bias.copy_(old.bias) if old.bias is not None else first.bias.zero_()
     model.head = head
     return model
+
+
+class OwnerLinear(OwnerHead):
+    """One ``Linear(in_features, out_features)`` per owner inside the trunk: (..., D) -> (..., E).
+
+    An :class:`OwnerHead` without class masks, for per-owner capacity before the
+    PEER layers (e.g. the encoder's first layer, :func:`with_owner_encoder`): a new
+    owner's copy starts as the newest owner's and trains while every older copy is
+    frozen, so an old owner's function stays bit-identical under its own route.
+
+    The owner of each input must be known *before* the forward: in eval mode it is
+    the ``follow`` layer's ``eval_owners`` (an owner, or one per input, as set by
+    :meth:`peer_ll.experts.InputOwnerStats.attach` or an oracle). Query-based
+    inference (``eval_owners="infer"``) decides owners after this layer has run, so
+    it is refused.
+    """
+
+    def __init__(self, in_features: int, out_features: int, **kwargs) -> None:
+        super().__init__(in_features, out_features, **kwargs)
+
+    def add_owner(self, owner: int, *, classes: Iterable[int] | None = None) -> nn.Linear:
+        """Give ``owner`` a copy of the newest owner's layer; ``classes`` are ignored."""
+        return super().add_owner(owner)
+
+    def current_owners(self, lead: torch.Size) -> int | torch.Tensor:
+        layer = self.follow
+        if not self.training and layer is not None and isinstance(layer.eval_owners, str):
+            if layer.eval_owners == "infer":
+                raise ValueError(
+                    "eval_owners: an OwnerLinear needs each input's owner before the forward "
+                    "(input statistics, see InputOwnerStats.attach, or known owners), got "
+                    "'infer' (query-based inference runs after this layer)"
+                )
+        return super().current_owners(lead)
+
+
+def with_owner_encoder(model: nn.Module) -> nn.Module:
+    """Replace the first ``Linear`` of ``model.encoder`` by an :class:`OwnerLinear`.
+
+    Each owner then trains its own copy of the encoder's input layer (initialised
+    from the newest copy), which gives a new owner capacity where its inputs differ
+    (e.g. a new pixel permutation) while old owners keep theirs frozen. It follows
+    the model's first PEER layer. Use it with owners known before the forward
+    (``peer_protect(inference="input")`` or "oracle"). Call it before building the
+    optimizer.
+
+    Returns:
+        ``model``, changed in place.
+    """
+    encoder = getattr(model, "encoder", None)
+    linears = [i for i, m in enumerate(encoder or []) if type(m) is nn.Linear]
+    if not isinstance(encoder, nn.Sequential) or not linears:
+        raise TypeError("model.encoder must be an nn.Sequential holding an nn.Linear "
+                        f"(e.g. a PEERClassifier), got {type(encoder).__name__}")
+    layers = [m for m in model.modules() if isinstance(m, PEER)]
+    if not layers:
+        raise ValueError(f"model must contain PEER layers, got {type(model).__name__} "
+                         "without any")
+    old = encoder[linears[0]]
+    owner = int(layers[0].segment_owner[0])
+    new = OwnerLinear(old.in_features, old.out_features, owner=owner, follow=layers[0]).to(
+        device=old.weight.device, dtype=old.weight.dtype)
+    first = new.heads[str(owner)]
+    with torch.no_grad():
+        first.weight.copy_(old.weight)
+        first.bias.copy_(old.bias) if old.bias is not None else first.bias.zero_()
+    encoder[linears[0]] = new
+    return model

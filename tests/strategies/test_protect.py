@@ -109,6 +109,36 @@ def test_input_inference_routes_by_input_statistics(small_peer, class_stream):
     handle.remove()
 
 
+def test_owner_encoder_trains_per_owner_and_keeps_old_owners_exact(small_peer, class_stream):
+    from peer_ll.models.owner_head import OwnerLinear, with_owner_encoder
+
+    model = with_owner_encoder(_model(small_peer))
+    with pytest.raises(ValueError, match="inference must be 'input' or 'oracle'"):
+        peer_protect(model, inference="likelihood", **COMMON)
+    strategy = peer_protect(model, inference="input", **COMMON)
+    encoder = model.encoder[1]
+    assert isinstance(encoder, OwnerLinear)
+    x0 = _test_x(class_stream, 0)
+    strategy.train(class_stream.train_stream[0])
+    model.eval()
+    model.peer_layers[0].eval_owners = 0
+    old, first = model(x0), encoder.heads["0"].weight.detach().clone()
+    for exp in class_stream.train_stream[1:]:
+        strategy.train(exp)
+    assert encoder.owners == [0, 1, 2] and torch.equal(encoder.heads["0"].weight, first)
+    assert not torch.equal(encoder.heads["2"].weight, encoder.heads["1"].weight)  # trained
+    model.eval()
+    model.peer_layers[0].eval_owners = 0
+    assert torch.equal(model(x0), old)
+    model.peer_layers[0].eval_owners = "infer"
+    with pytest.raises(ValueError, match="needs each input's owner before the forward"):
+        model(x0)
+    model.peer_layers[0].eval_owners = None
+    strategy.eval(class_stream.test_stream)
+    acc = protect_plugin(strategy).inference_accuracy
+    assert sum(v["input"] for v in acc.values()) / 3 > 0.8
+
+
 def test_key_margin_plugin_adds_its_loss_from_the_second_experience(small_peer, class_stream):
     model = _model(small_peer)
     strategy = peer_protect(model, inference="all", key_margin=1.0, margin=5.0, **COMMON)
