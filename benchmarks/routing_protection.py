@@ -18,7 +18,8 @@ of the raw inputs (rank 20, no replay; ``+Enc``: each owner also trains its own 
 the encoder's input layer), ``Gate`` an owner classifier fit on the replay
 budget, ``All`` unrestricted retrieval, ``Oracle`` the experience id (task known). ``+KM``
 adds the key-margin loss. No ``Protect-*`` method sees task labels.
-Each run is one line of ``--out`` (JSON lines), so a partial run can be reported:
+Each run is one line of ``--out`` (JSON lines, kept in ``benchmarks/records/``), so a
+partial run can be reported:
 
     python benchmarks/routing_protection.py run --streams fmnist-permuted --seeds 0 1 2
     python benchmarks/routing_protection.py report        # tables, plots, RESULTS.md
@@ -365,10 +366,10 @@ if __name__ == "__main__":
     run.add_argument("--methods", nargs="+", default=None)
     run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     run.add_argument("--threads", type=int, default=1)
-    run.add_argument("--out", default=str(HERE / "runs" / "routing_protection.jsonl"))
+    run.add_argument("--out", default=str(HERE / "records" / "routing_protection.jsonl"))
     run.set_defaults(func=cmd_run)
     report = sub.add_parser("report", help="tables, routing-share plots, RESULTS.md section")
-    report.add_argument("--inputs", nargs="+", default=[str(HERE / "runs" /
+    report.add_argument("--inputs", nargs="+", default=[str(HERE / "records" /
                                                           "routing_protection.jsonl")])
     report.add_argument("--command", nargs="+", default=["python",
                         "benchmarks/routing_protection.py", "run"], help="command to cite")
