@@ -16,6 +16,7 @@ from peer_ll.strategies.growth import (
     attach_growth,
     growth_modules,
 )
+from peer_ll.strategies.lm import AvalancheLM, LMDomainGrowth, peer_lm_strategy
 from peer_ll.strategies.owner_gate import GateOwnerInference, OwnerGate, ReplayOwnerGate
 from peer_ll.strategies.protect import peer_protect, protect_classifier, protect_plugin
 from peer_ll.strategies.protect_plugins import KeyMarginProtection, OwnerRouting, owner_heads
@@ -54,4 +55,7 @@ __all__ = [
     "protect_plugin",
     "CalibratedMarginInference",
     "protect_classifier",
+    "AvalancheLM",
+    "LMDomainGrowth",
+    "peer_lm_strategy",
 ]

@@ -1,0 +1,59 @@
+"""PEERLM in an Avalanche strategy: grow-and-freeze per text domain, Avalanche metrics."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from peer_ll.jobs.lm_train import perplexity
+from peer_ll.models import PEERLM, LMConfig
+from peer_ll.strategies.lm import AvalancheLM, LMDomainGrowth, peer_lm_strategy
+
+TINY = dict(dim=32, layers=3, attn_heads=2, block_size=32, peer_num_keys=4, peer_heads=2,
+            peer_topk=4, peer_dim_key=8, adapter_rank=4, attention_adapter_rank=4)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    from peer_ll.data.text import text_domain_stream
+
+    return text_domain_stream(("python-stdlib", "pydoc-topics"), block_size=32,
+                              max_bytes_per_domain=20_000)
+
+
+def test_grow_and_freeze_in_an_avalanche_strategy(stream):
+    from avalanche.evaluation.metrics import loss_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+
+    torch.manual_seed(0)
+    lm = PEERLM(LMConfig(**TINY))
+    evaluator = EvaluationPlugin(loss_metrics(experience=True), loggers=[])
+    strategy = peer_lm_strategy(lm, grow_keys=4, lr=1e-2, train_mb_size=16, train_epochs=1,
+                                eval_mb_size=64, evaluator=evaluator)
+    A, B = (stream.get_split(n, "test") for n in stream.domain_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strategy.train(stream.train_stream[0])
+        a_before, b_before = perplexity(lm, A, domain=0), perplexity(lm, B, domain=0)
+        strategy.train(stream.train_stream[1])
+        metrics = strategy.eval(stream.test_stream)
+    assert lm.owners == [0, 1] and strategy.model.domain == 1
+    assert perplexity(lm, A, domain=0) == a_before  # everything A uses stayed frozen
+    assert perplexity(lm, B, domain=1) < b_before  # B learned through its own route
+    for j, blocks in enumerate((A, B)):
+        loss = metrics[f"Loss_Exp/eval_phase/test_stream/Task00{j}/Exp00{j}"]
+        assert math.exp(loss) == pytest.approx(perplexity(lm, blocks, domain="infer"), rel=1e-4)
+
+
+def test_wrapper_and_plugin_check_their_arguments():
+    lm = PEERLM(LMConfig(**TINY))
+    model = AvalancheLM(lm)
+    x = torch.randint(0, 256, (2, 10))
+    assert model(x).shape == (2, 258, 10)
+    with pytest.raises(TypeError, match="lm: expected a PEERLM"):
+        AvalancheLM(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="eval_domain: expected one of"):
+        LMDomainGrowth(eval_domain="oracle")
+    with pytest.raises(ValueError, match="grow_keys"):
+        LMDomainGrowth(0)
