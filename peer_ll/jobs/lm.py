@@ -79,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--top-t", type=int, default=256, help="sparse finetuning: rows per layer and step (256)")
     add("--dim", type=int, default=128, help="model width (128)")
     add("--layers", type=int, default=4, help="transformer blocks (4); PEER in the middle one")
+    add("--experts-only", action="store_true",
+        help="grow-and-freeze grows only PEER experts and sub-keys in the PEER blocks (the "
+             "issue's literal method): no expert layers beside dense MLPs, no query or "
+             "attention adapters")
     add("--tiny", action="store_true", help="a tiny model and data, for a smoke run")
     add("--seed", type=int, default=0, help="random seed (0)")
     add("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -169,6 +173,9 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--domains: expected at least 2 domains, got {names}")
     shape = TINY if args.tiny else dict(dim=args.dim, layers=args.layers,
                                         block_size=args.block_size)
+    if args.experts_only:
+        shape = dict(shape, grow_dense_blocks=False, adapter_rank=0, adapter_affine=False,
+                     attention_adapter_rank=0)
     config = LMConfig(**shape)
     settings = MethodSettings(grow_keys=args.grow_keys, top_t=args.top_t)
     if args.tiny:

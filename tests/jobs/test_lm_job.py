@@ -100,3 +100,25 @@ def test_cli_rejects_a_single_domain(tmp_path):
     with pytest.raises(ValueError, match="--domains: expected at least 2"):
         cli(["lm", "--tiny", "--no-progress", "--out", str(tmp_path), "--domains",
              "pydoc-topics"])
+
+
+def test_experts_only_grows_nothing_but_experts(tmp_path):
+    from peer_ll.models import PEERLM
+
+    parser = argparse.ArgumentParser()
+    lm.add_arguments(parser)
+    args = parser.parse_args(["--tiny", "--experts-only", "--steps-first", "10", "--steps", "5",
+                              "--no-progress", "--methods", "grow-and-freeze",
+                              "--no-reload-check", "--out", str(tmp_path)])
+    assert lm.main(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    known = results["methods"]["grow-and-freeze, domain known"]["R"]
+    assert [r[0] for r in known] == [known[0][0]] * 3
+    model = PEERLM.load(tmp_path / "checkpoints" / "grow-and-freeze-2-unicode-names.pt")
+    assert model.owners == [0, 1, 2]
+    names = list(model.state_dict())
+    assert not any("adapter" in n or "grown" in n for n in names), names
+    new = results["methods"]["grow-and-freeze"]["new_params"]
+    layer = model.peer_layers[0]
+    per_domain = 8**2 * (layer.down.shape[1] + layer.up.shape[1]) + layer.sub_keys[:8].numel()
+    assert new == [per_domain, per_domain]
