@@ -1,13 +1,13 @@
 """Benchmark: add experts for new text domains to a PEER language model.
 
 Runs ``peer-ll lm`` (``peer_ll.jobs.lm``) on three built-in domains in sequence,
-python-stdlib → pydoc-topics → unicode-names, with longer training than the job's
-defaults, prints its table and appends the figures to ``benchmarks/RESULTS.md``
+python-stdlib → pydoc-topics → unicode-names, with the settings below (the job's
+defaults, written out so that the record names them), prints its table and appends the figures to ``benchmarks/RESULTS.md``
 under its own heading (``--no-append`` to skip). Every method starts from the same
 model trained on the first domain; figures are perplexities and ratios measured in
 the same run.
 
-    python benchmarks/lm_domains.py                  # about 15 minutes on 2 CPU cores
+    python benchmarks/lm_domains.py                  # about 10 minutes on 2 CPU cores
     python benchmarks/lm_domains.py --steps-first 60 --steps 20 --no-append   # smoke
 """
 
