@@ -164,28 +164,42 @@ def _diagnostics(model: PEERLM, method: str, tests: list[torch.Tensor]) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as err:  # bad arguments or data: no traceback
+        print(f"peer-ll lm: error: {err}")
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.tiny:
         args.max_bytes, args.eval_blocks = min(args.max_bytes, 60_000), min(args.eval_blocks, 8)
         args.block_size = TINY["block_size"]
-    out = Path(args.out or f"runs/lm-{dt.datetime.now():%Y%m%d-%H%M%S}")
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    blocks = load_blocks(args)
-    names = list(blocks)
-    if len(names) < 2:
-        raise ValueError(f"--domains: expected at least 2 domains, got {names}")
+    if len(args.domains) < 2:
+        raise ValueError(f"--domains: expected at least 2 domains, got {args.domains}")
+    for name in ("steps_first", "steps", "batch_size", "grow_keys", "top_t", "eval_blocks"):
+        if getattr(args, name) < (0 if name.startswith("steps") else 1):
+            raise ValueError(f"--{name.replace('_', '-')}: expected an int >= "
+                             f"{0 if name.startswith('steps') else 1}, got {getattr(args, name)}")
     shape = TINY if args.tiny else dict(dim=args.dim, layers=args.layers,
                                         block_size=args.block_size)
     if args.experts_only:
         shape = dict(shape, grow_dense_blocks=False, adapter_rank=0, adapter_affine=False,
                      attention_adapter_rank=0)
-    config = LMConfig(**shape)
+    config = LMConfig(**shape)  # checks the model's shape before any data or folder
     settings = MethodSettings(grow_keys=args.grow_keys, top_t=args.top_t)
     if args.tiny:
         settings = dataclasses.replace(settings, grow_keys=min(args.grow_keys, 8),
                                        top_t=min(args.top_t, 16), background_batches=4)
+    blocks = load_blocks(args)
+    names = list(blocks)
+    if len(names) < 2:
+        raise ValueError(f"--domains: expected at least 2 distinct domains, got {names}")
+    out = Path(args.out or f"runs/lm-{dt.datetime.now():%Y%m%d-%H%M%S}")
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     torch.save({n: b["test"] for n, b in blocks.items()}, out / "eval_blocks.pt")
 
     base = PEERLM(config)

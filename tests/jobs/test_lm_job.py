@@ -94,12 +94,21 @@ def test_cli_runs_user_folders_as_domains(tmp_path):
     assert results["reload"]["identical"]
 
 
-def test_cli_rejects_a_single_domain(tmp_path):
+def test_cli_rejects_bad_arguments_with_a_message(tmp_path, capsys):
     from peer_ll.cli import main as cli
 
-    with pytest.raises(ValueError, match="--domains: expected at least 2"):
-        cli(["lm", "--tiny", "--no-progress", "--out", str(tmp_path), "--domains",
-             "pydoc-topics"])
+    assert cli(["lm", "--tiny", "--no-progress", "--out", str(tmp_path), "--domains",
+                "pydoc-topics"]) == 2
+    assert "peer-ll lm: error: --domains: expected at least 2" in capsys.readouterr().out
+    assert cli(["lm", "--dim", "30", "--max-bytes", "20000", "--no-progress", "--out",
+                str(tmp_path)]) == 2
+    assert "dim: expected a multiple of attn_heads=4, got 30" in capsys.readouterr().out
+    assert cli(["lm", "--tiny", "--no-progress", "--out", str(tmp_path), "--domains",
+                "a=" + str(tmp_path / "missing"), "pydoc-topics"]) == 2
+    assert "missing" in capsys.readouterr().out
+    assert cli(["lm", "--steps", "-1", "--out", str(tmp_path / "run")]) == 2
+    assert "--steps: expected an int >= 0, got -1" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists() and not (tmp_path / "checkpoints").exists()
 
 
 def test_experts_only_grows_nothing_but_experts(tmp_path):
