@@ -15,7 +15,8 @@ everything. ``Grow`` is ``peer_grow`` (grow, freeze old experts, the trunk train
 affine) and ``OwnerHead``; they differ in test-time owners: ``LL`` likelihood, ``Margin``
 key match, ``Soft`` posterior mixing, ``Input`` per-owner-and-class low-rank Gaussians
 of the raw inputs (rank 20, no replay; ``+Enc``: each owner also trains its own copy of
-the encoder's input layer), ``Gate`` an owner classifier fit on the replay
+the encoder's input layer; ``+Norm``: and its own copies of the LayerNorms outside the PEER
+layers), ``Gate`` an owner classifier fit on the replay
 budget, ``All`` unrestricted retrieval, ``Oracle`` the experience id (task known). ``+KM``
 adds the key-margin loss. No ``Protect-*`` method sees task labels.
 Each run is one line of ``--out`` (JSON lines, kept in ``benchmarks/records/``), so a
@@ -58,6 +59,8 @@ PROTECT = {  # name: peer_protect keyword arguments
     "Protect-Input": dict(inference="input", inference_options=dict(rank=20)),
     "Protect-Input+Enc": dict(inference="input", inference_options=dict(rank=20),
                               _owner_encoder=True),
+    "Protect-Input+Enc+Norm": dict(inference="input", inference_options=dict(rank=20),
+                                   _owner_encoder=True, _owner_norms=True),
     "Protect-Gate(200)": dict(inference="gate", mem_size=200),
     "Protect-Oracle": dict(inference="oracle"),
 }
@@ -86,6 +89,7 @@ def build(method: str, stream: str, n_classes: int, in_features: int):
     from avalanche.training.templates import SupervisedTemplate
 
     from peer_ll.models import PEERClassifier
+    from peer_ll.models.owner_copies import with_owner_norms
     from peer_ll.models.owner_head import with_owner_encoder, with_owner_head
     from peer_ll.optim import make_optimizer
     from peer_ll.strategies import GrowthPolicy, peer_grow, peer_protect
@@ -116,6 +120,8 @@ def build(method: str, stream: str, n_classes: int, in_features: int):
         with_owner_head(model)
     if kwargs.pop("_owner_encoder", False):
         with_owner_encoder(model)
+    if kwargs.pop("_owner_norms", False):
+        with_owner_norms(model)
     opt = make_optimizer(model, lr=CFG["lr"])
     return model, peer_protect(model, opt, **kwargs, **common)
 

@@ -121,14 +121,15 @@ def peer_protect(
             f"mem_size > 0 goes with inference='gate' (and only with it), got "
             f"inference={inference!r}, mem_size={mem_size}"
         )
+    from peer_ll.models.owner_copies import OwnerCopies
     from peer_ll.models.owner_head import OwnerLinear
 
     if inference not in ("input", "oracle") and any(
-        isinstance(m, OwnerLinear) for m in model.modules()
+        isinstance(m, OwnerLinear | OwnerCopies) for m in model.modules()
     ):
         raise ValueError(
-            f"inference must be 'input' or 'oracle' for a model with an OwnerLinear (its "
-            f"owners are needed before the forward), got {inference!r}"
+            f"inference must be 'input' or 'oracle' for a model with an OwnerLinear or "
+            f"OwnerCopies (their owners are needed before the forward), got {inference!r}"
         )
     options = dict(inference_options or {})
     extra: list[object] = []

@@ -34,14 +34,16 @@ from peer_ll.experts import OwnerInference, key_margin_loss, recording_query_sta
 from peer_ll.experts import peer_layers as named_peer_layers
 from peer_ll.experts.owner_inference import METHODS
 from peer_ll.experts.owner_input import InputOwnerStats
+from peer_ll.models.owner_copies import OwnerCopies
 from peer_ll.models.owner_head import OwnerHead
 
 INFERENCES = (*METHODS, "input", "oracle", "all")
 
 
-def owner_heads(model: nn.Module) -> list[OwnerHead]:
-    """The :class:`OwnerHead` modules of ``model``, in module order."""
-    return [m for m in model.modules() if isinstance(m, OwnerHead)]
+def owner_heads(model: nn.Module) -> list[OwnerHead | OwnerCopies]:
+    """The per-owner modules of ``model`` (:class:`OwnerHead`, ``OwnerLinear``,
+    :class:`OwnerCopies`), in module order."""
+    return [m for m in model.modules() if isinstance(m, OwnerHead | OwnerCopies)]
 
 
 def _trunk_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -139,6 +139,29 @@ def test_owner_encoder_trains_per_owner_and_keeps_old_owners_exact(small_peer, c
     assert sum(v["input"] for v in acc.values()) / 3 > 0.8
 
 
+def test_protect_with_owner_norms_keeps_old_owners_exact(small_peer, class_stream):
+    from peer_ll.models.owner_copies import with_owner_norms
+
+    peer = dict(small_peer, query_adapter_rank=2, query_adapter_affine=True)
+    model = with_owner_norms(with_owner_head(
+        PEERClassifier(64, 10, hidden=16, head="fixed", peer=peer)))
+    strategy = peer_protect(model, inference="input", train_mb_size=32, eval_mb_size=64,
+                            evaluator=None)
+    data = class_stream.test_stream[0].dataset
+    x0 = torch.stack([data[i][0] for i in range(30)])
+    strategy.train(class_stream.train_stream[0])
+    model.eval()
+    model.peer_layers[0].eval_owners = 0
+    old = model(x0)
+    for exp in class_stream.train_stream[1:]:
+        strategy.train(exp)
+    assert model.norm.owners == [0, 1, 2]
+    assert not torch.equal(model.norm.copies["2"].weight, model.norm.copies["0"].weight)
+    model.eval()
+    model.peer_layers[0].eval_owners = 0
+    assert torch.equal(model(x0), old)
+
+
 def test_key_margin_plugin_adds_its_loss_from_the_second_experience(small_peer, class_stream):
     model = _model(small_peer)
     strategy = peer_protect(model, inference="all", key_margin=1.0, margin=5.0, **COMMON)
