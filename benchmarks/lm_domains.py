@@ -3,9 +3,9 @@
 Runs ``peer-ll lm`` (``peer_ll.jobs.lm``) on three built-in domains in sequence,
 python-stdlib → pydoc-topics → unicode-names, with the settings below (the job's
 defaults, written out so that the record names them), prints its table and appends
-the figures to ``benchmarks/RESULTS.md`` under its own heading (``--no-append`` to skip). Every method starts from the same
-model trained on the first domain; figures are perplexities and ratios measured in
-the same run.
+the figures to ``benchmarks/RESULTS.md`` under its own heading (``--no-append`` to
+skip). Every method starts from the same model trained on the first domain; figures
+are perplexities and ratios measured in the same run.
 
     python benchmarks/lm_domains.py                  # about 10 minutes on 2 CPU cores
     python benchmarks/lm_domains.py --steps-first 60 --steps 20 --no-append   # smoke
