@@ -180,10 +180,11 @@ def _run(args: argparse.Namespace) -> int:
         args.block_size = TINY["block_size"]
     if len(args.domains) < 2:
         raise ValueError(f"--domains: expected at least 2 domains, got {args.domains}")
-    for name in ("steps_first", "steps", "batch_size", "grow_keys", "top_t", "eval_blocks"):
-        if getattr(args, name) < (0 if name.startswith("steps") else 1):
-            raise ValueError(f"--{name.replace('_', '-')}: expected an int >= "
-                             f"{0 if name.startswith('steps') else 1}, got {getattr(args, name)}")
+    minimum = dict(steps_first=0, steps=0, batch_size=1, grow_keys=1, top_t=1, eval_blocks=1)
+    for name, least in minimum.items():
+        if getattr(args, name) < least:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an int >= {least}, "
+                             f"got {getattr(args, name)}")
     shape = TINY if args.tiny else dict(dim=args.dim, layers=args.layers,
                                         block_size=args.block_size)
     if args.experts_only:

@@ -23,6 +23,7 @@ from torch import nn
 
 from peer_ll.experts import PEER
 from peer_ll.experts.checks import check_owner
+from peer_ll.models.owner_head import eval_owners_or_newest, refuse_query_inference
 
 
 class OwnerCopies(nn.Module):
@@ -78,17 +79,9 @@ class OwnerCopies(nn.Module):
         """The owner (int) or per-sample owners (tensor) the next forward uses."""
         if self.training:
             return self.owners[-1] if self.training_owner is None else self.training_owner
+        refuse_query_inference(self.follow, "OwnerCopies need")
         chosen = None if self.follow is None else self.follow.eval_owners
-        if isinstance(chosen, str) and chosen == "infer":
-            raise ValueError(
-                "eval_owners: OwnerCopies need each input's owner before the forward (input "
-                "statistics, see InputOwnerStats.attach, or known owners), got 'infer'"
-            )
-        if isinstance(chosen, torch.Tensor) and chosen.dim() > 0:
-            return chosen
-        if isinstance(chosen, int | torch.Tensor) and not isinstance(chosen, bool):
-            return check_owner("owners", chosen)
-        return self.owners[-1]  # every owner searched, or a set: the newest copy
+        return eval_owners_or_newest(chosen, self.owners[-1])
 
     def forward(self, x: torch.Tensor, owners: int | torch.Tensor | None = None) -> torch.Tensor:
         owners = self.current_owners() if owners is None else owners

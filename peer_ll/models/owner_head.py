@@ -149,13 +149,7 @@ class OwnerHead(nn.Module):
                 raise ValueError(f"follow layer's last_inferred_owners must have shape "
                                  f"{tuple(lead)} from this forward, got "
                                  f"{None if chosen is None else tuple(chosen.shape)}")
-        if isinstance(chosen, torch.Tensor) and chosen.dim() > 0:
-            return chosen
-        if chosen is None or isinstance(chosen, str):  # every owner searched
-            return self.owners[-1]
-        if isinstance(chosen, int | torch.Tensor):
-            return check_owner("owners", chosen)
-        return self.owners[-1]  # a set of owners: the newest head
+        return eval_owners_or_newest(chosen, self.owners[-1])
 
     def forward(self, h: torch.Tensor, owners: int | torch.Tensor | None = None) -> torch.Tensor:
         """Logits: h (..., D), owners None | int | int tensor (...) -> (..., C)."""
@@ -202,6 +196,32 @@ class OwnerHead(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
                 f"owners={self.owners}, init={self.init!r}")
+
+
+def eval_owners_or_newest(chosen, newest: int) -> int | torch.Tensor:
+    """The owner (int) or per-input owners (tensor) that ``eval_owners`` name.
+
+    None, a string ("all") or a set of owners fall back to ``newest``.
+    """
+    if isinstance(chosen, torch.Tensor) and chosen.dim() > 0:
+        return chosen
+    if chosen is None or isinstance(chosen, str):  # every owner searched
+        return newest
+    if isinstance(chosen, int | torch.Tensor):
+        return check_owner("owners", chosen)
+    return newest  # a set of owners: the newest
+
+
+def refuse_query_inference(follow: PEER | None, who: str) -> None:
+    """Raise if ``follow`` infers owners from queries: ``who`` needs them before the forward."""
+    if follow is not None and isinstance(follow.eval_owners, str) and (
+        follow.eval_owners == "infer"
+    ):
+        raise ValueError(
+            f"eval_owners: {who} each input's owner before the forward (input statistics, "
+            "see InputOwnerStats.attach, or known owners), got 'infer' (query-based "
+            "inference runs after this layer)"
+        )
 
 
 def with_owner_head(model: nn.Module, *, init: str = "copy") -> nn.Module:
@@ -251,22 +271,13 @@ class OwnerLinear(OwnerHead):
     it is refused.
     """
 
-    def __init__(self, in_features: int, out_features: int, **kwargs) -> None:
-        super().__init__(in_features, out_features, **kwargs)
-
     def add_owner(self, owner: int, *, classes: Iterable[int] | None = None) -> nn.Linear:
         """Give ``owner`` a copy of the newest owner's layer; ``classes`` are ignored."""
         return super().add_owner(owner)
 
     def current_owners(self, lead: torch.Size) -> int | torch.Tensor:
-        layer = self.follow
-        if not self.training and layer is not None and isinstance(layer.eval_owners, str):
-            if layer.eval_owners == "infer":
-                raise ValueError(
-                    "eval_owners: an OwnerLinear needs each input's owner before the forward "
-                    "(input statistics, see InputOwnerStats.attach, or known owners), got "
-                    "'infer' (query-based inference runs after this layer)"
-                )
+        if not self.training:
+            refuse_query_inference(self.follow, "an OwnerLinear needs")
         return super().current_owners(lead)
 
 

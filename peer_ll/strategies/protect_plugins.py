@@ -98,6 +98,7 @@ class OwnerRouting(SupervisedPlugin):
         **inference_options,
     ) -> None:
         super().__init__()
+        input_stats = None
         if isinstance(inference, OwnerInference):
             if inference_options:
                 raise TypeError(
@@ -111,11 +112,10 @@ class OwnerRouting(SupervisedPlugin):
         elif inference in METHODS:
             inference = OwnerInference(inference, **inference_options)
         elif inference == "input":
-            self.input_stats = InputOwnerStats(**inference_options)
+            input_stats = InputOwnerStats(**inference_options)
         elif inference_options:
             raise TypeError(f"inference={inference!r} takes no options, got {inference_options}")
-        if inference != "input":
-            self.input_stats = None
+        self.input_stats = input_stats
         self._input_routing = None
         self.inference = inference
         self._candidates = getattr(inference, "candidates", None)  # the caller's, if any
