@@ -15,7 +15,11 @@ instead, so owner inference does not depend on what the first owner learned:
 - :meth:`InputOwnerStats.log_likelihood` scores inputs under every owner, and
   :meth:`InputOwnerStats.attach` makes every eval-mode forward of a model restrict
   each sample's retrieval (and its :class:`~peer_ll.models.owner_head.OwnerHead`)
-  to its most likely owner.
+  to its most likely owner, or, with ``soft=True``, run the model once per each
+  sample's ``top`` most likely owners and mix the class probabilities by the
+  posterior ``softmax(log p(x | owner) / temperature)`` renormalised over them
+  (the model then returns log-probabilities ``log Σ_m w_m softmax(z_m)``, whose
+  argmax and cross-entropy are those of the mixture).
 
 This is a departure from the PEER paper (which has no owners) and from the
 issue's query-space statistics: it is an extra owner-inference option
@@ -147,13 +151,39 @@ class InputOwnerStats(nn.Module):
         return torch.tensor(candidates, device=x.device)[ll.argmax(1).to(x.device)]
 
     # ------------------------------------------------------------------ routing
-    def attach(self, model: nn.Module, owners: Iterable[int] | None = None) -> InputRouting:
+    def attach(
+        self,
+        model: nn.Module,
+        owners: Iterable[int] | None = None,
+        *,
+        soft: bool = False,
+        top: int = 2,
+        temperature: float = 1.0,
+    ) -> InputRouting:
         """Route every eval-mode forward of ``model`` to each sample's inferred owner.
 
+        Args:
+            model: a model with PEER layers whose forward takes the inputs (N, ...)
+                first; with ``soft`` it must return logits (N, C).
+            owners: candidate owners (default: every owner with statistics).
+            soft: mix the ``top`` most likely owners' class probabilities by posterior.
+            top: owners mixed per sample when ``soft`` (at most the candidates).
+            temperature: posterior ``softmax(log-likelihood / temperature)``.
+
         Returns a handle; ``handle.remove()`` restores the layers' ``eval_owners``.
-        ``handle.last_owners`` holds the owners (N,) of the latest forward.
+        ``handle.last_owners`` holds the top owners (N,) of the latest forward.
         """
-        return InputRouting(self, model, owners)
+        options = self.routing_options(soft=soft, top=top, temperature=temperature)
+        return InputRouting(self, model, owners, **options)
+
+    @staticmethod
+    def routing_options(*, soft: bool = False, top: int = 2, temperature: float = 1.0) -> dict:
+        """Checked :meth:`attach` options ``soft``, ``top``, ``temperature`` as a dict."""
+        top = check_int("top", top, minimum=1)
+        if not (isinstance(temperature, int | float) and not isinstance(temperature, bool)
+                and temperature > 0):
+            raise ValueError(f"temperature: expected a float > 0, got {temperature!r}")
+        return dict(soft=bool(soft), top=top, temperature=float(temperature))
 
     # --------------------------------------------------------------- state_dict
     def get_extra_state(self) -> dict:
@@ -175,29 +205,70 @@ class InputOwnerStats(nn.Module):
 
 
 class InputRouting:
-    """Forward pre-hook that sets every PEER layer's ``eval_owners`` per sample."""
+    """Forward hooks that set every PEER layer's ``eval_owners`` per sample (and mix).
 
-    def __init__(self, stats: InputOwnerStats, model: nn.Module, owners) -> None:
+    The pre-hook restricts each sample to its most likely owner. With ``soft`` a
+    forward hook then re-runs ``model.forward`` (hooks bypassed) for each sample's
+    next most likely owners and returns ``log Σ_m w_m softmax(z_m)`` (N, C), with
+    ``w`` (N, M) the posterior over those M owners.
+    """
+
+    def __init__(self, stats: InputOwnerStats, model: nn.Module, owners, *, soft: bool = False,
+                 top: int = 2, temperature: float = 1.0) -> None:
         self.stats, self.model = stats, model
         self.owners = None if owners is None else list(owners)
+        self.soft, self.top, self.temperature = soft, top, temperature
         self.layers = [m for m in model.modules() if isinstance(m, PEER)]
         if not self.layers:
             raise ValueError("model: expected a model with PEER layers, got none")
         self.saved = [layer.eval_owners for layer in self.layers]
         self.last_owners: torch.Tensor | None = None
+        self._ranked: tuple[torch.Tensor, torch.Tensor] | None = None  # owners, weights (N, M)
         self.handle = model.register_forward_pre_hook(self._hook)
+        self.mix_handle = model.register_forward_hook(self._mix) if soft else None
 
-    def _hook(self, module, args):
-        if module.training or not args:
-            return None
-        owners = self.stats.infer(args[0], self.owners)
+    def _set(self, owners: torch.Tensor) -> None:
         for layer in self.layers:
             layer.eval_owners = owners
-        self.last_owners = owners
+
+    def _hook(self, module, args):
+        self._ranked = None
+        if module.training or not args:
+            return None
+        candidates, ll = self.stats.log_likelihood(args[0], self.owners)
+        best, order = ll.topk(min(self.top if self.soft else 1, ll.shape[1]), dim=1)
+        ranked = torch.tensor(candidates, device=args[0].device)[order.to(args[0].device)]
+        if self.soft:
+            weights = (best / self.temperature).softmax(dim=1)
+            self._ranked = ranked, weights.to(args[0].device)
+        self._set(ranked[:, 0])
+        self.last_owners = ranked[:, 0]
         return None
+
+    def _mix(self, module, args, output):
+        if self._ranked is None:
+            return None
+        ranked, weights = self._ranked
+        self._ranked = None
+        if not isinstance(output, torch.Tensor) or output.dim() != 2 or len(output) != len(ranked):
+            raise TypeError(
+                f"model: soft owner mixing expects logits (N, C) with N = {len(ranked)}, got "
+                f"{_shape(output)}"
+            )
+        logp = [output.log_softmax(-1)]
+        try:
+            for m in range(1, ranked.shape[1]):
+                self._set(ranked[:, m])
+                logp.append(module.forward(*args).log_softmax(-1))
+        finally:
+            self._set(ranked[:, 0])
+        mixed = torch.stack(logp, dim=-1) + weights.log().to(output.dtype).unsqueeze(1)
+        return mixed.logsumexp(dim=-1)
 
     def remove(self) -> None:
         self.handle.remove()
+        if self.mix_handle is not None:
+            self.mix_handle.remove()
         for layer, saved in zip(self.layers, self.saved, strict=True):
             layer.eval_owners = saved
 

@@ -72,8 +72,10 @@ class OwnerRouting(SupervisedPlugin):
             :class:`~peer_ll.experts.OwnerInference`), an ``OwnerInference``,
             "input" (each owner's inputs modelled by low-rank Gaussians, see
             :class:`~peer_ll.experts.owner_input.InputOwnerStats`; options ``rank``,
-            ``per_class``, ``min_var``), "oracle" (the evaluated experience's id: task
-            known, an upper bound) or "all" (no restriction: every owner is searched).
+            ``per_class``, ``min_var``, and ``soft``, ``top``, ``temperature`` of
+            :meth:`~peer_ll.experts.owner_input.InputOwnerStats.attach`), "oracle"
+            (the evaluated experience's id: task known, an upper bound) or "all" (no
+            restriction: every owner is searched).
         freeze_trunk: from the second experience on, freeze every parameter that no
             owner owns (and hold trunk BatchNorm statistics still).
         restrict_training: training forwards retrieve only from the training owner.
@@ -98,7 +100,7 @@ class OwnerRouting(SupervisedPlugin):
         **inference_options,
     ) -> None:
         super().__init__()
-        input_stats = None
+        input_stats, input_routing = None, {}
         if isinstance(inference, OwnerInference):
             if inference_options:
                 raise TypeError(
@@ -112,10 +114,13 @@ class OwnerRouting(SupervisedPlugin):
         elif inference in METHODS:
             inference = OwnerInference(inference, **inference_options)
         elif inference == "input":
+            routing = {k: inference_options.pop(k) for k in ("soft", "top", "temperature")
+                       if k in inference_options}
+            input_routing = InputOwnerStats.routing_options(**routing)
             input_stats = InputOwnerStats(**inference_options)
         elif inference_options:
             raise TypeError(f"inference={inference!r} takes no options, got {inference_options}")
-        self.input_stats = input_stats
+        self.input_stats, self.input_routing_options = input_stats, input_routing
         self._input_routing = None
         self.inference = inference
         self._candidates = getattr(inference, "candidates", None)  # the caller's, if any
@@ -247,7 +252,9 @@ class OwnerRouting(SupervisedPlugin):
             for layer in layers.values():
                 layer.owner_inference, layer.eval_owners = self.inference, "infer"
         if self.input_stats is not None and self.owners_trained:
-            self._input_routing = self.input_stats.attach(strategy.model, self.owners_trained)
+            self._input_routing = self.input_stats.attach(
+                strategy.model, self.owners_trained, **self.input_routing_options
+            )
 
     def before_eval_exp(self, strategy, **kwargs) -> None:
         exp = int(strategy.experience.current_experience)

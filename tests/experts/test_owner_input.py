@@ -104,3 +104,56 @@ def test_attach_routes_each_sample_to_its_inferred_owner():
     handle.remove()
     assert layer.eval_owners is None
     torch.testing.assert_close(model(x), layer(x, owners="all"))
+
+
+def _two_owner_model():
+    """A PEER layer over two owners and a linear head: logits (N, 3)."""
+    layer = PEER(8, num_keys=2, heads=1, topk=2, dim_key=4)
+    layer.grow(2, owner=1)
+    model = torch.nn.Sequential(layer, torch.nn.Linear(8, 3)).eval()
+    stats = InputOwnerStats(rank=1, per_class=False)
+    stats.fit(0, torch.randn(30, 8) - 1)
+    stats.fit(1, torch.randn(30, 8) + 1)
+    return layer, model, stats
+
+
+def test_soft_attach_mixes_class_probabilities_by_the_input_posterior():
+    layer, model, stats = _two_owner_model()
+    x = 0.3 * torch.randn(6, 8)  # between the owners: both posteriors matter
+    head = model[1]
+    probs = [head(layer(x, owners=o)).softmax(-1) for o in (0, 1)]
+    owners, ll = stats.log_likelihood(x)
+    for temperature in (1.0, 40.0):
+        w = (ll / temperature).softmax(1).float()
+        want = (w[:, :1] * probs[owners.index(0)] + w[:, 1:] * probs[owners.index(1)]).log()
+        handle = stats.attach(model, soft=True, top=2, temperature=temperature)
+        got = model(x)
+        assert torch.equal(handle.last_owners, ll.argmax(1))
+        torch.testing.assert_close(got, want)
+        handle.remove()
+    assert layer.eval_owners is None and not model._forward_hooks
+
+
+def test_soft_attach_with_one_owner_is_the_hard_routing():
+    layer, model, stats = _two_owner_model()
+    x = torch.randn(5, 8)
+    hard = stats.attach(model)
+    want = model(x).log_softmax(-1)
+    hard.remove()
+    soft = stats.attach(model, soft=True, top=1)
+    torch.testing.assert_close(model(x), want)
+    soft.remove()
+
+
+def test_soft_attach_checks_its_options_and_the_output():
+    layer, model, stats = _two_owner_model()
+    with pytest.raises(ValueError, match="top"):
+        stats.attach(model, soft=True, top=0)
+    with pytest.raises(ValueError, match="temperature: expected a float > 0, got 0"):
+        stats.attach(model, soft=True, temperature=0)
+    seq = torch.nn.Sequential(layer, torch.nn.Unflatten(1, (2, 4))).eval()  # (N, 2, 4)
+    handle = stats.attach(seq, soft=True)
+    with pytest.raises(TypeError, match=r"soft owner mixing expects logits \(N, C\)"):
+        seq(torch.randn(2, 8))
+    handle.remove()
+    assert layer.eval_owners is None

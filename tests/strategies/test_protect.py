@@ -109,6 +109,28 @@ def test_input_inference_routes_by_input_statistics(small_peer, class_stream):
     handle.remove()
 
 
+def test_soft_input_inference_mixes_owners_in_evaluation(small_peer, class_stream):
+    with pytest.raises(ValueError, match="temperature: expected a float > 0, got -1"):
+        peer_protect(_model(small_peer), inference="input",
+                     inference_options=dict(soft=True, temperature=-1), **COMMON)
+    model = _model(small_peer)
+    strategy = peer_protect(model, inference="input",
+                            inference_options=dict(rank=4, soft=True, top=2), **COMMON)
+    plugin = protect_plugin(strategy)
+    assert plugin.input_routing_options == dict(soft=True, top=2, temperature=1.0)
+    for exp in class_stream.train_stream[:2]:
+        strategy.train(exp)
+    results = strategy.eval(class_stream.test_stream[:2])
+    assert results is not None and sorted(plugin.inference_accuracy) == [0, 1]
+    assert not model._forward_hooks and not model._forward_pre_hooks  # switched off after
+    x = _test_x(class_stream, 1)
+    model.eval()
+    handle = plugin.input_stats.attach(model, soft=True, top=2)
+    mixed = model(x)
+    handle.remove()
+    torch.testing.assert_close(mixed.exp().sum(-1), torch.ones(len(x)))  # log-probabilities
+
+
 def test_owner_encoder_trains_per_owner_and_keeps_old_owners_exact(small_peer, class_stream):
     from peer_ll.models.owner_head import OwnerLinear, with_owner_encoder
 
