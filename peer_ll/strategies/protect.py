@@ -167,13 +167,17 @@ def protect_classifier(
     hidden: int = 128,
     num_keys: int = 16,
     adapter_rank: int = 4,
+    owner_encoder: bool = False,
+    owner_norms: bool = False,
     **classifier_kwargs,
 ) -> nn.Module:
     """A ``PEERClassifier`` set up for :func:`peer_protect`.
 
     Fixed head turned into an :class:`~peer_ll.models.owner_head.OwnerHead`, per-owner
     query adapters (rank ``adapter_rank`` plus affine), ``num_keys²`` experts per
-    experience with room reserved for ``experiences`` of them.
+    experience with room reserved for ``experiences`` of them. The full method of
+    ``benchmarks/RESULTS.md`` (``Protect-Input+Enc``) is
+    ``peer_protect(protect_classifier(..., owner_encoder=True), inference="input")``.
 
     Args:
         in_features: values per input sample.
@@ -182,17 +186,28 @@ def protect_classifier(
         hidden: width of the encoder and the PEER block.
         num_keys: sub-keys per side of each experience's segment.
         adapter_rank: rank of the per-owner query adapters.
+        owner_encoder: give each owner its own copy of the encoder's input layer
+            (:func:`~peer_ll.models.owner_head.with_owner_encoder`; needs owners known
+            before the forward: ``inference="input"`` or "oracle").
+        owner_norms: give each owner its own copies of the normalisation layers outside
+            PEER (:func:`~peer_ll.models.owner_copies.with_owner_norms`; same need).
         **classifier_kwargs: more ``PEERClassifier`` arguments (``blocks``, ``peer``).
     """
     from peer_ll.models import PEERClassifier
-    from peer_ll.models.owner_head import with_owner_head
+    from peer_ll.models.owner_copies import with_owner_norms
+    from peer_ll.models.owner_head import with_owner_encoder, with_owner_head
 
     peer = dict(classifier_kwargs.pop("peer", None) or {})
     peer.update(num_keys=num_keys, query_adapter_rank=adapter_rank, query_adapter_affine=True)
     policy = GrowthPolicy(max_experts=experiences * num_keys * num_keys, freeze_query=True)
-    model = PEERClassifier(in_features, num_classes, hidden=hidden, head="fixed", peer=peer,
-                           growth=policy, **classifier_kwargs)
-    return with_owner_head(model)
+    model = with_owner_head(PEERClassifier(in_features, num_classes, hidden=hidden,
+                                           head="fixed", peer=peer, growth=policy,
+                                           **classifier_kwargs))
+    if owner_encoder:
+        with_owner_encoder(model)
+    if owner_norms:
+        with_owner_norms(model)
+    return model
 
 
 def protect_plugin(strategy) -> OwnerRouting:

@@ -268,3 +268,30 @@ def test_training_owner_must_own_experts(small_peer, class_stream):
     strategy.train(class_stream.train_stream[0])
     with pytest.raises(ValueError, match="must own experts in every PEER layer"):
         strategy.train(class_stream.train_stream[1])
+
+
+def test_protect_classifier_builds_the_full_method(class_stream):
+    from peer_ll.models.owner_copies import OwnerCopies
+    from peer_ll.models.owner_head import OwnerLinear
+    from peer_ll.strategies import protect_classifier
+
+    model = protect_classifier(64, 10, experiences=3, hidden=16, num_keys=4,
+                               owner_encoder=True, owner_norms=True)
+    kinds = [type(m) for m in model.modules()]
+    assert OwnerHead in kinds and OwnerLinear in kinds and OwnerCopies in kinds
+    with pytest.raises(ValueError, match="inference must be 'input' or 'oracle'"):
+        peer_protect(model, **COMMON)
+    strategy = peer_protect(model, inference="input", **COMMON)
+    for exp in class_stream.train_stream[:2]:
+        strategy.train(exp)
+    x0 = _test_x(class_stream, 0)
+    model.eval()
+    model.peer_layers[0].eval_owners = 0
+    before = model(x0)
+    strategy.train(class_stream.train_stream[2])
+    model.eval()
+    model.peer_layers[0].eval_owners = 0
+    assert torch.equal(model(x0), before)  # owner 0's function is untouched by owner 2
+    plain = protect_classifier(64, 10, experiences=3, hidden=16, num_keys=4)
+    assert OwnerLinear not in [type(m) for m in plain.modules()]
+
