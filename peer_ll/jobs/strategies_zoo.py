@@ -12,6 +12,7 @@ constant learning rate), epochs, mini-batch size and replay budget:
 | ``peer-grow`` | growth, old experts frozen | growing pool | ``replay_budget`` |
 | ``peer-grow-rd`` | growth + RouterDistillation | growing pool | ``replay_budget`` |
 | ``peer-sparse`` | SparseExpertFinetuning (top-t rows by TF-IDF) | fixed pool | ``replay_budget`` |
+| ``peer-protect-full`` | protection: input PPCA owners, per-owner encoder | growing | none |
 | ``joint`` | joint training on all experiences (upper bound) | fixed pool | all data |
 | ``peer-grow-noreplay`` | growth alone (not in the default set) | growing pool | none |
 | ``peer-protect`` | routing protection, likelihood owners (not default) | growing | none |
@@ -54,13 +55,14 @@ STRATEGIES: dict[str, str] = {
     "peer-grow": "PEER growth",
     "peer-grow-rd": "PEER growth + RD",
     "peer-sparse": "PEER sparse FT",
+    "peer-protect-full": "PEER protect (full)",
     "joint": "Joint",
     "peer-grow-noreplay": "PEER growth, no replay",
     "peer-protect": "PEER protect",
     "peer-protect-gate": "PEER protect + gate",
     "peer-protect-input": "PEER protect, input owners",
 }
-DEFAULT_STRATEGIES: tuple[str, ...] = tuple(STRATEGIES)[:8]
+DEFAULT_STRATEGIES: tuple[str, ...] = tuple(STRATEGIES)[:9]
 
 #: The head that suits each stream kind (see ``PEERClassifier``).
 HEAD_OF_KIND = {
@@ -149,6 +151,7 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
         model = protect_classifier(
             info.in_features, info.n_classes, experiences=info.n_experiences,
             hidden=config.hidden, num_keys=config.num_keys,
+            owner_encoder=key == "peer-protect-full",
         )  # fmt: skip
     else:
         model = _model(info, config, grow=key.startswith("peer-grow"))
@@ -177,6 +180,7 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
             "peer-protect": {},
             "peer-protect-gate": dict(inference="gate", mem_size=config.replay_budget),
             "peer-protect-input": dict(inference="input"),
+            "peer-protect-full": dict(inference="input"),
         }[key]
         return peer_protect(model, **inference, **common)
     if key == "peer-sparse":
@@ -190,7 +194,9 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     Total counts the live rows of each PEER table (``num_experts`` expert rows,
     ``num_sub_keys`` sub-key rows), not reserved capacity. Active counts what one
     input uses: everything outside the expert tables (all sub-keys are scored) plus
-    ``min(N, heads · topk)`` experts per PEER layer.
+    ``min(N, heads · topk)`` experts per PEER layer, and of each per-owner module
+    (``OwnerHead`` / ``OwnerLinear`` heads, ``OwnerCopies``, PEER query adapters) only
+    its largest copy: an input runs through one owner's (owner-restricted retrieval).
 
     Returns:
         ``(total, active)``.
@@ -205,5 +211,24 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
         live[id(layer.up)] = n * layer.dim_out
         live[id(layer.sub_keys)] = layer.num_sub_keys * layer.dim_key
         inactive += (n - min(n, layer.heads * layer.topk)) * (layer.dim + layer.dim_out)
+    for copies in _per_owner_copies(model):
+        sizes = [sum(p.numel() for p in m.parameters()) for m in copies.values()]
+        inactive += sum(sizes) - max(sizes, default=0)
     total = sum(live.get(id(p), p.numel()) for p in model.parameters())
     return total, total - inactive
+
+
+def _per_owner_copies(model: nn.Module) -> list[nn.ModuleDict]:
+    """The ``{owner: module}`` dicts of a model's per-owner modules."""
+    from peer_ll.models.owner_copies import OwnerCopies
+    from peer_ll.models.owner_head import OwnerHead
+
+    found = []
+    for m in model.modules():
+        if isinstance(m, OwnerHead):
+            found.append(m.heads)
+        elif isinstance(m, OwnerCopies):
+            found.append(m.copies)
+        elif isinstance(m, PEER) and len(getattr(m, "query_adapters", ())):
+            found.append(m.query_adapters)
+    return found

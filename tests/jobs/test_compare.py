@@ -145,14 +145,22 @@ def test_parameter_counts_hand_computed():
         parameter_counts("model")
 
 
-def test_routing_protection_strategies_run_in_the_job():
-    config = ZooConfig(epochs=1, hidden=16, num_keys=4, replay_budget=20)
-    keys = ["peer-protect", "peer-protect-gate", "peer-protect-input"]
-    results = run_comparison(
-        "digits-class", strategies=keys, seeds=(0,), config=config, n_experiences=2,
-        max_train_per_exp=60, max_test_per_exp=30, progress=False,
-    )  # fmt: skip
-    assert list(results["strategies"]) == [STRATEGIES[k] for k in keys]
-    for name, s in results["strategies"].items():
-        R = np.array(s["accuracy_matrix"])
-        assert R.shape == (2, 2) and np.all((R >= 0) & (R <= 1)), name
+def test_parameter_counts_keep_one_copy_of_per_owner_modules_active():
+    from peer_ll.strategies import protect_classifier
+
+    model = protect_classifier(10, 3, experiences=2, hidden=8, num_keys=2, adapter_rank=1,
+                               owner_encoder=True, peer=dict(heads=1, topk=2))
+    layer = model.peer_layers[0]
+    total_1, active_1 = parameter_counts(model)
+    rows_1 = layer.num_sub_keys
+    model.encoder[1].add_owner(1)  # OwnerLinear: its copies are Linear(10, 8)
+    model.head.add_owner(1, classes=[2])
+    layer.grow(2, owner=1)  # 4 experts
+    total_2, active_2 = parameter_counts(model)
+    adapter = sum(p.numel() for p in layer.query_adapters["0"].parameters())
+    head = sum(p.numel() for p in model.head.heads["0"].parameters())
+    keys = (layer.num_sub_keys - rows_1) * layer.dim_key
+    grown = 4 * (layer.dim + layer.dim_out) + keys
+    assert total_2 - total_1 == (10 * 8 + 8) + adapter + head + grown
+    # the new owner's copies are not active, nor are new experts (k = 2 of 4, then of 8)
+    assert active_2 - active_1 == keys
