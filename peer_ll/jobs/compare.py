@@ -226,7 +226,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "class, task, permuted, rotated (default digits-class)")
     parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
                         help=f"comma-separated, among {', '.join(STRATEGIES)} (default: the "
-                             "first eight)")
+                             "first nine)")
     parser.add_argument("--epochs", type=int, default=ZooConfig.epochs,
                         help=f"epochs per experience, every strategy (default {ZooConfig.epochs})")
     parser.add_argument("--seeds", default="2",
