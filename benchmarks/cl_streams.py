@@ -5,10 +5,11 @@ Streams (``peer_ll.data.make_stream``):
 - Split-Fashion-MNIST, task-incremental (one head per task), 5 × 2 classes;
 - Permuted Fashion-MNIST, domain-incremental, 10 experiences.
 
-Every strategy of ``peer_ll.jobs.strategies_zoo`` (the eight of ``peer-ll run`` and
-"PEER growth, no replay") trains with the same epochs, learning rate and replay
-budget. To fit a 2-core CPU each training experience is subsampled (default 2,000
-images, balanced over classes) and each test experience too (default 1,000).
+Every strategy of ``peer_ll.jobs.strategies_zoo`` (the nine of ``peer-ll run``, "PEER
+growth, no replay" and the other routing-protection variants) trains with the same
+epochs, learning rate and replay budget. To fit a 2-core CPU each training experience
+is subsampled (default 2,000 images, balanced over classes) and each test experience too
+(default 1,000).
 
 Each stream's run folder (results.json, plots, logs) goes under ``--out``; the tables,
 the gaps of the PEER strategies to the baselines and the routing drift are printed
@@ -38,7 +39,8 @@ STREAMS = {
     "fashion-mnist-task": "Split-Fashion-MNIST, task-incremental, 5 × 2 classes",
     "fashion-mnist-permuted": "Permuted Fashion-MNIST, domain-incremental, 10 experiences",
 }
-PEER = ("PEER growth", "PEER growth + RD", "PEER sparse FT", "PEER growth, no replay")
+PEER = ("PEER growth", "PEER growth + RD", "PEER sparse FT", "PEER growth, no replay",
+        "PEER protect (full)", "PEER protect", "PEER protect + gate", "PEER protect, input owners")
 BASELINES = ("Naive", "EWC", "LwF", "Replay", "Joint")
 HEADING = "## Continual learning on Fashion-MNIST streams (benchmarks/cl_streams.py)"
 
