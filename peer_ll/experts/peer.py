@@ -199,7 +199,9 @@ class PEER(OwnerRoutingMixin, ExpertPool, RoutingStatsMixin, nn.Module):
             x: (..., D) floating inputs.
             owners: restrict retrieval to these owners' experts: None (all, or
                 ``eval_owners`` in eval mode), "all", an int, a sequence of ints, an
-                int tensor of shape (...) giving one owner per input, or "infer".
+                int tensor of shape (...) giving one owner per input, or "infer"
+                (``owner_inference``, by default the query likelihood under each
+                owner's statistics).
         """
         q = self.query(x)  # (..., H, d)
         lead = q.shape[:-2]
@@ -277,12 +279,23 @@ class PEER(OwnerRoutingMixin, ExpertPool, RoutingStatsMixin, nn.Module):
         if owners is None or (isinstance(owners, str) and owners == "all"):
             return segments, None
         if isinstance(owners, str):
-            if owners == "infer" and getattr(self, "owner_inference", None) is not None:
-                return self.owner_inference(self, x, q)
-            raise ValueError(
-                "owners must be None, \"all\", an int, a sequence of ints or an int tensor; "
-                f"got {owners!r} (no owner inference is set on this layer)"
-            )
+            if owners != "infer":
+                raise ValueError(
+                    "owners must be None, \"all\", \"infer\", an int, a sequence of ints or "
+                    f"an int tensor; got {owners!r}"
+                )
+            inference = getattr(self, "owner_inference", None)
+            if inference is None:  # default: the query likelihood under each owner's stats
+                if self.query_stats is None:
+                    raise ValueError(
+                        'owners="infer" needs per-owner query statistics (query_stats="diag" '
+                        'or "full") or an owner inference (set_owner_inference); this layer '
+                        "has neither"
+                    )
+                from peer_ll.experts.owner_inference import OwnerInference
+
+                inference = OwnerInference("likelihood")
+            return inference(self, x, q)
         present = set(seg_owner.tolist())
         if isinstance(owners, torch.Tensor) and owners.dim() > 0:
             if owners.is_floating_point() or owners.dtype == torch.bool:

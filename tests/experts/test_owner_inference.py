@@ -123,8 +123,8 @@ def test_errors_name_the_problem():
     layer = PEER(DIM, num_keys=4, heads=HEADS, topk=3, dim_key=DIM_KEY, query_norm=None)
     layer.eval()
     x = torch.randn(3, DIM)
-    with pytest.raises(ValueError, match="no owner inference"):
-        layer(x, owners="infer")
+    with pytest.raises(ValueError, match="no owner can be inferred"):
+        layer(x, owners="infer")  # the default likelihood, no statistics recorded yet
     set_owner_inference(layer, "likelihood")
     with pytest.raises(ValueError, match="no owner can be inferred"):
         layer(x)  # no statistics recorded yet
@@ -134,3 +134,18 @@ def test_errors_name_the_problem():
         set_owner_inference(nn.Linear(2, 2), "margin")
     with pytest.raises(ValueError, match="temperature must be > 0"):
         OwnerInference("soft", temperature=0.0)
+
+
+def test_infer_without_a_switch_uses_the_query_likelihood():
+    layer, centres = separated_layer()
+    x, truth = mixed_batch(centres)
+    assert layer.owner_inference is None
+    want = layer(x, owners=truth)
+    got = layer(x, owners="infer")  # no set_owner_inference: the likelihood by default
+    assert torch.equal(layer.last_inferred_owners, truth)
+    torch.testing.assert_close(got, want)
+    bare = PEER(DIM, num_keys=2, heads=HEADS, topk=2, dim_key=DIM_KEY, query_stats=None)
+    with pytest.raises(ValueError, match='owners="infer" needs per-owner query statistics'):
+        bare(x, owners="infer")
+    with pytest.raises(ValueError, match="owners must be None, \"all\", \"infer\""):
+        bare(x, owners="guess")
