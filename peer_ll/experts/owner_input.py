@@ -6,7 +6,8 @@ later owners apart poorly. :class:`InputOwnerStats` models each owner's *inputs*
 instead, so owner inference does not depend on what the first owner learned:
 
 - per owner (and, with ``per_class``, per class of that owner: a mixture weighted
-  by class counts) a probabilistic PCA Gaussian (Tipping & Bishop 1999): mean μ,
+  by class counts; with ``components`` > 1, per k-means cluster of each such group)
+  a probabilistic PCA Gaussian (Tipping & Bishop 1999): mean μ,
   the top ``rank`` principal directions V with their variances λ, and one
   isotropic variance σ² for the rest, so the covariance is
   ``C = σ² I + Vᵀ diag(λ - σ²) V``; O(owners × classes × rank × D) memory;
@@ -48,16 +49,23 @@ class InputOwnerStats(nn.Module):
             samples).
         per_class: one Gaussian per (owner, class) mixed by class frequency, instead
             of one per owner.
+        components: Gaussians per group (owner, or owner and class): its inputs are
+            split by k-means (k-means++ seeding from a fixed seed, Lloyd steps) and
+            each cluster gets its own PPCA, mixed by cluster size.
         min_var: floor of every variance (σ² and λ), in input units squared.
 
     Shapes:
         x (N, ...) inputs, flattened to (N, D); labels (N,) ints.
     """
 
-    def __init__(self, rank: int = 20, *, per_class: bool = True, min_var: float = 1e-4) -> None:
+    def __init__(
+        self, rank: int = 20, *, per_class: bool = True, components: int = 1,
+        min_var: float = 1e-4,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.rank = check_int("rank", rank, minimum=0)
         self.per_class = bool(per_class)
+        self.components = check_int("components", components, minimum=1)
         if not (isinstance(min_var, int | float) and min_var > 0):
             raise ValueError(f"min_var: expected a float > 0, got {min_var!r}")
         self.min_var = float(min_var)
@@ -72,7 +80,8 @@ class InputOwnerStats(nn.Module):
         return sorted(self.groups)
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, per_class={self.per_class}, owners={self.owners}"
+        return (f"rank={self.rank}, per_class={self.per_class}, components={self.components}, "
+                f"owners={self.owners}")
 
     # ---------------------------------------------------------------------- fit
     @torch.no_grad()
@@ -100,6 +109,8 @@ class InputOwnerStats(nn.Module):
                 )
             labels = labels.to(flat.device)
             parts = [flat[labels == c] for c in labels.unique()]
+        if self.components > 1:
+            parts = [c for p in parts for c in _kmeans(p, self.components)]
         groups = [(math.log(len(p) / len(flat)), *self._ppca(p)) for p in parts]
         self.dim = flat.shape[1]
         self.groups[owner] = groups
@@ -189,7 +200,7 @@ class InputOwnerStats(nn.Module):
     def get_extra_state(self) -> dict:
         return {
             "rank": self.rank, "per_class": self.per_class, "min_var": self.min_var,
-            "dim": self.dim,
+            "components": self.components, "dim": self.dim,
             "groups": {
                 o: [(w, m.cpu(), V.cpu(), lam.cpu(), s2.cpu()) for w, m, V, lam, s2 in g]
                 for o, g in self.groups.items()
@@ -200,6 +211,7 @@ class InputOwnerStats(nn.Module):
         if not isinstance(state, dict) or "groups" not in state:
             raise ValueError("state: expected InputOwnerStats extra state (a dict with 'groups')")
         self.rank, self.per_class = int(state["rank"]), bool(state["per_class"])
+        self.components = int(state.get("components", 1))
         self.min_var, self.dim = float(state["min_var"]), state["dim"]
         self.groups = {int(o): [tuple(t) for t in g] for o, g in state["groups"].items()}
 
@@ -271,6 +283,31 @@ class InputRouting:
             self.mix_handle.remove()
         for layer, saved in zip(self.layers, self.saved, strict=True):
             layer.eval_owners = saved
+
+
+@torch.no_grad()
+def _kmeans(X: torch.Tensor, k: int, steps: int = 25, seed: int = 0) -> list[torch.Tensor]:
+    """Split rows X (n, D) into at most k non-empty clusters (k-means++, Lloyd steps)."""
+    k = min(k, len(X))
+    if k <= 1:
+        return [X]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    centres = [X[int(torch.randint(len(X), (1,), generator=gen))]]
+    for _ in range(k - 1):  # k-means++: far points are likelier centres
+        d2 = torch.cdist(X, torch.stack(centres)).min(dim=1).values.square().cpu()
+        if float(d2.sum()) == 0.0:
+            break
+        centres.append(X[int(torch.multinomial(d2 / d2.sum(), 1, generator=gen))])
+    centres = torch.stack(centres)
+    for _ in range(steps):
+        assign = torch.cdist(X, centres).argmin(dim=1)
+        moved = torch.stack([X[assign == j].mean(0) if bool((assign == j).any()) else centres[j]
+                             for j in range(len(centres))])
+        if torch.equal(moved, centres):
+            break
+        centres = moved
+    assign = torch.cdist(X, centres).argmin(dim=1)
+    return [X[assign == j] for j in range(len(centres)) if bool((assign == j).any())]
 
 
 def _shape(x: object) -> str:

@@ -157,3 +157,32 @@ def test_soft_attach_checks_its_options_and_the_output():
         seq(torch.randn(2, 8))
     handle.remove()
     assert layer.eval_owners is None
+
+
+def test_components_split_each_group_by_k_means():
+    centres = torch.tensor([[0.0, 0.0, 0.0], [8.0, 0.0, 0.0], [0.0, 8.0, 0.0]])
+    x = torch.cat([c + 0.3 * torch.randn(20, 3) for c in centres]).double()
+    stats = InputOwnerStats(rank=1, components=3)
+    stats.fit(0, x, torch.zeros(60, dtype=torch.long))  # one class, three clusters
+    groups = stats.groups[0]
+    means = torch.stack([g[1] for g in groups])
+    assert len(groups) == 3 and [round(math.exp(g[0]), 6) for g in groups] == [0.333333] * 3
+    for c in centres.double():  # the cluster means are the blob means, in some order
+        assert torch.cdist(c[None], means).min() < 0.5
+    # the mixture scores points under their own blob's Gaussian, and is deterministic
+    again = InputOwnerStats(rank=1, components=3)
+    again.fit(0, x, torch.zeros(60, dtype=torch.long))
+    y = torch.randn(4, 3).double()
+    assert torch.equal(stats.log_likelihood(y)[1], again.log_likelihood(y)[1])
+    parts = [g[0] + MultivariateNormal(g[1], _covariance(*g[2:])).log_prob(y) for g in groups]
+    torch.testing.assert_close(stats.log_likelihood(y)[1][:, 0],
+                               torch.logsumexp(torch.stack(parts), 0))
+    few = InputOwnerStats(rank=1, components=5)
+    few.fit(1, x[:3])  # more components than samples: at most one per sample
+    assert 1 <= len(few.groups[1]) <= 3
+    with pytest.raises(ValueError, match="components"):
+        InputOwnerStats(components=0)
+    fresh = InputOwnerStats()
+    fresh.load_state_dict(stats.state_dict())
+    assert fresh.components == 3 and torch.equal(fresh.log_likelihood(y)[1],
+                                                 stats.log_likelihood(y)[1])
