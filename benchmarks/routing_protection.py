@@ -19,7 +19,8 @@ the encoder's input layer; ``+Norm``: and its own copies of the LayerNorms outsi
 layers), ``Gate`` an owner classifier fit on the replay
 budget, ``All`` unrestricted retrieval, ``Oracle`` the experience id (task known). ``+KM``
 adds the key-margin loss; ``, soft`` mixes the class probabilities of each input's two most
-likely owners by their input posterior. No ``Protect-*`` method sees task labels.
+likely owners by their input posterior; ``, 4 comp.`` models each owner-and-class group by
+4 PPCA Gaussians (k-means clusters) instead of one. No ``Protect-*`` method sees task labels.
 ``Joint, no task labels`` trains the baselines' network once on every experience together
 with one head and no task labels (the task stream's per-task labels 0/1): a ceiling for
 any method that does not see task labels, not a continual learner (``, 10 epochs``: the
@@ -69,6 +70,8 @@ PROTECT = {  # name: peer_protect keyword arguments
                                    _owner_encoder=True, _owner_norms=True),
     "Protect-Input+Enc, soft": dict(inference="input", _owner_encoder=True,
                                     inference_options=dict(rank=20, soft=True, top=2)),
+    "Protect-Input+Enc, 4 comp.": dict(inference="input", _owner_encoder=True,
+                                       inference_options=dict(rank=20, components=4)),
     "Protect-Gate(200)": dict(inference="gate", mem_size=200),
     "Protect-Oracle": dict(inference="oracle"),
     "Protect-Oracle+Enc": dict(inference="oracle", _owner_encoder=True),
