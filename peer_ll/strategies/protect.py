@@ -90,7 +90,9 @@ def peer_protect(
             experience id: task known), "all" (unrestricted retrieval), or an
             :class:`~peer_ll.experts.OwnerInference`.
         inference_options: options of the inference (``OwnerInference`` or
-            ``GateOwnerInference`` arguments, e.g. ``{"soft": True, "top": 2}``).
+            ``GateOwnerInference`` arguments, e.g. ``{"soft": True, "top": 2}``; for
+            "input": ``InputOwnerStats`` arguments (``rank``, ``components``, ...) and
+            ``soft``, ``top``, ``temperature`` of ``InputOwnerStats.attach``).
         mem_size: replay budget of the "gate" inference (inputs kept in all).
         key_margin: weight λ of the key-margin loss (0: off).
         margin, margin_rank, margin_samples: the loss's margin, old-score rank and

@@ -72,7 +72,8 @@ class OwnerRouting(SupervisedPlugin):
             :class:`~peer_ll.experts.OwnerInference`), an ``OwnerInference``,
             "input" (each owner's inputs modelled by low-rank Gaussians, see
             :class:`~peer_ll.experts.owner_input.InputOwnerStats`; options ``rank``,
-            ``per_class``, ``min_var``, and ``soft``, ``top``, ``temperature`` of
+            ``per_class``, ``components``, ``min_var``, and ``soft``, ``top``,
+            ``temperature`` of
             :meth:`~peer_ll.experts.owner_input.InputOwnerStats.attach`), "oracle"
             (the evaluated experience's id: task known, an upper bound) or "all" (no
             restriction: every owner is searched).
