@@ -220,15 +220,10 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 def _per_owner_copies(model: nn.Module) -> list[nn.ModuleDict]:
     """The ``{owner: module}`` dicts of a model's per-owner modules."""
-    from peer_ll.models.owner_copies import OwnerCopies
     from peer_ll.models.owner_head import OwnerHead
+    from peer_ll.strategies.protect_plugins import owner_heads
 
-    found = []
-    for m in model.modules():
-        if isinstance(m, OwnerHead):
-            found.append(m.heads)
-        elif isinstance(m, OwnerCopies):
-            found.append(m.copies)
-        elif isinstance(m, PEER) and len(getattr(m, "query_adapters", ())):
-            found.append(m.query_adapters)
+    found = [m.heads if isinstance(m, OwnerHead) else m.copies for m in owner_heads(model)]
+    found += [m.query_adapters for m in model.modules()
+              if isinstance(m, PEER) and len(getattr(m, "query_adapters", ()))]
     return found

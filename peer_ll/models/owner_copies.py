@@ -23,7 +23,12 @@ from torch import nn
 
 from peer_ll.experts import PEER
 from peer_ll.experts.checks import check_owner
-from peer_ll.models.owner_head import eval_owners_or_newest, refuse_query_inference
+from peer_ll.models.owner_head import (
+    apply_per_owner,
+    eval_owners_or_newest,
+    freeze_per_owner,
+    refuse_query_inference,
+)
 
 
 class OwnerCopies(nn.Module):
@@ -68,12 +73,7 @@ class OwnerCopies(nn.Module):
     def freeze(self, owners: Iterable[int] | None = None, *, frozen: bool = True) -> None:
         """Stop (or restart) training the copies of ``owners``; a frozen BatchNorm copy
         also stops updating its running statistics."""
-        owners = self.owners if owners is None else [check_owner("owners", o) for o in owners]
-        missing = sorted(set(owners) - set(self.owners))
-        if missing:
-            raise ValueError(f"owners: expected owners among {self.owners}, got {missing}")
-        for owner in owners:
-            self.copies[str(owner)].requires_grad_(not frozen)
+        freeze_per_owner(self.copies, self.owners, owners, frozen)
 
     def current_owners(self) -> int | torch.Tensor:
         """The owner (int) or per-sample owners (tensor) the next forward uses."""
@@ -89,13 +89,7 @@ class OwnerCopies(nn.Module):
             return self._copy(int(owners))(x)
         if owners.shape != x.shape[:1]:
             raise ValueError(f"owners: expected shape ({x.shape[0]},), got {tuple(owners.shape)}")
-        owners = owners.to(x.device)
-        parts = {o: self._copy(o)(x[owners == o]) for o in owners.unique().tolist()}
-        first = next(iter(parts.values()))
-        out = first.new_empty(x.shape[0], *first.shape[1:])
-        for o, y in parts.items():
-            out[owners == o] = y
-        return out
+        return apply_per_owner(x, owners, lambda part, o: self._copy(o)(part))
 
     def _copy(self, owner: int) -> nn.Module:
         if owner not in self.owners:

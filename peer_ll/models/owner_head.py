@@ -127,12 +127,7 @@ class OwnerHead(nn.Module):
 
     def freeze(self, owners: Iterable[int] | None = None, *, frozen: bool = True) -> None:
         """Stop (or, with ``frozen=False``, restart) training the heads of ``owners``."""
-        owners = self.owners if owners is None else [check_owner("owners", o) for o in owners]
-        missing = sorted(set(owners) - set(self.owners))
-        if missing:
-            raise ValueError(f"owners must be among {self.owners}, got {missing}")
-        for owner in owners:
-            self.heads[str(owner)].requires_grad_(not frozen)
+        freeze_per_owner(self.heads, self.owners, owners, frozen)
 
     # ------------------------------------------------------------------ forward
     def current_owners(self, lead: torch.Size) -> int | torch.Tensor:
@@ -161,12 +156,8 @@ class OwnerHead(nn.Module):
             return self._apply_head(h, check_owner("owners", owners))
         if tuple(owners.shape) != tuple(lead):
             raise ValueError(f"owners must have shape {tuple(lead)}, got {tuple(owners.shape)}")
-        flat_h, flat_o = h.reshape(-1, self.in_features), owners.reshape(-1).to(h.device)
-        out = flat_h.new_empty(flat_h.shape[0], self.num_classes)
-        for owner in flat_o.unique().tolist():  # a loop over owners, not inputs
-            pick = flat_o == owner
-            out[pick] = self._apply_head(flat_h[pick], owner)
-        return out.view(*lead, self.num_classes)
+        flat_h, flat_o = h.reshape(-1, self.in_features), owners.reshape(-1)
+        return apply_per_owner(flat_h, flat_o, self._apply_head).view(*lead, self.num_classes)
 
     def _apply_head(self, h: torch.Tensor, owner: int) -> torch.Tensor:
         if owner not in self.owners:
@@ -196,6 +187,31 @@ class OwnerHead(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
                 f"owners={self.owners}, init={self.init!r}")
+
+
+def apply_per_owner(x: torch.Tensor, owners: torch.Tensor, fn) -> torch.Tensor:
+    """``fn(x[owners == o], o)`` for each owner o present, back in input order.
+
+    x (N, ...), owners (N,) ints -> (N, ...) as ``fn`` returns; a loop over owners,
+    not inputs.
+    """
+    owners = owners.to(x.device)
+    parts = {o: fn(x[owners == o], o) for o in owners.unique().tolist()}
+    first = next(iter(parts.values()))
+    out = first.new_empty(x.shape[0], *first.shape[1:])
+    for o, y in parts.items():
+        out[owners == o] = y
+    return out
+
+
+def freeze_per_owner(modules: nn.ModuleDict, known: list[int], owners, frozen: bool) -> None:
+    """(Un)freeze ``modules[str(o)]`` for ``owners`` (None: all ``known``); checked first."""
+    owners = known if owners is None else [check_owner("owners", o) for o in owners]
+    missing = sorted(set(owners) - set(known))
+    if missing:
+        raise ValueError(f"owners must be among {known}, got {missing}")
+    for owner in owners:
+        modules[str(owner)].requires_grad_(not frozen)
 
 
 def eval_owners_or_newest(chosen, newest: int) -> int | torch.Tensor:
