@@ -46,7 +46,7 @@ class AvalancheLM(nn.Module):
         self.domain: int | str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm(x, domain=self.domain)[0].transpose(1, 2)
+        return self.lm(x, owners=self.domain)[0].transpose(1, 2)
 
 
 class LMDomainGrowth(SupervisedPlugin):
