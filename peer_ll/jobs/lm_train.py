@@ -16,7 +16,8 @@ from torch import nn
 from tqdm import tqdm
 
 from peer_ll.evaluation.metrics import routing_share
-from peer_ll.models.lm import PEERLM, Domain
+from peer_ll.models.lm import PEERLM
+from peer_ll.models.lm import LMOwners as Domain
 from peer_ll.optim import make_optimizer
 
 GradHook = Callable[[PEERLM], None]
