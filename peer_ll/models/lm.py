@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peer_ll.experts import PEER, OwnerMix, mix_owners
+from peer_ll.models.lm_io import sample, save_atomically
 from peer_ll.models.transformer import Block, LMConfig, Route, grow_peer
 
 CHECKPOINT_FORMAT = 1
@@ -54,7 +54,7 @@ class PEERLM(nn.Module):
         super().__init__()
         self.config = config = LMConfig() if config is None else config
         if not isinstance(config, LMConfig):
-            raise TypeError(f"config: expected an LMConfig, got {type(config).__name__}")
+            raise TypeError(f"config must be an LMConfig, got {type(config).__name__}")
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
         self.pos_emb = nn.Embedding(config.block_size, config.dim)
         self.blocks = nn.ModuleList(
@@ -211,7 +211,7 @@ class PEERLM(nn.Module):
             {block index: (num_keys²,) ids of the new experts}.
         """
         if isinstance(owner, bool) or not isinstance(owner, int) or owner <= max(self.owners):
-            raise ValueError(f"owner: expected an int > {max(self.owners)}, got {owner!r}")
+            raise ValueError(f"owner must be an int > {max(self.owners)}, got {owner!r}")
         branch = self.config.growth == "branch"
         new = {}
         for i, block in enumerate(self.blocks):
@@ -242,7 +242,7 @@ class PEERLM(nn.Module):
         adapters train.
         """
         if owner not in self.owners:
-            raise ValueError(f"owner: expected one of {self.owners}, got {owner!r}")
+            raise ValueError(f"owner must be one of {self.owners}, got {owner!r}")
         for p in self.parameters():
             p.requires_grad_(False)
         for layer in self.modules():
@@ -269,8 +269,6 @@ class PEERLM(nn.Module):
             if isinstance(layer, PEER):
                 layer.unfreeze(None, keys=True, query=True)
 
-    # --------------------------------------------------------------- generation
-    @torch.no_grad()
     def generate(
         self,
         idx: torch.Tensor,
@@ -287,26 +285,8 @@ class PEERLM(nn.Module):
         0 means greedy decoding; ``owners`` is passed to :meth:`forward`. Decode
         bytes with :func:`peer_ll.data.text.decode`.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature: expected a float >= 0, got {temperature}")
-        was_training = self.training
-        self.eval()
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size :], owners=owners)
-            logits = logits[:, -1]  # (B, V)
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        self.train(was_training)
-        return idx
+        return sample(self, idx, max_new_tokens, block_size=self.config.block_size,
+                      temperature=temperature, top_k=top_k, owners=owners, generator=generator)
 
     # ---------------------------------------------------------------- save/load
     def save(self, path: str | os.PathLike) -> None:
@@ -314,25 +294,11 @@ class PEERLM(nn.Module):
 
         An interrupted save leaves any previous checkpoint at ``path`` intact.
         """
-        path = os.fspath(path)
-        payload = {
+        save_atomically({
             "format": CHECKPOINT_FORMAT,
             "config": json.dumps(self.config.to_dict()),
             "state_dict": self.state_dict(),
-        }
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; keep the usual mode
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        }, path)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load weights; blocks first get the grown layers and adapters the checkpoint has."""
@@ -345,16 +311,10 @@ class PEERLM(nn.Module):
         """Build a PEERLM from :meth:`save`'s file; PEER layers grow to the saved pools."""
         payload = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"path: expected a PEERLM checkpoint (format {CHECKPOINT_FORMAT})")
+            raise ValueError(f"path must hold a PEERLM checkpoint (format {CHECKPOINT_FORMAT})")
         model = cls(LMConfig.from_dict(json.loads(payload["config"])))
         model.load_state_dict(payload["state_dict"])
         return model
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _describe(x: object) -> str:

@@ -119,7 +119,7 @@ class SparseExpertFinetuning(SupervisedPlugin):
     def _restrict(self, layer: PEER, rows: torch.Tensor) -> None:
         keep = torch.zeros_like(layer.expert_frozen)
         keep[rows] = True
-        left, right = layer.key_rows(rows)
+        left, right = layer.pool.key_rows(rows)
         keep_keys = torch.zeros_like(layer.key_frozen)
         keep_keys[left] = True
         keep_keys[right] = True

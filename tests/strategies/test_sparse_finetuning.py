@@ -29,7 +29,7 @@ class RowsChanged(SupervisedPlugin):
         self.rows.append(changed.flatten())
         chosen = self.sparse.last_selected[self.layer]
         assert set(changed.flatten().tolist()) <= set(chosen.tolist())
-        left, right = self.layer.key_rows(chosen)
+        left, right = self.layer.pool.key_rows(chosen)
         moved = (self.layer.sub_keys != self._keys).flatten(1).any(1).nonzero().flatten()
         self.keys_ok.append(set(moved.tolist()) <= set(left.tolist()) | set(right.tolist()))
 
