@@ -62,6 +62,10 @@ def mix_owners(fn: Callable[[torch.Tensor], torch.Tensor], mix: OwnerMix) -> tor
     if not weights.is_floating_point() or tuple(weights.shape[:2]) != tuple(ids.shape):
         raise ValueError(f"mix.weights must be a float tensor ({ids.shape[0]}, {ids.shape[1]}, "
                          f"...), got {weights.dtype} {tuple(weights.shape)}")
+    total = weights.sum(1)
+    if not torch.allclose(total, torch.ones_like(total), atol=1e-4):
+        raise ValueError(f"mix.weights must sum to 1 over M, got sums between "
+                         f"{float(total.min()):.4g} and {float(total.max()):.4g}")
     out = None
     for m in range(ids.shape[1]):
         y = fn(ids[:, m])

@@ -221,11 +221,6 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 
 def _per_owner_copies(model: nn.Module) -> list[nn.ModuleDict]:
-    """The ``{owner: module}`` dicts of a model's per-owner modules."""
-    from peer_ll.models.owner_head import OwnerHead
-    from peer_ll.strategies.protect_plugins import owner_heads
-
-    found = [m.heads if isinstance(m, OwnerHead) else m.copies for m in owner_heads(model)]
-    found += [m.query_adapter for m in model.modules()
-              if isinstance(m, PEER) and isinstance(m.query_adapter, nn.ModuleDict)]
-    return found
+    """The ``{owner: module}`` dicts of a model's per-owner modules (keys: owner ids)."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.ModuleDict) and len(m) and all(k.isdigit() for k in m)]

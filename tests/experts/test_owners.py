@@ -98,6 +98,8 @@ def test_mix_owners_is_the_weighted_sum_of_routes():
         mix_owners(lambda o: o, (ids, w))
     with pytest.raises(ValueError, match="mix.weights must be a float tensor"):
         mix_owners(lambda o: o, OwnerMix(ids, w[:, :1]))
+    with pytest.raises(ValueError, match="mix.weights must sum to 1 over M"):
+        mix_owners(lambda o: o, OwnerMix(ids, w * 2))
 
 
 def test_call_with_owners_only_passes_owners_to_owner_aware_modules():

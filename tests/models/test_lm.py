@@ -145,7 +145,7 @@ def test_freeze_old_leaves_only_the_new_domain_trainable():
 
 
 def test_old_domain_is_exact_with_restricted_routes(grown, domains):
-    """The issue's test: after B, A restricted to the old owners is unchanged."""
+    """After B, A restricted to the old owners is unchanged."""
     model, before, ppl = grown
     A, B = domains
     assert perplexity(model, A["test"][:16], domain=0) == ppl["A"]  # bit for bit

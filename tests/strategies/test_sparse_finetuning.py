@@ -96,5 +96,7 @@ def test_train_others_false_trains_only_expert_rows(small_peer, class_stream):
 
 
 def test_top_t_must_be_positive():
-    with pytest.raises(ValueError, match="top_t"):
+    with pytest.raises(ValueError, match="top_t must be an int >= 1, got 0"):
         SparseExpertFinetuning(0)
+    with pytest.raises(TypeError, match="top_t must be an int >= 1, got float 2.0"):
+        SparseExpertFinetuning(2.0)
