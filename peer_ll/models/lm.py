@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peer_ll.experts import PEER, OwnerMix, mix_owners
+from peer_ll.models.lm_growth import freeze_all_but, grow_domain
 from peer_ll.models.lm_io import sample, save_atomically
-from peer_ll.models.transformer import Block, LMConfig, Route, grow_peer
+from peer_ll.models.transformer import Block, LMConfig, Route
 
 CHECKPOINT_FORMAT = 1
 LMOwners = int | str | torch.Tensor | None
@@ -210,27 +211,7 @@ class PEERLM(nn.Module):
         Returns:
             {block index: (num_keys²,) ids of the new experts}.
         """
-        if isinstance(owner, bool) or not isinstance(owner, int) or owner <= max(self.owners):
-            raise ValueError(f"owner must be an int > {max(self.owners)}, got {owner!r}")
-        branch = self.config.growth == "branch"
-        new = {}
-        for i, block in enumerate(self.blocks):
-            if block.is_peer:
-                new[i] = grow_peer(block.ffn, num_keys, owner=owner)
-                layer = block.ffn
-            elif branch and self.config.grow_dense_blocks:
-                block.grow_dense(self.config, num_keys, owner=owner)
-                layer = block.grown
-                new[i] = torch.arange(layer.num_experts - num_keys**2, layer.num_experts)
-            else:
-                continue
-            if branch:
-                with torch.no_grad():
-                    layer.up[new[i]] = 0.0
-        if branch and self.config.attention_adapter_rank:
-            for block in self.blocks:
-                block.attn.add_adapter(owner, self.config.attention_adapter_rank)
-        return new
+        return grow_domain(self, num_keys, owner=owner)
 
     def freeze_old(self, owner: int) -> None:
         """Freeze everything except the experts and sub-keys of ``owner``.
@@ -241,25 +222,7 @@ class PEERLM(nn.Module):
         :func:`peer_ll.optim.make_optimizer`). ``owner``'s query and attention
         adapters train.
         """
-        if owner not in self.owners:
-            raise ValueError(f"owner must be one of {self.owners}, got {owner!r}")
-        for p in self.parameters():
-            p.requires_grad_(False)
-        for layer in self.modules():
-            if not isinstance(layer, PEER):
-                continue
-            present = set(layer.segment_owner.tolist())
-            others = sorted(present - {owner})
-            if others:
-                layer.freeze(others, keys=True, query=True)
-            if owner in present:
-                layer.unfreeze(owner, keys=True, query=False)
-            layer.freeze([], keys=False, query=True)  # the shared query network
-            for p in (layer.down, layer.up, layer.sub_keys):
-                p.requires_grad_(True)
-        for block in self.blocks:
-            if str(owner) in block.attn.adapters:
-                block.attn.adapters[str(owner)].requires_grad_(True)
+        freeze_all_but(self, owner)
 
     def unfreeze_all(self) -> None:
         """Make every parameter, expert and sub-key trainable again."""
