@@ -123,6 +123,7 @@ class PEER(nn.Module):
         self.query_adapter: nn.Module | None = None
         self.pool.grow(num_keys, owner=owner)
         self.register_load_state_dict_post_hook(PEER._after_load)
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, owners: Owners = None) -> torch.Tensor:
         """Apply the layer: (..., D) -> (..., E).
@@ -185,9 +186,8 @@ class PEER(nn.Module):
     def _searched(self, x, owners: Owners, need: int | None = None):
         """Segments that ``owners`` may search and an optional (T, S) mask; checks both."""
         check_input(x, self.dim)
-        need = self.topk if need is None else need
         return select_segments(owners, self.pool.segments, self.pool.segment_owner,
-                               tuple(x.shape[:-1]), need=need)
+                               tuple(x.shape[:-1]), need=self.topk if need is None else need)
 
     def _search(self, q, segments, mask, k) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k (T, H, k) of q (T, H, d) over ``segments``, per-owner query if adapted."""
