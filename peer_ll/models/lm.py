@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peer_ll.experts import PEER, OwnerMix, mix_owners
+from peer_ll.experts import PEER, OwnerMix, mix_owners, peer_layers
 from peer_ll.models.lm_growth import freeze_all_but, grow_domain
 from peer_ll.models.lm_io import sample, save_atomically
 from peer_ll.models.transformer import Block, LMConfig, Route
@@ -228,9 +228,8 @@ class PEERLM(nn.Module):
         """Make every parameter, expert and sub-key trainable again."""
         for p in self.parameters():
             p.requires_grad_(True)
-        for layer in self.modules():
-            if isinstance(layer, PEER):
-                layer.unfreeze(None, keys=True, query=True)
+        for layer in peer_layers(self).values():
+            layer.unfreeze(None, keys=True, query=True)
 
     def generate(
         self,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peer_ll.experts import PEER
+from peer_ll.experts import peer_layers
 from peer_ll.models.transformer import grow_peer
 
 
@@ -43,9 +43,7 @@ def freeze_all_but(model: nn.Module, owner: int) -> None:
         raise ValueError(f"owner must be one of {model.owners}, got {owner!r}")
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in model.modules():
-        if not isinstance(layer, PEER):
-            continue
+    for layer in peer_layers(model).values():
         present = set(layer.segment_owner.tolist())
         others = sorted(present - {owner})
         if others:
