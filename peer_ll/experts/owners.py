@@ -103,16 +103,14 @@ def select_segments(
         ``(searched, mask)``: the (S', 4) segments to search, and for per-input owners
         a (T, S) bool mask of the segments each input may use (else None).
     """
+    if owners is None:  # every expert: the pool always holds topk (no device sync)
+        return segments, None
+    keep, mask = _selection(owners, segment_owner, lead)
     sizes = segments[:, 1] * segments[:, 2]  # (S,)
-    keep = mask = None
-    if owners is not None:
-        keep, mask = _selection(owners, segment_owner, lead)
     if keep is not None:
         held = int(sizes[keep].sum())
-    elif mask is not None and len(mask):
-        held = int((mask * sizes[None, :]).sum(dim=1).min())
     else:
-        held = int(sizes.sum())
+        held = int((mask * sizes[None, :]).sum(dim=1).min()) if len(mask) else need
     if held < need:
         raise ValueError(f"owners must hold at least topk={need} experts, got owners "
                          f"{owners!r} holding {held}")
