@@ -86,7 +86,10 @@ class PEERLM(nn.Module):
         owners = self.owners
         if owner is None:
             return None if self.config.growth == "pool" else [[o] for o in owners]
-        if isinstance(owner, bool) or not isinstance(owner, int) or owner not in owners:
+        if isinstance(owner, bool) or not isinstance(owner, int):
+            raise TypeError(f"owners must be None, 'infer', an int or a (B,) integer tensor, "
+                            f"got {type(owner).__name__} {owner!r}")
+        if owner not in owners:
             raise ValueError(f"owners must be None, 'infer', one of {owners} or a (B,) "
                              f"integer tensor of them, got {owner!r}")
         if self.config.growth == "pool":
@@ -133,8 +136,9 @@ class PEERLM(nn.Module):
         """Logits (B, T, V) where sequence b takes the route of ``owners[b]``."""
         if owners.dim() == 0:
             return self._logits(idx, int(owners))
-        bad_dtype = owners.is_floating_point() or owners.dtype == torch.bool
-        if bad_dtype or owners.shape != idx.shape[:1]:
+        if owners.is_floating_point() or owners.dtype == torch.bool:
+            raise TypeError(f"owners must be an integer tensor, got {_describe(owners)}")
+        if owners.shape != idx.shape[:1]:
             raise ValueError(f"owners must be an integer tensor of shape ({idx.shape[0]},), "
                              f"got {_describe(owners)}")
         owners = owners.to(idx.device)

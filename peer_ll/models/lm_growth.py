@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from peer_ll.experts import peer_layers
+from peer_ll.experts.checks import check_int
 from peer_ll.models.transformer import grow_peer
 
 
 def grow_domain(model: nn.Module, num_keys: int, *, owner: int) -> dict[int, torch.Tensor]:
     """``model.grow``: new experts (and adapters) for domain ``owner`` in every block."""
-    if isinstance(owner, bool) or not isinstance(owner, int) or owner <= max(model.owners):
-        raise ValueError(f"owner must be an int > {max(model.owners)}, got {owner!r}")
+    check_int("owner", owner, minimum=max(model.owners) + 1)  # a new owner, in training order
     branch = model.config.growth == "branch"
     new = {}
     for i, block in enumerate(model.blocks):
