@@ -13,8 +13,8 @@ and adapters). A domain's *route* says what its tokens use:
 - growth "pool" (grow-only): new experts join the paper's single retrieval;
   domain d uses one retrieval over the experts of owners 0..d.
 
-``model(idx, domain=0)`` computes exactly what the model computed before any
-growth, whatever was trained later. ``domain="infer"`` needs no label: it mixes
+``model(idx, owners=0)`` computes exactly what the model computed before any
+growth, whatever was trained later. ``owners="infer"`` needs no label: it mixes
 the domains' predictions by their posterior given the context so far (see
 :meth:`PEERLM.domain_posterior`).
 
@@ -26,17 +26,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peer_ll.experts import PEER
+from peer_ll.experts import PEER, OwnerMix, mix_owners, peer_layers
+from peer_ll.models.lm_growth import freeze_all_but, grow_domain
+from peer_ll.models.lm_io import sample, save_atomically
 from peer_ll.models.transformer import Block, LMConfig, Route
 
 CHECKPOINT_FORMAT = 1
-Domain = int | str | None
+LMOwners = int | str | torch.Tensor | None
 
 class PEERLM(nn.Module):
     """Decoder-only transformer LM with PEER layers in place of some FFNs.
@@ -54,7 +55,7 @@ class PEERLM(nn.Module):
         super().__init__()
         self.config = config = LMConfig() if config is None else config
         if not isinstance(config, LMConfig):
-            raise TypeError(f"config: expected an LMConfig, got {type(config).__name__}")
+            raise TypeError(f"config must be an LMConfig, got {type(config).__name__}")
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
         self.pos_emb = nn.Embedding(config.block_size, config.dim)
         self.blocks = nn.ModuleList(
@@ -80,53 +81,80 @@ class PEERLM(nn.Module):
         """Owner (domain) ids present in the PEER layers, ascending (= training order)."""
         return sorted(set(self.peer_layers[0].segment_owner.tolist()))
 
-    def route(self, domain: int | None) -> Route:
-        """The owner groups a ``domain``'s tokens retrieve from (None: every expert)."""
+    def route(self, owner: int | None) -> Route:
+        """The owner groups an ``owner``'s tokens retrieve from (None: every expert)."""
         owners = self.owners
-        if domain is None:
+        if owner is None:
             return None if self.config.growth == "pool" else [[o] for o in owners]
-        if isinstance(domain, bool) or not isinstance(domain, int) or domain not in owners:
-            raise ValueError(f"domain: expected None, 'infer' or one of {owners}, got {domain!r}")
+        if isinstance(owner, bool) or not isinstance(owner, int):
+            raise TypeError(f"owners must be None, 'infer', an int or a (B,) integer tensor, "
+                            f"got {type(owner).__name__} {owner!r}")
+        if owner not in owners:
+            raise ValueError(f"owners must be None, 'infer', one of {owners} or a (B,) "
+                             f"integer tensor of them, got {owner!r}")
         if self.config.growth == "pool":
-            return [[o for o in owners if o <= domain]]
-        return [[owners[0]]] if domain == owners[0] else [[owners[0]], [domain]]
+            return [[o for o in owners if o <= owner]]
+        return [[owners[0]]] if owner == owners[0] else [[owners[0]], [owner]]
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, domain: Domain = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, owners: LMOwners = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Next-token logits, and the mean cross-entropy when ``targets`` are given.
 
         Args:
             idx: (B, T) token ids.
             targets: optional (B, T) next-token ids; -1 entries are ignored.
-            domain: None (every expert), a domain's owner id (its route: task-aware
-                inference; domain 0 is the model before any growth), or "infer"
-                (the domains' posterior mixture, see :meth:`domain_posterior`).
+            owners: None (every expert), a domain's owner id (its route: task-aware
+                inference; domain 0 is the model before any growth), a (B,) integer
+                tensor (one domain per sequence), or "infer" (the domains' posterior
+                mixture, see :meth:`domain_posterior`).
 
         Returns:
             logits (B, T, V) and the loss (a scalar) or None.
         """
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.is_floating_point():
-            raise ValueError(f"idx: expected an int tensor (B, T), got {_describe(idx)}")
+            raise ValueError(f"idx must be an integer tensor (B, T), got {_describe(idx)}")
         T = idx.shape[1]
         if not 1 <= T <= self.config.block_size:
-            raise ValueError(f"idx: expected 1 <= T <= {self.config.block_size}, got T={T}")
-        if isinstance(domain, str):
-            if domain != "infer":
-                raise ValueError(f"domain: expected None, 'infer' or an owner id, got {domain!r}")
+            raise ValueError(f"idx must have 1 <= T <= {self.config.block_size}, got T={T}")
+        if isinstance(owners, str):
+            if owners != "infer":
+                raise ValueError(f"owners must be None, 'infer', an owner id or a (B,) "
+                                 f"integer tensor, got {owners!r}")
             logits = self._mixture(idx)[0]  # log-probabilities: valid logits
+        elif isinstance(owners, torch.Tensor):
+            logits = self._per_sequence(idx, owners)
         else:
-            logits = self._logits(idx, domain)
+            logits = self._logits(idx, owners)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def _logits(self, idx: torch.Tensor, domain: int | None) -> torch.Tensor:
-        route = self.route(domain)
-        # Attention adapters: only a grown domain's own route (never domain None) uses them.
-        adapter = domain if domain is not None and domain != self.owners[0] else None
+    def _per_sequence(self, idx: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) where sequence b takes the route of ``owners[b]``."""
+        if owners.dim() == 0:
+            return self._logits(idx, int(owners))
+        if owners.is_floating_point() or owners.dtype == torch.bool:
+            raise TypeError(f"owners must be an integer tensor, got {_describe(owners)}")
+        if owners.shape != idx.shape[:1]:
+            raise ValueError(f"owners must be an integer tensor of shape ({idx.shape[0]},), "
+                             f"got {_describe(owners)}")
+        owners = owners.to(idx.device)
+        out = None
+        for owner in owners.unique().tolist():
+            rows = owners == owner
+            logits = self._logits(idx[rows], owner)
+            if out is None:
+                out = logits.new_empty(idx.shape[0], *logits.shape[1:])
+            out[rows] = logits
+        return out
+
+    def _logits(self, idx: torch.Tensor, owner: int | None) -> torch.Tensor:
+        route = self.route(owner)
+        # Attention adapters: only a grown domain's own route (never owner None) uses them.
+        adapter = owner if owner is not None and owner != self.owners[0] else None
         x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
             x = block(x, route, adapter)
@@ -146,7 +174,7 @@ class PEERLM(nn.Module):
         Every domain's route scores the tokens seen so far: with a uniform prior,
         position t's posterior for domain d is proportional to
         ``Π_{s<=t} p_d(idx[s] | idx[<s])``, which uses no token after t, so the
-        model stays causal. ``domain="infer"`` predicts with the posterior mixture
+        model stays causal. ``owners="infer"`` predicts with the posterior mixture
         ``Σ_d w_d(t) p_d(· | idx[<=t])`` (Bayesian model averaging): its log-loss
         over a sequence is at most the best single domain's plus log O, and a
         domain whose experts do not fit a text soon gets no weight. In the spirit
@@ -159,14 +187,15 @@ class PEERLM(nn.Module):
     def _mixture(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities (B, T, V) of the posterior mixture, log-posterior (O, B, T)."""
         owners = self.owners
-        logp = torch.stack(
-            [self._logits(idx, d).float().log_softmax(-1) for d in owners]
-        )  # (O, B, T, V)
+        logp = {d: self._logits(idx, d).float().log_softmax(-1) for d in owners}  # (B, T, V)
         with torch.no_grad():
-            seen = logp[:, :, :-1].gather(-1, idx[None, :, 1:, None].expand(len(owners), -1, -1, 1))
+            seen = torch.stack([logp[d][:, :-1].gather(-1, idx[:, 1:, None]) for d in owners])
             evidence = F.pad(seen.squeeze(-1).cumsum(-1), (1, 0))  # (O, B, T)
             log_post = evidence.log_softmax(0)
-        return torch.logsumexp(logp + log_post[..., None], dim=0), log_post
+        ids = torch.tensor(owners, device=idx.device).expand(idx.shape[0], -1)  # (B, O)
+        mix = OwnerMix(ids, log_post.exp().transpose(0, 1))  # weights (B, O, T)
+        probs = mix_owners(lambda o: logp[int(o[0])].exp(), mix)  # (B, T, V)
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log(), log_post
 
     # ------------------------------------------------------------------- growth
     def grow(self, num_keys: int, *, owner: int) -> dict[int, torch.Tensor]:
@@ -186,27 +215,7 @@ class PEERLM(nn.Module):
         Returns:
             {block index: (num_keys²,) ids of the new experts}.
         """
-        if isinstance(owner, bool) or not isinstance(owner, int) or owner <= max(self.owners):
-            raise ValueError(f"owner: expected an int > {max(self.owners)}, got {owner!r}")
-        branch = self.config.growth == "branch"
-        new = {}
-        for i, block in enumerate(self.blocks):
-            if block.is_peer:
-                new[i] = block.ffn.grow(num_keys, owner=owner)
-                layer = block.ffn
-            elif branch and self.config.grow_dense_blocks:
-                block.grow_dense(self.config, num_keys, owner=owner)
-                layer = block.grown
-                new[i] = torch.arange(layer.num_experts - num_keys**2, layer.num_experts)
-            else:
-                continue
-            if branch:
-                with torch.no_grad():
-                    layer.up[new[i]] = 0.0
-        if branch and self.config.attention_adapter_rank:
-            for block in self.blocks:
-                block.attn.add_adapter(owner, self.config.attention_adapter_rank)
-        return new
+        return grow_domain(self, num_keys, owner=owner)
 
     def freeze_old(self, owner: int) -> None:
         """Freeze everything except the experts and sub-keys of ``owner``.
@@ -217,36 +226,15 @@ class PEERLM(nn.Module):
         :func:`peer_ll.optim.make_optimizer`). ``owner``'s query and attention
         adapters train.
         """
-        if owner not in self.owners:
-            raise ValueError(f"owner: expected one of {self.owners}, got {owner!r}")
-        for p in self.parameters():
-            p.requires_grad_(False)
-        for layer in self.modules():
-            if not isinstance(layer, PEER):
-                continue
-            present = set(layer.segment_owner.tolist())
-            others = sorted(present - {owner})
-            if others:
-                layer.freeze(others, keys=True, query=True)
-            if owner in present:
-                layer.unfreeze(owner, keys=True, query=False)
-            layer.freeze([], keys=False, query=True)  # the shared query network
-            for p in (layer.down, layer.up, layer.sub_keys):
-                p.requires_grad_(True)
-        for block in self.blocks:
-            if str(owner) in block.attn.adapters:
-                block.attn.adapters[str(owner)].requires_grad_(True)
+        freeze_all_but(self, owner)
 
     def unfreeze_all(self) -> None:
         """Make every parameter, expert and sub-key trainable again."""
         for p in self.parameters():
             p.requires_grad_(True)
-        for layer in self.modules():
-            if isinstance(layer, PEER):
-                layer.unfreeze(None, keys=True, query=True)
+        for layer in peer_layers(self).values():
+            layer.unfreeze(None, keys=True, query=True)
 
-    # --------------------------------------------------------------- generation
-    @torch.no_grad()
     def generate(
         self,
         idx: torch.Tensor,
@@ -254,35 +242,17 @@ class PEERLM(nn.Module):
         *,
         temperature: float = 1.0,
         top_k: int | None = None,
-        domain: Domain = None,
+        owners: LMOwners = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Sample a continuation: (B, T0) prompt ids -> (B, T0 + max_new_tokens).
 
         The context is cropped to the last ``block_size`` tokens. ``temperature``
-        0 means greedy decoding; ``domain`` is passed to :meth:`forward`. Decode
+        0 means greedy decoding; ``owners`` is passed to :meth:`forward`. Decode
         bytes with :func:`peer_ll.data.text.decode`.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature: expected a float >= 0, got {temperature}")
-        was_training = self.training
-        self.eval()
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size :], domain=domain)
-            logits = logits[:, -1]  # (B, V)
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        self.train(was_training)
-        return idx
+        return sample(self, idx, max_new_tokens, block_size=self.config.block_size,
+                      temperature=temperature, top_k=top_k, owners=owners, generator=generator)
 
     # ---------------------------------------------------------------- save/load
     def save(self, path: str | os.PathLike) -> None:
@@ -290,25 +260,11 @@ class PEERLM(nn.Module):
 
         An interrupted save leaves any previous checkpoint at ``path`` intact.
         """
-        path = os.fspath(path)
-        payload = {
+        save_atomically({
             "format": CHECKPOINT_FORMAT,
             "config": json.dumps(self.config.to_dict()),
             "state_dict": self.state_dict(),
-        }
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; keep the usual mode
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        }, path)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load weights; blocks first get the grown layers and adapters the checkpoint has."""
@@ -321,16 +277,10 @@ class PEERLM(nn.Module):
         """Build a PEERLM from :meth:`save`'s file; PEER layers grow to the saved pools."""
         payload = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"path: expected a PEERLM checkpoint (format {CHECKPOINT_FORMAT})")
+            raise ValueError(f"path must hold a PEERLM checkpoint (format {CHECKPOINT_FORMAT})")
         model = cls(LMConfig.from_dict(json.loads(payload["config"])))
         model.load_state_dict(payload["state_dict"])
         return model
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _describe(x: object) -> str:

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peer_ll.experts import PEER
+from peer_ll.experts import PEER, OwnerQueryAdapters
+from peer_ll.experts.checks import check_bool, check_choice, check_float, check_int
 
 GROWTH = ("branch", "pool")
 Route = list[list[int]] | None  # owner groups; each group is one PEER retrieval, outputs summed
@@ -49,7 +50,7 @@ class LMConfig:
     # With "branch" growth, dense-FFN blocks also grow experts: a PEER layer beside the
     # MLP, created at the first growth, that holds only grown domains' experts.
     grow_dense_blocks: bool = True
-    # Per-owner query adapters of every PEER layer (peer_ll.experts.QueryAdapter): a new
+    # Per-owner query adapters of every PEER layer (peer_ll.experts.OwnerQueryAdapters): a new
     # domain trains its own on a frozen shared query network (0 and False: none, paper).
     adapter_rank: int = 8
     adapter_affine: bool = True
@@ -60,12 +61,10 @@ class LMConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "dim", "layers", "attn_heads", "mlp_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+            check_int(name, getattr(self, name), minimum=1)
         if self.dim % self.attn_heads:
             raise ValueError(
-                f"dim: expected a multiple of attn_heads={self.attn_heads}, got {self.dim}"
+                f"dim must be a multiple of attn_heads={self.attn_heads}, got {self.dim}"
             )
         if self.peer_layers is None:
             self.peer_layers = (self.layers // 2,)
@@ -73,21 +72,17 @@ class LMConfig:
         bad = [i for i in self.peer_layers if not 0 <= i < self.layers]
         if bad or not self.peer_layers:
             raise ValueError(
-                f"peer_layers: expected block indices in [0, {self.layers}), got {self.peer_layers}"
+                f"peer_layers must be block indices in [0, {self.layers}), got {self.peer_layers}"
             )
-        if self.query_norm == "batch":
-            raise ValueError(
-                "query_norm: expected 'layer' or None for a causal language model (BatchNorm "
-                "mixes positions, so it leaks future tokens), got 'batch'"
-            )
+        check_choice("query_norm", self.query_norm, ("layer", None))  # BatchNorm leaks the future
+        for name in ("peer_num_keys", "peer_heads", "peer_topk", "peer_dim_key"):
+            check_int(name, getattr(self, name), minimum=1)
         for name in ("adapter_rank", "attention_adapter_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
-        if self.growth not in GROWTH:
-            raise ValueError(f"growth: expected one of {GROWTH}, got {self.growth!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout: expected a float in [0, 1), got {self.dropout!r}")
+            check_int(name, getattr(self, name), minimum=0)
+        check_bool("adapter_affine", self.adapter_affine)
+        check_bool("grow_dense_blocks", self.grow_dense_blocks)
+        check_choice("growth", self.growth, GROWTH)
+        check_float("dropout", self.dropout, minimum=0.0, maximum=0.999)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict; :meth:`from_dict` inverts it."""
@@ -169,8 +164,12 @@ class MLP(nn.Module):
 
 
 def make_peer(config: LMConfig, *, num_keys: int | None = None, owner: int = 0) -> PEER:
-    """A PEER layer as ``config`` describes it (default: the base layer of owner 0)."""
-    return PEER(
+    """A PEER layer as ``config`` describes it (default: the base layer of owner 0).
+
+    With ``config.adapter_rank`` or ``config.adapter_affine`` it carries per-owner
+    query adapters (:class:`peer_ll.experts.OwnerQueryAdapters`), one for ``owner``.
+    """
+    layer = PEER(
         config.dim,
         num_keys=config.peer_num_keys if num_keys is None else num_keys,
         heads=config.peer_heads,
@@ -179,10 +178,20 @@ def make_peer(config: LMConfig, *, num_keys: int | None = None, owner: int = 0) 
         query_norm=config.query_norm,
         capacity=config.peer_capacity if num_keys is None else None,
         owner=owner,
-        query_stats=None,  # PEERLM infers domains from its own likelihood
-        query_adapter_rank=config.adapter_rank,
-        query_adapter_affine=config.adapter_affine,
     )
+    if config.adapter_rank or config.adapter_affine:
+        layer.attach_query_adapter(OwnerQueryAdapters(
+            config.peer_heads, config.peer_dim_key, rank=config.adapter_rank,
+            affine=config.adapter_affine, owners=[owner]))
+    return layer
+
+
+def grow_peer(layer: PEER, num_keys: int, *, owner: int) -> torch.Tensor:
+    """Grow ``layer`` by ``num_keys``² experts of ``owner`` (and its query adapter)."""
+    ids = layer.grow(num_keys, owner=owner)
+    if isinstance(layer.query_adapter, OwnerQueryAdapters):
+        layer.query_adapter.add(owner)
+    return ids
 
 
 class Block(nn.Module):
@@ -214,9 +223,9 @@ class Block(nn.Module):
         and its output weights start at zero, so it adds nothing until trained.
         """
         if self.is_peer:
-            raise ValueError("grow_dense: expected a dense block, got a PEER block")
+            raise ValueError("block must be a dense block to grow_dense, got a PEER block")
         if self.grown is not None:
-            self.grown.grow(num_keys, owner=owner)
+            grow_peer(self.grown, num_keys, owner=owner)
         else:
             self.grown = make_peer(config, num_keys=num_keys, owner=owner).to(
                 self.ln_ffn.weight.device
@@ -232,8 +241,10 @@ class Block(nn.Module):
                 owner = name[len(head) :].split(".")[0]
                 if owner not in self.attn.adapters:
                     self.attn.add_adapter(int(owner), value.shape[1])
-        owners = state_dict.get(prefix + "grown.segment_owner")
-        segments = state_dict.get(prefix + "grown.segments")
+        owners = state_dict.get(prefix + "grown.pool.segment_owner",
+                                state_dict.get(prefix + "grown.segment_owner"))  # older layout
+        segments = state_dict.get(prefix + "grown.pool.segments",
+                                  state_dict.get(prefix + "grown.segments"))
         if owners is not None and segments is not None and self.grown is None:
             self.grow_dense(config, int(segments[0, 1]), owner=int(owners[0]))
 
@@ -245,12 +256,12 @@ class Block(nn.Module):
         if route is None:
             return x + self.drop(self.ffn(h))
         if self.is_peer:
-            out = self.ffn(h, route[0])
+            out = self.ffn(h, owners=route[0])
             for group in route[1:]:
-                out = out + self.ffn(h, group)
+                out = out + self.ffn(h, owners=group)
         else:
             out = self.ffn(h)
             for group in route[1:] if self.grown is not None else ():
-                out = out + self.grown(h, group)
+                out = out + self.grown(h, owners=group)
         return x + self.drop(out)
 

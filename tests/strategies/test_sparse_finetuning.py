@@ -4,8 +4,12 @@ import pytest
 import torch
 from avalanche.core import SupervisedPlugin
 
-from peer_ll.models import PEERClassifier
-from peer_ll.strategies import GrowthPolicy, SparseExpertFinetuning, peer_sparse_finetuning
+from peer_ll.strategies import (
+    GrowthPolicy,
+    SparseExpertFinetuning,
+    peer_classifier,
+    peer_sparse_finetuning,
+)
 
 
 class RowsChanged(SupervisedPlugin):
@@ -25,14 +29,15 @@ class RowsChanged(SupervisedPlugin):
         self.rows.append(changed.flatten())
         chosen = self.sparse.last_selected[self.layer]
         assert set(changed.flatten().tolist()) <= set(chosen.tolist())
-        left, right = self.layer.key_rows(chosen)
+        left, right = self.layer.pool.key_rows(chosen)
         moved = (self.layer.sub_keys != self._keys).flatten(1).any(1).nonzero().flatten()
         self.keys_ok.append(set(moved.tolist()) <= set(left.tolist()) | set(right.tolist()))
 
 
 @pytest.mark.parametrize("dense", [False, True])
 def test_at_most_t_rows_change_per_step(dense, small_peer, class_stream):
-    model = PEERClassifier(64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy(max_experts=48))
+    model = peer_classifier(64, 10, hidden=16, peer=small_peer,
+                            growth=GrowthPolicy(max_experts=48))
     layer = model.peer_layers[0]
     strategy = peer_sparse_finetuning(
         model, top_t=3, train_mb_size=32, evaluator=None, dense_grads=dense
@@ -77,7 +82,8 @@ def test_first_experience_ranks_by_tf(small_peer):
 
 
 def test_train_others_false_trains_only_expert_rows(small_peer, class_stream):
-    model = PEERClassifier(64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy(max_experts=48))
+    model = peer_classifier(64, 10, hidden=16, peer=small_peer,
+                            growth=GrowthPolicy(max_experts=48))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     strategy = peer_sparse_finetuning(
         model, top_t=4, train_others=False, train_mb_size=32, evaluator=None
@@ -85,10 +91,12 @@ def test_train_others_false_trains_only_expert_rows(small_peer, class_stream):
     strategy.train(class_stream.train_stream[0])
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= {
-        "blocks.0.peer.down", "blocks.0.peer.up", "blocks.0.peer.sub_keys"
+        "blocks.0.peer.pool.down", "blocks.0.peer.pool.up", "blocks.0.peer.pool.sub_keys"
     }  # fmt: skip
 
 
 def test_top_t_must_be_positive():
-    with pytest.raises(ValueError, match="top_t"):
+    with pytest.raises(ValueError, match="top_t must be an int >= 1, got 0"):
         SparseExpertFinetuning(0)
+    with pytest.raises(TypeError, match="top_t must be an int >= 1, got float 2.0"):
+        SparseExpertFinetuning(2.0)
