@@ -5,7 +5,7 @@ Streams (``peer_ll.data.make_stream``):
 - Split-Fashion-MNIST, task-incremental (one head per task), 5 × 2 classes;
 - Permuted Fashion-MNIST, domain-incremental, 10 experiences.
 
-Every strategy of ``peer_ll.jobs.strategies_zoo`` (the nine of ``peer-ll run``, "PEER
+Every strategy of ``peer_ll.cli.strategies_zoo`` (the nine of ``peer-ll run``, "PEER
 growth, no replay" and the other routing-protection variants) trains with the same
 epochs, learning rate and replay budget. To fit a 2-core CPU each training experience
 is subsampled (default 2,000 images, balanced over classes) and each test experience too
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from peer_ll.cli.compare import cpu_threads, parse_seeds, run_comparison
+from peer_ll.cli.strategies_zoo import STRATEGIES, ZooConfig
 from peer_ll.evaluation.plots import draw_run_plots
 from peer_ll.evaluation.report import load_results, results_table, write_results
-from peer_ll.jobs.compare import cpu_threads, parse_seeds, run_comparison
-from peer_ll.jobs.strategies_zoo import STRATEGIES, ZooConfig
 
 STREAMS = {
     "fashion-mnist-class": "Split-Fashion-MNIST, class-incremental, 5 × 2 classes",

@@ -1,6 +1,6 @@
 """Benchmark: add experts for new text domains to a PEER language model.
 
-Runs ``peer-ll lm`` (``peer_ll.jobs.lm``) on three built-in domains in sequence,
+Runs ``peer-ll lm`` (``peer_ll.cli.lm``) on three built-in domains in sequence,
 python-stdlib → pydoc-topics → unicode-names, with the settings below (the job's
 defaults, written out so that the record names them), prints its table and appends
 the figures to ``benchmarks/RESULTS.md`` under its own heading (``--no-append`` to
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from peer_ll.jobs import lm
+from peer_ll.cli import lm
 
 HEADING = "## Language model: adding experts for new text domains (benchmarks/lm_domains.py)"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"

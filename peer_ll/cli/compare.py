@@ -2,7 +2,7 @@
 
 With no arguments: Split-Digits (scikit-learn's bundled digits, class-incremental,
 5 experiences × 2 classes), 2 seeds, the eight strategies of
-``peer_ll.jobs.strategies_zoo.DEFAULT_STRATEGIES``. After each training experience
+``peer_ll.cli.strategies_zoo.DEFAULT_STRATEGIES``. After each training experience
 every strategy is evaluated on the whole test stream, which fills its accuracy matrix
 R[i][j]. Joint training trains once on everything; its matrix repeats that one
 evaluation in every row, and its last row is the reference for intransigence.
@@ -30,20 +30,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from peer_ll.evaluation.plots import draw_run_plots, slug
-from peer_ll.evaluation.report import (
-    evaluation_values,
-    results_table,
-    summarize,
-    write_results,
-)
-from peer_ll.jobs.strategies_zoo import (
+from peer_ll.cli.strategies_zoo import (
     DEFAULT_STRATEGIES,
     STRATEGIES,
     ZooConfig,
     build_strategy,
     parameter_counts,
     stream_info,
+)
+from peer_ll.evaluation.plots import draw_run_plots, slug
+from peer_ll.evaluation.report import (
+    evaluation_values,
+    results_table,
+    summarize,
+    write_results,
 )
 
 DATASETS = ("digits", "fashion-mnist", "mnist")
@@ -142,7 +142,7 @@ def run_comparison(
 
     Args:
         stream: ``DATASET-KIND``, e.g. ``"digits-class"``, ``"fashion-mnist-permuted"``.
-        strategies: keys of ``peer_ll.jobs.strategies_zoo.STRATEGIES``.
+        strategies: keys of ``peer_ll.cli.strategies_zoo.STRATEGIES``.
         seeds: one run per seed; the seed also draws the stream (class order,
             permutations, subsample).
         config: shared training settings (default ``ZooConfig()``).

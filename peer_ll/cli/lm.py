@@ -2,7 +2,7 @@
 
 1. Train a :class:`peer_ll.models.PEERLM` on the first domain (A).
 2. For each later domain (B, C, ...), starting from that model, every method of
-   :mod:`peer_ll.jobs.lm_methods` learns the domains in order: full finetuning,
+   :mod:`peer_ll.cli.lm_methods` learns the domains in order: full finetuning,
    PEER sparse finetuning (TF-IDF top-t), grow-only (new experts join the pool,
    everything old frozen) and grow-and-freeze (new experts and adapters owned by
    the domain, everything old frozen, the domain inferred at test time).
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from peer_ll.jobs import lm_report
-from peer_ll.jobs.lm_methods import (
+from peer_ll.cli import lm_report
+from peer_ll.cli.lm_methods import (
     EVALUATIONS,
     METHODS,
     MethodSettings,
@@ -45,8 +45,8 @@ from peer_ll.jobs.lm_methods import (
     prepare,
     train_domain,
 )
-from peer_ll.jobs.lm_reload import reload_check
-from peer_ll.jobs.lm_train import (
+from peer_ll.cli.lm_reload import reload_check
+from peer_ll.cli.lm_train import (
     count_parameters,
     domain_accuracy,
     perplexity,

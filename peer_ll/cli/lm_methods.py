@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peer_ll.jobs.lm_train import GradHook, sample_batches
+from peer_ll.cli.lm_train import GradHook, sample_batches
 from peer_ll.models.lm import PEERLM, Domain
 
 METHODS = ("full", "sparse", "grow-only", "grow-and-freeze")

@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 from peer_ll.cli import main as cli
-from peer_ll.experts import PEER
-from peer_ll.jobs.compare import parse_seeds, parse_stream, run_comparison
-from peer_ll.jobs.strategies_zoo import (
+from peer_ll.cli.compare import parse_seeds, parse_stream, run_comparison
+from peer_ll.cli.strategies_zoo import (
     DEFAULT_STRATEGIES,
     STRATEGIES,
     ZooConfig,
     parameter_counts,
 )
+from peer_ll.experts import PEER
 
 TINY = ["--epochs", "1", "--seeds", "1", "--experiences", "3", "--max-train-per-exp", "60",
         "--max-test-per-exp", "30", "--num-keys", "8", "--hidden", "16", "--replay-budget", "30",

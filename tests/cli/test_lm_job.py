@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from peer_ll.jobs import lm
+from peer_ll.cli import lm
 
 ROOT = Path(__file__).resolve().parents[2]
 
