@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -178,7 +177,3 @@ def eval_domain(mode: Domain, domain: int, model: PEERLM) -> Domain:
         return mode
     return domain if domain in model.owners else None
 
-
-def relative_change(before: float, after: float) -> float:
-    """(after - before) / before, NaN-safe."""
-    return (after - before) / before if before and math.isfinite(before) else math.nan

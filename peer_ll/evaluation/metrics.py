@@ -39,8 +39,6 @@ __all__ = [
     "learning_accuracy",
     "relative_increase",
     "routing_share",
-    "unevenness",
-    "usage",
 ]
 
 
@@ -216,7 +214,7 @@ def relative_increase(R: Any, *, higher_is_better: bool = False) -> float:
     return _mean(change / first)
 
 
-# ---- PEER routing statistics (He 2024, Table 2) ----------------------------
+# ---- PEER routing share (usage, unevenness: peer_ll.experts) --------------
 
 
 def _as_mass(mass: Any) -> np.ndarray:
@@ -226,34 +224,6 @@ def _as_mass(mass: Any) -> np.ndarray:
     if np.isnan(m).any() or (m < 0).any():
         raise ValueError("mass must be finite and non-negative; got NaN or negative entries")
     return m
-
-
-def usage(mass: Any) -> float:
-    """Expert usage: the fraction of experts with non-zero accumulated router mass.
-
-    Args:
-        mass: (N,) router mass (summed gate weights) accumulated per expert.
-    """
-    m = _as_mass(mass)
-    return float(np.count_nonzero(m) / m.size)
-
-
-def unevenness(mass: Any) -> float:
-    """Unevenness: ``log N + sum_i z_i log z_i`` with ``z = mass / sum(mass)``.
-
-    The KL divergence (natural log) from the uniform distribution over the N
-    experts, with ``0 log 0 = 0``: 0 for perfectly even routing, ``log N`` when
-    one expert gets all the mass.
-
-    Args:
-        mass: (N,) accumulated router mass per expert, not all zero.
-    """
-    m = _as_mass(mass)
-    total = m.sum()
-    if total == 0:
-        raise ValueError("mass must have a positive sum; got all zeros")
-    z = m[m > 0] / total
-    return float(np.log(m.size) + np.sum(z * np.log(z)))
 
 
 def routing_share(mass: Any, owners: Any) -> dict[int, float]:

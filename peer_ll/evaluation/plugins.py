@@ -3,12 +3,13 @@
 They only collect; the numbers come from the pure functions in
 :mod:`peer_ll.evaluation.metrics`. Each emits, after every evaluation experience j,
 one ``MetricValue`` per quantity, so the values reach every Avalanche logger (text,
-TensorBoard, CSV, ...). Names follow Avalanche's scheme, e.g.
-``PEER_Usage/blocks.0.peer/eval_phase/test_stream/Exp002``.
+TensorBoard, CSV, ...). Names follow Avalanche's scheme, task segment included, e.g.
+``PEER_Usage/blocks.0.peer/eval_phase/test_stream/Task000/Exp002``.
 
 :class:`PEERRoutingMetrics`, per PEER layer (module name) and experience j:
 
-- ``PEER_Usage``, ``PEER_Unevenness``: usage and unevenness (He 2024, Table 2) of the
+- ``PEER_Usage``, ``PEER_Unevenness``: usage and unevenness (He 2024, Table 2;
+  :func:`peer_ll.experts.expert_usage`, :func:`peer_ll.experts.unevenness`) of the
   router mass that the inputs of experience j put on the pool;
 - ``PEER_RoutingShare/<layer>/Owner<o>``: the fraction of that mass on owner o's experts;
 - ``PEER_Margin``, ``PEER_GateEntropy``: mean retrieval confidence over tokens and heads
@@ -29,10 +30,8 @@ from avalanche.evaluation.metric_utils import get_metric_name
 from torch import nn
 
 from peer_ll.evaluation.metrics import dead_unit_fraction, effective_rank, routing_share
-from peer_ll.evaluation.metrics import unevenness as _unevenness
-from peer_ll.evaluation.metrics import usage as _usage
 from peer_ll.evaluation.report import METRIC_NAME, parse_metric_name
-from peer_ll.experts import PEER
+from peer_ll.experts import PEER, expert_usage, unevenness
 
 __all__ = [
     "ACTIVATIONS",
@@ -65,7 +64,7 @@ class _PerExperienceMetric(PluginMetric[dict]):
         x = strategy.clock.train_iterations
         out = []
         for base, value in values.items():
-            name = get_metric_name(base, strategy, add_experience=True, add_task=False)
+            name = get_metric_name(base, strategy, add_experience=True, add_task=True)
             out.append(MetricValue(self, name, value, x))
         self._last = {v.name: v.value for v in out}
         return out
@@ -134,9 +133,9 @@ class PEERRoutingMetrics(_PerExperienceMetric):
             with torch.no_grad():
                 layer.router_mass.copy_(state["mass"])
             layer.track_routing = state["track"]
-            values[f"PEER_Usage/{name}"] = _usage(mass)
+            values[f"PEER_Usage/{name}"] = expert_usage(mass)
             if float(mass.sum()) > 0:
-                values[f"PEER_Unevenness/{name}"] = _unevenness(mass)
+                values[f"PEER_Unevenness/{name}"] = unevenness(mass)
                 for owner, share in routing_share(mass, layer.owners.cpu()).items():
                     values[f"PEER_RoutingShare/{name}/Owner{owner:03d}"] = share
             if self.confidence:

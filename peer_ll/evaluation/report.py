@@ -73,7 +73,7 @@ COLUMNS = (
 
 
 #: Parses the per-experience names of Avalanche's and peer_ll's plugin metrics, e.g.
-#: ``PEER_RoutingShare/blocks.0.peer/Owner003/eval_phase/test_stream/Exp002``.
+#: ``PEER_RoutingShare/blocks.0.peer/Owner003/eval_phase/test_stream/Task000/Exp002``.
 METRIC_NAME = re.compile(
     r"^(?P<metric>[^/]+)(?:/(?P<module>[^/]+?))?(?:/Owner(?P<owner>\d+))?"
     r"/(?P<phase>train|eval)_phase/(?P<stream>[^/]+)_stream"
