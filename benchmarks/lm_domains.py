@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from peer_ll.cli import lm
+from peer_ll.cli.results import write_section
 
 HEADING = "## Language model: adding experts for new text domains (benchmarks/lm_domains.py)"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -58,7 +59,7 @@ def append(results: dict, args: argparse.Namespace, load_before: float) -> None:
     command = "python benchmarks/lm_domains.py " + shlex.join(sys.argv[1:])
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     text = [
-        f"\n### Run of {datetime.date.today()}\n",
+        f"### Run of {datetime.date.today()}\n",
         f"Command: `{command.strip()}` (settings: `{' '.join(SETTINGS)}`).",
         f"Machine: {os.cpu_count()} CPU cores, {gpu}, {args.threads} torch threads; load "
         f"average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (shared "
@@ -71,14 +72,7 @@ def append(results: dict, args: argparse.Namespace, load_before: float) -> None:
         table,
         "```",
     ]
-    body = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if HEADING not in body:
-        body = body.rstrip() + "\n\n" + HEADING + "\n"
-    start = body.index(HEADING) + len(HEADING)
-    nxt = body.find("\n## ", start)
-    end = len(body) if nxt < 0 else nxt
-    body = body[:end].rstrip() + "\n" + "\n".join(text) + "\n" + body[end:]
-    RESULTS.write_text(body)
+    write_section(RESULTS, HEADING, "\n".join(text))
 
 
 if __name__ == "__main__":

@@ -98,8 +98,8 @@ HEADING = "## Routing protection: peer_protect against baselines (benchmarks/rou
 PEER = dict(heads=4, topk=8, dim_key=32, query_norm="layer")
 
 
-def build(method: str, stream: str, n_classes: int, in_features: int):
-    """The model and strategy of ``method`` for ``stream``."""
+def build(method: str, stream: str, n_classes: int, in_features: int, evaluator=None):
+    """The model and strategy of ``method`` for ``stream``, with ``evaluator``."""
     from avalanche.training import EWC, LwF, Replay
     from avalanche.training.templates import SupervisedTemplate
 
@@ -111,7 +111,7 @@ def build(method: str, stream: str, n_classes: int, in_features: int):
 
     kind = STREAMS[stream][1]
     common = dict(train_mb_size=CFG["batch"], train_epochs=CFG["epochs"], eval_mb_size=500,
-                  evaluator=None)
+                  evaluator=evaluator)
     if method in JOINTS:  # every experience at once, one label-free head: a ceiling
         from avalanche.training import JointTraining
 
@@ -151,9 +151,13 @@ def build(method: str, stream: str, n_classes: int, in_features: int):
 
 
 def run_one(stream: str, method: str, seed: int) -> dict:
-    """Train ``method`` on ``stream`` once; the accuracy matrix, owner inference, routing."""
-    from avalanche.core import SupervisedPlugin
+    """Train ``method`` on ``stream`` once; the accuracy matrix, owner inference, routing.
 
+    The run loop and metrics are ``peer-ll run``'s (:mod:`peer_ll.cli.harness`); after each
+    experience only the experiences seen so far are evaluated (R's lower triangle), and
+    the routing share is the last PEER layer's.
+    """
+    from peer_ll.cli.harness import evaluator, run_stream
     from peer_ll.data import make_stream
     from peer_ll.strategies import OwnerRouting
 
@@ -164,53 +168,19 @@ def run_one(stream: str, method: str, seed: int) -> dict:
     bm = make_stream(name, kind=kind, n_experiences=CFG["n_exp"], seed=seed, **limits)
     n_classes = 10
     in_features = int(np.prod(bm.train_stream[0].dataset[0][0].shape))
-    model, strategy = build(method, stream, n_classes, in_features)
-
-    class Record(SupervisedPlugin):
-        """Accuracy and per-owner router mass of each evaluated experience."""
-
-        def before_eval_exp(self, strategy, **kw):
-            self.right, self.total = 0, 0
-            self.layers = [m for m in strategy.model.modules() if hasattr(m, "router_mass")]
-            self.mass = [m.router_mass.detach().clone() for m in self.layers]
-
-        def after_eval_iteration(self, strategy, **kw):
-            self.right += int((strategy.mb_output.argmax(-1) == strategy.mb_y).sum())
-            self.total += len(strategy.mb_y)
-
-        def after_eval_exp(self, strategy, **kw):
-            exp = strategy.experience.current_experience
-            self.acc[exp] = self.right / self.total
-            layer, before = self.layers[-1], self.mass[-1]
-            n = layer.num_experts
-            mass = (layer.router_mass[:n] - before[:n]).clamp_min(0).double()
-            owners = layer.owners
-            share = torch.zeros(int(owners.max()) + 1, dtype=torch.float64)
-            share.index_add_(0, owners.cpu(), mass.cpu())
-            self.share[exp] = (share / share.sum().clamp_min(1e-12)).tolist()
-
-    rec = Record()
-    strategy.plugins.append(rec)
-    T = CFG["n_exp"]
-    R = np.full((T, T), np.nan)
+    model, strategy = build(method, stream, n_classes, in_features,
+                            evaluator(confidence=False, plasticity=False))
     start = time.perf_counter()
-    if method in JOINTS:  # one training on all experiences: every row is the final one
-        strategy.train(bm.train_stream)
-        rec.acc, rec.share = {}, {}
-        strategy.eval(bm.test_stream)
-        R[:] = [rec.acc[j] for j in range(T)]
-    for i, exp in enumerate(bm.train_stream if method not in JOINTS else ()):
-        strategy.train(exp)
-        rec.acc, rec.share = {}, {}
-        strategy.eval(bm.test_stream[: i + 1])
-        R[i, : i + 1] = [rec.acc[j] for j in range(i + 1)]
+    rows, _ = run_stream(strategy, bm, joint=method in JOINTS, evaluate="seen")
     routing = [p for p in strategy.plugins if isinstance(p, OwnerRouting)]
     inferred = {}
     if routing:
         inferred = {int(j): float(np.mean(list(v.values())))
                     for j, v in routing[0].inference_accuracy.items()}
-    return dict(stream=stream, method=method, seed=seed, R=R.tolist(), inferred=inferred,
-                share=[rec.share[j] for j in range(T)], seconds=time.perf_counter() - start,
+    last_layer = list(rows[-1]["routing"])[-1]
+    return dict(stream=stream, method=method, seed=seed, R=[r["accuracy"] for r in rows],
+                inferred=inferred, share=rows[-1]["routing"][last_layer]["share"],
+                seconds=time.perf_counter() - start,
                 params=sum(p.numel() for p in model.parameters()))
 
 
@@ -282,7 +252,7 @@ def tables(records: list[dict]) -> str:
 
 
 def goals(records: list[dict]) -> str:
-    """Markdown: the issue's goals, each with the two figures it compares and a verdict."""
+    """Markdown: the goals, each with the two figures it compares and a verdict."""
     def get(stream, method):
         mine = [r for r in records if r["stream"] == stream and r["method"] == method]
         return summary(mine) if mine else None
@@ -360,11 +330,7 @@ def plot_shares(records: list[dict], folder: Path) -> list[Path]:
 
 
 def cmd_report(args) -> None:
-    import datetime
-    import os
-    import platform
-
-    import avalanche
+    from peer_ll.cli.results import environment_line, write_section
 
     records = [r for path in args.inputs for r in load(Path(path))]
     body = tables(records)
@@ -372,37 +338,24 @@ def cmd_report(args) -> None:
     figures = plot_shares(records, HERE / "figures")
     if args.no_append:
         return
-    env = (f"Date: {datetime.date.today()}; machine: {os.cpu_count()} CPUs (shared with other "
-           f"jobs), no GPU, 1 torch thread per run; python {platform.python_version()}, torch "
-           f"{torch.__version__}, avalanche {avalanche.__version__}, numpy {np.__version__}.")
     section = "\n".join([
-        HEADING, "", f"Command: `{' '.join(args.command)}` then `python "
+        f"Command: `{' '.join(args.command)}` then `python "
         "benchmarks/routing_protection.py report` (runs may be split over processes with "
         "`--streams`, `--methods` and `--seeds`; the ablations ran with `--streams "
         "fmnist-permuted --seeds 0 --methods ...`; every run is one line of "
-        "`benchmarks/records/routing_protection.jsonl`, which `report` reads)  ", env + "  ",
+        "`benchmarks/records/routing_protection.jsonl`, which `report` reads)  ",
+        environment_line() + " Runs: 1 torch thread each.  ",
         f"Settings: {CFG}; PEER {PEER}. Fashion-MNIST subsampled to {CFG['train_per_exp']} "
         f"training and {CFG['test_per_exp']} test images per experience (balanced), 5 "
         "experiences (permuted: 5, not 10), to fit a shared 2-core CPU; Split-Digits uses all "
         "of scikit-learn's digits. Accuracy, forgetting (Chaudhry's max) and learning accuracy "
         "(R[i][i]) in %, mean ± sample std over seeds; owner inference: share of test inputs "
         "of experience j whose top inferred owner is j, after the last experience.", "",
-        "Goals of the issue, checked on the means above:", "", goals(records), "",
+        "Goals, checked on the means above:", "", goals(records), "",
         body, "Routing-share plots: " + ", ".join(f"`benchmarks/figures/{p.name}`"
                                                for p in figures), ""])
-    results = HERE / "RESULTS.md"
-    text = results.read_text() if results.exists() else "# Benchmark results\n"
-    if HEADING in text:  # replace this script's own section, keep its hand-written notes
-        start = text.index(HEADING)
-        nxt = text.find("\n## ", start + len(HEADING))
-        old = text[start:nxt + 1] if nxt >= 0 else text[start:]
-        notes = old.find(NOTES)
-        if notes >= 0:
-            section += "\n" + old[notes:].rstrip("\n") + "\n"
-        text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    results.write_text(text)
+    # replace this script's own section, keep its hand-written notes
+    write_section(HERE / "RESULTS.md", HEADING, section, replace=True, keep_from=NOTES)
 
 
 def load(path: Path) -> list[dict]:

@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--layers", type=int, default=4, help="transformer blocks (4); PEER in the middle one")
     add("--experts-only", action="store_true",
         help="grow-and-freeze grows only PEER experts and sub-keys in the PEER blocks (the "
-             "issue's literal method): no expert layers beside dense MLPs, no query or "
+             "method in its plainest form): no expert layers beside dense MLPs, no query or "
              "attention adapters")
     add("--tiny", action="store_true", help="a tiny model and data, for a smoke run")
     add("--seed", type=int, default=0, help="random seed (0)")
