@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, fields
@@ -65,7 +66,7 @@ def parse_stream(stream: str) -> tuple[str, str]:
     name, _, kind = stream.rpartition("-")
     if name not in DATASETS or kind not in KINDS:
         choices = [f"{d}-{k}" for d in DATASETS for k in KINDS]
-        raise ValueError(f"stream must be DATASET-KIND, one of {choices}; got {stream!r}")
+        raise ValueError(f"stream must be DATASET-KIND, one of {choices}, got {stream!r}")
     return name, kind
 
 
@@ -127,7 +128,7 @@ def run_comparison(
     config = config or ZooConfig()
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown or not strategies:
-        raise ValueError(f"strategies must be among {list(STRATEGIES)}; got {list(strategies)}")
+        raise ValueError(f"strategies must be among {list(STRATEGIES)}, got {list(strategies)}")
     if not seeds:
         raise ValueError("seeds must hold at least one seed, got none")
     records: dict[str, list[dict]] = {key: [] for key in strategies}
@@ -190,7 +191,7 @@ def parse_seeds(text: str) -> list[int]:
             return [int(s) for s in text.split(",") if s.strip()]
         count = int(text)
     except ValueError as err:
-        raise ValueError(f"--seeds must be a count or a list like 0,1; got {text!r}") from err
+        raise ValueError(f"--seeds must be a count or a list like 0,1, got {text!r}") from err
     if count < 1:
         raise ValueError(f"--seeds must be a count >= 1, got {count}")
     return list(range(count))
@@ -203,9 +204,9 @@ def main(args: argparse.Namespace) -> int:
         parse_stream(args.stream)
         seeds = parse_seeds(args.seeds)
         if not strategies or set(strategies) - set(STRATEGIES):
-            raise ValueError(f"--strategies must be among {list(STRATEGIES)}; got {strategies}")
+            raise ValueError(f"--strategies must be among {list(STRATEGIES)}, got {strategies}")
     except ValueError as err:
-        print(f"peer-ll run: error: {err}")
+        print(f"peer-ll run: error: {err}", file=sys.stderr)
         return 2
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.out) if args.out else Path("runs") / stamp

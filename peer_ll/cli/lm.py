@@ -30,6 +30,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -54,6 +55,7 @@ from peer_ll.cli.lm_train import (
     touched_entries,
     train_lm,
 )
+from peer_ll.experts.checks import check_int
 from peer_ll.models.lm import PEERLM
 from peer_ll.models.transformer import LMConfig
 
@@ -167,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except (ValueError, FileNotFoundError) as err:  # bad arguments or data: no traceback
-        print(f"peer-ll lm: error: {err}")
+        print(f"peer-ll lm: error: {err}", file=sys.stderr)
         return 2
 
 
@@ -179,12 +181,10 @@ def _run(args: argparse.Namespace) -> int:
         args.max_bytes, args.eval_blocks = min(args.max_bytes, 60_000), min(args.eval_blocks, 8)
         args.block_size = TINY["block_size"]
     if len(args.domains) < 2:
-        raise ValueError(f"--domains: expected at least 2 domains, got {args.domains}")
+        raise ValueError(f"--domains must name at least 2 domains, got {args.domains}")
     minimum = dict(steps_first=0, steps=0, batch_size=1, grow_keys=1, top_t=1, eval_blocks=1)
     for name, least in minimum.items():
-        if getattr(args, name) < least:
-            raise ValueError(f"--{name.replace('_', '-')}: expected an int >= {least}, "
-                             f"got {getattr(args, name)}")
+        check_int(f"--{name.replace('_', '-')}", getattr(args, name), minimum=least)
     shape = TINY if args.tiny else dict(dim=args.dim, layers=args.layers,
                                         block_size=args.block_size)
     if args.experts_only:
@@ -198,7 +198,7 @@ def _run(args: argparse.Namespace) -> int:
     blocks = load_blocks(args)
     names = list(blocks)
     if len(names) < 2:
-        raise ValueError(f"--domains: expected at least 2 distinct domains, got {names}")
+        raise ValueError(f"--domains must name at least 2 distinct domains, got {names}")
     out = Path(args.out or f"runs/lm-{dt.datetime.now():%Y%m%d-%H%M%S}")
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     torch.save({n: b["test"] for n, b in blocks.items()}, out / "eval_blocks.pt")

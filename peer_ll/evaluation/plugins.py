@@ -32,6 +32,7 @@ from torch import nn
 from peer_ll.evaluation.metrics import dead_unit_fraction, effective_rank, routing_share
 from peer_ll.evaluation.report import METRIC_NAME, parse_metric_name
 from peer_ll.experts import PEER, expert_usage, unevenness
+from peer_ll.experts.checks import check_int
 
 __all__ = [
     "ACTIVATIONS",
@@ -171,9 +172,7 @@ class PlasticityHealth(_PerExperienceMetric):
         super().__init__()
         if module is not None and not isinstance(module, str):
             raise TypeError(f"module must be a module name (str) or None, got {module!r}")
-        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
-            raise ValueError(f"max_samples must be an int >= 1, got {max_samples!r}")
-        self.module, self.max_samples = module, max_samples
+        self.module, self.max_samples = module, check_int("max_samples", max_samples, minimum=1)
         self.threshold, self.atol = float(threshold), float(atol)
         self._rows: list[torch.Tensor] = []
         self._count = 0

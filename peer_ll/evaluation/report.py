@@ -287,5 +287,5 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"run_dir must hold a results.json; not found: {path}")
     results = json.loads(path.read_text())
     if not isinstance(results.get("strategies"), dict):
-        raise ValueError(f"{path} must hold a 'strategies' mapping; got keys {sorted(results)}")
+        raise ValueError(f"{path} must hold a 'strategies' mapping, got keys {sorted(results)}")
     return results

@@ -113,7 +113,7 @@ def test_other_argument_errors():
         M.fwt(ACC, [0.1, 0.2])
     with pytest.raises(ValueError, match=r"R_joint must have shape \(3,\)"):
         M.intransigence(ACC, [[0.1, 0.2]])
-    with pytest.raises(ValueError, match="kind must be 'max' or 'first'; got 'last'"):
+    with pytest.raises(ValueError, match="kind must be 'max' or 'first', got 'last'"):
         M.forgetting(ACC, kind="last")
     with pytest.raises(ValueError, match="non-zero"):
         M.relative_increase([[0.0, 1.0], [1.0, 1.0]])
