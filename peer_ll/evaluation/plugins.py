@@ -31,7 +31,7 @@ from torch import nn
 
 from peer_ll.evaluation.metrics import dead_unit_fraction, effective_rank, routing_share
 from peer_ll.evaluation.report import METRIC_NAME, parse_metric_name
-from peer_ll.experts import PEER, expert_usage, unevenness
+from peer_ll.experts import PEER, expert_usage, peer_layers, unevenness
 from peer_ll.experts.checks import check_int
 
 __all__ = [
@@ -86,6 +86,10 @@ class PEERRoutingMetrics(_PerExperienceMetric):
     Args:
         confidence: also emit the retrieval confidence (one extra top-(k+1) search per
             batch and layer).
+
+    Raises:
+        ValueError: at evaluation, if the model has no PEER layer
+            (:func:`peer_ll.experts.peer_layers`).
     """
 
     def __init__(self, *, confidence: bool = True) -> None:
@@ -98,7 +102,8 @@ class PEERRoutingMetrics(_PerExperienceMetric):
     def before_eval_exp(self, strategy) -> None:
         self._remove_hooks()
         self._state = {}
-        for name, layer in _peer_layers(strategy.model).items():
+        for name, layer in peer_layers(strategy.model).items():
+            name = name or "model"  # the model itself is a PEER layer
             self._state[name] = {
                 "layer": layer,
                 "mass": layer.router_mass.detach().clone(),
@@ -247,7 +252,3 @@ def peer_metrics(
         metrics.append(PlasticityHealth(module))
     return metrics
 
-
-def _peer_layers(model: nn.Module) -> dict[str, PEER]:
-    """PEER layers by module name ("model" for the model itself); empty if there are none."""
-    return {name or "model": m for name, m in model.named_modules() if isinstance(m, PEER)}

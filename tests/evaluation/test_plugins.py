@@ -229,3 +229,19 @@ def test_accuracy_matrix_matches_avalanche(stream):
     assert values[f"CL_BWT/{s}"] == pytest.approx(values[f"StreamBWT/{s}"])
     assert M.forgetting(R, kind="first") > 0  # Naive forgot something: the checks could fail
     assert set(matrix.result()) == {n for n in values if n.startswith("CL_")}
+
+
+def test_routing_metrics_need_peer_layers(stream):
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strategy = Naive(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            criterion=nn.CrossEntropyLoss(), eval_mb_size=16,
+            evaluator=EvaluationPlugin(PEERRoutingMetrics(), loggers=[]),
+        )  # fmt: skip
+        with pytest.raises(ValueError, match="PEER layers"):
+            strategy.eval(stream.test_stream[:1])
