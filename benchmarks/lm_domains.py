@@ -17,15 +17,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 from pathlib import Path
 
-import torch
-
 from peer_ll.cli import lm
-from peer_ll.cli.results import write_section
+from peer_ll.cli.results import environment_line, write_section
 
 HEADING = "## Language model: adding experts for new text domains (benchmarks/lm_domains.py)"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -52,20 +49,16 @@ def main() -> int:
 
 def append(results: dict, args: argparse.Namespace, load_before: float) -> None:
     """Add this run's section to RESULTS.md (one section per run, under HEADING)."""
-    import avalanche
     import datasets
 
     table = (Path(args.out) / "table.txt").read_text().rstrip()
     command = "python benchmarks/lm_domains.py " + shlex.join(sys.argv[1:])
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     text = [
         f"### Run of {datetime.date.today()}\n",
         f"Command: `{command.strip()}` (settings: `{' '.join(SETTINGS)}`).",
-        f"Machine: {os.cpu_count()} CPU cores, {gpu}, {args.threads} torch threads; load "
-        f"average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (shared "
-        "machine: seconds are only comparable within the run).",
-        f"Versions: Python {platform.python_version()}, torch {torch.__version__}, "
-        f"avalanche-lib {avalanche.__version__}, datasets {datasets.__version__}.",
+        environment_line(results["environment"]) + f" Load average {load_before:.1f} at the "
+        f"start, {os.getloadavg()[0]:.1f} at the end (shared machine: seconds are only "
+        "comparable within the run); datasets " + datasets.__version__ + ".",
         f"Model: {json.dumps(results['config']['model'])}.",
         "",
         "```",

@@ -55,6 +55,7 @@ from peer_ll.cli.lm_train import (
     touched_entries,
     train_lm,
 )
+from peer_ll.cli.results import environment
 from peer_ll.experts.checks import check_int
 from peer_ll.models.lm import PEERLM
 from peer_ll.models.transformer import LMConfig
@@ -220,6 +221,7 @@ def _run(args: argparse.Namespace) -> int:
                                   base_params=count_parameters(base))
     results["config"] = {"model": config.to_dict(), "methods": dataclasses.asdict(settings),
                          "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    results["environment"] = environment()
     results["samples"] = lm_report.samples(records, blocks, names)
     if not args.no_reload_check:
         results["reload"] = reload_check(out, records, first_row)
