@@ -12,15 +12,16 @@ Baselines keep one fixed pool of 36² experts (about the final grown size) and t
 everything. ``Grow`` is ``peer_grow`` (grow, freeze old experts, the trunk trains).
 ``Protect-*`` are ``peer_protect`` variants: 16² experts per experience, old owners and
 (after the first experience) the trunk frozen, per-owner query adapter (rank 4 +
-affine) and ``OwnerHead``; they differ in test-time owners: ``LL`` likelihood, ``Margin``
-key match, ``Soft`` posterior mixing, ``Input`` per-owner-and-class low-rank Gaussians
+affine) and ``OwnerHead``; they differ in test-time owners: ``LL`` likelihood,
+``Soft`` posterior mixing, ``Input`` per-owner-and-class low-rank Gaussians
 of the raw inputs (rank 20, no replay; ``+Enc``: each owner also trains its own copy of
 the encoder's input layer; ``+Norm``: and its own copies of the LayerNorms outside the PEER
-layers), ``Gate`` an owner classifier fit on the replay
-budget, ``All`` unrestricted retrieval, ``Oracle`` the experience id (task known). ``+KM``
-adds the key-margin loss; ``, soft`` mixes the class probabilities of each input's two most
+layers), ``Gate`` an owner classifier fit on the replay budget, ``Oracle`` the
+experience id (task known); ``, soft`` mixes the class probabilities of each input's two most
 likely owners by their input posterior; ``, 4 comp.`` models each owner-and-class group by
 4 PPCA Gaussians (k-means clusters) instead of one. No ``Protect-*`` method sees task labels.
+The removed methods (``Margin``: key-match owners, ``All``: unrestricted retrieval, ``+KM``:
+the key-margin loss; see ``REMOVED``) keep their recorded rows in the report.
 ``Joint, no task labels`` trains the baselines' network once on every experience together
 with one head and no task labels (the task stream's per-task labels 0/1): a ceiling for
 any method that does not see task labels, not a continual learner (``, 10 epochs``: the
@@ -38,6 +39,7 @@ notes (the paragraph that starts with ``NOTES`` and what follows it).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import time
 import warnings
@@ -60,9 +62,6 @@ BASELINES = ("Naive", "EWC", "LwF", f"Replay({200})")
 PROTECT = {  # name: peer_protect keyword arguments
     "Protect-LL": dict(inference="likelihood"),
     "Protect-Soft": dict(inference="soft", inference_options=dict(top=2)),
-    "Protect-Margin": dict(inference="margin"),
-    "Protect-All": dict(inference="all", restrict_training=False),
-    "Protect-All+KM": dict(inference="all", restrict_training=False, key_margin=1.0),
     "Protect-Input": dict(inference="input", inference_options=dict(rank=20)),
     "Protect-Input+Enc": dict(inference="input", inference_options=dict(rank=20),
                               _owner_encoder=True),
@@ -77,10 +76,20 @@ PROTECT = {  # name: peer_protect keyword arguments
     "Protect-Oracle+Enc": dict(inference="oracle", _owner_encoder=True),
 }
 ABLATIONS = {  # fmnist-permuted, fewer seeds
-    "Protect-MarginZ": dict(inference="margin-z"),
-    "Protect-Margin+KM": dict(inference="margin", key_margin=1.0),
     "Protect-LL, shared head": dict(inference="likelihood", _owner_head=False),
     "Protect-LL, no query adapter": dict(inference="likelihood", _adapter=False),
+}
+#: Methods whose options left the library (measured failures: key-match owner inference
+#: and the key-margin loss; untested ablation options: restrict_training, freeze_trunk,
+#: margin_rank). ``run`` no longer builds them; ``report`` keeps their recorded rows,
+#: marked with the commit whose records measured them.
+REMOVED_AT = "46361fc"
+REMOVED = {
+    "Protect-Margin": dict(inference="margin"),
+    "Protect-All": dict(inference="all", restrict_training=False),
+    "Protect-All+KM": dict(inference="all", restrict_training=False, key_margin=1.0),
+    "Protect-MarginZ": dict(inference="margin-z"),
+    "Protect-Margin+KM": dict(inference="margin", key_margin=1.0),
     "Protect-LL, trunk trains": dict(inference="likelihood", freeze_trunk=False),
     "Protect-All+KM(λ=10)": dict(inference="all", restrict_training=False, key_margin=10.0),
     "Protect-All+KM(m=1)": dict(inference="all", restrict_training=False, key_margin=1.0,
@@ -93,6 +102,10 @@ CFG = dict(hidden=128, epochs=2, batch=32, lr=1e-3, train_per_exp=2000, test_per
 JOINT = "Joint, no task labels"
 JOINTS = {JOINT: CFG["epochs"], f"{JOINT}, 10 epochs": 10}  # name: epochs
 METHODS = (*BASELINES, "Grow", *PROTECT, *JOINTS)
+#: Row order of the tables and plots, removed methods where they stood.
+ORDER = (*BASELINES, "Grow", "Protect-LL", "Protect-Soft", "Protect-Margin", "Protect-All",
+         "Protect-All+KM", *list(PROTECT)[2:], *JOINTS, "Protect-MarginZ", "Protect-Margin+KM",
+         *ABLATIONS, *list(REMOVED)[5:])
 NOTES = "Notes (hand-written; `report` keeps them"
 HEADING = "## Routing protection: peer_protect against baselines (benchmarks/routing_protection.py)"
 PEER = dict(heads=4, topk=8, dim_key=32, query_norm="layer")
@@ -178,7 +191,8 @@ def run_one(stream: str, method: str, seed: int) -> dict:
         inferred = {int(j): float(np.mean(list(v.values())))
                     for j, v in routing[0].inference_accuracy.items()}
     last_layer = list(rows[-1]["routing"])[-1]
-    return dict(stream=stream, method=method, seed=seed, R=[r["accuracy"] for r in rows],
+    return dict(stream=stream, method=method, seed=seed, date=datetime.date.today().isoformat(),
+                R=[r["accuracy"] for r in rows],
                 inferred=inferred, share=rows[-1]["routing"][last_layer]["share"],
                 seconds=time.perf_counter() - start,
                 params=sum(p.numel() for p in model.parameters()))
@@ -190,8 +204,13 @@ def cmd_run(args) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {(r["stream"], r["method"], r["seed"]) for r in load(out)}
+    methods = args.methods or list(METHODS)
+    unknown = [m for m in methods if m not in (*METHODS, *ABLATIONS)]
+    if unknown:
+        raise SystemExit(f"--methods must be among {[*METHODS, *ABLATIONS]}, got {unknown}"
+                         + (f" (removed from the library; measured at {REMOVED_AT})"
+                            if set(unknown) <= set(REMOVED) else ""))
     for stream in args.streams:
-        methods = args.methods or list(METHODS)
         for seed in args.seeds:
             for method in methods:
                 if (stream, method, seed) in done:
@@ -232,7 +251,7 @@ def summary(records: list[dict]) -> dict:
 
 def tables(records: list[dict]) -> str:
     """Markdown tables, one per stream, methods in a fixed order."""
-    order = [*METHODS, *ABLATIONS]
+    order = list(ORDER)
     out = []
     for stream, (_, _, title) in STREAMS.items():
         mine = [r for r in records if r["stream"] == stream]
@@ -246,7 +265,8 @@ def tables(records: list[dict]) -> str:
             cells = [f"{s[k][0]:.1f} ± {s[k][1]:.1f}" if k in s else "—"
                      for k in ("acc", "forg", "learn", "owner")]
             per = " / ".join(map(str, s.get("owner_per_exp", []))) or "—"
-            out.append(f"| {method} | {s['seeds']} | " + " | ".join(cells) + f" | {per} |")
+            name = f"{method} (removed, measured at {REMOVED_AT})" if method in REMOVED else method
+            out.append(f"| {name} | {s['seeds']} | " + " | ".join(cells) + f" | {per} |")
         out.append("")
     return "\n".join(out)
 
@@ -306,7 +326,7 @@ def plot_shares(records: list[dict], folder: Path) -> list[Path]:
                 by.setdefault(r["method"], []).append(np.asarray(r["share"], dtype=float))
         if not by:
             continue
-        names = [m for m in [*METHODS, *ABLATIONS] if m in by]
+        names = [m for m in ORDER if m in by]
         cols = min(7, len(names))
         rows = -(-len(names) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.6 * rows), squeeze=False)
@@ -344,7 +364,7 @@ def cmd_report(args) -> None:
         "`--streams`, `--methods` and `--seeds`; the ablations ran with `--streams "
         "fmnist-permuted --seeds 0 --methods ...`; every run is one line of "
         "`benchmarks/records/routing_protection.jsonl`, which `report` reads)  ",
-        environment_line() + " Runs: 1 torch thread each.  ",
+        environment_line(date=run_dates(records)) + " Runs: 1 torch thread each.  ",
         f"Settings: {CFG}; PEER {PEER}. Fashion-MNIST subsampled to {CFG['train_per_exp']} "
         f"training and {CFG['test_per_exp']} test images per experience (balanced), 5 "
         "experiences (permuted: 5, not 10), to fit a shared 2-core CPU; Split-Digits uses all "
@@ -356,6 +376,17 @@ def cmd_report(args) -> None:
                                                for p in figures), ""])
     # replace this script's own section, keep its hand-written notes
     write_section(HERE / "RESULTS.md", HEADING, section, replace=True, keep_from=NOTES)
+
+
+def run_dates(records: list[dict]) -> str:
+    """The dates of the runs: first to last recorded, and the records without one."""
+    dates = sorted(r["date"] for r in records if "date" in r)
+    undated = len(records) - len(dates)
+    text = f"runs of {dates[0]} to {dates[-1]}" if dates else ""
+    if undated:
+        text += (", and " if text else "") + (f"{undated} runs recorded without a date (see "
+                                              "the commits of the records file)")
+    return text
 
 
 def load(path: Path) -> list[dict]:

@@ -40,11 +40,17 @@ def environment(device: str = "cpu") -> dict[str, Any]:
                 peer_ll=peer_ll.__version__)  # fmt: skip
 
 
-def environment_line(env: dict[str, Any] | None = None) -> str:
-    """One Markdown line: date, machine and versions of :func:`environment`'s record."""
+def environment_line(env: dict[str, Any] | None = None, *, date: str | None = None) -> str:
+    """One Markdown line: date, machine and versions of :func:`environment`'s record.
+
+    Args:
+        env: a record of :func:`environment` (default: this process's).
+        date: replaces the record's date, e.g. the dates of runs that a report gathers.
+    """
     env = env or environment()
-    return (f"Date: {env['date']}; machine: {env['cpus']} CPUs, GPU: {env['gpu'] or 'none'}, "
-            f"device {env['device']}, {env['torch_threads']} torch thread(s); python "
+    return (f"Date: {date or env['date']}; machine: {env['cpus']} CPUs, "
+            f"GPU: {env['gpu'] or 'none'}, device {env['device']}, "
+            f"{env['torch_threads']} torch thread(s); python "
             f"{env['python']}, torch {env['torch']}, avalanche {env['avalanche']}, "
             f"numpy {env['numpy']}.")  # fmt: skip
 

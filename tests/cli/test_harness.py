@@ -92,3 +92,11 @@ def test_environment_line_names_machine_and_versions():
     line = environment_line()
     assert line.startswith("Date: ") and f"torch {torch.__version__}" in line
     assert "CPUs" in line and "avalanche" in line
+
+
+def test_environment_line_takes_the_runs_date():
+    env = {"date": "2026-01-01T00:00:00", "cpus": 2, "gpu": None, "device": "cpu",
+           "torch_threads": 1, "python": "3.11", "torch": "2.x", "avalanche": "0.6",
+           "numpy": "2.x"}  # fmt: skip
+    assert environment_line(env).startswith("Date: 2026-01-01T00:00:00; machine: 2 CPUs, GPU: none")
+    assert environment_line(env, date="runs of 2025-12-30").startswith("Date: runs of 2025-12-30;")
