@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from tqdm import tqdm
 
 from peer_ll.evaluation.report import evaluation_values
 from peer_ll.experts.checks import check_choice
+
+logger = logging.getLogger(__name__)
 
 #: What a run evaluates after each training experience.
 EVALUATE = ("all", "seen")
@@ -93,6 +96,8 @@ def run_stream(
         strategy.train(exp)
         values = strategy.eval(test if evaluate == "all" else test[: i + 1])
         rows.append(evaluation_values(values, t))
+        logger.info("%s: experience %d/%d, accuracy %s", desc, i + 1, t,
+                    [round(a, 4) for a in rows[-1]["accuracy"]])
     return rows, values
 
 

@@ -1,5 +1,6 @@
 """The experiment harness (run loop, evaluator) and the one RESULTS.md writer."""
 
+import logging
 import math
 
 import pytest
@@ -26,8 +27,11 @@ def _strategy(bench, key="naive"):
                           evaluator=evaluator(confidence=False, plasticity=False))  # fmt: skip
 
 
-def test_seen_evaluates_the_lower_triangle(bench):
-    rows, values = run_stream(_strategy(bench), bench, evaluate="seen")
+def test_seen_evaluates_the_lower_triangle(bench, caplog):
+    with caplog.at_level(logging.INFO, logger="peer_ll.cli.harness"):
+        rows, values = run_stream(_strategy(bench), bench, evaluate="seen", desc="naive")
+    logged = [r.getMessage() for r in caplog.records if r.name == "peer_ll.cli.harness"]
+    assert len(logged) == 3 and logged[-1].startswith("naive: experience 3/3, accuracy [")
     R = [row["accuracy"] for row in rows]
     assert len(R) == 3
     for i in range(3):
