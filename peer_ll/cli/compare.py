@@ -1,11 +1,12 @@
 """``peer-ll run``: compare continual-learning strategies on a task stream.
 
 With no arguments: Split-Digits (scikit-learn's bundled digits, class-incremental,
-5 experiences × 2 classes), 2 seeds, the eight strategies of
-``peer_ll.cli.strategies_zoo.DEFAULT_STRATEGIES``. After each training experience
-every strategy is evaluated on the whole test stream, which fills its accuracy matrix
-R[i][j]. Joint training trains once on everything; its matrix repeats that one
-evaluation in every row, and its last row is the reference for intransigence.
+5 experiences × 2 classes), 2 seeds, the nine strategies of
+``peer_ll.cli.strategies_zoo.DEFAULT_STRATEGIES``. The run loop and metrics are
+:mod:`peer_ll.cli.harness`'s: after each training experience every strategy is
+evaluated on the whole test stream, which fills its accuracy matrix R[i][j]. Joint
+training trains once on everything; its matrix repeats that one evaluation in every
+row, and its last row is the reference for intransigence.
 
 The run folder holds ``results.json`` (see ``peer_ll.evaluation.report``),
 ``table.txt``, the PNG plots (``peer_ll.evaluation.plots``) and Avalanche text logs
