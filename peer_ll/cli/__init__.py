@@ -4,10 +4,11 @@ Each subcommand lives in a module with ``add_arguments(parser)`` and ``main(args
 only the module of the chosen subcommand is imported, so ``peer-ll --help`` is instant.
 
 Modules:
-    compare: ``peer-ll run``, the experiment harness (stream, strategy zoo, run loop,
-        metrics, results) that ``benchmarks/`` reuse.
+    compare: ``peer-ll run``: stream, strategy zoo, seeds, summary and run folder.
+    harness: the run loop and evaluator that ``peer-ll run`` and ``benchmarks/`` share.
     strategies_zoo: the named strategies that ``peer-ll run`` compares.
-    report: ``peer-ll report``; results.md: the one writer of ``benchmarks/RESULTS.md``.
+    results: the one writer of ``benchmarks/RESULTS.md``, and the machine record.
+    report: ``peer-ll report``.
     lm, lm_methods, lm_train, lm_report, lm_reload: ``peer-ll lm``. ``lm_train`` holds the
         plain torch loops for a :class:`~peer_ll.models.PEERLM` (``train_lm``,
         ``perplexity``, ``routing_shares``), public API used by the examples.
