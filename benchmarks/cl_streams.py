@@ -5,7 +5,7 @@ Streams (``peer_ll.data.make_stream``):
 - Split-Fashion-MNIST, task-incremental (one head per task), 5 × 2 classes;
 - Permuted Fashion-MNIST, domain-incremental, 10 experiences.
 
-Every strategy of ``peer_ll.jobs.strategies_zoo`` (the nine of ``peer-ll run``, "PEER
+Every strategy of ``peer_ll.cli.strategies_zoo`` (the nine of ``peer-ll run``, "PEER
 growth, no replay" and the other routing-protection variants) trains with the same
 epochs, learning rate and replay budget. To fit a 2-core CPU each training experience
 is subsampled (default 2,000 images, balanced over classes) and each test experience too
@@ -13,7 +13,7 @@ is subsampled (default 2,000 images, balanced over classes) and each test experi
 
 Each stream's run folder (results.json, plots, logs) goes under ``--out``; the tables,
 the gaps of the PEER strategies to the baselines and the routing drift are printed
-and appended to benchmarks/RESULTS.md under one ``## `` heading.
+and appended to benchmarks/RESULTS.md under its ``## `` heading (``peer_ll.cli.results``).
 
     python benchmarks/cl_streams.py                      # the full comparison
     python benchmarks/cl_streams.py --seeds 1 --epochs 1 --max-train-per-exp 200  # smoke
@@ -29,10 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from peer_ll.cli.compare import parse_seeds, run_comparison
+from peer_ll.cli.harness import cpu_threads
+from peer_ll.cli.results import environment_line, write_section
+from peer_ll.cli.strategies_zoo import STRATEGIES, ZooConfig
 from peer_ll.evaluation.plots import draw_run_plots
 from peer_ll.evaluation.report import load_results, results_table, write_results
-from peer_ll.jobs.compare import cpu_threads, parse_seeds, run_comparison
-from peer_ll.jobs.strategies_zoo import STRATEGIES, ZooConfig
 
 STREAMS = {
     "fashion-mnist-class": "Split-Fashion-MNIST, class-incremental, 5 × 2 classes",
@@ -77,16 +79,12 @@ def drift_table(results: dict) -> str:
 
 
 def section(all_results: dict[str, dict], command: str) -> str:
-    """The RESULTS.md section for the finished streams."""
+    """The RESULTS.md text (under :data:`HEADING`) for the finished streams."""
     first = next(iter(all_results.values()))
     env, cfg = first["environment"], first["config"]
     out = [
-        HEADING, "",
         f"Command: `{command}`  ",
-        f"Date: {env['date']}; machine: {env['cpus']} CPUs, GPU: {env['gpu'] or 'none'}, "
-        f"device {env['device']}, {env['torch_threads']} torch thread(s); python "
-        f"{env['python']}, torch {env['torch']}, avalanche {env['avalanche']}, "
-        f"numpy {env['numpy']}.  ",
+        environment_line(env) + "  ",
         f"Settings: seeds {cfg['seeds']}; {cfg['epochs']} epochs; Adam lr {cfg['lr']}; "
         f"batch {cfg['batch_size']}; replay budget {cfg['replay_budget']} samples (Replay and "
         "the PEER strategies except 'no replay'); hidden {h}; {n}² experts per growth "
@@ -148,11 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     given = sys.argv[1:] if argv is None else argv
     text = section(all_results, f"python benchmarks/cl_streams.py {shlex.join(given)}".strip())
-    print("\n" + text)
+    print(f"\n{HEADING}\n\n{text}")
     if not args.no_append:
-        path = Path(__file__).with_name("RESULTS.md")
-        prefix = path.read_text() if path.exists() else "# Benchmark results\n"
-        path.write_text(prefix.rstrip("\n") + "\n\n" + text)
+        write_section(Path(__file__).with_name("RESULTS.md"), HEADING, text)
     return 0
 
 

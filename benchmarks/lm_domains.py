@@ -1,6 +1,6 @@
 """Benchmark: add experts for new text domains to a PEER language model.
 
-Runs ``peer-ll lm`` (``peer_ll.jobs.lm``) on three built-in domains in sequence,
+Runs ``peer-ll lm`` (``peer_ll.cli.lm``) on three built-in domains in sequence,
 python-stdlib → pydoc-topics → unicode-names, with the settings below (the job's
 defaults, written out so that the record names them), prints its table and appends
 the figures to ``benchmarks/RESULTS.md`` under its own heading (``--no-append`` to
@@ -17,14 +17,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 from pathlib import Path
 
-import torch
-
-from peer_ll.jobs import lm
+from peer_ll.cli import lm
+from peer_ll.cli.results import environment_line, write_section
 
 HEADING = "## Language model: adding experts for new text domains (benchmarks/lm_domains.py)"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -51,34 +49,23 @@ def main() -> int:
 
 def append(results: dict, args: argparse.Namespace, load_before: float) -> None:
     """Add this run's section to RESULTS.md (one section per run, under HEADING)."""
-    import avalanche
     import datasets
 
     table = (Path(args.out) / "table.txt").read_text().rstrip()
     command = "python benchmarks/lm_domains.py " + shlex.join(sys.argv[1:])
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     text = [
-        f"\n### Run of {datetime.date.today()}\n",
+        f"### Run of {datetime.date.today()}\n",
         f"Command: `{command.strip()}` (settings: `{' '.join(SETTINGS)}`).",
-        f"Machine: {os.cpu_count()} CPU cores, {gpu}, {args.threads} torch threads; load "
-        f"average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (shared "
-        "machine: seconds are only comparable within the run).",
-        f"Versions: Python {platform.python_version()}, torch {torch.__version__}, "
-        f"avalanche-lib {avalanche.__version__}, datasets {datasets.__version__}.",
+        environment_line(results["environment"]) + f" Load average {load_before:.1f} at the "
+        f"start, {os.getloadavg()[0]:.1f} at the end (shared machine: seconds are only "
+        "comparable within the run); datasets " + datasets.__version__ + ".",
         f"Model: {json.dumps(results['config']['model'])}.",
         "",
         "```",
         table,
         "```",
     ]
-    body = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if HEADING not in body:
-        body = body.rstrip() + "\n\n" + HEADING + "\n"
-    start = body.index(HEADING) + len(HEADING)
-    nxt = body.find("\n## ", start)
-    end = len(body) if nxt < 0 else nxt
-    body = body[:end].rstrip() + "\n" + "\n".join(text) + "\n" + body[end:]
-    RESULTS.write_text(body)
+    write_section(RESULTS, HEADING, "\n".join(text))
 
 
 if __name__ == "__main__":

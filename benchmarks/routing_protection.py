@@ -12,15 +12,16 @@ Baselines keep one fixed pool of 36² experts (about the final grown size) and t
 everything. ``Grow`` is ``peer_grow`` (grow, freeze old experts, the trunk trains).
 ``Protect-*`` are ``peer_protect`` variants: 16² experts per experience, old owners and
 (after the first experience) the trunk frozen, per-owner query adapter (rank 4 +
-affine) and ``OwnerHead``; they differ in test-time owners: ``LL`` likelihood, ``Margin``
-key match, ``Soft`` posterior mixing, ``Input`` per-owner-and-class low-rank Gaussians
+affine) and ``OwnerHead``; they differ in test-time owners: ``LL`` likelihood,
+``Soft`` posterior mixing, ``Input`` per-owner-and-class low-rank Gaussians
 of the raw inputs (rank 20, no replay; ``+Enc``: each owner also trains its own copy of
 the encoder's input layer; ``+Norm``: and its own copies of the LayerNorms outside the PEER
-layers), ``Gate`` an owner classifier fit on the replay
-budget, ``All`` unrestricted retrieval, ``Oracle`` the experience id (task known). ``+KM``
-adds the key-margin loss; ``, soft`` mixes the class probabilities of each input's two most
+layers), ``Gate`` an owner classifier fit on the replay budget, ``Oracle`` the
+experience id (task known); ``, soft`` mixes the class probabilities of each input's two most
 likely owners by their input posterior; ``, 4 comp.`` models each owner-and-class group by
 4 PPCA Gaussians (k-means clusters) instead of one. No ``Protect-*`` method sees task labels.
+The removed methods (``Margin``: key-match owners, ``All``: unrestricted retrieval, ``+KM``:
+the key-margin loss; see ``REMOVED``) keep their recorded rows in the report.
 ``Joint, no task labels`` trains the baselines' network once on every experience together
 with one head and no task labels (the task stream's per-task labels 0/1): a ceiling for
 any method that does not see task labels, not a continual learner (``, 10 epochs``: the
@@ -38,6 +39,7 @@ notes (the paragraph that starts with ``NOTES`` and what follows it).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import time
 import warnings
@@ -60,9 +62,6 @@ BASELINES = ("Naive", "EWC", "LwF", f"Replay({200})")
 PROTECT = {  # name: peer_protect keyword arguments
     "Protect-LL": dict(inference="likelihood"),
     "Protect-Soft": dict(inference="soft", inference_options=dict(top=2)),
-    "Protect-Margin": dict(inference="margin"),
-    "Protect-All": dict(inference="all", restrict_training=False),
-    "Protect-All+KM": dict(inference="all", restrict_training=False, key_margin=1.0),
     "Protect-Input": dict(inference="input", inference_options=dict(rank=20)),
     "Protect-Input+Enc": dict(inference="input", inference_options=dict(rank=20),
                               _owner_encoder=True),
@@ -77,10 +76,20 @@ PROTECT = {  # name: peer_protect keyword arguments
     "Protect-Oracle+Enc": dict(inference="oracle", _owner_encoder=True),
 }
 ABLATIONS = {  # fmnist-permuted, fewer seeds
-    "Protect-MarginZ": dict(inference="margin-z"),
-    "Protect-Margin+KM": dict(inference="margin", key_margin=1.0),
     "Protect-LL, shared head": dict(inference="likelihood", _owner_head=False),
     "Protect-LL, no query adapter": dict(inference="likelihood", _adapter=False),
+}
+#: Methods whose options left the library (measured failures: key-match owner inference
+#: and the key-margin loss; untested ablation options: restrict_training, freeze_trunk,
+#: margin_rank). ``run`` no longer builds them; ``report`` keeps their recorded rows,
+#: marked with the commit whose records measured them.
+REMOVED_AT = "46361fc"
+REMOVED = {
+    "Protect-Margin": dict(inference="margin"),
+    "Protect-All": dict(inference="all", restrict_training=False),
+    "Protect-All+KM": dict(inference="all", restrict_training=False, key_margin=1.0),
+    "Protect-MarginZ": dict(inference="margin-z"),
+    "Protect-Margin+KM": dict(inference="margin", key_margin=1.0),
     "Protect-LL, trunk trains": dict(inference="likelihood", freeze_trunk=False),
     "Protect-All+KM(λ=10)": dict(inference="all", restrict_training=False, key_margin=10.0),
     "Protect-All+KM(m=1)": dict(inference="all", restrict_training=False, key_margin=1.0,
@@ -93,13 +102,17 @@ CFG = dict(hidden=128, epochs=2, batch=32, lr=1e-3, train_per_exp=2000, test_per
 JOINT = "Joint, no task labels"
 JOINTS = {JOINT: CFG["epochs"], f"{JOINT}, 10 epochs": 10}  # name: epochs
 METHODS = (*BASELINES, "Grow", *PROTECT, *JOINTS)
+#: Row order of the tables and plots, removed methods where they stood.
+ORDER = (*BASELINES, "Grow", "Protect-LL", "Protect-Soft", "Protect-Margin", "Protect-All",
+         "Protect-All+KM", *list(PROTECT)[2:], *JOINTS, "Protect-MarginZ", "Protect-Margin+KM",
+         *ABLATIONS, *list(REMOVED)[5:])
 NOTES = "Notes (hand-written; `report` keeps them"
 HEADING = "## Routing protection: peer_protect against baselines (benchmarks/routing_protection.py)"
 PEER = dict(heads=4, topk=8, dim_key=32, query_norm="layer")
 
 
-def build(method: str, stream: str, n_classes: int, in_features: int):
-    """The model and strategy of ``method`` for ``stream``."""
+def build(method: str, stream: str, n_classes: int, in_features: int, evaluator=None):
+    """The model and strategy of ``method`` for ``stream``, with ``evaluator``."""
     from avalanche.training import EWC, LwF, Replay
     from avalanche.training.templates import SupervisedTemplate
 
@@ -111,7 +124,7 @@ def build(method: str, stream: str, n_classes: int, in_features: int):
 
     kind = STREAMS[stream][1]
     common = dict(train_mb_size=CFG["batch"], train_epochs=CFG["epochs"], eval_mb_size=500,
-                  evaluator=None)
+                  evaluator=evaluator)
     if method in JOINTS:  # every experience at once, one label-free head: a ceiling
         from avalanche.training import JointTraining
 
@@ -151,9 +164,13 @@ def build(method: str, stream: str, n_classes: int, in_features: int):
 
 
 def run_one(stream: str, method: str, seed: int) -> dict:
-    """Train ``method`` on ``stream`` once; the accuracy matrix, owner inference, routing."""
-    from avalanche.core import SupervisedPlugin
+    """Train ``method`` on ``stream`` once; the accuracy matrix, owner inference, routing.
 
+    The run loop and metrics are ``peer-ll run``'s (:mod:`peer_ll.cli.harness`); after each
+    experience only the experiences seen so far are evaluated (R's lower triangle), and
+    the routing share is the last PEER layer's.
+    """
+    from peer_ll.cli.harness import evaluator, run_stream
     from peer_ll.data import make_stream
     from peer_ll.strategies import OwnerRouting
 
@@ -164,53 +181,20 @@ def run_one(stream: str, method: str, seed: int) -> dict:
     bm = make_stream(name, kind=kind, n_experiences=CFG["n_exp"], seed=seed, **limits)
     n_classes = 10
     in_features = int(np.prod(bm.train_stream[0].dataset[0][0].shape))
-    model, strategy = build(method, stream, n_classes, in_features)
-
-    class Record(SupervisedPlugin):
-        """Accuracy and per-owner router mass of each evaluated experience."""
-
-        def before_eval_exp(self, strategy, **kw):
-            self.right, self.total = 0, 0
-            self.layers = [m for m in strategy.model.modules() if hasattr(m, "router_mass")]
-            self.mass = [m.router_mass.detach().clone() for m in self.layers]
-
-        def after_eval_iteration(self, strategy, **kw):
-            self.right += int((strategy.mb_output.argmax(-1) == strategy.mb_y).sum())
-            self.total += len(strategy.mb_y)
-
-        def after_eval_exp(self, strategy, **kw):
-            exp = strategy.experience.current_experience
-            self.acc[exp] = self.right / self.total
-            layer, before = self.layers[-1], self.mass[-1]
-            n = layer.num_experts
-            mass = (layer.router_mass[:n] - before[:n]).clamp_min(0).double()
-            owners = layer.owners
-            share = torch.zeros(int(owners.max()) + 1, dtype=torch.float64)
-            share.index_add_(0, owners.cpu(), mass.cpu())
-            self.share[exp] = (share / share.sum().clamp_min(1e-12)).tolist()
-
-    rec = Record()
-    strategy.plugins.append(rec)
-    T = CFG["n_exp"]
-    R = np.full((T, T), np.nan)
+    model, strategy = build(method, stream, n_classes, in_features,
+                            evaluator(confidence=False, plasticity=False))
     start = time.perf_counter()
-    if method in JOINTS:  # one training on all experiences: every row is the final one
-        strategy.train(bm.train_stream)
-        rec.acc, rec.share = {}, {}
-        strategy.eval(bm.test_stream)
-        R[:] = [rec.acc[j] for j in range(T)]
-    for i, exp in enumerate(bm.train_stream if method not in JOINTS else ()):
-        strategy.train(exp)
-        rec.acc, rec.share = {}, {}
-        strategy.eval(bm.test_stream[: i + 1])
-        R[i, : i + 1] = [rec.acc[j] for j in range(i + 1)]
+    rows, _ = run_stream(strategy, bm, joint=method in JOINTS, evaluate="seen")
     routing = [p for p in strategy.plugins if isinstance(p, OwnerRouting)]
     inferred = {}
     if routing:
         inferred = {int(j): float(np.mean(list(v.values())))
                     for j, v in routing[0].inference_accuracy.items()}
-    return dict(stream=stream, method=method, seed=seed, R=R.tolist(), inferred=inferred,
-                share=[rec.share[j] for j in range(T)], seconds=time.perf_counter() - start,
+    last_layer = list(rows[-1]["routing"])[-1]
+    return dict(stream=stream, method=method, seed=seed, date=datetime.date.today().isoformat(),
+                R=[r["accuracy"] for r in rows],
+                inferred=inferred, share=rows[-1]["routing"][last_layer]["share"],
+                seconds=time.perf_counter() - start,
                 params=sum(p.numel() for p in model.parameters()))
 
 
@@ -220,8 +204,13 @@ def cmd_run(args) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {(r["stream"], r["method"], r["seed"]) for r in load(out)}
+    methods = args.methods or list(METHODS)
+    unknown = [m for m in methods if m not in (*METHODS, *ABLATIONS)]
+    if unknown:
+        raise SystemExit(f"--methods must be among {[*METHODS, *ABLATIONS]}, got {unknown}"
+                         + (f" (removed from the library; measured at {REMOVED_AT})"
+                            if set(unknown) <= set(REMOVED) else ""))
     for stream in args.streams:
-        methods = args.methods or list(METHODS)
         for seed in args.seeds:
             for method in methods:
                 if (stream, method, seed) in done:
@@ -262,7 +251,7 @@ def summary(records: list[dict]) -> dict:
 
 def tables(records: list[dict]) -> str:
     """Markdown tables, one per stream, methods in a fixed order."""
-    order = [*METHODS, *ABLATIONS]
+    order = list(ORDER)
     out = []
     for stream, (_, _, title) in STREAMS.items():
         mine = [r for r in records if r["stream"] == stream]
@@ -276,13 +265,14 @@ def tables(records: list[dict]) -> str:
             cells = [f"{s[k][0]:.1f} ± {s[k][1]:.1f}" if k in s else "—"
                      for k in ("acc", "forg", "learn", "owner")]
             per = " / ".join(map(str, s.get("owner_per_exp", []))) or "—"
-            out.append(f"| {method} | {s['seeds']} | " + " | ".join(cells) + f" | {per} |")
+            name = f"{method} (removed, measured at {REMOVED_AT})" if method in REMOVED else method
+            out.append(f"| {name} | {s['seeds']} | " + " | ".join(cells) + f" | {per} |")
         out.append("")
     return "\n".join(out)
 
 
 def goals(records: list[dict]) -> str:
-    """Markdown: the issue's goals, each with the two figures it compares and a verdict."""
+    """Markdown: the goals, each with the two figures it compares and a verdict."""
     def get(stream, method):
         mine = [r for r in records if r["stream"] == stream and r["method"] == method]
         return summary(mine) if mine else None
@@ -336,7 +326,7 @@ def plot_shares(records: list[dict], folder: Path) -> list[Path]:
                 by.setdefault(r["method"], []).append(np.asarray(r["share"], dtype=float))
         if not by:
             continue
-        names = [m for m in [*METHODS, *ABLATIONS] if m in by]
+        names = [m for m in ORDER if m in by]
         cols = min(7, len(names))
         rows = -(-len(names) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.6 * rows), squeeze=False)
@@ -360,11 +350,7 @@ def plot_shares(records: list[dict], folder: Path) -> list[Path]:
 
 
 def cmd_report(args) -> None:
-    import datetime
-    import os
-    import platform
-
-    import avalanche
+    from peer_ll.cli.results import environment_line, write_section
 
     records = [r for path in args.inputs for r in load(Path(path))]
     body = tables(records)
@@ -372,37 +358,35 @@ def cmd_report(args) -> None:
     figures = plot_shares(records, HERE / "figures")
     if args.no_append:
         return
-    env = (f"Date: {datetime.date.today()}; machine: {os.cpu_count()} CPUs (shared with other "
-           f"jobs), no GPU, 1 torch thread per run; python {platform.python_version()}, torch "
-           f"{torch.__version__}, avalanche {avalanche.__version__}, numpy {np.__version__}.")
     section = "\n".join([
-        HEADING, "", f"Command: `{' '.join(args.command)}` then `python "
+        f"Command: `{' '.join(args.command)}` then `python "
         "benchmarks/routing_protection.py report` (runs may be split over processes with "
         "`--streams`, `--methods` and `--seeds`; the ablations ran with `--streams "
         "fmnist-permuted --seeds 0 --methods ...`; every run is one line of "
-        "`benchmarks/records/routing_protection.jsonl`, which `report` reads)  ", env + "  ",
+        "`benchmarks/records/routing_protection.jsonl`, which `report` reads)  ",
+        environment_line(date=run_dates(records)) + " Runs: 1 torch thread each.  ",
         f"Settings: {CFG}; PEER {PEER}. Fashion-MNIST subsampled to {CFG['train_per_exp']} "
         f"training and {CFG['test_per_exp']} test images per experience (balanced), 5 "
         "experiences (permuted: 5, not 10), to fit a shared 2-core CPU; Split-Digits uses all "
         "of scikit-learn's digits. Accuracy, forgetting (Chaudhry's max) and learning accuracy "
         "(R[i][i]) in %, mean ± sample std over seeds; owner inference: share of test inputs "
         "of experience j whose top inferred owner is j, after the last experience.", "",
-        "Goals of the issue, checked on the means above:", "", goals(records), "",
+        "Goals, checked on the means above:", "", goals(records), "",
         body, "Routing-share plots: " + ", ".join(f"`benchmarks/figures/{p.name}`"
                                                for p in figures), ""])
-    results = HERE / "RESULTS.md"
-    text = results.read_text() if results.exists() else "# Benchmark results\n"
-    if HEADING in text:  # replace this script's own section, keep its hand-written notes
-        start = text.index(HEADING)
-        nxt = text.find("\n## ", start + len(HEADING))
-        old = text[start:nxt + 1] if nxt >= 0 else text[start:]
-        notes = old.find(NOTES)
-        if notes >= 0:
-            section += "\n" + old[notes:].rstrip("\n") + "\n"
-        text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    results.write_text(text)
+    # replace this script's own section, keep its hand-written notes
+    write_section(HERE / "RESULTS.md", HEADING, section, replace=True, keep_from=NOTES)
+
+
+def run_dates(records: list[dict]) -> str:
+    """The dates of the runs: first to last recorded, and the records without one."""
+    dates = sorted(r["date"] for r in records if "date" in r)
+    undated = len(records) - len(dates)
+    text = f"runs of {dates[0]} to {dates[-1]}" if dates else ""
+    if undated:
+        text += (", and " if text else "") + (f"{undated} runs recorded without a date (see "
+                                              "the commits of the records file)")
+    return text
 
 
 def load(path: Path) -> list[dict]:

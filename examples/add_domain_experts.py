@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from peer_ll.cli.lm_train import perplexity, train_lm
 from peer_ll.data.text import decode, text_domain_stream
-from peer_ll.jobs.lm_train import perplexity, train_lm
 from peer_ll.models.lm import PEERLM
 from peer_ll.models.transformer import LMConfig
 

@@ -20,8 +20,6 @@ from peer_ll.evaluation.metrics import (
     learning_accuracy,
     relative_increase,
     routing_share,
-    unevenness,
-    usage,
 )
 
 _LAZY = {
@@ -54,8 +52,6 @@ __all__ = [
     "learning_accuracy",
     "relative_increase",
     "routing_share",
-    "unevenness",
-    "usage",
     *_LAZY,
 ]
 

@@ -39,8 +39,6 @@ __all__ = [
     "learning_accuracy",
     "relative_increase",
     "routing_share",
-    "unevenness",
-    "usage",
 ]
 
 
@@ -51,7 +49,7 @@ def _as_array(x: Any, name: str) -> np.ndarray:
     try:
         return np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a numeric array; got {type(x).__name__}") from err
+        raise ValueError(f"{name} must be a numeric array, got {type(x).__name__}") from err
 
 
 def _as_matrix(R: Any, name: str = "R") -> np.ndarray:
@@ -59,7 +57,7 @@ def _as_matrix(R: Any, name: str = "R") -> np.ndarray:
     m = _as_array(R, name)
     if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
         raise ValueError(
-            f"{name} must be a non-empty square 2-D matrix of shape (T, T); got shape {m.shape}"
+            f"{name} must be a non-empty square 2-D matrix of shape (T, T), got shape {m.shape}"
         )
     return m
 
@@ -125,7 +123,7 @@ def fwt(R: Any, b: Any, *, higher_is_better: bool = True) -> float:
     t = q.shape[0]
     init = _as_array(b, "b")
     if init.shape != (t,):
-        raise ValueError(f"b must have shape ({t},) to match R; got shape {init.shape}")
+        raise ValueError(f"b must have shape ({t},) to match R, got shape {init.shape}")
     init = init if higher_is_better else -init
     return _mean(q[np.arange(t - 1), np.arange(1, t)] - init[1:])
 
@@ -152,7 +150,7 @@ def forgetting_per_experience(
         best = np.where(np.isnan(past), -np.inf, past).max(axis=0, initial=-np.inf)
         best = np.where(np.isneginf(best), np.nan, best)
         return best - last
-    raise ValueError(f"kind must be 'max' or 'first'; got {kind!r}")
+    raise ValueError(f"kind must be 'max' or 'first', got {kind!r}")
 
 
 def forgetting(
@@ -189,7 +187,7 @@ def intransigence(R: Any, R_joint: Any, *, higher_is_better: bool = True) -> flo
         ref = ref[-1]
     if ref.shape != (t,):
         raise ValueError(
-            f"R_joint must have shape ({t},) or (n, {t}) to match R; got shape {ref.shape}"
+            f"R_joint must have shape ({t},) or (n, {t}) to match R, got shape {ref.shape}"
         )
     ref = ref if higher_is_better else -ref
     return float((ref - np.diag(q)).mean())
@@ -211,49 +209,21 @@ def relative_increase(R: Any, *, higher_is_better: bool = False) -> float:
     t = m.shape[0]
     first, last = np.diag(m)[: t - 1], m[-1, : t - 1]
     if np.any(first == 0):
-        raise ValueError(f"R[j][j] must be non-zero for j < T-1; got diagonal {np.diag(m)}")
+        raise ValueError(f"R[j][j] must be non-zero for j < T-1, got diagonal {np.diag(m)}")
     change = (first - last) if higher_is_better else (last - first)
     return _mean(change / first)
 
 
-# ---- PEER routing statistics (He 2024, Table 2) ----------------------------
+# ---- PEER routing share (usage, unevenness: peer_ll.experts) --------------
 
 
 def _as_mass(mass: Any) -> np.ndarray:
     m = _as_array(mass, "mass")
     if m.ndim != 1 or m.size == 0:
-        raise ValueError(f"mass must be a non-empty 1-D array (N,); got shape {m.shape}")
+        raise ValueError(f"mass must be a non-empty 1-D array (N,), got shape {m.shape}")
     if np.isnan(m).any() or (m < 0).any():
-        raise ValueError("mass must be finite and non-negative; got NaN or negative entries")
+        raise ValueError("mass must be finite and non-negative, got NaN or negative entries")
     return m
-
-
-def usage(mass: Any) -> float:
-    """Expert usage: the fraction of experts with non-zero accumulated router mass.
-
-    Args:
-        mass: (N,) router mass (summed gate weights) accumulated per expert.
-    """
-    m = _as_mass(mass)
-    return float(np.count_nonzero(m) / m.size)
-
-
-def unevenness(mass: Any) -> float:
-    """Unevenness: ``log N + sum_i z_i log z_i`` with ``z = mass / sum(mass)``.
-
-    The KL divergence (natural log) from the uniform distribution over the N
-    experts, with ``0 log 0 = 0``: 0 for perfectly even routing, ``log N`` when
-    one expert gets all the mass.
-
-    Args:
-        mass: (N,) accumulated router mass per expert, not all zero.
-    """
-    m = _as_mass(mass)
-    total = m.sum()
-    if total == 0:
-        raise ValueError("mass must have a positive sum; got all zeros")
-    z = m[m > 0] / total
-    return float(np.log(m.size) + np.sum(z * np.log(z)))
 
 
 def routing_share(mass: Any, owners: Any) -> dict[int, float]:
@@ -277,7 +247,7 @@ def routing_share(mass: Any, owners: Any) -> dict[int, float]:
         )
     total = m.sum()
     if total == 0:
-        raise ValueError("mass must have a positive sum; got all zeros")
+        raise ValueError("mass must have a positive sum, got all zeros")
     ids, inverse = np.unique(o, return_inverse=True)
     shares = np.bincount(inverse, weights=m, minlength=ids.size) / total
     return {int(i): float(s) for i, s in zip(ids, shares, strict=True)}
@@ -290,7 +260,7 @@ def _as_features(features: Any) -> np.ndarray:
     f = _as_array(features, "features")
     if f.ndim != 2 or 0 in f.shape:
         raise ValueError(
-            f"features must be a non-empty 2-D array (n_samples, n_units); got shape {f.shape}"
+            f"features must be a non-empty 2-D array (n_samples, n_units), got shape {f.shape}"
         )
     return f
 

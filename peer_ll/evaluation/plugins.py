@@ -3,12 +3,13 @@
 They only collect; the numbers come from the pure functions in
 :mod:`peer_ll.evaluation.metrics`. Each emits, after every evaluation experience j,
 one ``MetricValue`` per quantity, so the values reach every Avalanche logger (text,
-TensorBoard, CSV, ...). Names follow Avalanche's scheme, e.g.
-``PEER_Usage/blocks.0.peer/eval_phase/test_stream/Exp002``.
+TensorBoard, CSV, ...). Names follow Avalanche's scheme, task segment included, e.g.
+``PEER_Usage/blocks.0.peer/eval_phase/test_stream/Task000/Exp002``.
 
 :class:`PEERRoutingMetrics`, per PEER layer (module name) and experience j:
 
-- ``PEER_Usage``, ``PEER_Unevenness``: usage and unevenness (He 2024, Table 2) of the
+- ``PEER_Usage``, ``PEER_Unevenness``: usage and unevenness (He 2024, Table 2;
+  :func:`peer_ll.experts.expert_usage`, :func:`peer_ll.experts.unevenness`) of the
   router mass that the inputs of experience j put on the pool;
 - ``PEER_RoutingShare/<layer>/Owner<o>``: the fraction of that mass on owner o's experts;
 - ``PEER_Margin``, ``PEER_GateEntropy``: mean retrieval confidence over tokens and heads
@@ -29,10 +30,9 @@ from avalanche.evaluation.metric_utils import get_metric_name
 from torch import nn
 
 from peer_ll.evaluation.metrics import dead_unit_fraction, effective_rank, routing_share
-from peer_ll.evaluation.metrics import unevenness as _unevenness
-from peer_ll.evaluation.metrics import usage as _usage
 from peer_ll.evaluation.report import METRIC_NAME, parse_metric_name
-from peer_ll.experts import PEER
+from peer_ll.experts import PEER, expert_usage, peer_layers, unevenness
+from peer_ll.experts.checks import check_int
 
 __all__ = [
     "ACTIVATIONS",
@@ -65,7 +65,7 @@ class _PerExperienceMetric(PluginMetric[dict]):
         x = strategy.clock.train_iterations
         out = []
         for base, value in values.items():
-            name = get_metric_name(base, strategy, add_experience=True, add_task=False)
+            name = get_metric_name(base, strategy, add_experience=True, add_task=True)
             out.append(MetricValue(self, name, value, x))
         self._last = {v.name: v.value for v in out}
         return out
@@ -86,6 +86,10 @@ class PEERRoutingMetrics(_PerExperienceMetric):
     Args:
         confidence: also emit the retrieval confidence (one extra top-(k+1) search per
             batch and layer).
+
+    Raises:
+        ValueError: at evaluation, if the model has no PEER layer
+            (:func:`peer_ll.experts.peer_layers`).
     """
 
     def __init__(self, *, confidence: bool = True) -> None:
@@ -98,7 +102,8 @@ class PEERRoutingMetrics(_PerExperienceMetric):
     def before_eval_exp(self, strategy) -> None:
         self._remove_hooks()
         self._state = {}
-        for name, layer in _peer_layers(strategy.model).items():
+        for name, layer in peer_layers(strategy.model).items():
+            name = name or "model"  # the model itself is a PEER layer
             self._state[name] = {
                 "layer": layer,
                 "mass": layer.router_mass.detach().clone(),
@@ -134,9 +139,9 @@ class PEERRoutingMetrics(_PerExperienceMetric):
             with torch.no_grad():
                 layer.router_mass.copy_(state["mass"])
             layer.track_routing = state["track"]
-            values[f"PEER_Usage/{name}"] = _usage(mass)
+            values[f"PEER_Usage/{name}"] = expert_usage(mass)
             if float(mass.sum()) > 0:
-                values[f"PEER_Unevenness/{name}"] = _unevenness(mass)
+                values[f"PEER_Unevenness/{name}"] = unevenness(mass)
                 for owner, share in routing_share(mass, layer.owners.cpu()).items():
                     values[f"PEER_RoutingShare/{name}/Owner{owner:03d}"] = share
             if self.confidence:
@@ -172,9 +177,7 @@ class PlasticityHealth(_PerExperienceMetric):
         super().__init__()
         if module is not None and not isinstance(module, str):
             raise TypeError(f"module must be a module name (str) or None, got {module!r}")
-        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
-            raise ValueError(f"max_samples must be an int >= 1, got {max_samples!r}")
-        self.module, self.max_samples = module, max_samples
+        self.module, self.max_samples = module, check_int("max_samples", max_samples, minimum=1)
         self.threshold, self.atol = float(threshold), float(atol)
         self._rows: list[torch.Tensor] = []
         self._count = 0
@@ -249,7 +252,3 @@ def peer_metrics(
         metrics.append(PlasticityHealth(module))
     return metrics
 
-
-def _peer_layers(model: nn.Module) -> dict[str, PEER]:
-    """PEER layers by module name ("model" for the model itself); empty if there are none."""
-    return {name or "model": m for name, m in model.named_modules() if isinstance(m, PEER)}

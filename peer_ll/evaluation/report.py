@@ -73,7 +73,7 @@ COLUMNS = (
 
 
 #: Parses the per-experience names of Avalanche's and peer_ll's plugin metrics, e.g.
-#: ``PEER_RoutingShare/blocks.0.peer/Owner003/eval_phase/test_stream/Exp002``.
+#: ``PEER_RoutingShare/blocks.0.peer/Owner003/eval_phase/test_stream/Task000/Exp002``.
 METRIC_NAME = re.compile(
     r"^(?P<metric>[^/]+)(?:/(?P<module>[^/]+?))?(?:/Owner(?P<owner>\d+))?"
     r"/(?P<phase>train|eval)_phase/(?P<stream>[^/]+)_stream"
@@ -287,5 +287,5 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"run_dir must hold a results.json; not found: {path}")
     results = json.loads(path.read_text())
     if not isinstance(results.get("strategies"), dict):
-        raise ValueError(f"{path} must hold a 'strategies' mapping; got keys {sorted(results)}")
+        raise ValueError(f"{path} must hold a 'strategies' mapping, got keys {sorted(results)}")
     return results

@@ -113,7 +113,7 @@ def test_other_argument_errors():
         M.fwt(ACC, [0.1, 0.2])
     with pytest.raises(ValueError, match=r"R_joint must have shape \(3,\)"):
         M.intransigence(ACC, [[0.1, 0.2]])
-    with pytest.raises(ValueError, match="kind must be 'max' or 'first'; got 'last'"):
+    with pytest.raises(ValueError, match="kind must be 'max' or 'first', got 'last'"):
         M.forgetting(ACC, kind="last")
     with pytest.raises(ValueError, match="non-zero"):
         M.relative_increase([[0.0, 1.0], [1.0, 1.0]])
@@ -121,27 +121,11 @@ def test_other_argument_errors():
         M.bwt([[0.1, 0.2], [0.3]])
 
 
-def test_usage_and_unevenness():
-    mass = [3.0, 1.0, 0.0, 0.0]
-    assert M.usage(mass) == 0.5
-    # log 4 + 0.75 log 0.75 + 0.25 log 0.25
-    assert M.unevenness(mass) == pytest.approx(0.8239592165010822)
-    assert M.unevenness([2.0, 2.0, 2.0]) == pytest.approx(0.0, abs=1e-12)
-    assert M.unevenness([0.0, 5.0, 0.0, 0.0, 0.0]) == pytest.approx(math.log(5))
-    with pytest.raises(ValueError, match="positive sum"):
-        M.unevenness([0.0, 0.0])
-    with pytest.raises(ValueError, match="non-negative"):
-        M.usage([1.0, -1.0])
-    with pytest.raises(ValueError, match=r"mass must be .*1-D.*\(2, 2\)"):
-        M.usage(np.ones((2, 2)))
-
-
-def test_routing_metrics_accept_tensors():
+def test_routing_share_accepts_tensors():
     torch = pytest.importorskip("torch")
     mass = torch.tensor([3.0, 1.0, 0.0, 4.0])
     owners = torch.tensor([0, 0, 1, 2])
     assert M.routing_share(mass, owners) == pytest.approx({0: 0.5, 1: 0.0, 2: 0.5})
-    assert M.usage(mass) == 0.75
 
 
 def test_routing_share_errors():
@@ -149,6 +133,10 @@ def test_routing_share_errors():
         M.routing_share([1.0, 1.0, 1.0], [0, 1])
     with pytest.raises(ValueError, match="owners must be an integer"):
         M.routing_share([1.0, 1.0], [0.0, 1.0])
+    with pytest.raises(ValueError, match="positive sum"):
+        M.routing_share([0.0, 0.0], [0, 1])
+    with pytest.raises(ValueError, match="non-negative"):
+        M.routing_share([1.0, -1.0], [0, 1])
 
 
 def test_dead_unit_fraction():

@@ -16,7 +16,7 @@ from peer_ll.evaluation.plugins import (
     parse_metric_name,
     peer_metrics,
 )
-from peer_ll.experts import PEER
+from peer_ll.experts import PEER, expert_usage, unevenness
 from peer_ll.optim import make_optimizer
 
 SMALL = dict(num_keys=4, heads=2, topk=4, dim_key=8, query_norm="layer")
@@ -76,14 +76,14 @@ def test_routing_metrics_match_direct_computation(stream):
     assert layer.owners.unique().tolist() == [0, 1, 2]  # it grew: three owners to share
     model.eval()
     for j, exp in enumerate(stream.test_stream):
-        suffix = f"eval_phase/test_stream/Exp{j:03d}"
+        suffix = f"eval_phase/test_stream/Task000/Exp{j:03d}"
         layer.reset_routing_stats()
         with torch.no_grad():
             h = model[1](model[0](_inputs(exp)))
             layer(h)
         mass = layer.expert_mass.clone()
-        assert results[f"PEER_Usage/2/{suffix}"] == pytest.approx(M.usage(mass))
-        assert results[f"PEER_Unevenness/2/{suffix}"] == pytest.approx(M.unevenness(mass))
+        assert results[f"PEER_Usage/2/{suffix}"] == pytest.approx(expert_usage(mass))
+        assert results[f"PEER_Unevenness/2/{suffix}"] == pytest.approx(unevenness(mass))
         shares = M.routing_share(mass, layer.owners)
         for owner, share in shares.items():
             got = results[f"PEER_RoutingShare/2/Owner{owner:03d}/{suffix}"]
@@ -117,7 +117,7 @@ def test_evaluation_leaves_routing_stats_untouched(stream):
         results = strategy.eval(stream.test_stream[:2])
     assert torch.equal(layer.router_mass, before)
     assert layer.track_routing is False
-    usage = results["PEER_Usage/2/eval_phase/test_stream/Exp001"]
+    usage = results["PEER_Usage/2/eval_phase/test_stream/Task000/Exp001"]
     assert 0.0 < usage <= 1.0  # it tracked during evaluation all the same
     assert not any("PEER_Margin" in name for name in results)
     assert set(metric.result()) == {n for n in results if n.endswith("Exp001")}
@@ -135,7 +135,7 @@ def test_plasticity_health_matches_direct_computation(stream, act):
     for j, exp in enumerate(stream.test_stream):
         with torch.no_grad():
             features = model[1](model[0](_inputs(exp)[:20]))
-        suffix = f"1/eval_phase/test_stream/Exp{j:03d}"
+        suffix = f"1/eval_phase/test_stream/Task000/Exp{j:03d}"
         dead = results[f"Plasticity_DeadUnits/{suffix}"]
         assert dead == pytest.approx(M.dead_unit_fraction(features))
         assert results[f"Plasticity_EffectiveRank/{suffix}"] == pytest.approx(
@@ -153,7 +153,7 @@ def test_metrics_reach_avalanche_loggers(stream):
     _train(_model(), stream, peer_metrics(), loggers=[TextLogger(out)])
     text = out.getvalue()
     for name in ("PEER_Usage/2", "PEER_RoutingShare/2/Owner002", "Plasticity_EffectiveRank/1"):
-        assert f"{name}/eval_phase/test_stream/Exp002" in text
+        assert f"{name}/eval_phase/test_stream/Task000/Exp002" in text
 
 
 def test_plasticity_health_errors():
@@ -163,19 +163,21 @@ def test_plasticity_health_errors():
     with pytest.raises(ValueError, match="module must name a submodule.*'nope'"):
         PlasticityHealth("nope").features_module(model)
     assert PlasticityHealth("0").features_module(model)[0] == "0"
-    with pytest.raises(ValueError, match="max_samples must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="max_samples must be >= 1, got 0"):
         PlasticityHealth(max_samples=0)
+    with pytest.raises(TypeError, match=r"max_samples must be an int, got float \(2.5\)"):
+        PlasticityHealth(max_samples=2.5)
     with pytest.raises(TypeError, match="confidence must be a bool"):
         PEERRoutingMetrics(confidence=1)
     assert [type(m) for m in peer_metrics(plasticity=False)] == [PEERRoutingMetrics]
 
 
 def test_parse_metric_name():
-    name = "PEER_RoutingShare/blocks.0.peer/Owner003/eval_phase/test_stream/Exp002"
+    name = "PEER_RoutingShare/blocks.0.peer/Owner003/eval_phase/test_stream/Task000/Exp002"
     parts = parse_metric_name(name)
     assert parts == dict(
         metric="PEER_RoutingShare", module="blocks.0.peer", owner=3, phase="eval",
-        stream="test", task=None, exp=2,
+        stream="test", task=0, exp=2,
     )  # fmt: skip
     acc = parse_metric_name("Top1_Acc_Exp/eval_phase/test_stream/Task001/Exp004")
     assert (acc["metric"], acc["module"], acc["task"], acc["exp"]) == ("Top1_Acc_Exp", None, 1, 4)
@@ -227,3 +229,19 @@ def test_accuracy_matrix_matches_avalanche(stream):
     assert values[f"CL_BWT/{s}"] == pytest.approx(values[f"StreamBWT/{s}"])
     assert M.forgetting(R, kind="first") > 0  # Naive forgot something: the checks could fail
     assert set(matrix.result()) == {n for n in values if n.startswith("CL_")}
+
+
+def test_routing_metrics_need_peer_layers(stream):
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strategy = Naive(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            criterion=nn.CrossEntropyLoss(), eval_mb_size=16,
+            evaluator=EvaluationPlugin(PEERRoutingMetrics(), loggers=[]),
+        )  # fmt: skip
+        with pytest.raises(ValueError, match="PEER layers"):
+            strategy.eval(stream.test_stream[:1])

@@ -118,7 +118,8 @@ def test_package_exports_load_lazily():
     from peer_ll.evaluation import plugins, report
 
     assert E.summarize is report.summarize and E.PEERRoutingMetrics is plugins.PEERRoutingMetrics
-    assert set(E.__all__) >= {"peer_metrics", "results_table", "draw_run_plots", "usage"}
+    assert set(E.__all__) >= {"peer_metrics", "results_table", "draw_run_plots", "routing_share"}
+    assert "usage" not in E.__all__ and "unevenness" not in E.__all__  # peer_ll.experts has them
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         E.nope  # noqa: B018
 

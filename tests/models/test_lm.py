@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from peer_ll.jobs.lm_train import perplexity, routing_shares, touched_entries, train_lm
+from peer_ll.cli.lm_train import perplexity, routing_shares, touched_entries, train_lm
 from peer_ll.models.lm import PEERLM
 from peer_ll.models.transformer import LMConfig
 
@@ -219,7 +219,7 @@ def test_load_in_a_new_process_gives_identical_perplexities(grown, domains, tmp_
     want = [perplexity(model, blocks, domain=d) for d in (0, 1, None, "infer")]
     code = textwrap.dedent(f"""
         import torch
-        from peer_ll.jobs.lm_train import perplexity
+        from peer_ll.cli.lm_train import perplexity
         from peer_ll.models.lm import PEERLM
         torch.set_num_threads({torch.get_num_threads()})
         model = PEERLM.load({str(path)!r})

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from peer_ll.jobs.lm_train import perplexity
+from peer_ll.cli.lm_train import perplexity
 from peer_ll.models import PEERLM, LMConfig
 from peer_ll.strategies.lm import AvalancheLM, LMDomainGrowth, peer_lm_strategy
 

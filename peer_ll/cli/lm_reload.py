@@ -1,6 +1,6 @@
 """Load saved PEERLM checkpoints in a fresh process and recompute their perplexities.
 
-``python -m peer_ll.jobs.lm_reload SPEC.json`` reads a list of checkpoints, each with
+``python -m peer_ll.cli.lm_reload SPEC.json`` reads a list of checkpoints, each with
 the evaluations to redo, and writes the perplexities it gets to ``SPEC.out.json``.
 :func:`reload_check` runs it and compares with the perplexities of the live models:
 they must be identical, bit for bit.
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 import peer_ll
-from peer_ll.jobs.lm_methods import EVALUATIONS, eval_domain
-from peer_ll.jobs.lm_train import perplexity
+from peer_ll.cli.lm_methods import EVALUATIONS, eval_domain
+from peer_ll.cli.lm_train import perplexity
 from peer_ll.models.lm import PEERLM
 
 BASE_LABEL = "base"
@@ -46,7 +46,7 @@ def reload_check(folder: Path, records: dict, first_row: list[float]) -> dict:
 
     Args:
         folder: the run folder (holds ``eval_blocks.pt`` and the checkpoints).
-        records: {method: record} of :func:`peer_ll.jobs.lm.run_method`.
+        records: {method: record} of :func:`peer_ll.cli.lm.run_method`.
         first_row: perplexities of the base model (its checkpoint is ``base-0-*``).
 
     Returns:
@@ -65,7 +65,7 @@ def reload_check(folder: Path, records: dict, first_row: list[float]) -> dict:
     env = dict(os.environ)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(peer_ll.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    subprocess.run([sys.executable, "-m", "peer_ll.jobs.lm_reload", os.fspath(spec_path)],
+    subprocess.run([sys.executable, "-m", "peer_ll.cli.lm_reload", os.fspath(spec_path)],
                    env=env, check=True)
     got = json.loads(spec_path.with_suffix(".out.json").read_text())
     diffs = [abs(a - b) for item, rows in zip(items, got, strict=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from peer_ll.evaluation.plots import draw_run_plots
@@ -21,7 +22,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         results = load_results(args.run_dir)
     except (FileNotFoundError, ValueError) as err:
-        print(f"peer-ll report: error: {err}")
+        print(f"peer-ll report: error: {err}", file=sys.stderr)
         return 2
     cfg = results.get("config", {})
     if cfg:

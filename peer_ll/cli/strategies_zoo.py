@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from peer_ll.experts import PEER
+from peer_ll.experts.checks import check_choice
 from peer_ll.models import PEERClassifier
 from peer_ll.optim import make_optimizer
 
@@ -102,8 +103,7 @@ class StreamInfo:
 
 def stream_info(bench, kind: str) -> StreamInfo:
     """:class:`StreamInfo` of an Avalanche benchmark built with ``make_stream(kind=...)``."""
-    if kind not in HEAD_OF_KIND:
-        raise ValueError(f"kind must be one of {sorted(HEAD_OF_KIND)}, got {kind!r}")
+    check_choice("kind", kind, HEAD_OF_KIND)
     train = bench.train_stream
     per_exp = [len(exp.classes_in_this_experience) for exp in train]
     x = train[0].dataset[0][0]
@@ -143,8 +143,7 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
 
     from peer_ll.strategies import peer_grow, peer_sparse_finetuning
 
-    if key not in STRATEGIES:
-        raise ValueError(f"key must be one of {list(STRATEGIES)}, got {key!r}")
+    check_choice("key", key, STRATEGIES)
     if key.startswith("peer-protect"):
         from peer_ll.strategies import protect_classifier
 

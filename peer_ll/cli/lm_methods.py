@@ -18,12 +18,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from peer_ll.jobs.lm_train import GradHook, sample_batches
+from peer_ll.cli.lm_train import GradHook, sample_batches
+from peer_ll.experts.checks import check_choice, check_int
 from peer_ll.models.lm import PEERLM
 from peer_ll.models.lm import LMOwners as Domain
 
@@ -60,9 +60,7 @@ class TfidfRows:
 
     def __init__(self, model: PEERLM, background: list[torch.Tensor], *, top_t: int,
                  batches: int = 32, batch_size: int = 16) -> None:
-        if top_t < 1:
-            raise ValueError(f"top_t: expected an int >= 1, got {top_t}")
-        self.top_t = top_t
+        self.top_t = check_int("top_t", top_t, minimum=1)
         layers = model.peer_layers
         df = [torch.zeros(layer.num_experts) for layer in layers]
         n_docs = 0
@@ -124,8 +122,7 @@ def prepare(
         settings: the methods' knobs.
         background: earlier domains' training blocks (for ``sparse``'s IDF).
     """
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    check_choice("method", method, METHODS)
     model.unfreeze_all()
     if method == "full":
         return None
@@ -133,7 +130,7 @@ def prepare(
         expected = "pool" if method == "grow-only" else "branch"
         if model.config.growth != expected:
             raise ValueError(
-                f"model: method {method!r} needs config.growth={expected!r}, "
+                f"model must have config.growth={expected!r} for method {method!r}, "
                 f"got {model.config.growth!r}"
             )
         model.grow(settings.grow_keys, owner=owner)
@@ -179,7 +176,3 @@ def eval_domain(mode: Domain, domain: int, model: PEERLM) -> Domain:
         return mode
     return domain if domain in model.owners else None
 
-
-def relative_change(before: float, after: float) -> float:
-    """(after - before) / before, NaN-safe."""
-    return (after - before) / before if before and math.isfinite(before) else math.nan

@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 from peer_ll.cli import main as cli
-from peer_ll.experts import PEER
-from peer_ll.jobs.compare import parse_seeds, parse_stream, run_comparison
-from peer_ll.jobs.strategies_zoo import (
+from peer_ll.cli.compare import parse_seeds, parse_stream, run_comparison
+from peer_ll.cli.strategies_zoo import (
     DEFAULT_STRATEGIES,
     STRATEGIES,
     ZooConfig,
     parameter_counts,
 )
+from peer_ll.experts import PEER
 
 TINY = ["--epochs", "1", "--seeds", "1", "--experiences", "3", "--max-train-per-exp", "60",
         "--max-test-per-exp", "30", "--num-keys", "8", "--hidden", "16", "--replay-budget", "30",
@@ -89,7 +89,7 @@ def test_report_prints_table_and_redraws(run_dir, capsys):
     assert (run_dir / "table.txt").read_text().strip() in out
     assert (run_dir / "accuracy_curves.png").stat().st_size > 2000
     assert cli(["report", str(run_dir / "missing")]) == 2
-    assert "results.json" in capsys.readouterr().out
+    assert "results.json" in capsys.readouterr().err
 
 
 def test_every_strategy_runs_on_a_task_stream():
@@ -123,9 +123,9 @@ def test_domain_stream_and_argument_errors(tmp_path, capsys):
     assert np.shape(share) == (2, 2)
     assert math.isnan(results["strategies"]["PEER growth"]["intransigence"])  # no joint run
     assert cli(["run", "--stream", "digits-sideways", "--out", str(tmp_path)]) == 2
-    assert "stream must be DATASET-KIND" in capsys.readouterr().out
+    assert "stream must be DATASET-KIND" in capsys.readouterr().err
     assert cli(["run", "--strategies", "naive,magic", "--out", str(tmp_path)]) == 2
-    assert "magic" in capsys.readouterr().out
+    assert "magic" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
     assert parse_stream("fashion-mnist-task") == ("fashion-mnist", "task")
     assert parse_seeds("3") == [0, 1, 2] and parse_seeds("4,7") == [4, 7]

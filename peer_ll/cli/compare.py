@@ -1,11 +1,12 @@
 """``peer-ll run``: compare continual-learning strategies on a task stream.
 
 With no arguments: Split-Digits (scikit-learn's bundled digits, class-incremental,
-5 experiences × 2 classes), 2 seeds, the eight strategies of
-``peer_ll.jobs.strategies_zoo.DEFAULT_STRATEGIES``. After each training experience
-every strategy is evaluated on the whole test stream, which fills its accuracy matrix
-R[i][j]. Joint training trains once on everything; its matrix repeats that one
-evaluation in every row, and its last row is the reference for intransigence.
+5 experiences × 2 classes), 2 seeds, the nine strategies of
+``peer_ll.cli.strategies_zoo.DEFAULT_STRATEGIES``. The run loop and metrics are
+:mod:`peer_ll.cli.harness`'s: after each training experience every strategy is
+evaluated on the whole test stream, which fills its accuracy matrix R[i][j]. Joint
+training trains once on everything; its matrix repeats that one evaluation in every
+row, and its last row is the reference for intransigence.
 
 The run folder holds ``results.json`` (see ``peer_ll.evaluation.report``),
 ``table.txt``, the PNG plots (``peer_ll.evaluation.plots``) and Avalanche text logs
@@ -15,12 +16,9 @@ under ``logs/``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
-import os
-import platform
+import sys
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -30,20 +28,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from peer_ll.evaluation.plots import draw_run_plots, slug
-from peer_ll.evaluation.report import (
-    evaluation_values,
-    results_table,
-    summarize,
-    write_results,
-)
-from peer_ll.jobs.strategies_zoo import (
+from peer_ll.cli.harness import cpu_threads, evaluator, log_file, quiet_avalanche, run_stream
+from peer_ll.cli.results import environment
+from peer_ll.cli.strategies_zoo import (
     DEFAULT_STRATEGIES,
     STRATEGIES,
     ZooConfig,
     build_strategy,
     parameter_counts,
     stream_info,
+)
+from peer_ll.evaluation.plots import draw_run_plots, slug
+from peer_ll.evaluation.report import (
+    results_table,
+    summarize,
+    write_results,
 )
 
 DATASETS = ("digits", "fashion-mnist", "mnist")
@@ -68,47 +67,20 @@ def parse_stream(stream: str) -> tuple[str, str]:
     name, _, kind = stream.rpartition("-")
     if name not in DATASETS or kind not in KINDS:
         choices = [f"{d}-{k}" for d in DATASETS for k in KINDS]
-        raise ValueError(f"stream must be DATASET-KIND, one of {choices}; got {stream!r}")
+        raise ValueError(f"stream must be DATASET-KIND, one of {choices}, got {stream!r}")
     return name, kind
 
 
-def _evaluator(log_file):
-    from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
-    from avalanche.logging import TextLogger
-    from avalanche.training.plugins import EvaluationPlugin
-
-    from peer_ll.evaluation.matrix_plugin import AccuracyMatrix
-    from peer_ll.evaluation.plugins import peer_metrics
-
-    return EvaluationPlugin(
-        accuracy_metrics(experience=True),
-        AccuracyMatrix(),
-        forgetting_metrics(stream=True),
-        bwt_metrics(stream=True),
-        *peer_metrics(),
-        loggers=[TextLogger(log_file)] if log_file is not None else [],
-    )
-
-
-def run_strategy(key: str, bench, info, config: ZooConfig, *, seed: int, log_file=None,
+def run_strategy(key: str, bench, info, config: ZooConfig, *, seed: int, log=None,
                  progress: bool = False) -> dict:  # fmt: skip
-    """Trains one strategy on ``bench`` and returns its seed record."""
+    """Trains one strategy on ``bench`` and returns its seed record (``log``: a text file)."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     t = info.n_experiences
-    strategy = build_strategy(key, info, config, evaluator=_evaluator(log_file))
-    train, test = bench.train_stream, bench.test_stream
-    evals = []
+    strategy = build_strategy(key, info, config, evaluator=evaluator(log))
     start = time.perf_counter()
-    if key == "joint":
-        strategy.train(train)
-        values = strategy.eval(test)
-        evals = [evaluation_values(values, t)] * t
-    else:
-        for exp in tqdm(train, desc=STRATEGIES[key], leave=False, disable=not progress):
-            strategy.train(exp)
-            values = strategy.eval(test)
-            evals.append(evaluation_values(values, t))
+    evals, values = run_stream(strategy, bench, joint=key == "joint", progress=progress,
+                               desc=STRATEGIES[key])  # fmt: skip
     seconds = time.perf_counter() - start
     total, active = parameter_counts(strategy.model)
     record = dict(seed=seed, accuracy_matrix=[e["accuracy"] for e in evals],
@@ -142,7 +114,7 @@ def run_comparison(
 
     Args:
         stream: ``DATASET-KIND``, e.g. ``"digits-class"``, ``"fashion-mnist-permuted"``.
-        strategies: keys of ``peer_ll.jobs.strategies_zoo.STRATEGIES``.
+        strategies: keys of ``peer_ll.cli.strategies_zoo.STRATEGIES``.
         seeds: one run per seed; the seed also draws the stream (class order,
             permutations, subsample).
         config: shared training settings (default ``ZooConfig()``).
@@ -157,12 +129,12 @@ def run_comparison(
     config = config or ZooConfig()
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown or not strategies:
-        raise ValueError(f"strategies must be among {list(STRATEGIES)}; got {list(strategies)}")
+        raise ValueError(f"strategies must be among {list(STRATEGIES)}, got {list(strategies)}")
     if not seeds:
         raise ValueError("seeds must hold at least one seed, got none")
     records: dict[str, list[dict]] = {key: [] for key in strategies}
     bar = tqdm(total=len(seeds) * len(strategies), desc="runs", unit="run", disable=not progress)
-    with bar, _quiet_avalanche():
+    with bar, quiet_avalanche():
         for seed in seeds:
             bench = make_stream(name, kind=kind, n_experiences=n_experiences, seed=seed,
                                 max_train_per_exp=max_train_per_exp,
@@ -170,8 +142,8 @@ def run_comparison(
             info = stream_info(bench, kind)
             for key in strategies:
                 bar.set_postfix_str(f"{STRATEGIES[key]}, seed {seed}")
-                with _log_file(log_dir, f"{slug(key)}-seed{seed}.log") as log:
-                    record = run_strategy(key, bench, info, config, seed=seed, log_file=log,
+                with log_file(log_dir, f"{slug(key)}-seed{seed}.log") as log:
+                    record = run_strategy(key, bench, info, config, seed=seed, log=log,
                                           progress=progress)  # fmt: skip
                 records[key].append(record)
                 bar.update()
@@ -182,42 +154,6 @@ def run_comparison(
                     max_test_per_exp=max_test_per_exp, **asdict(config))  # fmt: skip
     return {"config": settings, "environment": environment(config.device),
             "strategies": summaries}  # fmt: skip
-
-
-@contextlib.contextmanager
-def _quiet_avalanche():
-    """Drops warnings raised inside Avalanche (its deprecations reset warning filters)."""
-    with warnings.catch_warnings():
-        show = warnings.showwarning
-
-        def showwarning(message, category, filename, lineno, file=None, line=None):
-            if f"{os.sep}avalanche{os.sep}" not in str(filename):
-                show(message, category, filename, lineno, file, line)
-
-        warnings.showwarning = showwarning
-        yield
-
-
-@contextlib.contextmanager
-def _log_file(log_dir, name: str):
-    if log_dir is None:
-        yield None
-        return
-    path = Path(log_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        yield handle
-
-
-def environment(device: str = "cpu") -> dict[str, Any]:
-    """Date, machine and library versions, for the record."""
-    import avalanche
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return dict(date=dt.datetime.now().isoformat(timespec="seconds"), cpus=os.cpu_count(),
-                gpu=gpu, device=device, torch_threads=torch.get_num_threads(),
-                python=platform.python_version(), torch=torch.__version__,
-                avalanche=getattr(avalanche, "__version__", "?"), numpy=np.__version__)  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -256,20 +192,10 @@ def parse_seeds(text: str) -> list[int]:
             return [int(s) for s in text.split(",") if s.strip()]
         count = int(text)
     except ValueError as err:
-        raise ValueError(f"--seeds must be a count or a list like 0,1; got {text!r}") from err
+        raise ValueError(f"--seeds must be a count or a list like 0,1, got {text!r}") from err
     if count < 1:
         raise ValueError(f"--seeds must be a count >= 1, got {count}")
     return list(range(count))
-
-
-def cpu_threads(threads: int):
-    """Uses ``threads`` threads in torch and in the BLAS libraries numpy calls."""
-    torch.set_num_threads(max(1, threads))
-    try:
-        from threadpoolctl import threadpool_limits  # comes with scikit-learn
-    except ImportError:  # pragma: no cover
-        return contextlib.nullcontext()
-    return threadpool_limits(max(1, threads))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -279,9 +205,9 @@ def main(args: argparse.Namespace) -> int:
         parse_stream(args.stream)
         seeds = parse_seeds(args.seeds)
         if not strategies or set(strategies) - set(STRATEGIES):
-            raise ValueError(f"--strategies must be among {list(STRATEGIES)}; got {strategies}")
+            raise ValueError(f"--strategies must be among {list(STRATEGIES)}, got {strategies}")
     except ValueError as err:
-        print(f"peer-ll run: error: {err}")
+        print(f"peer-ll run: error: {err}", file=sys.stderr)
         return 2
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.out) if args.out else Path("runs") / stamp

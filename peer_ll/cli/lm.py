@@ -2,7 +2,7 @@
 
 1. Train a :class:`peer_ll.models.PEERLM` on the first domain (A).
 2. For each later domain (B, C, ...), starting from that model, every method of
-   :mod:`peer_ll.jobs.lm_methods` learns the domains in order: full finetuning,
+   :mod:`peer_ll.cli.lm_methods` learns the domains in order: full finetuning,
    PEER sparse finetuning (TF-IDF top-t), grow-only (new experts join the pool,
    everything old frozen) and grow-and-freeze (new experts and adapters owned by
    the domain, everything old frozen, the domain inferred at test time).
@@ -30,13 +30,14 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from peer_ll.jobs import lm_report
-from peer_ll.jobs.lm_methods import (
+from peer_ll.cli import lm_report
+from peer_ll.cli.lm_methods import (
     EVALUATIONS,
     METHODS,
     MethodSettings,
@@ -45,8 +46,8 @@ from peer_ll.jobs.lm_methods import (
     prepare,
     train_domain,
 )
-from peer_ll.jobs.lm_reload import reload_check
-from peer_ll.jobs.lm_train import (
+from peer_ll.cli.lm_reload import reload_check
+from peer_ll.cli.lm_train import (
     count_parameters,
     domain_accuracy,
     perplexity,
@@ -54,6 +55,8 @@ from peer_ll.jobs.lm_train import (
     touched_entries,
     train_lm,
 )
+from peer_ll.cli.results import environment
+from peer_ll.experts.checks import check_int
 from peer_ll.models.lm import PEERLM
 from peer_ll.models.transformer import LMConfig
 
@@ -86,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--layers", type=int, default=4, help="transformer blocks (4); PEER in the middle one")
     add("--experts-only", action="store_true",
         help="grow-and-freeze grows only PEER experts and sub-keys in the PEER blocks (the "
-             "issue's literal method): no expert layers beside dense MLPs, no query or "
+             "method in its plainest form): no expert layers beside dense MLPs, no query or "
              "attention adapters")
     add("--tiny", action="store_true", help="a tiny model and data, for a smoke run")
     add("--seed", type=int, default=0, help="random seed (0)")
@@ -167,7 +170,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except (ValueError, FileNotFoundError) as err:  # bad arguments or data: no traceback
-        print(f"peer-ll lm: error: {err}")
+        print(f"peer-ll lm: error: {err}", file=sys.stderr)
         return 2
 
 
@@ -179,12 +182,10 @@ def _run(args: argparse.Namespace) -> int:
         args.max_bytes, args.eval_blocks = min(args.max_bytes, 60_000), min(args.eval_blocks, 8)
         args.block_size = TINY["block_size"]
     if len(args.domains) < 2:
-        raise ValueError(f"--domains: expected at least 2 domains, got {args.domains}")
+        raise ValueError(f"--domains must name at least 2 domains, got {args.domains}")
     minimum = dict(steps_first=0, steps=0, batch_size=1, grow_keys=1, top_t=1, eval_blocks=1)
     for name, least in minimum.items():
-        if getattr(args, name) < least:
-            raise ValueError(f"--{name.replace('_', '-')}: expected an int >= {least}, "
-                             f"got {getattr(args, name)}")
+        check_int(f"--{name.replace('_', '-')}", getattr(args, name), minimum=least)
     shape = TINY if args.tiny else dict(dim=args.dim, layers=args.layers,
                                         block_size=args.block_size)
     if args.experts_only:
@@ -198,7 +199,7 @@ def _run(args: argparse.Namespace) -> int:
     blocks = load_blocks(args)
     names = list(blocks)
     if len(names) < 2:
-        raise ValueError(f"--domains: expected at least 2 distinct domains, got {names}")
+        raise ValueError(f"--domains must name at least 2 distinct domains, got {names}")
     out = Path(args.out or f"runs/lm-{dt.datetime.now():%Y%m%d-%H%M%S}")
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     torch.save({n: b["test"] for n, b in blocks.items()}, out / "eval_blocks.pt")
@@ -220,6 +221,7 @@ def _run(args: argparse.Namespace) -> int:
                                   base_params=count_parameters(base))
     results["config"] = {"model": config.to_dict(), "methods": dataclasses.asdict(settings),
                          "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    results["environment"] = environment()
     results["samples"] = lm_report.samples(records, blocks, names)
     if not args.no_reload_check:
         results["reload"] = reload_check(out, records, first_row)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from peer_ll.jobs import lm
+from peer_ll.cli import lm
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,15 +99,15 @@ def test_cli_rejects_bad_arguments_with_a_message(tmp_path, capsys):
 
     assert cli(["lm", "--tiny", "--no-progress", "--out", str(tmp_path), "--domains",
                 "pydoc-topics"]) == 2
-    assert "peer-ll lm: error: --domains: expected at least 2" in capsys.readouterr().out
+    assert "peer-ll lm: error: --domains must name at least 2" in capsys.readouterr().err
     assert cli(["lm", "--dim", "30", "--max-bytes", "20000", "--no-progress", "--out",
                 str(tmp_path)]) == 2
-    assert "dim must be a multiple of attn_heads=4, got 30" in capsys.readouterr().out
+    assert "dim must be a multiple of attn_heads=4, got 30" in capsys.readouterr().err
     assert cli(["lm", "--tiny", "--no-progress", "--out", str(tmp_path), "--domains",
                 "a=" + str(tmp_path / "missing"), "pydoc-topics"]) == 2
-    assert "missing" in capsys.readouterr().out
+    assert "missing" in capsys.readouterr().err
     assert cli(["lm", "--steps", "-1", "--out", str(tmp_path / "run")]) == 2
-    assert "--steps: expected an int >= 0, got -1" in capsys.readouterr().out
+    assert "--steps must be >= 0, got -1" in capsys.readouterr().err
     assert not (tmp_path / "run").exists() and not (tmp_path / "checkpoints").exists()
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from peer_ll.evaluation.metrics import routing_share
+from peer_ll.experts.checks import check_int
 from peer_ll.models.lm import PEERLM
 from peer_ll.models.lm import LMOwners as Domain
 from peer_ll.optim import make_optimizer
@@ -29,7 +30,7 @@ def sample_batches(
     """``steps`` batches (B, T + 1) drawn by seeded shuffled passes over the blocks."""
     if blocks.dim() != 2 or blocks.shape[0] == 0:
         raise ValueError(
-            f"blocks: expected a non-empty (N, T + 1) tensor, got {tuple(blocks.shape)}"
+            f"blocks must be a non-empty (N, T + 1) tensor, got shape {tuple(blocks.shape)}"
         )
     gen = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
@@ -75,8 +76,7 @@ def train_lm(
     Returns:
         {"seconds": wall time, "loss": mean loss of the last 10 % of steps}.
     """
-    if steps < 0:
-        raise ValueError(f"steps: expected an int >= 0, got {steps}")
+    check_int("steps", steps, minimum=0)
     opt = make_optimizer(model, lr=lr)
     model.train()
     losses: list[float] = []

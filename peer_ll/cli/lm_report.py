@@ -6,10 +6,10 @@ import math
 
 import torch
 
+from peer_ll.cli.lm_methods import EVALUATIONS
 from peer_ll.evaluation.metrics import relative_increase
-from peer_ll.jobs.lm_methods import EVALUATIONS
 
-GOAL_RISE, GOAL_GAIN = 0.02, 0.80  # the goal: first domain +2 % at most, 80 % of gain
+GOAL_RISE, GOAL_GAIN = 0.02, 0.80  # the goal: first domain +2 % at most, 80 % of gain
 METHOD_OF_SAMPLES = ("grow-and-freeze", "infer")
 
 

@@ -1,1 +1,0 @@
-"""Jobs behind the `peer-ll` command: one module per subcommand."""
