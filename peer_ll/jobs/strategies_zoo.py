@@ -141,12 +141,13 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
     """
     import avalanche.training as av
 
-    from peer_ll.strategies import peer_grow, peer_router_distillation, peer_sparse_finetuning
+    from peer_ll.protect import peer_router_distillation
+    from peer_ll.strategies import peer_grow, peer_sparse_finetuning
 
     if key not in STRATEGIES:
         raise ValueError(f"key must be one of {list(STRATEGIES)}, got {key!r}")
     if key.startswith("peer-protect"):
-        from peer_ll.strategies import protect_classifier
+        from peer_ll.protect import protect_classifier
 
         model = protect_classifier(
             info.in_features, info.n_classes, experiences=info.n_experiences,
@@ -174,7 +175,7 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
     if key == "peer-grow-rd":
         return peer_router_distillation(model, alpha=config.rd_alpha, **replay, **common)
     if key.startswith("peer-protect"):
-        from peer_ll.strategies import peer_protect
+        from peer_ll.protect import peer_protect
 
         inference = {
             "peer-protect": {},
@@ -195,7 +196,7 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     ``num_sub_keys`` sub-key rows), not reserved capacity. Active counts what one
     input uses: everything outside the expert tables (all sub-keys are scored) plus
     ``min(N, heads · topk)`` experts per PEER layer, and of each per-owner module
-    (``OwnerHead`` / ``OwnerLinear`` heads, ``OwnerCopies``, PEER query adapters) only
+    (``peer_ll.protect.PerOwner``: heads, encoder layers, norms, PEER query adapters) only
     its largest copy: an input runs through one owner's (owner-restricted retrieval).
 
     Returns:
@@ -220,10 +221,6 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 def _per_owner_copies(model: nn.Module) -> list[nn.ModuleDict]:
     """The ``{owner: module}`` dicts of a model's per-owner modules."""
-    from peer_ll.models.owner_head import OwnerHead
-    from peer_ll.strategies.protect_plugins import owner_heads
+    from peer_ll.protect import per_owner_modules
 
-    found = [m.heads if isinstance(m, OwnerHead) else m.copies for m in owner_heads(model)]
-    found += [m.query_adapters for m in model.modules()
-              if isinstance(m, PEER) and len(getattr(m, "query_adapters", ()))]
-    return found
+    return [m.copies for m in per_owner_modules(model)]

@@ -24,7 +24,6 @@ from peer_ll.optim import make_optimizer
 from peer_ll.strategies.carry_state import CarryOptimizerState
 from peer_ll.strategies.dense_grads import DenseExpertGrads, needs_dense_grads
 from peer_ll.strategies.growth import GrowthPolicy, attach_growth, growth_modules
-from peer_ll.strategies.router_distillation import RouterDistillation
 from peer_ll.strategies.sparse_finetuning import SparseExpertFinetuning
 
 
@@ -99,23 +98,3 @@ def peer_sparse_finetuning(
     sparse = SparseExpertFinetuning(top_t, train_others=train_others)
     return peer_grow(model, optimizer, criterion, plugins=(*plugins, sparse), **kwargs)
 
-
-def peer_router_distillation(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    criterion: nn.Module | None = None,
-    *,
-    alpha: float = 1.0,
-    temperature: float = 1.0,
-    buffer=None,
-    plugins: Iterable[object] = (),
-    **kwargs,
-):
-    """:func:`peer_grow` plus :class:`RouterDistillation` (LwF on routing).
-
-    Args:
-        alpha, temperature, buffer: as for :class:`RouterDistillation`.
-        plugins, **kwargs: as for :func:`peer_grow`.
-    """
-    distill = RouterDistillation(alpha, temperature=temperature, buffer=buffer)
-    return peer_grow(model, optimizer, criterion, plugins=(*plugins, distill), **kwargs)

@@ -9,7 +9,8 @@ import torch
 
 from peer_ll.models import PEERClassifier
 from peer_ll.optim import make_optimizer
-from peer_ll.strategies import GrowthPolicy, RouterDistillation, peer_grow
+from peer_ll.protect import RouterDistillation
+from peer_ll.strategies import GrowthPolicy, peer_grow
 
 
 def _top_k(model, x):

@@ -8,13 +8,8 @@ from avalanche.core import SupervisedPlugin
 
 from peer_ll.experts import PEER
 from peer_ll.models import PEERClassifier
-from peer_ll.strategies import (
-    GrowthPolicy,
-    QueryDistillation,
-    RouterDistillation,
-    peer_grow,
-    routing_kl,
-)
+from peer_ll.protect import QueryDistillation, RouterDistillation, routing_kl
+from peer_ll.strategies import GrowthPolicy, peer_grow
 
 
 def _pair(small_peer):
