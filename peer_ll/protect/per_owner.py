@@ -129,9 +129,9 @@ class PerOwner(nn.Module):
     def forward(self, x: torch.Tensor, owners: int | torch.Tensor | None = None) -> torch.Tensor:
         """x (B, ...) with owners None | int | int tensor (B, ...) of x's leading shape."""
         if owners is None:
-            return self._apply(x, self.owners[-1])
+            return self._run(x, self.owners[-1])
         if not isinstance(owners, torch.Tensor) or owners.dim() == 0:
-            return self._apply(x, check_owner("owners", owners))
+            return self._run(x, check_owner("owners", owners))
         if owners.is_floating_point() or owners.dtype == torch.bool:
             raise TypeError(f"owners must be an integer tensor, got {owners.dtype}")
         lead = owners.shape
@@ -139,14 +139,14 @@ class PerOwner(nn.Module):
             raise ValueError(f"owners must have shape {tuple(x.shape[:owners.dim()])} (x's "
                              f"leading axes), got {tuple(lead)}")
         flat_x, flat_o = x.reshape(-1, *x.shape[owners.dim():]), owners.reshape(-1).to(x.device)
-        parts = {o: self._apply(flat_x[flat_o == o], o) for o in flat_o.unique().tolist()}
+        parts = {o: self._run(flat_x[flat_o == o], o) for o in flat_o.unique().tolist()}
         first = next(iter(parts.values()))
         out = first.new_empty(flat_x.shape[0], *first.shape[1:])
         for o, y in parts.items():  # a loop over owners, not inputs
             out[flat_o == o] = y
         return out.view(*lead, *first.shape[1:])
 
-    def _apply(self, x: torch.Tensor, owner: int) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, owner: int) -> torch.Tensor:
         if owner not in self.owners:
             if self.unknown == "identity":
                 return x
@@ -160,7 +160,7 @@ class PerOwner(nn.Module):
             out = out.masked_fill(~self.class_mask[self.owners.index(owner)], MASKED_LOGIT)
         return out
 
-    def _apply_state(self, ids: list[int]) -> None:
+    def _resize(self, ids: list[int]) -> None:
         template = self.copies[str(self.owners[0])]
         kept = dict(self.copies.items())
         self.copies = nn.ModuleDict({str(o): kept.get(str(o)) or copy.deepcopy(template)
@@ -173,7 +173,7 @@ class PerOwner(nn.Module):
         """Create the copies a checkpoint holds before loading them."""
         ids = state_dict.get(prefix + "owner_ids")
         if ids is not None:
-            self._apply_state(ids.tolist())
+            self._resize(ids.tolist())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
