@@ -66,6 +66,6 @@ with tempfile.TemporaryDirectory() as folder:
     loaded = PEERLM.load(Path(folder) / "lm.pt")
 assert perplexity(loaded, B["test"], domain=1) == perplexity(model, B["test"], domain=1)
 prompt = B["test"][:1, :48]
-sample = loaded.generate(prompt, 80, temperature=0.8, top_k=20, domain="infer",
+sample = loaded.generate(prompt, 80, temperature=0.8, top_k=20, owners="infer",
                          generator=torch.Generator().manual_seed(0))
 print(f"prompt: {decode(prompt[0])!r}\nsample: {decode(sample[0, 48:])!r}")

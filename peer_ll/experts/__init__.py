@@ -1,10 +1,30 @@
-"""PEER layers with growable, owner-tagged expert pools (no Avalanche import here)."""
+"""The PEER layer and its growable, owner-tagged expert pool (no Avalanche import here).
 
-from peer_ll.experts.peer import PEER
-from peer_ll.experts.routing import expert_usage, unevenness
+- :class:`PEER`: the paper's layer (He 2024), with a pool that grows by segments;
+- owners as explicit data: :class:`OwnerMix`, :func:`mix_owners`,
+  :func:`call_with_owners`;
+- :func:`peer_layers`: the PEER layers of a model;
+- :func:`expert_usage`, :func:`unevenness`: the paper's Table 2 routing metrics;
+- :class:`OwnerQueryAdapters`: an optional per-owner query transform.
+"""
+
+from peer_ll.experts.owners import OwnerMix, Owners, call_with_owners, mix_owners
+from peer_ll.experts.peer import PEER, peer_layers
+from peer_ll.experts.pool import ExpertPool
+from peer_ll.experts.query_adapter import OwnerQueryAdapters, QueryAdapter
+from peer_ll.experts.routing import RoutingStats, expert_usage, unevenness
 
 __all__ = [
     "PEER",
+    "ExpertPool",
+    "OwnerMix",
+    "OwnerQueryAdapters",
+    "Owners",
+    "QueryAdapter",
+    "RoutingStats",
+    "call_with_owners",
     "expert_usage",
+    "mix_owners",
+    "peer_layers",
     "unevenness",
 ]

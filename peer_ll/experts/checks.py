@@ -1,4 +1,9 @@
-"""Argument checks that raise errors naming the argument, the expected and the actual value."""
+"""Argument checks: one error style for the whole package.
+
+Every check raises ``TypeError`` for a value of the wrong type and ``ValueError`` for
+a value of the right type that is out of range, with the message
+``"{name} must be {expected}, got {actual!r}"``. Each returns the checked value.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,48 @@ from collections.abc import Iterable
 import torch
 
 
-def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
-    """Return ``value`` if it is an int (not a bool) >= ``minimum``; raise otherwise."""
+def _fail(error: type[Exception], name: str, expected: str, actual: object) -> Exception:
+    if error is TypeError:  # name the type too: got str 'a'
+        return error(f"{name} must be {expected}, got {type(actual).__name__} {actual!r}")
+    return error(f"{name} must be {expected}, got {actual!r}")
+
+
+def check_int(
+    name: str, value: object, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
+    """Return ``value`` if it is an int (not a bool) in [minimum, maximum].
+
+    Raises:
+        TypeError: ``value`` is not an int.
+        ValueError: it is out of range.
+    """
+    bounds = _bounds(minimum, maximum)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise _fail(TypeError, name, f"an int{bounds}", value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise _fail(ValueError, name, f"an int{bounds}", value)
+    return value
+
+
+def check_float(
+    name: str, value: object, *, minimum: float | None = None, maximum: float | None = None
+) -> float:
+    """Return ``value`` as a float if it is a real number (not a bool) in [minimum, maximum]."""
+    bounds = _bounds(minimum, maximum)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(TypeError, name, f"a float{bounds}", value)
+    value = float(value)
+    if value != value or (minimum is not None and value < minimum) or (
+        maximum is not None and value > maximum
+    ):
+        raise _fail(ValueError, name, f"a float{bounds}", value)
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` if it is a bool."""
+    if not isinstance(value, bool):
+        raise _fail(TypeError, name, "a bool", value)
     return value
 
 
@@ -20,23 +61,41 @@ def check_choice(name: str, value: object, choices: Iterable[object]) -> object:
     """Return ``value`` if it is one of ``choices``; raise ValueError otherwise."""
     choices = tuple(choices)
     if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        raise _fail(ValueError, name, f"one of {choices}", value)
+    return value
+
+
+def check_type(name: str, value: object, kind: type | tuple[type, ...]) -> object:
+    """Return ``value`` if it is an instance of ``kind``; raise TypeError otherwise."""
+    if not isinstance(value, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise TypeError(f"{name} must be a {names}, got {type(value).__name__}")
     return value
 
 
 def check_owner(name: str, value: object) -> int:
-    """Owners are non-negative ints (task or experience ids)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+    """Owners are non-negative ints (task or experience ids); a 1-element int tensor is one."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not (
+        value.is_floating_point() or value.dtype == torch.bool
+    ):
         value = int(value.item())
     return check_int(name, value, minimum=0)
 
 
-def check_input(x: object, dim: int) -> torch.Tensor:
+def check_input(x: object, dim: int, name: str = "x") -> torch.Tensor:
     """Check a layer input: a floating tensor of shape (..., dim)."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"x must have a floating dtype, got {x.dtype}")
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != dim:
-        raise ValueError(f"x must have shape (..., {dim}), got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape (..., {dim}), got {tuple(x.shape)}")
     return x
+
+
+def _bounds(minimum: float | None, maximum: float | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f" in [{minimum}, {maximum}]"
+    if minimum is not None:
+        return f" >= {minimum}"
+    return "" if maximum is None else f" <= {maximum}"

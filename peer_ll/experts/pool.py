@@ -1,7 +1,7 @@
 """Storage of a growable PEER pool: expert tables, sub-key segments, owners, freezing.
 
-The pool is a mixin of :class:`peer_ll.experts.PEER`. Its tables are contiguous with
-spare capacity, like a vector:
+:class:`ExpertPool` is the module that :class:`peer_ll.experts.PEER` holds as ``pool``.
+Its tables are contiguous with spare capacity, like a vector:
 
 - ``down`` (capacity, D) and ``up`` (capacity, E): expert ``i`` is row ``i``;
 - ``sub_keys`` (key_capacity, 2, d/2): left (``[:, 0]``) and right (``[:, 1]``) halves;
@@ -21,37 +21,42 @@ from torch import nn
 
 from peer_ll.experts.checks import check_int, check_owner
 
-_TABLES = ("down", "up", "sub_keys")
+TABLES = ("down", "up", "sub_keys")
+_STORAGE = (*TABLES, "segments", "segment_owner", "expert_owner", "expert_frozen", "key_frozen")
 
 
-class ExpertPool:
-    """Mixin holding the pool's storage and its growth, ownership and freezing logic."""
+class ExpertPool(nn.Module):
+    """Expert tables and product sub-keys in owner-tagged segments.
 
-    down: nn.Parameter
-    up: nn.Parameter
-    sub_keys: nn.Parameter
-    segments: torch.Tensor
-    segment_owner: torch.Tensor
-    expert_owner: torch.Tensor
-    expert_frozen: torch.Tensor
-    key_frozen: torch.Tensor
+    Args:
+        dim: input size D of an expert.
+        dim_out: output size E of an expert.
+        dim_key: full key size d (each sub-key holds d/2).
+        heads: retrieval heads h (scales the initial ``up`` rows).
+        capacity: expert rows to reserve.
+        key_capacity: sub-key rows to reserve.
+    """
 
-    # ------------------------------------------------------------------ storage
-    def _init_pool(self, capacity: int, key_capacity: int) -> None:
-        half = self.dim_key // 2
-        self.down = nn.Parameter(torch.zeros(capacity, self.dim))
-        self.up = nn.Parameter(torch.zeros(capacity, self.dim_out))
-        self.sub_keys = nn.Parameter(torch.zeros(key_capacity, 2, half))
+    def __init__(
+        self, dim: int, dim_out: int, dim_key: int, *, heads: int, capacity: int,
+        key_capacity: int,
+    ) -> None:
+        super().__init__()
+        self.dim, self.dim_out, self.dim_key, self.heads = dim, dim_out, dim_key, heads
+        self.down = nn.Parameter(torch.zeros(capacity, dim))
+        self.up = nn.Parameter(torch.zeros(capacity, dim_out))
+        self.sub_keys = nn.Parameter(torch.zeros(key_capacity, 2, dim_key // 2))
         self.register_buffer("segments", torch.zeros(0, 4, dtype=torch.long))
         self.register_buffer("segment_owner", torch.zeros(0, dtype=torch.long))
         self.register_buffer("expert_owner", torch.full((capacity,), -1, dtype=torch.long))
         self.register_buffer("expert_frozen", torch.zeros(capacity, dtype=torch.bool))
         self.register_buffer("key_frozen", torch.zeros(key_capacity, dtype=torch.bool))
-        self.register_buffer("router_mass", torch.zeros(capacity), persistent=False)
-        self.query_frozen = False
+        #: Parameters replaced by the last reallocation, {name: (old, new)}; carry their
+        #: optimizer state with :func:`peer_ll.optim.migrate_state`.
         self.replaced_parameters: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
-        self._tag_parameters()
+        self.tag()
 
+    # ------------------------------------------------------------------- sizes
     @property
     def num_experts(self) -> int:
         """Number of experts in the pool (rows in use)."""
@@ -68,10 +73,6 @@ class ExpertPool:
         return int((self.segments[:, 0] + self.segments[:, 1:3].max(dim=1).values).max())
 
     @property
-    def num_segments(self) -> int:
-        return len(self.segments)
-
-    @property
     def capacity(self) -> int:
         """Expert rows reserved (>= ``num_experts``)."""
         return self.down.shape[0]
@@ -81,34 +82,9 @@ class ExpertPool:
         """Sub-key rows reserved (>= ``num_sub_keys``)."""
         return self.sub_keys.shape[0]
 
-    @property
-    def owners(self) -> torch.Tensor:
-        """(N,) int64: the owner of every expert."""
-        return self.expert_owner[: self.num_experts]
-
-    @property
-    def frozen(self) -> torch.Tensor:
-        """(N,) bool: which experts are frozen."""
-        return self.expert_frozen[: self.num_experts]
-
     # ------------------------------------------------------------------- growth
     def grow(self, num_keys: int, *, owner: int, num_keys_right: int | None = None) -> torch.Tensor:
-        """Append one product-key segment of num_keys × num_keys new experts.
-
-        Existing ids, sub-keys and expert weights are never changed. Within
-        capacity nothing is allocated; past it the tables are reallocated and the
-        replaced Parameters are listed in ``replaced_parameters`` (carry optimizer
-        state over with :func:`peer_ll.optim.migrate_state`). A failed grow leaves
-        the layer as it was.
-
-        Args:
-            num_keys: sub-keys per side (left side if ``num_keys_right`` is given).
-            owner: owner id (task or experience) of the new experts.
-            num_keys_right: sub-keys on the right side (default: ``num_keys``).
-
-        Returns:
-            (num_keys * num_keys_right,) int64 ids of the new experts.
-        """
+        """Append one segment of num_keys × num_keys_right experts; see ``PEER.grow``."""
         check_int("num_keys", num_keys, minimum=1)
         n_right = num_keys if num_keys_right is None else num_keys_right
         check_int("num_keys_right", n_right, minimum=1)
@@ -116,30 +92,20 @@ class ExpertPool:
         start = self.num_experts
         need_rows = start + num_keys * n_right
         need_keys = self.num_sub_keys + max(num_keys, n_right)
-        saved = self._storage_refs()
+        saved = {name: getattr(self, name) for name in _STORAGE}
+        saved_replaced = self.replaced_parameters
         try:
             if need_rows > self.capacity or need_keys > self.key_capacity:
-                self._reallocate(
-                    max(need_rows, self.capacity * 3 // 2),
-                    max(need_keys, self.key_capacity * 3 // 2),
-                )
+                self._reallocate(max(need_rows, self.capacity * 3 // 2),
+                                 max(need_keys, self.key_capacity * 3 // 2))
             self._append_segment(num_keys, owner, n_right)
-        except BaseException:
-            self._restore_storage_refs(saved)  # the old tensors were never written
+        except BaseException:  # the old tensors were never written: put them back
+            for name, value in saved.items():
+                setattr(self, name, value)
+            self.replaced_parameters = saved_replaced
+            self.tag()
             raise
         return torch.arange(start, need_rows, device=self.down.device)
-
-    def _storage_refs(self) -> dict:
-        names = (*_TABLES, "segments", "segment_owner", "expert_owner", "expert_frozen",
-                 "key_frozen", "router_mass")
-        refs = {name: getattr(self, name) for name in names}
-        refs["replaced_parameters"] = self.replaced_parameters
-        return refs
-
-    def _restore_storage_refs(self, refs: dict) -> None:
-        for name, value in refs.items():
-            setattr(self, name, value)
-        self._tag_parameters()
 
     def reserve(self, capacity: int, key_capacity: int | None = None) -> None:
         """Reserve room for ``capacity`` experts and ``key_capacity`` sub-keys.
@@ -152,8 +118,7 @@ class ExpertPool:
         if capacity > self.capacity or key_capacity > self.key_capacity:
             self._reallocate(max(capacity, self.capacity), max(key_capacity, self.key_capacity))
 
-    def _append_segment(self, n_left: int, owner: int, n_right: int | None = None) -> None:
-        n_right = n_left if n_right is None else n_right
+    def _append_segment(self, n_left: int, owner: int, n_right: int) -> None:
         rows, key_off = self.num_experts, self.num_sub_keys
         n, n_keys = n_left * n_right, max(n_left, n_right)
         dev, half = self.down.device, self.dim_key // 2
@@ -184,7 +149,7 @@ class ExpertPool:
             )
         sizes = {"down": capacity, "up": capacity, "sub_keys": key_capacity}
         fresh = {}
-        for name in _TABLES:
+        for name in TABLES:
             old = getattr(self, name)
             new = old.new_zeros((sizes[name], *old.shape[1:]))
             used = rows if name != "sub_keys" else n_keys
@@ -200,21 +165,18 @@ class ExpertPool:
             "expert_owner": resized(self.expert_owner, capacity, -1),
             "expert_frozen": resized(self.expert_frozen, capacity, False),
             "key_frozen": resized(self.key_frozen, key_capacity, False),
-            "router_mass": resized(self.router_mass, capacity, 0.0),
         }
-        replaced = {name: (getattr(self, name), fresh[name]) for name in _TABLES}
-        for name, param in fresh.items():  # nothing below can fail
-            setattr(self, name, param)
-        for name, buf in buffers.items():
-            setattr(self, name, buf)
+        replaced = {name: (getattr(self, name), fresh[name]) for name in TABLES}
+        for name, value in {**fresh, **buffers}.items():  # nothing below can fail
+            setattr(self, name, value)
         self.replaced_parameters = replaced
-        self._tag_parameters()
+        self.tag()
 
     # ----------------------------------------------------------------- freezing
-    def _segment_selection(self, owners: int | Iterable[int] | None) -> torch.Tensor:
+    def segments_of(self, owners: int | Iterable[int] | None) -> torch.Tensor:
         """(S,) bool: segments whose owner is in ``owners`` (None: all)."""
         if owners is None:
-            return torch.ones(self.num_segments, dtype=torch.bool)
+            return torch.ones(len(self.segments), dtype=torch.bool)
         wanted = [owners] if isinstance(owners, int | torch.Tensor) else list(owners)
         wanted = {check_owner("owners", o) for o in wanted}
         present = set(self.segment_owner.tolist())
@@ -222,38 +184,15 @@ class ExpertPool:
             raise ValueError(f"owners must be among {sorted(present)}, got {sorted(wanted)}")
         return torch.tensor([o in wanted for o in self.segment_owner.tolist()], dtype=torch.bool)
 
-    def _set_frozen(self, owners, value: bool, keys: bool, query: bool) -> None:
-        selected = self._segment_selection(owners)
+    def set_frozen(self, selected: torch.Tensor, value: bool, *, keys: bool) -> None:
+        """Set the frozen flag of the rows (and, with ``keys``, sub-keys) of segments."""
         for s in selected.nonzero().flatten().tolist():
             key_off, n_left, n_right, start = self.segments[s].tolist()
             self.expert_frozen[start : start + n_left * n_right] = value
             if keys:
                 self.key_frozen[key_off : key_off + max(n_left, n_right)] = value
-        if query:
-            self.query_frozen = value
-            for p in [*self.to_query.parameters(), *self.query_norm.parameters()]:
-                p.requires_grad_(not value)
 
-    def freeze(self, owners=None, *, keys: bool = True, query: bool = False) -> None:
-        """Freeze the experts of ``owners`` (None: all), and optionally more.
-
-        Frozen rows get no gradient, no optimizer moment and no weight decay from
-        :func:`peer_ll.optim.make_optimizer` (a stock optimizer such as
-        ``torch.optim.AdamW`` still decays them).
-
-        Args:
-            owners: an owner id, an iterable of ids, or None for every owner.
-            keys: also freeze those segments' sub-keys.
-            query: also freeze the query network (and use the norm's running
-                statistics, so queries no longer depend on the batch).
-        """
-        self._set_frozen(owners, True, keys, query)
-
-    def unfreeze(self, owners=None, *, keys: bool = True, query: bool = True) -> None:
-        """Undo :meth:`freeze` for ``owners`` (None: all)."""
-        self._set_frozen(owners, False, keys, query)
-
-    def _tag_parameters(self) -> None:
+    def tag(self) -> None:
         """Point each table at its frozen-row mask, for row-aware optimizers."""
         self.down.peer_frozen_rows = self.expert_frozen
         self.up.peer_frozen_rows = self.expert_frozen
@@ -274,30 +213,25 @@ class ExpertPool:
         keys = self.sub_keys.detach()
         return torch.cat([keys[left, 0], keys[right, 1]], dim=-1)
 
-    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of (down (N, D), up (N, E)) for the experts in use (no gradient)."""
-        n = self.num_experts
-        return self.down.detach()[:n], self.up.detach()[:n]
-
     # --------------------------------------------------------------- state_dict
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
     ):
-        saved = state_dict.get(prefix + "segments")
-        if saved is not None:
-            self._match_checkpoint(state_dict, prefix, saved)
+        if prefix + "segments" in state_dict:
+            self.check_checkpoint(state_dict, prefix)
+            self._match_checkpoint(state_dict, prefix, state_dict[prefix + "segments"])
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
-        self._tag_parameters()
+        self.tag()
 
-    def _match_checkpoint(self, state_dict, prefix: str, saved: torch.Tensor) -> None:
-        """Grow this layer's storage to the checkpoint's, or raise a clear error."""
-        mine = self.segments
+    def check_checkpoint(self, state_dict: dict, prefix: str) -> None:
+        """Raise a clear ValueError if the checkpoint's pool does not extend this one."""
+        saved, mine = state_dict.get(prefix + "segments"), self.segments
+        if saved is None:
+            return
         if saved.dim() != 2 or saved.shape[1] != 4:
-            raise ValueError(
-                f"{prefix}segments must have shape (S, 4), got {tuple(saved.shape)}"
-            )
+            raise ValueError(f"{prefix}segments must have shape (S, 4), got {tuple(saved.shape)}")
         n = len(mine)
         if len(saved) < n or not torch.equal(saved[:n].to(mine.device), mine):
             raise ValueError(
@@ -305,8 +239,7 @@ class ExpertPool:
                 f"segments {mine.tolist()}: build the layer with the same constructor "
                 "arguments as the one that was saved"
             )
-        expected = {"down": self.dim, "up": self.dim_out}
-        for name, width in expected.items():
+        for name, width in {"down": self.dim, "up": self.dim_out}.items():
             table = state_dict.get(prefix + name)
             if table is not None and (table.dim() != 2 or table.shape[1] != width):
                 raise ValueError(
@@ -318,7 +251,11 @@ class ExpertPool:
                 f"{prefix}sub_keys must have shape (rows, {tuple(self.sub_keys.shape[1:])}), "
                 f"got {tuple(keys.shape)}"
             )
-        down, keys = state_dict.get(prefix + "down"), keys
+
+    def _match_checkpoint(self, state_dict, prefix: str, saved: torch.Tensor) -> None:
+        """Grow this pool's storage to the checkpoint's (checked by check_checkpoint)."""
+        mine, keys = self.segments, state_dict.get(prefix + "sub_keys")
+        down = state_dict.get(prefix + "down")
         capacity = self.capacity if down is None else down.shape[0]
         key_capacity = self.key_capacity if keys is None else keys.shape[0]
         if capacity != self.capacity or key_capacity != self.key_capacity:

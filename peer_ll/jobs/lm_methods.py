@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from peer_ll.jobs.lm_train import GradHook, sample_batches
-from peer_ll.models.lm import PEERLM, Domain
+from peer_ll.models.lm import PEERLM
+from peer_ll.models.lm import LMOwners as Domain
 
 METHODS = ("full", "sparse", "grow-only", "grow-and-freeze")
 

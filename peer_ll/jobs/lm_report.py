@@ -149,7 +149,7 @@ def samples(records: dict, blocks: dict, names: list[str], *, prompt: int = 48,
         for name in names:
             idx = blocks[name]["test"][:1, :prompt]
             gen = torch.Generator().manual_seed(seed)
-            ids = rec["model"].generate(idx, new, temperature=0.8, top_k=20, domain=domain,
+            ids = rec["model"].generate(idx, new, temperature=0.8, top_k=20, owners=domain,
                                         generator=gen)
             out.append(f"--- {method} (domain={domain}) on {name}\n"
                        f"[prompt] {decode(ids[0, :prompt])!r}\n"

@@ -16,7 +16,8 @@ from torch import nn
 from tqdm import tqdm
 
 from peer_ll.evaluation.metrics import routing_share
-from peer_ll.models.lm import PEERLM, Domain
+from peer_ll.models.lm import PEERLM
+from peer_ll.models.lm import LMOwners as Domain
 from peer_ll.optim import make_optimizer
 
 GradHook = Callable[[PEERLM], None]
@@ -87,7 +88,7 @@ def train_lm(
         scale *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
         for group in opt.param_groups:
             group["lr"] = lr * scale
-        _, loss = model(batch[:, :-1], batch[:, 1:], domain=domain)
+        _, loss = model(batch[:, :-1], batch[:, 1:], owners=domain)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_hook is not None:
@@ -110,7 +111,7 @@ def perplexity(
     model.eval()
     total, count = 0.0, 0
     for batch in blocks.split(batch_size):
-        logits, _ = model(batch[:, :-1], domain=domain)
+        logits, _ = model(batch[:, :-1], owners=domain)
         nll = torch.nn.functional.cross_entropy(
             logits.flatten(0, 1).double(), batch[:, 1:].reshape(-1), reduction="sum"
         )
@@ -142,7 +143,7 @@ def routing_shares(
         layer.reset_routing_stats()
     model.eval()
     for batch in blocks.split(batch_size):
-        model(batch[:, :-1], domain=domain)
+        model(batch[:, :-1], owners=domain)
     mass = torch.cat([layer.expert_mass for layer in layers])
     expert_owner = torch.cat([layer.owners for layer in layers])
     for layer in layers:

@@ -112,7 +112,7 @@ def stream_info(bench, kind: str) -> StreamInfo:
 
 
 def _model(info: StreamInfo, config: ZooConfig, *, grow: bool) -> PEERClassifier:
-    from peer_ll.strategies import GrowthPolicy
+    from peer_ll.strategies import GrowthPolicy, peer_classifier
 
     n, t = config.num_keys, info.n_experiences
     if grow:
@@ -121,7 +121,7 @@ def _model(info: StreamInfo, config: ZooConfig, *, grow: bool) -> PEERClassifier
         keys, policy = round(n * math.sqrt(t)), GrowthPolicy(when="never")
     head = HEAD_OF_KIND[info.kind]
     classes = info.n_classes if head == "fixed" else info.classes_per_exp
-    return PEERClassifier(
+    return peer_classifier(
         info.in_features, classes, hidden=config.hidden, peer={"num_keys": keys}, head=head,
         growth=policy,
     )  # fmt: skip
@@ -141,7 +141,6 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
     """
     import avalanche.training as av
 
-    from peer_ll.protect import peer_router_distillation
     from peer_ll.strategies import peer_grow, peer_sparse_finetuning
 
     if key not in STRATEGIES:
@@ -173,6 +172,8 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
     if key in ("replay", "peer-grow"):
         return peer_grow(model, **replay, **common)
     if key == "peer-grow-rd":
+        from peer_ll.protect import peer_router_distillation
+
         return peer_router_distillation(model, alpha=config.rd_alpha, **replay, **common)
     if key.startswith("peer-protect"):
         from peer_ll.protect import peer_protect

@@ -13,8 +13,8 @@ and adapters). A domain's *route* says what its tokens use:
 - growth "pool" (grow-only): new experts join the paper's single retrieval;
   domain d uses one retrieval over the experts of owners 0..d.
 
-``model(idx, domain=0)`` computes exactly what the model computed before any
-growth, whatever was trained later. ``domain="infer"`` needs no label: it mixes
+``model(idx, owners=0)`` computes exactly what the model computed before any
+growth, whatever was trained later. ``owners="infer"`` needs no label: it mixes
 the domains' predictions by their posterior given the context so far (see
 :meth:`PEERLM.domain_posterior`).
 
@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peer_ll.experts import PEER
-from peer_ll.models.transformer import Block, LMConfig, Route
+from peer_ll.experts import PEER, OwnerMix, mix_owners
+from peer_ll.models.transformer import Block, LMConfig, Route, grow_peer
 
 CHECKPOINT_FORMAT = 1
-Domain = int | str | None
+LMOwners = int | str | torch.Tensor | None
 
 class PEERLM(nn.Module):
     """Decoder-only transformer LM with PEER layers in place of some FFNs.
@@ -80,53 +80,76 @@ class PEERLM(nn.Module):
         """Owner (domain) ids present in the PEER layers, ascending (= training order)."""
         return sorted(set(self.peer_layers[0].segment_owner.tolist()))
 
-    def route(self, domain: int | None) -> Route:
-        """The owner groups a ``domain``'s tokens retrieve from (None: every expert)."""
+    def route(self, owner: int | None) -> Route:
+        """The owner groups an ``owner``'s tokens retrieve from (None: every expert)."""
         owners = self.owners
-        if domain is None:
+        if owner is None:
             return None if self.config.growth == "pool" else [[o] for o in owners]
-        if isinstance(domain, bool) or not isinstance(domain, int) or domain not in owners:
-            raise ValueError(f"domain: expected None, 'infer' or one of {owners}, got {domain!r}")
+        if isinstance(owner, bool) or not isinstance(owner, int) or owner not in owners:
+            raise ValueError(f"owners must be None, 'infer', one of {owners} or a (B,) "
+                             f"integer tensor of them, got {owner!r}")
         if self.config.growth == "pool":
-            return [[o for o in owners if o <= domain]]
-        return [[owners[0]]] if domain == owners[0] else [[owners[0]], [domain]]
+            return [[o for o in owners if o <= owner]]
+        return [[owners[0]]] if owner == owners[0] else [[owners[0]], [owner]]
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, domain: Domain = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, owners: LMOwners = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Next-token logits, and the mean cross-entropy when ``targets`` are given.
 
         Args:
             idx: (B, T) token ids.
             targets: optional (B, T) next-token ids; -1 entries are ignored.
-            domain: None (every expert), a domain's owner id (its route: task-aware
-                inference; domain 0 is the model before any growth), or "infer"
-                (the domains' posterior mixture, see :meth:`domain_posterior`).
+            owners: None (every expert), a domain's owner id (its route: task-aware
+                inference; domain 0 is the model before any growth), a (B,) integer
+                tensor (one domain per sequence), or "infer" (the domains' posterior
+                mixture, see :meth:`domain_posterior`).
 
         Returns:
             logits (B, T, V) and the loss (a scalar) or None.
         """
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.is_floating_point():
-            raise ValueError(f"idx: expected an int tensor (B, T), got {_describe(idx)}")
+            raise ValueError(f"idx must be an integer tensor (B, T), got {_describe(idx)}")
         T = idx.shape[1]
         if not 1 <= T <= self.config.block_size:
-            raise ValueError(f"idx: expected 1 <= T <= {self.config.block_size}, got T={T}")
-        if isinstance(domain, str):
-            if domain != "infer":
-                raise ValueError(f"domain: expected None, 'infer' or an owner id, got {domain!r}")
+            raise ValueError(f"idx must have 1 <= T <= {self.config.block_size}, got T={T}")
+        if isinstance(owners, str):
+            if owners != "infer":
+                raise ValueError(f"owners must be None, 'infer', an owner id or a (B,) "
+                                 f"integer tensor, got {owners!r}")
             logits = self._mixture(idx)[0]  # log-probabilities: valid logits
+        elif isinstance(owners, torch.Tensor):
+            logits = self._per_sequence(idx, owners)
         else:
-            logits = self._logits(idx, domain)
+            logits = self._logits(idx, owners)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def _logits(self, idx: torch.Tensor, domain: int | None) -> torch.Tensor:
-        route = self.route(domain)
-        # Attention adapters: only a grown domain's own route (never domain None) uses them.
-        adapter = domain if domain is not None and domain != self.owners[0] else None
+    def _per_sequence(self, idx: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) where sequence b takes the route of ``owners[b]``."""
+        if owners.dim() == 0:
+            return self._logits(idx, int(owners))
+        bad_dtype = owners.is_floating_point() or owners.dtype == torch.bool
+        if bad_dtype or owners.shape != idx.shape[:1]:
+            raise ValueError(f"owners must be an integer tensor of shape ({idx.shape[0]},), "
+                             f"got {_describe(owners)}")
+        owners = owners.to(idx.device)
+        out = None
+        for owner in owners.unique().tolist():
+            rows = owners == owner
+            logits = self._logits(idx[rows], owner)
+            if out is None:
+                out = logits.new_empty(idx.shape[0], *logits.shape[1:])
+            out[rows] = logits
+        return out
+
+    def _logits(self, idx: torch.Tensor, owner: int | None) -> torch.Tensor:
+        route = self.route(owner)
+        # Attention adapters: only a grown domain's own route (never owner None) uses them.
+        adapter = owner if owner is not None and owner != self.owners[0] else None
         x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
             x = block(x, route, adapter)
@@ -146,7 +169,7 @@ class PEERLM(nn.Module):
         Every domain's route scores the tokens seen so far: with a uniform prior,
         position t's posterior for domain d is proportional to
         ``Π_{s<=t} p_d(idx[s] | idx[<s])``, which uses no token after t, so the
-        model stays causal. ``domain="infer"`` predicts with the posterior mixture
+        model stays causal. ``owners="infer"`` predicts with the posterior mixture
         ``Σ_d w_d(t) p_d(· | idx[<=t])`` (Bayesian model averaging): its log-loss
         over a sequence is at most the best single domain's plus log O, and a
         domain whose experts do not fit a text soon gets no weight. In the spirit
@@ -159,14 +182,15 @@ class PEERLM(nn.Module):
     def _mixture(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities (B, T, V) of the posterior mixture, log-posterior (O, B, T)."""
         owners = self.owners
-        logp = torch.stack(
-            [self._logits(idx, d).float().log_softmax(-1) for d in owners]
-        )  # (O, B, T, V)
+        logp = {d: self._logits(idx, d).float().log_softmax(-1) for d in owners}  # (B, T, V)
         with torch.no_grad():
-            seen = logp[:, :, :-1].gather(-1, idx[None, :, 1:, None].expand(len(owners), -1, -1, 1))
+            seen = torch.stack([logp[d][:, :-1].gather(-1, idx[:, 1:, None]) for d in owners])
             evidence = F.pad(seen.squeeze(-1).cumsum(-1), (1, 0))  # (O, B, T)
             log_post = evidence.log_softmax(0)
-        return torch.logsumexp(logp + log_post[..., None], dim=0), log_post
+        ids = torch.tensor(owners, device=idx.device).expand(idx.shape[0], -1)  # (B, O)
+        mix = OwnerMix(ids, log_post.exp().transpose(0, 1))  # weights (B, O, T)
+        probs = mix_owners(lambda o: logp[int(o[0])].exp(), mix)  # (B, T, V)
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log(), log_post
 
     # ------------------------------------------------------------------- growth
     def grow(self, num_keys: int, *, owner: int) -> dict[int, torch.Tensor]:
@@ -192,7 +216,7 @@ class PEERLM(nn.Module):
         new = {}
         for i, block in enumerate(self.blocks):
             if block.is_peer:
-                new[i] = block.ffn.grow(num_keys, owner=owner)
+                new[i] = grow_peer(block.ffn, num_keys, owner=owner)
                 layer = block.ffn
             elif branch and self.config.grow_dense_blocks:
                 block.grow_dense(self.config, num_keys, owner=owner)
@@ -254,13 +278,13 @@ class PEERLM(nn.Module):
         *,
         temperature: float = 1.0,
         top_k: int | None = None,
-        domain: Domain = None,
+        owners: LMOwners = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Sample a continuation: (B, T0) prompt ids -> (B, T0 + max_new_tokens).
 
         The context is cropped to the last ``block_size`` tokens. ``temperature``
-        0 means greedy decoding; ``domain`` is passed to :meth:`forward`. Decode
+        0 means greedy decoding; ``owners`` is passed to :meth:`forward`. Decode
         bytes with :func:`peer_ll.data.text.decode`.
         """
         if max_new_tokens < 0:
@@ -270,7 +294,7 @@ class PEERLM(nn.Module):
         was_training = self.training
         self.eval()
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size :], domain=domain)
+            logits, _ = self(idx[:, -self.config.block_size :], owners=owners)
             logits = logits[:, -1]  # (B, V)
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)

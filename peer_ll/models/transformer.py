@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peer_ll.experts import PEER
+from peer_ll.experts import PEER, OwnerQueryAdapters
 
 GROWTH = ("branch", "pool")
 Route = list[list[int]] | None  # owner groups; each group is one PEER retrieval, outputs summed
@@ -49,7 +49,7 @@ class LMConfig:
     # With "branch" growth, dense-FFN blocks also grow experts: a PEER layer beside the
     # MLP, created at the first growth, that holds only grown domains' experts.
     grow_dense_blocks: bool = True
-    # Per-owner query adapters of every PEER layer (peer_ll.experts.QueryAdapter): a new
+    # Per-owner query adapters of every PEER layer (peer_ll.experts.OwnerQueryAdapters): a new
     # domain trains its own on a frozen shared query network (0 and False: none, paper).
     adapter_rank: int = 8
     adapter_affine: bool = True
@@ -169,8 +169,12 @@ class MLP(nn.Module):
 
 
 def make_peer(config: LMConfig, *, num_keys: int | None = None, owner: int = 0) -> PEER:
-    """A PEER layer as ``config`` describes it (default: the base layer of owner 0)."""
-    return PEER(
+    """A PEER layer as ``config`` describes it (default: the base layer of owner 0).
+
+    With ``config.adapter_rank`` or ``config.adapter_affine`` it carries per-owner
+    query adapters (:class:`peer_ll.experts.OwnerQueryAdapters`), one for ``owner``.
+    """
+    layer = PEER(
         config.dim,
         num_keys=config.peer_num_keys if num_keys is None else num_keys,
         heads=config.peer_heads,
@@ -179,10 +183,20 @@ def make_peer(config: LMConfig, *, num_keys: int | None = None, owner: int = 0) 
         query_norm=config.query_norm,
         capacity=config.peer_capacity if num_keys is None else None,
         owner=owner,
-        query_stats=None,  # PEERLM infers domains from its own likelihood
-        query_adapter_rank=config.adapter_rank,
-        query_adapter_affine=config.adapter_affine,
     )
+    if config.adapter_rank or config.adapter_affine:
+        layer.attach_query_adapter(OwnerQueryAdapters(
+            config.peer_heads, config.peer_dim_key, rank=config.adapter_rank,
+            affine=config.adapter_affine, owners=[owner]))
+    return layer
+
+
+def grow_peer(layer: PEER, num_keys: int, *, owner: int) -> torch.Tensor:
+    """Grow ``layer`` by ``num_keys``² experts of ``owner`` (and its query adapter)."""
+    ids = layer.grow(num_keys, owner=owner)
+    if isinstance(layer.query_adapter, OwnerQueryAdapters):
+        layer.query_adapter.add(owner)
+    return ids
 
 
 class Block(nn.Module):
@@ -214,9 +228,9 @@ class Block(nn.Module):
         and its output weights start at zero, so it adds nothing until trained.
         """
         if self.is_peer:
-            raise ValueError("grow_dense: expected a dense block, got a PEER block")
+            raise ValueError("block must be a dense block to grow_dense, got a PEER block")
         if self.grown is not None:
-            self.grown.grow(num_keys, owner=owner)
+            grow_peer(self.grown, num_keys, owner=owner)
         else:
             self.grown = make_peer(config, num_keys=num_keys, owner=owner).to(
                 self.ln_ffn.weight.device
@@ -232,8 +246,10 @@ class Block(nn.Module):
                 owner = name[len(head) :].split(".")[0]
                 if owner not in self.attn.adapters:
                     self.attn.add_adapter(int(owner), value.shape[1])
-        owners = state_dict.get(prefix + "grown.segment_owner")
-        segments = state_dict.get(prefix + "grown.segments")
+        owners = state_dict.get(prefix + "grown.pool.segment_owner",
+                                state_dict.get(prefix + "grown.segment_owner"))  # older layout
+        segments = state_dict.get(prefix + "grown.pool.segments",
+                                  state_dict.get(prefix + "grown.segments"))
         if owners is not None and segments is not None and self.grown is None:
             self.grow_dense(config, int(segments[0, 1]), owner=int(owners[0]))
 
@@ -245,12 +261,12 @@ class Block(nn.Module):
         if route is None:
             return x + self.drop(self.ffn(h))
         if self.is_peer:
-            out = self.ffn(h, route[0])
+            out = self.ffn(h, owners=route[0])
             for group in route[1:]:
-                out = out + self.ffn(h, group)
+                out = out + self.ffn(h, owners=group)
         else:
             out = self.ffn(h)
             for group in route[1:] if self.grown is not None else ():
-                out = out + self.grown(h, group)
+                out = out + self.grown(h, owners=group)
         return x + self.drop(out)
 

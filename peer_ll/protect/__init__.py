@@ -32,7 +32,7 @@ from peer_ll.protect.distillation import (
 from peer_ll.protect.factory import INFERENCES, peer_protect, protect_classifier, protect_plugin
 from peer_ll.protect.gate import OwnerGate
 from peer_ll.protect.input_stats import InputOwnerStats
-from peer_ll.protect.per_owner import MASKED_LOGIT, PerOwner, QueryAdapter, per_owner_modules
+from peer_ll.protect.per_owner import MASKED_LOGIT, PerOwner, per_owner_modules
 from peer_ll.protect.plugin import OwnerRouting
 from peer_ll.protect.query_stats import QueryOwnerStats
 from peer_ll.protect.routed import OwnerRouted
@@ -45,7 +45,6 @@ __all__ = [
     "OwnerRouted",
     "OwnerRouting",
     "PerOwner",
-    "QueryAdapter",
     "QueryDistillation",
     "QueryOwnerStats",
     "RouterDistillation",

@@ -8,11 +8,13 @@ building the optimizer. The model passes owners to the installed modules itself
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
-from peer_ll.experts import PEER, peer_layers
-from peer_ll.protect.per_owner import PerOwner, QueryAdapter
+from peer_ll.experts import PEER, QueryAdapter, peer_layers
+from peer_ll.protect.per_owner import PerOwner
 
 
 def _owner_of(layer: PEER) -> int:
@@ -29,24 +31,24 @@ def _per_owner_linear(old: nn.Linear, owner: int, **options) -> PerOwner:
     return new
 
 
-def with_owner_head(model: nn.Module, *, init: str = "copy") -> nn.Module:
+def with_owner_head(model: nn.Module) -> nn.Module:
     """Replace ``model.head`` (a ``Linear``) by a :class:`PerOwner` head with class masks.
 
-    The first owner's head starts with the old ``Linear``'s weights.
+    The first owner's head starts with the old ``Linear``'s weights; a new owner's head
+    is a copy of the newest.
 
     Args:
-        model: e.g. ``peer_ll.models.PEERClassifier(..., head="fixed")``.
-        init: as for :class:`PerOwner`.
+        model: e.g. a ``peer_ll.models.PEERClassifier`` with its default ``Linear`` head.
 
     Returns:
         ``model``, changed in place.
     """
     old = getattr(model, "head", None)
     if type(old) is not nn.Linear:
-        raise TypeError(f"model.head must be a torch.nn.Linear (e.g. PEERClassifier(..., "
-                        f"head='fixed')), got {type(old).__name__}")
+        raise TypeError(f"model.head must be a torch.nn.Linear (e.g. a PEERClassifier's "
+                        f"default head), got {type(old).__name__}")
     owner = _owner_of(list(peer_layers(model).values())[-1])
-    model.head = _per_owner_linear(old, owner, init=init, num_classes=old.out_features)
+    model.head = _per_owner_linear(old, owner, num_classes=old.out_features)
     return model
 
 
@@ -99,16 +101,17 @@ def with_owner_norms(model: nn.Module) -> nn.Module:
 def with_query_adapters(model: nn.Module, *, rank: int = 4, affine: bool = True) -> nn.Module:
     """Attach a per-owner :class:`QueryAdapter` to every PEER layer of ``model``.
 
-    Each owner's sub-keys are then scored with that owner's adapted query; an owner
-    without an adapter uses the shared query. New owners get fresh adapters.
+    Each owner's sub-keys are then scored with that owner's adapted query
+    (:class:`peer_ll.experts.QueryAdapter`, the identity at init); an owner without an
+    adapter uses the shared query. New owners get fresh adapters.
 
     Returns:
         ``model``, changed in place.
     """
     for layer in peer_layers(model).values():
         weight = layer.to_query.weight
-        adapter = QueryAdapter(layer.heads, layer.dim_key, rank=rank, affine=affine)
-        per_owner = PerOwner(adapter, owner=_owner_of(layer), init="fresh", unknown="identity")
+        fresh = partial(QueryAdapter, layer.heads, layer.dim_key, rank=rank, affine=affine)
+        per_owner = PerOwner(fresh(), owner=_owner_of(layer), new=fresh, unknown="identity")
         layer.attach_query_adapter(per_owner.to(device=weight.device, dtype=weight.dtype))
     return model
 

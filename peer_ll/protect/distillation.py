@@ -80,7 +80,7 @@ def routing_kl(
 
 def _scores(layer: PEER, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The scores retrieval ranks ``ids`` (T, H, K) by: each with its owner's query adapter."""
-    return layer._owner_scores(q, ids)  # PEER's adapter-aware selected_scores
+    return layer._scores(q, ids)  # PEER's differentiable, adapter-aware scores
 
 
 class _RoutingTeacher(SupervisedPlugin):

@@ -173,7 +173,7 @@ def protect_classifier(
     from peer_ll.models import PEERClassifier
 
     peer = {**(classifier_kwargs.pop("peer", None) or {}), "num_keys": num_keys}
-    model = PEERClassifier(in_features, num_classes, hidden=hidden, head="fixed", peer=peer,
+    model = PEERClassifier(in_features, num_classes, hidden=hidden, peer=peer,
                            **classifier_kwargs)
     attach_growth(model, GrowthPolicy(max_experts=experiences * num_keys * num_keys,
                                       freeze_query=True))

@@ -4,8 +4,8 @@ Grow-and-freeze with owner-restricted retrieval keeps an old owner's PEER output
 bit-identical, but a part that every owner shares (the head, the encoder's first layer,
 a norm, the query that scores an owner's sub-keys) still drifts, or, frozen, stops a new
 owner from learning. :class:`PerOwner` gives each owner (task or experience id) its own
-copy of such a part: a new owner's copy starts as the newest copy ("copy") or freshly
-initialised ("fresh") and trains while older copies are frozen.
+copy of such a part: a new owner's copy starts as a copy of the newest one (or as
+``new()`` builds it) and trains while older copies are frozen.
 
 A :class:`PerOwner` is owner-aware (``takes_owners = True``): ``forward(x, owners=None)``
 with ``owners`` an int, or an int tensor of ``x``'s leading shape (one owner per input),
@@ -19,8 +19,7 @@ Builders that install them in a model: :mod:`peer_ll.protect.builders`.
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -29,7 +28,6 @@ from peer_ll.experts.checks import check_choice, check_int, check_owner
 
 #: Logit of a class outside an owner's class set (finite, so mixing and losses stay finite).
 MASKED_LOGIT = -1.0e4
-INITS = ("copy", "fresh")
 UNKNOWN = ("error", "identity")
 
 
@@ -39,8 +37,8 @@ class PerOwner(nn.Module):
     Args:
         module: the first owner's copy (used as is).
         owner: the first owner.
-        init: a new owner's copy starts as a "copy" of the newest one, or "fresh" (a copy
-            whose submodules' ``reset_parameters()`` ran).
+        new: builds a new owner's module (e.g. an identity-at-init query adapter);
+            default: a copy of the newest owner's.
         num_classes: if set, the output's last axis holds class logits and each owner
             masks the classes outside its class set (see :meth:`add_owner`) to
             :data:`MASKED_LOGIT`.
@@ -58,7 +56,7 @@ class PerOwner(nn.Module):
         module: nn.Module,
         *,
         owner: int = 0,
-        init: str = "copy",
+        new: Callable[[], nn.Module] | None = None,
         num_classes: int | None = None,
         unknown: str = "error",
     ) -> None:
@@ -66,7 +64,9 @@ class PerOwner(nn.Module):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         owner = check_owner("owner", owner)
-        self.init = check_choice("init", init, INITS)
+        if new is not None and not callable(new):
+            raise TypeError(f"new must be a callable or None, got {type(new).__name__}")
+        self.new = new
         self.unknown = check_choice("unknown", unknown, UNKNOWN)
         self.num_classes = None if num_classes is None else check_int(
             "num_classes", num_classes, minimum=1)
@@ -91,11 +91,13 @@ class PerOwner(nn.Module):
         if owner in self.owners:
             self.class_mask[self.owners.index(owner)] = mask
             return self.copies[str(owner)]
-        new = copy.deepcopy(self.copies[str(self.owners[-1])])
-        if self.init == "fresh":
-            for m in new.modules():
-                if hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
+        newest = self.copies[str(self.owners[-1])]
+        if self.new is None:
+            new = copy.deepcopy(newest)
+        else:
+            like = next(newest.parameters(), None)
+            new = self.new()
+            new = new if like is None else new.to(device=like.device, dtype=like.dtype)
         new.requires_grad_(True)
         self.copies[str(owner)] = new
         self.owner_ids = torch.cat([self.owner_ids, self.owner_ids.new_tensor([owner])])
@@ -177,51 +179,7 @@ class PerOwner(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"owners={self.owners}, init={self.init!r}, unknown={self.unknown!r}"
-
-
-class QueryAdapter(nn.Module):
-    """Identity-at-init residual on one owner's queries: (..., H, d) -> (..., H, d).
-
-    ``q_o = q ⊙ (1 + γ) + β + (q A) B`` per head, with A (d, r), B (r, d); B, γ and β
-    start at zero, so a new adapter changes nothing until it trains.
-
-    Args:
-        heads: number of heads H.
-        dim_key: query size d.
-        rank: rank r of the low-rank residual (0: none).
-        affine: add a per-dimension scale γ and shift β.
-    """
-
-    def __init__(self, heads: int, dim_key: int, *, rank: int = 4, affine: bool = True) -> None:
-        super().__init__()
-        self.heads, self.dim_key = check_int("heads", heads, minimum=1), dim_key
-        self.rank, self.affine = check_int("rank", rank, minimum=0), bool(affine)
-        if not (self.rank or self.affine):
-            raise ValueError(f"rank must be >= 1 when affine is False, got rank={rank}")
-        if rank:
-            self.down = nn.Parameter(torch.empty(heads, dim_key, rank))
-            self.up = nn.Parameter(torch.empty(heads, rank, dim_key))
-        if affine:
-            self.scale = nn.Parameter(torch.empty(heads, dim_key))
-            self.shift = nn.Parameter(torch.empty(heads, dim_key))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            if self.rank:
-                self.down.normal_().div_(math.sqrt(self.dim_key))
-                self.up.zero_()
-            if self.affine:
-                self.scale.zero_()
-                self.shift.zero_()
-
-    def forward(self, q: torch.Tensor) -> torch.Tensor:
-        out = q * (1 + self.scale) + self.shift if self.affine else q
-        if self.rank:
-            low = torch.einsum("...hd,hdr->...hr", q, self.down)
-            out = out + torch.einsum("...hr,hrd->...hd", low, self.up)
-        return out
+        return f"owners={self.owners}, unknown={self.unknown!r}"
 
 
 def per_owner_modules(model: nn.Module) -> list[PerOwner]:
@@ -229,4 +187,4 @@ def per_owner_modules(model: nn.Module) -> list[PerOwner]:
     return [m for m in model.modules() if isinstance(m, PerOwner)]
 
 
-__all__ = ["MASKED_LOGIT", "PerOwner", "QueryAdapter", "per_owner_modules"]
+__all__ = ["MASKED_LOGIT", "PerOwner", "per_owner_modules"]

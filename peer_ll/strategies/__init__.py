@@ -1,6 +1,7 @@
 """Avalanche glue: PEER pools that grow per experience, plugins and strategy factories."""
 
 from peer_ll.strategies.carry_state import CarryOptimizerState
+from peer_ll.strategies.classifier import MultiHeadPEERClassifier, peer_classifier
 from peer_ll.strategies.dense_grads import (
     DENSE_GRAD_PLUGINS,
     DenseExpertGrads,
@@ -13,6 +14,7 @@ from peer_ll.strategies.growth import (
     GrowthPolicy,
     PEERGrowth,
     attach_growth,
+    check_growth,
     growth_modules,
 )
 from peer_ll.strategies.lm import AvalancheLM, LMDomainGrowth, peer_lm_strategy
@@ -20,19 +22,22 @@ from peer_ll.strategies.sparse_finetuning import SparseExpertFinetuning
 
 __all__ = [
     "DENSE_GRAD_PLUGINS",
+    "AvalancheLM",
     "CarryOptimizerState",
     "DenseExpertGrads",
     "GrowthEvent",
     "GrowthPolicy",
+    "LMDomainGrowth",
+    "MultiHeadPEERClassifier",
     "PEERGrowth",
     "SparseExpertFinetuning",
     "attach_growth",
+    "check_growth",
     "growth_modules",
     "needs_dense_grads",
+    "peer_classifier",
     "peer_grow",
+    "peer_lm_strategy",
     "peer_sparse_finetuning",
     "sparse_aware",
-    "AvalancheLM",
-    "LMDomainGrowth",
-    "peer_lm_strategy",
 ]

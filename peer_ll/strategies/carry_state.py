@@ -14,7 +14,7 @@ from __future__ import annotations
 from avalanche.core import SupervisedPlugin
 
 from peer_ll.optim import migrate_state
-from peer_ll.strategies.growth import growth_modules, peer_layer_list
+from peer_ll.strategies.growth import check_growth, growth_modules, peer_layer_list
 
 _TABLES = ("down", "up", "sub_keys")
 
@@ -27,6 +27,7 @@ class CarryOptimizerState(SupervisedPlugin):
         self._held: list[tuple[object, str, object, dict]] = []
 
     def before_training(self, strategy, **kwargs) -> None:
+        check_growth(strategy.model)  # a pool without growth would silently stay fixed
         for growth in growth_modules(strategy.model):
             growth.carries_optimizer_state = True
 

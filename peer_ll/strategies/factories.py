@@ -20,10 +20,11 @@ import torch
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
+from peer_ll.experts.checks import check_type
 from peer_ll.optim import make_optimizer
 from peer_ll.strategies.carry_state import CarryOptimizerState
 from peer_ll.strategies.dense_grads import DenseExpertGrads, needs_dense_grads
-from peer_ll.strategies.growth import GrowthPolicy, attach_growth, growth_modules
+from peer_ll.strategies.growth import GrowthPolicy, attach_growth, check_growth, growth_modules
 from peer_ll.strategies.sparse_finetuning import SparseExpertFinetuning
 
 
@@ -60,9 +61,11 @@ def peer_grow(
     """
     if isinstance(plugins, nn.Module | str) or not isinstance(plugins, Iterable):
         raise TypeError(f"plugins must be an iterable of plugins, got {type(plugins).__name__}")
+    check_type("model", model, nn.Module)
     plugins = tuple(plugins)
     if policy is not None or not growth_modules(model):
         attach_growth(model, policy, optimizer=optimizer)
+    check_growth(model)
     optimizer = make_optimizer(model) if optimizer is None else optimizer
     criterion = nn.CrossEntropyLoss() if criterion is None else criterion
     strategy = template(
@@ -97,4 +100,3 @@ def peer_sparse_finetuning(
     """
     sparse = SparseExpertFinetuning(top_t, train_others=train_others)
     return peer_grow(model, optimizer, criterion, plugins=(*plugins, sparse), **kwargs)
-

@@ -25,8 +25,8 @@ import torch
 from avalanche.models import DynamicModule
 from torch import nn
 
-from peer_ll.experts import PEER
-from peer_ll.experts import peer_layers as _named_peer_layers
+from peer_ll.experts import PEER, peer_layers
+from peer_ll.experts.checks import check_bool, check_choice, check_int, check_type
 from peer_ll.optim import migrate_state
 
 WHEN = ("always", "new_classes", "new_tasks", "new_classes_or_tasks", "never")
@@ -66,22 +66,15 @@ class GrowthPolicy:
     max_experts: int | None = None
 
     def __post_init__(self) -> None:
-        if self.num_keys is not None and (
-            isinstance(self.num_keys, bool) or not isinstance(self.num_keys, int)
-        ):
-            raise TypeError(f"num_keys must be an int or None, got {self.num_keys!r}")
-        if self.num_keys is not None and self.num_keys < 1:
-            raise ValueError(f"num_keys must be >= 1, got {self.num_keys}")
-        if self.when not in WHEN:
-            raise ValueError(f"when must be one of {WHEN}, got {self.when!r}")
-        if not callable(self.freeze) and self.freeze not in FREEZE:
-            raise ValueError(f"freeze must be one of {FREEZE} or a callable, got {self.freeze!r}")
-        if self.max_experts is not None and (
-            isinstance(self.max_experts, bool)
-            or not isinstance(self.max_experts, int)
-            or self.max_experts < 1
-        ):
-            raise ValueError(f"max_experts must be an int >= 1 or None, got {self.max_experts!r}")
+        if self.num_keys is not None:
+            check_int("num_keys", self.num_keys, minimum=1)
+        check_choice("when", self.when, WHEN)
+        if not callable(self.freeze):
+            check_choice("freeze", self.freeze, FREEZE)
+        check_bool("freeze_keys", self.freeze_keys)
+        check_bool("freeze_query", self.freeze_query)
+        if self.max_experts is not None:
+            check_int("max_experts", self.max_experts, minimum=1)
 
     def keys_per_growth(self, layer: PEER) -> int:
         """Sub-keys per side that one growth of ``layer`` adds."""
@@ -128,10 +121,8 @@ class PEERGrowth(DynamicModule):
 
     def __init__(self, layer: PEER, policy: GrowthPolicy) -> None:
         super().__init__()
-        if not isinstance(layer, PEER):
-            raise TypeError(f"layer must be a peer_ll.experts.PEER, got {type(layer).__name__}")
-        if not isinstance(policy, GrowthPolicy):
-            raise TypeError(f"policy must be a GrowthPolicy, got {type(policy).__name__}")
+        check_type("layer", layer, PEER)
+        check_type("policy", policy, GrowthPolicy)
         # A plain attribute, not a submodule: the layer owns this module, not the reverse.
         object.__setattr__(self, "layer", layer)
         self.policy = policy
@@ -214,9 +205,7 @@ def peer_layer_list(model: nn.Module) -> list[PEER]:
 
     Raises ValueError if there is none.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return list(_named_peer_layers(model).values())
+    return list(peer_layers(model).values())
 
 
 def attach_growth(
@@ -241,14 +230,13 @@ def attach_growth(
         The :class:`PEERGrowth` modules, one per layer, in module order.
     """
     policy = GrowthPolicy() if policy is None else policy
-    if not isinstance(policy, GrowthPolicy):
-        raise TypeError(f"policy must be a GrowthPolicy or None, got {type(policy).__name__}")
+    check_type("policy", policy, GrowthPolicy)
     layers = peer_layer_list(model)
     for layer in layers:
         current = getattr(layer, "growth", None)
         if current is not None and not isinstance(current, PEERGrowth):
             raise ValueError(
-                f"layer.growth must be free for a PEERGrowth, found a {type(current).__name__}"
+                f"layer.growth must be None or a PEERGrowth, got a {type(current).__name__}"
             )
     growths = []
     for layer in layers:
@@ -271,3 +259,20 @@ def attach_growth(
 def growth_modules(model: nn.Module) -> list[PEERGrowth]:
     """The :class:`PEERGrowth` modules in ``model``, in module order."""
     return [m for m in model.modules() if isinstance(m, PEERGrowth)]
+
+
+def check_growth(model: nn.Module) -> None:
+    """Raise a ValueError that says what to do if a PEER layer of ``model`` cannot grow.
+
+    A PEER layer grows in an Avalanche strategy only through its ``growth`` child
+    (:func:`attach_growth`); without it, training silently keeps the pool fixed.
+    """
+    bare = [name or "<model>" for name, layer in peer_layers(model).items()
+            if not isinstance(layer._modules.get("growth"), PEERGrowth)]
+    if bare:
+        raise ValueError(
+            f"model's PEER layers must have growth attached, got none on {bare}: call "
+            "peer_ll.strategies.attach_growth(model, GrowthPolicy(...)) before building the "
+            "strategy (GrowthPolicy(when='never') for a fixed pool), or build it with "
+            "peer_ll.strategies.peer_grow"
+        )

@@ -38,12 +38,12 @@ def test_grow_never_changes_existing_ids_keys_or_weights():
     n = keys_before.shape[0]
     assert torch.equal(layer.expert_keys()[:n], keys_before)
     down, up = layer.expert_weights()
-    assert torch.equal(down[:n], before["down"][:n]) and torch.equal(up[:n], before["up"][:n])
+    assert torch.equal(down[:n], before["pool.down"][:n]) and torch.equal(up[:n], before["pool.up"][:n])
     assert torch.equal(layer(x, owners=0), out_before)
 
 
 def test_growth_within_capacity_keeps_parameter_objects():
-    layer = small(capacity=100, key_capacity=20)
+    layer = small(capacity=100)  # room for 25 sub-keys
     params = {name: p for name, p in layer.named_parameters()}
     ptrs = {name: p.data_ptr() for name, p in params.items()}
     layer.grow(4, owner=1)
@@ -105,14 +105,16 @@ def test_failed_grow_leaves_the_layer_as_it_was(args, kwargs, exc):
 
 @pytest.mark.parametrize("num_keys", [2, 5])  # within capacity, past capacity
 def test_grow_that_fails_midway_rolls_back(monkeypatch, num_keys):
-    layer = small(capacity=20, key_capacity=6)
+    layer = small(capacity=20)
+    layer.reserve(20, 6)
+    layer.replaced_parameters = {}
     before = snapshot(layer)
     params = list(layer.parameters())
 
     def boom(*args, **kwargs):
         raise MemoryError("simulated failure while appending")
 
-    monkeypatch.setattr(layer, "_append_segment", boom)
+    monkeypatch.setattr(layer.pool, "_append_segment", boom)
     with pytest.raises(MemoryError):
         layer.grow(num_keys, owner=1)
     after = snapshot(layer)

@@ -204,9 +204,11 @@ def test_bad_inputs():
         layer(torch.ones(3, 24, dtype=torch.long))
     with pytest.raises(ValueError, match=r"owners must be among \[0\], got \[7\]"):
         layer(torch.randn(3, 24), owners=7)
-    with pytest.raises(TypeError, match="owners must be an int, got str"):
+    with pytest.raises(TypeError, match="owners must be an int >= 0, got str 'x'"):
         layer(torch.randn(3, 24), owners=["x"])
+    with pytest.raises(TypeError, match="owners must be None, an int, a sequence"):
+        layer(torch.randn(3, 24), owners="infer")
     layer.grow(2, owner=1)
-    needed = "topk=5 experts are needed, but owners \\[1\\] hold only 4"
+    needed = "owners must hold at least topk=5 experts, got owners 1 holding 4"
     with pytest.raises(ValueError, match=needed):
         layer(torch.randn(3, 24), owners=1)

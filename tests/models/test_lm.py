@@ -73,14 +73,36 @@ def test_forward_shapes_loss_and_argument_errors():
         model(torch.randn(3, 20))
     with pytest.raises(ValueError, match="T=33"):
         model(_ids(1, 33))
-    with pytest.raises(ValueError, match="domain"):
-        model(idx, domain=5)
-    with pytest.raises(ValueError, match="domain"):
-        model(idx, domain="all")
+    with pytest.raises(ValueError, match=r"owners must be None, 'infer', one of \[0\]"):
+        model(idx, owners=5)
+    with pytest.raises(ValueError, match="owners must be None, 'infer'"):
+        model(idx, owners="all")
+    with pytest.raises(ValueError, match=r"owners must be an integer tensor of shape \(3,\)"):
+        model(idx, owners=torch.zeros(2, dtype=torch.long))
 
 
-@pytest.mark.parametrize("domain", [None, 0, 1, "infer"])
-def test_causal_every_route(domain):
+def test_per_sequence_owners_and_the_inferred_mixture():
+    model = _model().eval()
+    model.grow(4, owner=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    idx = _ids(3, 16)
+    owners = torch.tensor([1, 0, 1])
+    got = model(idx, owners=owners)[0]
+    for b, o in enumerate(owners.tolist()):
+        torch.testing.assert_close(got[b], model(idx[b : b + 1], owners=o)[0][0])
+    # "infer": log Σ_d w_d(t) p_d(·|idx[<=t]), the posterior from the evidence so far.
+    logp = torch.stack([model(idx, owners=d)[0].log_softmax(-1) for d in (0, 1)])
+    seen = logp[:, :, :-1].gather(-1, idx[None, :, 1:, None].expand(2, -1, -1, 1))
+    log_post = torch.nn.functional.pad(seen.squeeze(-1).cumsum(-1), (1, 0)).log_softmax(0)
+    want = torch.logsumexp(logp + log_post[..., None], dim=0)
+    torch.testing.assert_close(model(idx, owners="infer")[0], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.domain_posterior(idx), log_post.exp())
+
+
+@pytest.mark.parametrize("owners", [None, 0, 1, "infer"])
+def test_causal_every_route(owners):
     """Changing tokens after position t changes no logit at or before t."""
     model = _model().eval()
     model.grow(4, owner=1)
@@ -90,7 +112,7 @@ def test_causal_every_route(domain):
     idx = _ids(2, 24)
     other = idx.clone()
     other[:, 12:] = _ids(2, 12)
-    a, b = model(idx, domain=domain)[0], model(other, domain=domain)[0]
+    a, b = model(idx, owners=owners)[0], model(other, owners=owners)[0]
     torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-5)
     assert not torch.allclose(a[:, 12:], b[:, 12:])
 
@@ -102,9 +124,9 @@ def test_growth_alone_changes_nothing_on_old_routes(growth):
     before = model(idx)[0]
     model.grow(4, owner=1)
     assert model.owners == [0, 1]
-    assert torch.equal(model(idx, domain=0)[0], before)
+    assert torch.equal(model(idx, owners=0)[0], before)
     if growth == "branch":  # new experts start with zero output weights
-        assert torch.equal(model(idx, domain=1)[0], before)
+        assert torch.equal(model(idx, owners=1)[0], before)
     with pytest.raises(ValueError, match="owner"):
         model.grow(4, owner=1)
 

@@ -4,12 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from peer_ll.experts import PEER
+from peer_ll.experts import PEER, QueryAdapter
 from peer_ll.models import PEERClassifier
 from peer_ll.protect import (
     MASKED_LOGIT,
     PerOwner,
-    QueryAdapter,
     with_owner_encoder,
     with_owner_head,
     with_owner_norms,
@@ -47,13 +46,14 @@ def test_owners_of_leading_axes_pick_per_position():
 
 
 def test_new_copies_copy_the_newest_or_start_fresh():
-    head = _head(init="copy")
+    head = _head()
     new = head.add_owner(3)
     assert torch.equal(new.weight, head.copies["0"].weight)
     assert new.weight is not head.copies["0"].weight
-    fresh = _head(init="fresh")
-    assert not torch.equal(fresh.add_owner(1).weight, fresh.copies["0"].weight)
-    adapters = PerOwner(QueryAdapter(2, 4, rank=2), init="fresh", unknown="identity")
+    def fresh():
+        return QueryAdapter(2, 4, rank=2, affine=True)
+
+    adapters = PerOwner(fresh(), new=fresh, unknown="identity")
     with torch.no_grad():
         adapters.copies["0"].shift.fill_(1.0)
     assert bool((adapters.add_owner(1).shift == 0).all())  # fresh: the identity again
@@ -88,8 +88,10 @@ def test_bad_owners_raise_and_name_the_argument():
     with pytest.raises(ValueError, match="classes must be a non-empty set"):
         head.add_owner(1, classes=[4])
     assert head.owners == [0]  # a failing call changes nothing
-    with pytest.raises(ValueError, match="init must be one of"):
-        PerOwner(nn.Linear(2, 2), init="zeros")
+    with pytest.raises(ValueError, match="unknown must be one of"):
+        PerOwner(nn.Linear(2, 2), unknown="zeros")
+    with pytest.raises(TypeError, match="new must be a callable or None"):
+        PerOwner(nn.Linear(2, 2), new=nn.Linear(2, 2).weight)
     with pytest.raises(TypeError, match="module must be an nn.Module"):
         PerOwner(lambda x: x)
 
@@ -107,7 +109,7 @@ def test_state_dict_round_trip_creates_the_copies():
 
 
 def test_builders_install_per_owner_modules():
-    model = PEERClassifier(64, 10, hidden=16, head="fixed", peer=SMALL)
+    model = PEERClassifier(64, 10, hidden=16, peer=SMALL)
     old = model.head.weight.detach().clone()
     with_owner_head(with_owner_encoder(with_owner_norms(with_query_adapters(model))))
     assert isinstance(model.head, PerOwner) and model.head.num_classes == 10

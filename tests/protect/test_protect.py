@@ -24,7 +24,7 @@ COMMON = dict(train_mb_size=32, eval_mb_size=64, evaluator=None)
 
 
 def _model(small_peer, classes=10):
-    model = PEERClassifier(64, classes, hidden=16, head="fixed", peer=small_peer)
+    model = PEERClassifier(64, classes, hidden=16, peer=small_peer)
     return with_owner_head(with_query_adapters(model, rank=2))
 
 
@@ -173,7 +173,7 @@ def test_factory_checks_its_arguments(small_peer):
 
 
 def test_training_owner_must_own_experts(small_peer, class_stream):
-    model = PEERClassifier(64, 10, hidden=16, head="fixed", peer=small_peer)
+    model = PEERClassifier(64, 10, hidden=16, peer=small_peer)
     attach_growth(model)
     strategy = peer_protect(model, **COMMON)
     model.blocks[0].peer.growth.policy = GrowthPolicy(when="never")  # bypasses the check

@@ -14,7 +14,7 @@ SMALL = dict(num_keys=4, heads=2, topk=4, dim_key=16)
 def two_owner_model() -> nn.Module:
     """A classifier over owners 0 and 1 (own experts, head and query adapter each)."""
     model = with_owner_head(with_query_adapters(
-        PEERClassifier(8, 3, hidden=16, head="fixed", peer=SMALL)))
+        PEERClassifier(8, 3, hidden=16, peer=SMALL)))
     model.blocks[0].peer.grow(4, owner=1)
     for per_owner in (model.head, model.blocks[0].peer.query_adapter):
         per_owner.add_owner(1)

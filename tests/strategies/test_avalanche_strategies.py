@@ -4,9 +4,8 @@ import pytest
 import torch
 from avalanche.core import SupervisedPlugin
 
-from peer_ll.models import PEERClassifier
 from peer_ll.optim import make_optimizer
-from peer_ll.strategies import DenseExpertGrads, GrowthPolicy, peer_grow
+from peer_ll.strategies import DenseExpertGrads, GrowthPolicy, peer_classifier, peer_grow
 
 STRATEGIES = {
     "Naive": {},
@@ -51,7 +50,7 @@ class FrozenRowsCheck(SupervisedPlugin):
 
 
 def _model(small_peer, **kwargs):
-    return PEERClassifier(
+    return peer_classifier(
         64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy(max_experts=48), **kwargs
     )
 
@@ -99,7 +98,7 @@ def test_strategy_grows_freezes_and_keeps_frozen_rows(name, small_peer, class_st
 def test_heads_serve_their_streams(head, stream, when, segments, small_peer, request):
     bench = request.getfixturevalue(stream)
     classes = 3 if head == "multihead" else (4 if head == "fixed" else 10)
-    model = PEERClassifier(
+    model = peer_classifier(
         64, classes, hidden=16, peer=small_peer, head=head, growth=GrowthPolicy(when=when)
     )
     strategy = peer_grow(model, train_mb_size=32, eval_mb_size=64, evaluator=None)

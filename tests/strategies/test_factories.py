@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from avalanche.training import GEM, Replay
+from avalanche.core import SupervisedPlugin
+from avalanche.training import GEM, Naive, Replay
 from avalanche.training.templates import SupervisedTemplate
 
 from peer_ll.models import PEERClassifier
@@ -11,15 +12,19 @@ from peer_ll.strategies import (
     CarryOptimizerState,
     DenseExpertGrads,
     GrowthPolicy,
-    RouterDistillation,
     SparseExpertFinetuning,
+    attach_growth,
     growth_modules,
     needs_dense_grads,
+    peer_classifier,
     peer_grow,
-    peer_router_distillation,
     peer_sparse_finetuning,
     sparse_aware,
 )
+
+
+class Marker(SupervisedPlugin):
+    """A plugin that does nothing: tells whether the factory kept the caller's plugins."""
 
 
 def _model(small_peer, **kwargs):
@@ -32,13 +37,13 @@ def _types(strategy):
 
 def test_peer_grow_builds_a_template_with_the_sparse_optimizer(small_peer):
     model = _model(small_peer)
-    mine = [RouterDistillation()]
+    mine = [Marker()]
     strategy = peer_grow(model, plugins=mine, train_mb_size=8, evaluator=None)
     assert type(strategy) is SupervisedTemplate
     assert isinstance(strategy.optimizer, SparseAdamW)
     assert isinstance(strategy._criterion, torch.nn.CrossEntropyLoss)
-    assert len(mine) == 1 and isinstance(mine[0], RouterDistillation)  # caller's list intact
-    assert CarryOptimizerState in _types(strategy) and RouterDistillation in _types(strategy)
+    assert len(mine) == 1 and isinstance(mine[0], Marker)  # caller's list intact
+    assert CarryOptimizerState in _types(strategy) and Marker in _types(strategy)
     assert DenseExpertGrads not in _types(strategy)
     assert strategy.train_mb_size == 8
 
@@ -72,14 +77,11 @@ def test_policy_retargets_and_plain_models_get_growth(small_peer):
 def test_method_factories_add_their_plugin(small_peer):
     sparse = peer_sparse_finetuning(_model(small_peer), top_t=5, evaluator=None)
     assert SparseExpertFinetuning in _types(sparse)
-    distill = peer_router_distillation(_model(small_peer), alpha=0.5, evaluator=None)
-    (plugin,) = [p for p in distill.plugins if isinstance(p, RouterDistillation)]
-    assert plugin.alpha == 0.5
 
 
 def test_plugins_must_be_an_iterable(small_peer):
     with pytest.raises(TypeError, match="plugins"):
-        peer_grow(_model(small_peer), plugins=RouterDistillation(), evaluator=None)
+        peer_grow(_model(small_peer), plugins=Marker(), evaluator=None)
 
 
 def test_sparse_awareness(small_peer):
@@ -93,8 +95,9 @@ def test_sparse_awareness(small_peer):
 
 def test_readme_loop(small_peer, class_stream):
     # The README's loop, on the small test stream.
-    model = PEERClassifier(64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy(max_experts=48))
-    strategy = peer_router_distillation(model, train_mb_size=32, evaluator=None)
+    model = peer_classifier(64, 10, hidden=16, peer=small_peer,
+                            growth=GrowthPolicy(max_experts=48))
+    strategy = peer_grow(model, train_mb_size=32, evaluator=None)
     results = []
     for experience in class_stream.train_stream:
         strategy.train(experience)
@@ -102,3 +105,15 @@ def test_readme_loop(small_peer, class_stream):
     assert len(results) == 3
     assert model.peer_layers[0].segment_owner.tolist() == [0, 1, 2]
     assert model.peer_layers[0].frozen[:32].all()
+
+
+def test_a_growth_plugin_on_a_model_without_growth_says_what_to_do(small_peer, class_stream):
+    model = _model(small_peer)
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                     plugins=[CarryOptimizerState()], train_mb_size=32, evaluator=None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"growth attached.*attach_growth\(model"):
+        strategy.train(class_stream.train_stream[0])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    attach_growth(model, GrowthPolicy(when="never"))
+    strategy.train(class_stream.train_stream[0])  # now it runs

@@ -38,7 +38,7 @@ def test_grow_and_freeze_in_an_avalanche_strategy(stream):
         a_before, b_before = perplexity(lm, A, domain=0), perplexity(lm, B, domain=0)
         strategy.train(stream.train_stream[1])
         metrics = strategy.eval(stream.test_stream)
-    assert lm.owners == [0, 1] and strategy.model.domain == 1
+    assert lm.owners == [0, 1]
     assert perplexity(lm, A, domain=0) == a_before  # everything A uses stayed frozen
     assert perplexity(lm, B, domain=1) < b_before  # B learned through its own route
     for j, blocks in enumerate((A, B)):
@@ -50,10 +50,16 @@ def test_wrapper_and_plugin_check_their_arguments():
     lm = PEERLM(LMConfig(**TINY))
     model = AvalancheLM(lm)
     x = torch.randint(0, 256, (2, 10))
-    assert model(x).shape == (2, 258, 10)
-    with pytest.raises(TypeError, match="lm: expected a PEERLM"):
+    assert model(x, torch.zeros(2, dtype=torch.long)).shape == (2, 258, 10)
+    with pytest.raises(ValueError, match=r"task_labels must be among the model's domains \[0\]"):
+        model(x, torch.ones(2, dtype=torch.long))
+    model.eval()
+    torch.testing.assert_close(model(x, 7), lm(x, owners="infer")[0].transpose(1, 2))
+    task = AvalancheLM(lm, eval_domain="task").eval()
+    torch.testing.assert_close(task(x, 0), lm(x, owners=0)[0].transpose(1, 2))
+    with pytest.raises(TypeError, match="lm must be a PEERLM, got Linear"):
         AvalancheLM(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="eval_domain: expected one of"):
-        LMDomainGrowth(eval_domain="oracle")
-    with pytest.raises(ValueError, match="grow_keys"):
+    with pytest.raises(ValueError, match="eval_domain must be one of"):
+        AvalancheLM(lm, eval_domain="oracle")
+    with pytest.raises(ValueError, match="grow_keys must be an int >= 1, got 0"):
         LMDomainGrowth(0)

@@ -5,9 +5,8 @@ import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.training import Naive
 
-from peer_ll.models import PEERClassifier
 from peer_ll.optim import make_optimizer
-from peer_ll.strategies import GrowthPolicy, peer_grow
+from peer_ll.strategies import GrowthPolicy, peer_classifier, peer_grow
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -54,7 +53,8 @@ def _assert_old_rows_kept(end, start, rows):
 
 
 def test_growth_within_capacity_keeps_parameters_and_moments(small_peer, class_stream):
-    model = PEERClassifier(64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy(max_experts=48))
+    model = peer_classifier(64, 10, hidden=16, peer=small_peer,
+                            growth=GrowthPolicy(max_experts=48))
     strategy = Naive(model=model, optimizer=make_optimizer(model), train_mb_size=32, evaluator=None)
     end, start = _run(strategy, class_stream, MomentProbe(model.peer_layers[0]))
     assert all(start[name]["param"] is end[name]["param"] for name in end)  # no reallocation
@@ -62,7 +62,7 @@ def test_growth_within_capacity_keeps_parameters_and_moments(small_peer, class_s
 
 
 def test_growth_past_capacity_carries_moments_with_the_factory(small_peer, class_stream):
-    model = PEERClassifier(64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy())
+    model = peer_classifier(64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy())
     layer = model.peer_layers[0]
     strategy = peer_grow(model, train_mb_size=32, evaluator=None)
     end, start = _run(strategy, class_stream, MomentProbe(layer))
@@ -73,7 +73,7 @@ def test_growth_past_capacity_carries_moments_with_the_factory(small_peer, class
 
 
 def test_growth_past_capacity_in_a_plain_strategy_warns_and_resets(small_peer, class_stream):
-    model = PEERClassifier(64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy())
+    model = peer_classifier(64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy())
     strategy = Naive(model=model, optimizer=make_optimizer(model), train_mb_size=32, evaluator=None)
     probe = MomentProbe(model.peer_layers[0])
     with pytest.warns(UserWarning, match="past its capacity"):

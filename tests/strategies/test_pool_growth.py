@@ -24,7 +24,7 @@ def _layer(small_peer, **kwargs):
 
 def _grower(small_peer, **policy):
     """A layer with room for 4 segments and its attached PEERGrowth."""
-    layer = PEER(8, **small_peer, capacity=64, key_capacity=16)
+    layer = PEER(8, **small_peer, capacity=64)  # room for 16 sub-keys
     (growth,) = attach_growth(layer, GrowthPolicy(**policy))
     return layer, growth
 

@@ -4,8 +4,12 @@ import pytest
 import torch
 from avalanche.core import SupervisedPlugin
 
-from peer_ll.models import PEERClassifier
-from peer_ll.strategies import GrowthPolicy, SparseExpertFinetuning, peer_sparse_finetuning
+from peer_ll.strategies import (
+    GrowthPolicy,
+    SparseExpertFinetuning,
+    peer_classifier,
+    peer_sparse_finetuning,
+)
 
 
 class RowsChanged(SupervisedPlugin):
@@ -32,7 +36,8 @@ class RowsChanged(SupervisedPlugin):
 
 @pytest.mark.parametrize("dense", [False, True])
 def test_at_most_t_rows_change_per_step(dense, small_peer, class_stream):
-    model = PEERClassifier(64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy(max_experts=48))
+    model = peer_classifier(64, 10, hidden=16, peer=small_peer,
+                            growth=GrowthPolicy(max_experts=48))
     layer = model.peer_layers[0]
     strategy = peer_sparse_finetuning(
         model, top_t=3, train_mb_size=32, evaluator=None, dense_grads=dense
@@ -77,7 +82,8 @@ def test_first_experience_ranks_by_tf(small_peer):
 
 
 def test_train_others_false_trains_only_expert_rows(small_peer, class_stream):
-    model = PEERClassifier(64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy(max_experts=48))
+    model = peer_classifier(64, 10, hidden=16, peer=small_peer,
+                            growth=GrowthPolicy(max_experts=48))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     strategy = peer_sparse_finetuning(
         model, top_t=4, train_others=False, train_mb_size=32, evaluator=None
@@ -85,7 +91,7 @@ def test_train_others_false_trains_only_expert_rows(small_peer, class_stream):
     strategy.train(class_stream.train_stream[0])
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= {
-        "blocks.0.peer.down", "blocks.0.peer.up", "blocks.0.peer.sub_keys"
+        "blocks.0.peer.pool.down", "blocks.0.peer.pool.up", "blocks.0.peer.pool.sub_keys"
     }  # fmt: skip
 
 
