@@ -29,7 +29,6 @@ class OwnerGate(nn.Module):
         layer: name of the PEER layer whose query is classified (None: the first).
 
     Attributes:
-        owners: the owners the gate tells apart, in column order (after a fit).
         fit_accuracy: the latest fit's class-balanced accuracy on its training data.
     """
 
@@ -43,11 +42,20 @@ class OwnerGate(nn.Module):
         self.lr = check_float("lr", lr, minimum=0.0)
         self.weight_decay = check_float("weight_decay", weight_decay, minimum=0.0)
         self.layer = layer
-        self.owners: list[int] = []
         self.net: nn.Sequential | None = None
         self.fit_accuracy = float("nan")
+        self.register_buffer("owner_ids", torch.zeros(0, dtype=torch.long))
         self.register_buffer("mean", torch.zeros(0))
         self.register_buffer("std", torch.ones(0))
+
+    @property
+    def owners(self) -> list[int]:
+        """The owners the gate tells apart, in column order (none before a fit)."""
+        return self.owner_ids.tolist()
+
+    def _build(self, dim: int, owners: int) -> nn.Sequential:
+        return nn.Sequential(nn.Linear(dim, self.hidden), nn.GELU(),
+                             nn.Linear(self.hidden, owners)).requires_grad_(False).eval()
 
     def _logits(self, q: torch.Tensor) -> torch.Tensor:
         flat = q.reshape(q.shape[0], -1).to(self.mean)
@@ -73,14 +81,14 @@ class OwnerGate(nn.Module):
         flat = torch.cat([self._queries(model, data[o].to(x.device)) for o in known])
         target = torch.cat([torch.full((len(data[o]),), i, dtype=torch.long)
                             for i, o in enumerate(known)]).to(flat.device)
-        net = nn.Sequential(nn.Linear(flat.shape[1], self.hidden), nn.GELU(),
-                            nn.Linear(self.hidden, len(known))).to(flat.device)
+        net = self._build(flat.shape[1], len(known)).to(flat.device).requires_grad_(True)
         self.mean = flat.mean(0)
         self.std = flat.std(0).clamp_min(1e-6) if len(flat) > 1 else torch.ones_like(self.mean)
-        self.net, self.owners = net, known
+        self.net, self.owner_ids = net, torch.tensor(known, device=self.owner_ids.device)
         counts = torch.bincount(target, minlength=len(known)).float()
         weight = (counts.sum() / (len(known) * counts.clamp_min(1))).to(flat)
         opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        net.train()
         with torch.enable_grad():
             for _ in range(self.steps):
                 opt.zero_grad()
@@ -98,7 +106,16 @@ class OwnerGate(nn.Module):
         """(owners O, log-probabilities (B, O)) of the gate for inputs x (B, ...)."""
         if self.net is None:
             raise ValueError("the gate must be fit before scoring (OwnerGate.fit), got none")
-        return list(self.owners), self._logits(self._queries(model, x)).log_softmax(dim=1)
+        return self.owners, self._logits(self._queries(model, x)).log_softmax(dim=1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Build the gate a checkpoint holds (its sizes are in the checkpoint) first."""
+        first, ids = state_dict.get(prefix + "net.0.weight"), state_dict.get(prefix + "owner_ids")
+        if first is not None and ids is not None:
+            self.net = self._build(first.shape[1], len(ids))
+            self.owner_ids = torch.zeros_like(ids)
+            self.mean, self.std = torch.zeros(first.shape[1]), torch.ones(first.shape[1])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 __all__ = ["OwnerGate"]

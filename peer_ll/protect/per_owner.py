@@ -165,8 +165,8 @@ class PerOwner(nn.Module):
     def _resize(self, ids: list[int]) -> None:
         template = self.copies[str(self.owners[0])]
         kept = dict(self.copies.items())
-        self.copies = nn.ModuleDict({str(o): kept.get(str(o)) or copy.deepcopy(template)
-                                     for o in ids})
+        self.copies = nn.ModuleDict({
+            str(o): kept[str(o)] if str(o) in kept else copy.deepcopy(template) for o in ids})
         self.owner_ids = torch.tensor(ids, dtype=torch.long, device=self.owner_ids.device)
         self.class_mask = torch.ones(len(ids), self.class_mask.shape[1], dtype=torch.bool,
                                      device=self.class_mask.device)
