@@ -8,8 +8,9 @@
 - :class:`OwnerQueryAdapters`: an optional per-owner query transform.
 """
 
+from peer_ll.experts.layers import peer_layers
 from peer_ll.experts.owners import OwnerMix, Owners, call_with_owners, mix_owners
-from peer_ll.experts.peer import PEER, peer_layers
+from peer_ll.experts.peer import PEER
 from peer_ll.experts.pool import ExpertPool
 from peer_ll.experts.query_adapter import OwnerQueryAdapters, QueryAdapter
 from peer_ll.experts.routing import RoutingStats, expert_usage, unevenness

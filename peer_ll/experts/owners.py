@@ -62,6 +62,10 @@ def mix_owners(fn: Callable[[torch.Tensor], torch.Tensor], mix: OwnerMix) -> tor
     if not weights.is_floating_point() or tuple(weights.shape[:2]) != tuple(ids.shape):
         raise ValueError(f"mix.weights must be a float tensor ({ids.shape[0]}, {ids.shape[1]}, "
                          f"...), got {weights.dtype} {tuple(weights.shape)}")
+    total = weights.sum(1)
+    if not torch.allclose(total, torch.ones_like(total), atol=1e-4):
+        raise ValueError(f"mix.weights must sum to 1 over M, got sums between "
+                         f"{float(total.min()):.4g} and {float(total.max()):.4g}")
     out = None
     for m in range(ids.shape[1]):
         y = fn(ids[:, m])
@@ -83,22 +87,38 @@ def call_with_owners(module: nn.Module, x: torch.Tensor, owners: object = None) 
 
 
 def select_segments(
-    owners: object, segment_owner: torch.Tensor, lead: tuple[int, ...]
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Which segments ``owners`` may search; checks ``owners`` and changes nothing.
+    owners: object, segments: torch.Tensor, segment_owner: torch.Tensor,
+    lead: tuple[int, ...], *, need: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The segments ``owners`` may search; checks ``owners`` and changes nothing.
 
     Args:
         owners: see the module docstring.
+        segments: (S, 4) segment table ``[key_offset, n_left, n_right, expert_offset]``.
         segment_owner: (S,) owner of each segment.
         lead: the input's leading shape ``x.shape[:-1]``.
+        need: experts every input must be able to reach (top-k).
 
     Returns:
-        ``(keep, mask)``: ``keep`` (S,) bool for owners shared by every input, or
-        ``mask`` (T, S) bool for per-input owners (T = prod(lead)); None for the other
-        (both None: every segment).
+        ``(searched, mask)``: the (S', 4) segments to search, and for per-input owners
+        a (T, S) bool mask of the segments each input may use (else None).
     """
-    if owners is None:
-        return None, None
+    if owners is None:  # every expert: the pool always holds topk (no device sync)
+        return segments, None
+    keep, mask = _selection(owners, segment_owner, lead)
+    sizes = segments[:, 1] * segments[:, 2]  # (S,)
+    if keep is not None:
+        held = int(sizes[keep].sum())
+    else:
+        held = int((mask * sizes[None, :]).sum(dim=1).min()) if len(mask) else need
+    if held < need:
+        raise ValueError(f"owners must hold at least topk={need} experts, got owners "
+                         f"{owners!r} holding {held}")
+    return (segments if keep is None else segments[keep]), mask
+
+
+def _selection(owners, segment_owner, lead):
+    """(keep (S,) or None, mask (T, S) or None) for owners that are not None."""
     present = set(segment_owner.tolist())
     if isinstance(owners, torch.Tensor) and owners.dim() > 0:
         if owners.is_floating_point() or owners.is_complex() or owners.dtype == torch.bool:

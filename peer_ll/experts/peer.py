@@ -7,22 +7,21 @@ He, *Mixture of A Million Experts*, arXiv 2407.04153 (2024). Axis letters:
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peer_ll.experts.checkpoint import check_checkpoint, upgrade_checkpoint
 from peer_ll.experts.checks import check_choice, check_input, check_int, check_owner, check_type
 from peer_ll.experts.owners import Owners, select_segments
-from peer_ll.experts.pool import _STORAGE, ExpertPool
-from peer_ll.experts.routing import RoutingStats
+from peer_ll.experts.pool import ExpertPool, view
+from peer_ll.experts.query_adapter import adapted_scores, adapted_topk, sync_adapter
+from peer_ll.experts.routing import RoutingStats, retrieval_confidence
 from peer_ll.kernels.expert_mix import expert_mix
 from peer_ll.kernels.product_topk import product_topk
 from peer_ll.kernels.selected_scores import selected_scores
-
-logger = logging.getLogger(__name__)
 
 QUERY_NORMS = ("batch", "layer", None)
 GATES = ("softmax", "sigmoid")
@@ -42,12 +41,11 @@ class PEER(nn.Module):
     - gates ``g = softmax(top-k scores)``;
     - output ``f(x) = Σ_heads Σ_{i ∈ top-k} g_i · σ(u_iᵀ x) · v_i`` (no biases).
 
-    The layer holds ``pool`` (:class:`~peer_ll.experts.pool.ExpertPool`: tables,
-    sub-keys, segments, owners, frozen masks) and ``stats``
-    (:class:`~peer_ll.experts.routing.RoutingStats`: router mass). Departures from
-    the paper, all opt-in: ``query_norm="layer"`` or ``None`` (BatchNorm mixes the
-    positions of a causal language model), ``gate="sigmoid"``, ``activation="relu"``,
-    and an optional per-owner query transform (:meth:`attach_query_adapter`).
+    It holds ``pool`` (:class:`~peer_ll.experts.pool.ExpertPool`: tables, sub-keys,
+    segments, owners, frozen masks) and ``stats`` (:class:`RoutingStats`: router mass).
+    Opt-in departures from the paper: ``query_norm="layer"`` or ``None`` (BatchNorm mixes
+    a causal LM's positions), ``gate="sigmoid"``, ``activation="relu"``, and a per-owner
+    query transform (:meth:`attach_query_adapter`).
 
     Args:
         dim: input size D.
@@ -59,9 +57,8 @@ class PEER(nn.Module):
         query_norm: "batch" (paper), "layer" or None.
         gate: "softmax" (paper) or "sigmoid".
         activation: "gelu" (paper) or "relu".
-        capacity: expert rows to reserve (default: exactly num_keys²). Growth within
-            capacity allocates nothing and keeps every Parameter object; sub-key room
-            follows (segments of ``num_keys`` sub-keys per side).
+        capacity: expert rows to reserve (default: num_keys²; sub-key room follows).
+            Growth within capacity allocates nothing and keeps every Parameter.
         owner: owner id of the first segment's experts.
         sparse_grad: give the expert tables row-sparse gradients (needs
             ``peer_ll.optim.make_optimizer`` or another sparse-aware optimizer).
@@ -93,24 +90,22 @@ class PEER(nn.Module):
         super().__init__()
         check_int("dim", dim, minimum=1)
         dim_out = dim if dim_out is None else check_int("dim_out", dim_out, minimum=1)
-        check_int("num_keys", num_keys, minimum=1)
-        check_int("heads", heads, minimum=1)
+        for name, value in (("num_keys", num_keys), ("heads", heads)):
+            check_int(name, value, minimum=1)
         check_int("topk", topk, minimum=1, maximum=num_keys * num_keys)
         check_int("dim_key", dim_key, minimum=2)
         if dim_key % 2:
             raise ValueError(f"dim_key must be even (it splits into two halves), got {dim_key}")
-        check_choice("query_norm", query_norm, QUERY_NORMS)
-        check_choice("gate", gate, GATES)
-        check_choice("activation", activation, ACTIVATIONS)
-        check_choice("backend", backend, BACKENDS)
+        for name, value, choices in (("query_norm", query_norm, QUERY_NORMS), ("gate", gate, GATES),
+                                     ("activation", activation, ACTIVATIONS),
+                                     ("backend", backend, BACKENDS)):
+            check_choice(name, value, choices)
         owner = check_owner("owner", owner)
         first = num_keys * num_keys
         capacity = first if capacity is None else check_int("capacity", capacity, minimum=first)
 
-        self.dim, self.dim_out, self.heads, self.topk, self.dim_key = (
-            dim, dim_out, heads, topk, dim_key,
-        )
-        self.num_keys = num_keys
+        self.dim, self.dim_out, self.heads, self.topk, self.dim_key, self.num_keys = (
+            dim, dim_out, heads, topk, dim_key, num_keys)
         self.query_norm_kind, self.gate, self.activation = query_norm, gate, activation
         self.sparse_grad, self.backend = sparse_grad, backend
         self.query_frozen = False
@@ -120,7 +115,8 @@ class PEER(nn.Module):
             "layer": lambda: nn.LayerNorm(dim_key),
             None: nn.Identity,
         }[query_norm]()
-        key_capacity = max(num_keys, math.ceil(capacity / num_keys))
+        spare = math.isqrt(capacity - first - 1) + 1 if capacity > first else 0  # ⌈√spare rows⌉
+        key_capacity = max(math.ceil(capacity / num_keys), num_keys + spare)  # or num_keys² each
         self.pool = ExpertPool(dim, dim_out, dim_key, heads=heads, capacity=capacity,
                                key_capacity=key_capacity)
         self.stats = RoutingStats(capacity)
@@ -187,59 +183,26 @@ class PEER(nn.Module):
             scores, ids = self._search(q.reshape(-1, self.heads, self.dim_key), segments, mask, k)
         return scores.view(*lead, self.heads, k), ids.view(*lead, self.heads, k)
 
-    # ---------------------------------------------------------------- retrieval
-    def _searched(
-        self, x: torch.Tensor, owners: Owners, need: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _searched(self, x, owners: Owners, need: int | None = None):
         """Segments that ``owners`` may search and an optional (T, S) mask; checks both."""
         check_input(x, self.dim)
-        pool, need = self.pool, self.topk if need is None else need
-        keep, mask = select_segments(owners, pool.segment_owner, tuple(x.shape[:-1]))
-        sizes = pool.segments[:, 1] * pool.segments[:, 2]  # (S,)
-        if keep is not None:
-            held = int(sizes[keep].sum())
-        elif mask is not None and len(mask):
-            held = int((mask * sizes[None, :]).sum(dim=1).min())
-        else:
-            held = int(sizes.sum())
-        if held < need:
-            raise ValueError(f"owners must hold at least topk={need} experts, got owners "
-                             f"{owners!r} holding {held}")
-        return (pool.segments if keep is None else pool.segments[keep]), mask
+        return select_segments(owners, self.pool.segments, self.pool.segment_owner,
+                               tuple(x.shape[:-1]), need=self.topk if need is None else need)
 
     def _search(self, q, segments, mask, k) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k (T, H, k) of q (T, H, d) over ``segments``, per-owner query if adapted."""
-        keys = self.pool.sub_keys
-        if self.query_adapter is None:
-            return product_topk(q, keys, segments, k, segment_mask=mask, backend=self.backend)
-        seg_owner = self.pool.expert_owner[segments[:, 3]]
-        scores, ids = [], []
-        for owner in seg_owner.unique().tolist():  # a loop over owners, not tokens
-            keep = seg_owner == owner
-            s, i = product_topk(self.query_adapter(q, owner), keys, segments[keep], k,
-                                segment_mask=None if mask is None else mask[:, keep],
-                                backend=self.backend)
-            scores.append(s)
-            ids.append(i)
-        scores, pick = torch.cat(scores, dim=-1).topk(k, dim=-1)
-        return scores, torch.cat(ids, dim=-1).gather(-1, pick)
+        if self.query_adapter is not None:
+            return adapted_topk(self.query_adapter, q, self.pool, segments, mask, k, self.backend)
+        return product_topk(q, self.pool.sub_keys, segments, k, segment_mask=mask,
+                            backend=self.backend)
 
     def _scores(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Differentiable scores (T, H, K) of ``ids``; gradients reach q and unfrozen keys."""
+        if self.query_adapter is not None:
+            return adapted_scores(self.query_adapter, q, ids, self.pool, self.backend)
         left, right = self.pool.key_rows(ids)  # (T, H, K) each
-        keys, frozen = self.pool.sub_keys, self.pool.key_frozen
-
-        def score(query):
-            return selected_scores(query, keys, left, right, frozen=frozen, backend=self.backend)
-
-        if self.query_adapter is None:
-            return score(q)
-        owner_of = self.pool.expert_owner[ids.clamp(min=0)]
-        out = None
-        for owner in owner_of.unique().tolist():
-            s = score(self.query_adapter(q, owner))
-            out = s if out is None else torch.where(owner_of == owner, s, out)
-        return out
+        return selected_scores(q, self.pool.sub_keys, left, right, frozen=self.pool.key_frozen,
+                               backend=self.backend)
 
     def attach_query_adapter(self, module: nn.Module) -> None:
         """Score owner o's sub-keys with ``module(q, o)``: q (T, H, d) -> (T, H, d).
@@ -253,24 +216,14 @@ class PEER(nn.Module):
                              f"{type(self.query_adapter).__name__} already attached")
         weight = self.to_query.weight
         self.query_adapter = module.to(device=weight.device, dtype=weight.dtype)
-        self._sync_adapter()
+        sync_adapter(self.query_adapter, self.pool)
 
     # ------------------------------------------------------------ growth, freezing
     def grow(self, num_keys: int, *, owner: int, num_keys_right: int | None = None) -> torch.Tensor:
-        """Append one product-key segment of num_keys × num_keys new experts.
+        """Append a segment of num_keys × num_keys experts of ``owner``; returns their ids.
 
-        Existing ids, sub-keys and expert weights are never changed. Within capacity
-        nothing is allocated; past it the tables are reallocated and the replaced
-        Parameters are listed in ``replaced_parameters`` (carry optimizer state over
-        with :func:`peer_ll.optim.migrate_state`). A failed grow changes nothing.
-
-        Args:
-            num_keys: sub-keys per side (left side if ``num_keys_right`` is given).
-            owner: owner id (task or experience) of the new experts.
-            num_keys_right: sub-keys on the right side (default: ``num_keys``).
-
-        Returns:
-            (num_keys * num_keys_right,) int64 ids of the new experts.
+        See :meth:`peer_ll.experts.pool.ExpertPool.grow`: ids, keys and weights in use
+        never change, and a failed grow changes nothing.
         """
         ids = self.pool.grow(num_keys, owner=owner, num_keys_right=num_keys_right)
         self.stats.resize(self.pool.capacity)
@@ -282,17 +235,15 @@ class PEER(nn.Module):
         self.stats.resize(self.pool.capacity)
 
     def freeze(self, owners=None, *, keys: bool = True, query: bool = False) -> None:
-        """Freeze the experts of ``owners`` (None: all; [] : none), and optionally more.
+        """Freeze the experts of ``owners`` (None: all; []: none), and optionally more.
 
-        Frozen rows get no gradient, no optimizer moment and no weight decay from
-        :func:`peer_ll.optim.make_optimizer` (a stock optimizer such as
-        ``torch.optim.AdamW`` still decays them).
+        Frozen rows get no gradient, no moment and no weight decay from
+        :func:`peer_ll.optim.make_optimizer` (``torch.optim.AdamW`` still decays them).
 
         Args:
             owners: an owner id, an iterable of ids, or None for every owner.
             keys: also freeze those segments' sub-keys (and their query adapters).
-            query: also freeze the query network (and use the norm's running
-                statistics, so queries no longer depend on the batch).
+            query: also freeze the query network (its norm then uses running statistics).
         """
         self._set_frozen(owners, True, keys, query)
 
@@ -306,140 +257,44 @@ class PEER(nn.Module):
             self.query_frozen = value
             for p in [*self.to_query.parameters(), *self.query_norm.parameters()]:
                 p.requires_grad_(not value)
-        self._sync_adapter()
-
-    def _sync_adapter(self) -> None:
-        """An owner's query adapter trains exactly when some of its sub-keys do."""
-        set_trainable = getattr(self.query_adapter, "set_trainable", None)
-        if set_trainable is None:
-            return
-        pool = self.pool
-        for owner in set(pool.segment_owner.tolist()):
-            rows = pool.segments[pool.segment_owner == owner][:, 0]
-            set_trainable(owner, not bool(pool.key_frozen[rows].all()))
+        sync_adapter(self.query_adapter, self.pool)
 
     # ------------------------------------------------------------ pool and stats
-    owners = property(lambda self: self.pool.expert_owner[: self.num_experts],
-                      doc="(N,) int64: the owner of every expert.")
-    frozen = property(lambda self: self.pool.expert_frozen[: self.num_experts],
-                      doc="(N,) bool: which experts are frozen.")
-    num_experts = property(lambda self: self.pool.num_experts, doc="Experts in the pool.")
-    num_segments = property(lambda self: len(self.pool.segments), doc="Segments (S).")
-    segments = property(lambda self: self.pool.segments, doc="(S, 4) segment table.")
-    segment_owner = property(lambda self: self.pool.segment_owner, doc="(S,) owners.")
-    capacity = property(lambda self: self.pool.capacity, doc="Expert rows reserved.")
-    expert_mass = property(lambda self: self.stats.mass[: self.num_experts],
-                           doc="(N,) router mass accumulated per expert since the reset.")
-    # The pool's tables and masks, for optimizers, plugins and kernels that take them.
-    down = property(lambda self: self.pool.down, doc="(capacity, D) expert input weights.")
-    up = property(lambda self: self.pool.up, doc="(capacity, E) expert output weights.")
-    sub_keys = property(lambda self: self.pool.sub_keys, doc="(key_capacity, 2, d/2) keys.")
-    expert_frozen = property(lambda self: self.pool.expert_frozen, doc="(capacity,) bool.")
-    key_frozen = property(lambda self: self.pool.key_frozen, doc="(key_capacity,) bool.")
-    key_capacity = property(lambda self: self.pool.key_capacity, doc="Sub-key rows reserved.")
-    num_sub_keys = property(lambda self: self.pool.num_sub_keys, doc="Sub-key rows in use.")
-    router_mass = property(lambda self: self.stats.mass, doc="(capacity,) router mass.")
-    replaced_parameters = property(
-        lambda self: self.pool.replaced_parameters,
-        lambda self, value: setattr(self.pool, "replaced_parameters", value),
-        doc="{name: (old, new)} Parameters replaced by the last reallocation.",
-    )
-    track_routing = property(
-        lambda self: self.stats.track,
-        lambda self, value: setattr(self.stats, "track", bool(value)),
-        doc="Whether forwards add their gates to the router mass.",
-    )
+    owners = property(lambda self: self.pool.expert_owner[: self.num_experts])
+    frozen = property(lambda self: self.pool.expert_frozen[: self.num_experts])
+    expert_mass = property(lambda self: self.stats.mass[: self.num_experts])
+    num_experts, num_segments, capacity, key_capacity, num_sub_keys = map(
+        view, ("num_experts", "num_segments", "capacity", "key_capacity", "num_sub_keys"))
+    segments, segment_owner, down, up, sub_keys, expert_frozen, key_frozen = map(
+        view, ("segments", "segment_owner", "down", "up", "sub_keys", "expert_frozen",
+                "key_frozen"))
+    replaced_parameters = view("replaced_parameters", settable=True)
+    router_mass = view("mass", "stats")
+    track_routing = view("track", "stats", settable=True)
 
-    def key_rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sub-key rows (left, right) of expert ``ids``; same shape as ``ids``."""
-        return self.pool.key_rows(ids)
-
-    def expert_keys(self) -> torch.Tensor:
-        """(N, d) full product key ``[c_a; c'_b]`` of every expert, row i for expert i."""
-        return self.pool.expert_keys()
-
-    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of (down (N, D), up (N, E)) for the experts in use (no gradient)."""
-        n = self.num_experts
-        return self.pool.down.detach()[:n], self.pool.up.detach()[:n]
+    expert_keys, expert_weights = view("expert_keys"), view("expert_weights")  # methods
+    reset_routing_stats = view("reset", "stats")  # method: zero the router mass
 
     def routing_stats(self) -> dict[str, float]:
         """``{"usage", "unevenness", "mass"}`` of the mass accumulated since the reset."""
         return self.stats.summary(self.num_experts)
 
-    def reset_routing_stats(self) -> None:
-        """Zero the accumulated router mass."""
-        self.stats.reset()
-
-    @torch.no_grad()
     def retrieval_confidence(self, x: torch.Tensor, owners: Owners = None) -> dict:
-        """Per-token retrieval confidence: (..., D) -> dict of (..., H) tensors.
-
-        ``margin``: the k-th minus the (k+1)-th best score (NaN when the searched
-        pool holds only k experts). ``gate_entropy``: entropy of the gates over the
-        k retrieved experts (for sigmoid gates, of the normalised gates).
-        """
-        k = self.topk
-        scores, _ = self.retrieve(x, owners, k=k + 1)  # a missing (k+1)-th scores -inf
-        margin = scores[..., k - 1] - scores[..., k]
-        top = scores[..., :k]
-        gates = top.softmax(-1) if self.gate == "softmax" else top.sigmoid()
-        gates = gates / gates.sum(-1, keepdim=True)
-        margin = torch.where(torch.isfinite(margin), margin, torch.full_like(margin, math.nan))
-        return {"margin": margin, "gate_entropy": -torch.xlogy(gates, gates).sum(-1)}
+        """``margin``, ``gate_entropy`` per token: see ``routing.retrieval_confidence``."""
+        return retrieval_confidence(self, x, owners)
 
     # --------------------------------------------------------------- state_dict
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _upgrade_checkpoint(state_dict, prefix)
-        self.pool.check_checkpoint(state_dict, prefix + "pool.")  # before anything loads
-        if any(k.startswith(prefix + "query_adapter.") for k in state_dict) and (
-            self.query_adapter is None
-        ):
-            raise ValueError(f"{prefix}query_adapter must be attached to load the checkpoint's "
-                             "query adapters (attach_query_adapter), got None")
+        upgrade_checkpoint(state_dict, prefix, adapter=self.query_adapter)
+        check_checkpoint(self.pool, state_dict, prefix + "pool.")  # before anything loads
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _after_load(self, incompatible) -> None:
         self.stats.resize(self.pool.capacity)
-        self.pool.tag()
-        self._sync_adapter()
+        sync_adapter(self.query_adapter, self.pool)
 
     def extra_repr(self) -> str:
-        return (
-            f"dim={self.dim}, dim_out={self.dim_out}, heads={self.heads}, topk={self.topk}, "
-            f"dim_key={self.dim_key}, num_experts={self.num_experts}, "
-            f"segments={self.num_segments}, capacity={self.capacity}, "
-            f"query_norm={self.query_norm_kind!r}, gate={self.gate!r}, "
-            f"activation={self.activation!r}"
-        )
-
-
-def _upgrade_checkpoint(state_dict: dict, prefix: str) -> None:
-    """Rename the keys of checkpoints saved before the pool was a submodule, in place."""
-    for name in list(state_dict):
-        rest = name[len(prefix):] if name.startswith(prefix) else None
-        if rest is None:
-            continue
-        if rest in _STORAGE:
-            state_dict[prefix + "pool." + rest] = state_dict.pop(name)
-        elif rest.startswith("query_adapters."):
-            state_dict[prefix + "query_adapter." + rest[len("query_adapters."):]] = (
-                state_dict.pop(name))
-        elif rest.startswith("query_stats."):  # per-owner statistics: now peer_ll.protect's
-            logger.info("ignoring %s: a PEER layer keeps no query statistics", name)
-            state_dict.pop(name)
-
-
-def peer_layers(model: nn.Module) -> dict[str, PEER]:
-    """Every PEER layer inside ``model`` (itself included), by module name.
-
-    Raises:
-        TypeError: ``model`` is not a module.
-        ValueError: it holds no PEER layer.
-    """
-    check_type("model", model, nn.Module)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, PEER)}
-    if not layers:
-        raise ValueError(f"model must contain PEER layers, got a {type(model).__name__} "
-                         "without any")
-    return layers
+        return (f"dim={self.dim}, dim_out={self.dim_out}, heads={self.heads}, topk={self.topk}, "
+                f"dim_key={self.dim_key}, num_experts={self.num_experts}, segments="
+                f"{self.num_segments}, capacity={self.capacity}, query_norm="
+                f"{self.query_norm_kind!r}, gate={self.gate!r}, activation={self.activation!r}")

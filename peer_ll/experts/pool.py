@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from peer_ll.experts.checkpoint import check_checkpoint
 from peer_ll.experts.checks import check_int, check_owner
 
 TABLES = ("down", "up", "sub_keys")
@@ -73,6 +74,11 @@ class ExpertPool(nn.Module):
         return int((self.segments[:, 0] + self.segments[:, 1:3].max(dim=1).values).max())
 
     @property
+    def num_segments(self) -> int:
+        """Segments S."""
+        return len(self.segments)
+
+    @property
     def capacity(self) -> int:
         """Expert rows reserved (>= ``num_experts``)."""
         return self.down.shape[0]
@@ -84,7 +90,21 @@ class ExpertPool(nn.Module):
 
     # ------------------------------------------------------------------- growth
     def grow(self, num_keys: int, *, owner: int, num_keys_right: int | None = None) -> torch.Tensor:
-        """Append one segment of num_keys × num_keys_right experts; see ``PEER.grow``."""
+        """Append one product-key segment of num_keys × num_keys_right new experts.
+
+        Existing ids, sub-keys and expert weights are never changed. Within capacity
+        nothing is allocated; past it the tables are reallocated and the replaced
+        Parameters are listed in ``replaced_parameters`` (carry optimizer state over
+        with :func:`peer_ll.optim.migrate_state`). A failed grow changes nothing.
+
+        Args:
+            num_keys: sub-keys per side (left side if ``num_keys_right`` is given).
+            owner: owner id (task or experience) of the new experts.
+            num_keys_right: sub-keys on the right side (default: ``num_keys``).
+
+        Returns:
+            (num_keys * num_keys_right,) int64 ids of the new experts.
+        """
         check_int("num_keys", num_keys, minimum=1)
         n_right = num_keys if num_keys_right is None else num_keys_right
         check_int("num_keys_right", n_right, minimum=1)
@@ -206,6 +226,11 @@ class ExpertPool(nn.Module):
         local = ids - start
         return key_off + local // n_right, key_off + local % n_right
 
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of (down (N, D), up (N, E)) for the experts in use (no gradient)."""
+        n = self.num_experts
+        return self.down.detach()[:n], self.up.detach()[:n]
+
     def expert_keys(self) -> torch.Tensor:
         """(N, d) full product key ``[c_a; c'_b]`` of every expert, row i for expert i."""
         ids = torch.arange(self.num_experts, device=self.down.device)
@@ -218,42 +243,15 @@ class ExpertPool(nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
     ):
         if prefix + "segments" in state_dict:
-            self.check_checkpoint(state_dict, prefix)
+            check_checkpoint(self, state_dict, prefix)
             self._match_checkpoint(state_dict, prefix, state_dict[prefix + "segments"])
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
         self.tag()
 
-    def check_checkpoint(self, state_dict: dict, prefix: str) -> None:
-        """Raise a clear ValueError if the checkpoint's pool does not extend this one."""
-        saved, mine = state_dict.get(prefix + "segments"), self.segments
-        if saved is None:
-            return
-        if saved.dim() != 2 or saved.shape[1] != 4:
-            raise ValueError(f"{prefix}segments must have shape (S, 4), got {tuple(saved.shape)}")
-        n = len(mine)
-        if len(saved) < n or not torch.equal(saved[:n].to(mine.device), mine):
-            raise ValueError(
-                f"checkpoint segments {saved.tolist()} do not extend this layer's "
-                f"segments {mine.tolist()}: build the layer with the same constructor "
-                "arguments as the one that was saved"
-            )
-        for name, width in {"down": self.dim, "up": self.dim_out}.items():
-            table = state_dict.get(prefix + name)
-            if table is not None and (table.dim() != 2 or table.shape[1] != width):
-                raise ValueError(
-                    f"{prefix}{name} must have shape (rows, {width}), got {tuple(table.shape)}"
-                )
-        keys = state_dict.get(prefix + "sub_keys")
-        if keys is not None and tuple(keys.shape[1:]) != tuple(self.sub_keys.shape[1:]):
-            raise ValueError(
-                f"{prefix}sub_keys must have shape (rows, {tuple(self.sub_keys.shape[1:])}), "
-                f"got {tuple(keys.shape)}"
-            )
-
     def _match_checkpoint(self, state_dict, prefix: str, saved: torch.Tensor) -> None:
-        """Grow this pool's storage to the checkpoint's (checked by check_checkpoint)."""
+        """Grow this pool's storage to the checkpoint's (checked by ``check_checkpoint``)."""
         mine, keys = self.segments, state_dict.get(prefix + "sub_keys")
         down = state_dict.get(prefix + "down")
         capacity = self.capacity if down is None else down.shape[0]
@@ -262,3 +260,15 @@ class ExpertPool(nn.Module):
             self._reallocate(capacity, key_capacity)
         self.segments = torch.empty_like(saved, device=mine.device)
         self.segment_owner = torch.empty(len(saved), dtype=torch.long, device=mine.device)
+
+
+def view(name: str, part: str = "pool", *, settable: bool = False) -> property:
+    """A property of a PEER layer that reads (and writes) ``layer.<part>.<name>``."""
+
+    def get(self):
+        return getattr(getattr(self, part), name)
+
+    def set_(self, value):
+        setattr(getattr(self, part), name, value)
+
+    return property(get, set_ if settable else None, doc=f"``{part}.{name}``")

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from peer_ll.experts.checks import check_bool, check_int, check_owner
+from peer_ll.kernels.product_topk import product_topk
+from peer_ll.kernels.selected_scores import selected_scores
 
 
 class QueryAdapter(nn.Module):
@@ -105,3 +107,43 @@ class OwnerQueryAdapters(nn.ModuleDict):
                 if owner.isdigit() and owner not in self:
                     self.add(int(owner))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def adapted_topk(adapter, q, pool, segments, mask, k, backend):
+    """Exact top-k where owner o's segments are searched with ``adapter(q, o)``.
+
+    q (T, H, d), segments (S', 4), mask (T, S') or None -> scores, ids (T, H, k).
+    """
+    seg_owner = pool.expert_owner[segments[:, 3]]
+    scores, ids = [], []
+    for owner in seg_owner.unique().tolist():  # a loop over owners, not tokens
+        keep = seg_owner == owner
+        s, i = product_topk(adapter(q, owner), pool.sub_keys, segments[keep], k,
+                            segment_mask=None if mask is None else mask[:, keep],
+                            backend=backend)
+        scores.append(s)
+        ids.append(i)
+    scores, pick = torch.cat(scores, dim=-1).topk(k, dim=-1)
+    return scores, torch.cat(ids, dim=-1).gather(-1, pick)
+
+
+def adapted_scores(adapter, q, ids, pool, backend):
+    """Differentiable scores (T, H, K) of ``ids``, each with its owner's adapted query."""
+    left, right = pool.key_rows(ids)
+    owner_of = pool.expert_owner[ids.clamp(min=0)]
+    out = None
+    for owner in owner_of.unique().tolist():
+        s = selected_scores(adapter(q, owner), pool.sub_keys, left, right,
+                            frozen=pool.key_frozen, backend=backend)
+        out = s if out is None else torch.where(owner_of == owner, s, out)
+    return out
+
+
+def sync_adapter(adapter: object, pool) -> None:
+    """An owner's adapter trains exactly when some of its sub-keys do (if it can say so)."""
+    set_trainable = getattr(adapter, "set_trainable", None)
+    if set_trainable is None:
+        return
+    for owner in set(pool.segment_owner.tolist()):
+        rows = pool.segments[pool.segment_owner == owner][:, 0]
+        set_trainable(owner, not bool(pool.key_frozen[rows].all()))

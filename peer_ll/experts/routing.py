@@ -87,3 +87,21 @@ class RoutingStats(nn.Module):
             "unevenness": unevenness(mass),
             "mass": float(mass.sum()),
         }
+
+
+@torch.no_grad()
+def retrieval_confidence(layer: nn.Module, x: torch.Tensor, owners=None) -> dict:
+    """Per-token retrieval confidence of a PEER ``layer``: (..., D) -> dict of (..., H).
+
+    ``margin``: the k-th minus the (k+1)-th best score (NaN when the searched pool
+    holds only k experts). ``gate_entropy``: entropy of the gates over the k retrieved
+    experts (for sigmoid gates, of the normalised gates).
+    """
+    k = layer.topk
+    scores, _ = layer.retrieve(x, owners, k=k + 1)  # a missing (k+1)-th scores -inf
+    margin = scores[..., k - 1] - scores[..., k]
+    top = scores[..., :k]
+    gates = top.softmax(-1) if layer.gate == "softmax" else top.sigmoid()
+    gates = gates / gates.sum(-1, keepdim=True)
+    margin = torch.where(torch.isfinite(margin), margin, torch.full_like(margin, math.nan))
+    return {"margin": margin, "gate_entropy": -torch.xlogy(gates, gates).sum(-1)}

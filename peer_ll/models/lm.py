@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peer_ll.experts import PEER, OwnerMix, mix_owners
-from peer_ll.models.transformer import Block, LMConfig, Route, grow_peer
+from peer_ll.experts import PEER, OwnerMix, mix_owners, peer_layers
+from peer_ll.models.lm_growth import freeze_all_but, grow_domain
+from peer_ll.models.lm_io import sample, save_atomically
+from peer_ll.models.transformer import Block, LMConfig, Route
 
 CHECKPOINT_FORMAT = 1
 LMOwners = int | str | torch.Tensor | None
@@ -54,7 +55,7 @@ class PEERLM(nn.Module):
         super().__init__()
         self.config = config = LMConfig() if config is None else config
         if not isinstance(config, LMConfig):
-            raise TypeError(f"config: expected an LMConfig, got {type(config).__name__}")
+            raise TypeError(f"config must be an LMConfig, got {type(config).__name__}")
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
         self.pos_emb = nn.Embedding(config.block_size, config.dim)
         self.blocks = nn.ModuleList(
@@ -85,7 +86,10 @@ class PEERLM(nn.Module):
         owners = self.owners
         if owner is None:
             return None if self.config.growth == "pool" else [[o] for o in owners]
-        if isinstance(owner, bool) or not isinstance(owner, int) or owner not in owners:
+        if isinstance(owner, bool) or not isinstance(owner, int):
+            raise TypeError(f"owners must be None, 'infer', an int or a (B,) integer tensor, "
+                            f"got {type(owner).__name__} {owner!r}")
+        if owner not in owners:
             raise ValueError(f"owners must be None, 'infer', one of {owners} or a (B,) "
                              f"integer tensor of them, got {owner!r}")
         if self.config.growth == "pool":
@@ -132,8 +136,9 @@ class PEERLM(nn.Module):
         """Logits (B, T, V) where sequence b takes the route of ``owners[b]``."""
         if owners.dim() == 0:
             return self._logits(idx, int(owners))
-        bad_dtype = owners.is_floating_point() or owners.dtype == torch.bool
-        if bad_dtype or owners.shape != idx.shape[:1]:
+        if owners.is_floating_point() or owners.dtype == torch.bool:
+            raise TypeError(f"owners must be an integer tensor, got {_describe(owners)}")
+        if owners.shape != idx.shape[:1]:
             raise ValueError(f"owners must be an integer tensor of shape ({idx.shape[0]},), "
                              f"got {_describe(owners)}")
         owners = owners.to(idx.device)
@@ -210,27 +215,7 @@ class PEERLM(nn.Module):
         Returns:
             {block index: (num_keys²,) ids of the new experts}.
         """
-        if isinstance(owner, bool) or not isinstance(owner, int) or owner <= max(self.owners):
-            raise ValueError(f"owner: expected an int > {max(self.owners)}, got {owner!r}")
-        branch = self.config.growth == "branch"
-        new = {}
-        for i, block in enumerate(self.blocks):
-            if block.is_peer:
-                new[i] = grow_peer(block.ffn, num_keys, owner=owner)
-                layer = block.ffn
-            elif branch and self.config.grow_dense_blocks:
-                block.grow_dense(self.config, num_keys, owner=owner)
-                layer = block.grown
-                new[i] = torch.arange(layer.num_experts - num_keys**2, layer.num_experts)
-            else:
-                continue
-            if branch:
-                with torch.no_grad():
-                    layer.up[new[i]] = 0.0
-        if branch and self.config.attention_adapter_rank:
-            for block in self.blocks:
-                block.attn.add_adapter(owner, self.config.attention_adapter_rank)
-        return new
+        return grow_domain(self, num_keys, owner=owner)
 
     def freeze_old(self, owner: int) -> None:
         """Freeze everything except the experts and sub-keys of ``owner``.
@@ -241,36 +226,15 @@ class PEERLM(nn.Module):
         :func:`peer_ll.optim.make_optimizer`). ``owner``'s query and attention
         adapters train.
         """
-        if owner not in self.owners:
-            raise ValueError(f"owner: expected one of {self.owners}, got {owner!r}")
-        for p in self.parameters():
-            p.requires_grad_(False)
-        for layer in self.modules():
-            if not isinstance(layer, PEER):
-                continue
-            present = set(layer.segment_owner.tolist())
-            others = sorted(present - {owner})
-            if others:
-                layer.freeze(others, keys=True, query=True)
-            if owner in present:
-                layer.unfreeze(owner, keys=True, query=False)
-            layer.freeze([], keys=False, query=True)  # the shared query network
-            for p in (layer.down, layer.up, layer.sub_keys):
-                p.requires_grad_(True)
-        for block in self.blocks:
-            if str(owner) in block.attn.adapters:
-                block.attn.adapters[str(owner)].requires_grad_(True)
+        freeze_all_but(self, owner)
 
     def unfreeze_all(self) -> None:
         """Make every parameter, expert and sub-key trainable again."""
         for p in self.parameters():
             p.requires_grad_(True)
-        for layer in self.modules():
-            if isinstance(layer, PEER):
-                layer.unfreeze(None, keys=True, query=True)
+        for layer in peer_layers(self).values():
+            layer.unfreeze(None, keys=True, query=True)
 
-    # --------------------------------------------------------------- generation
-    @torch.no_grad()
     def generate(
         self,
         idx: torch.Tensor,
@@ -287,26 +251,8 @@ class PEERLM(nn.Module):
         0 means greedy decoding; ``owners`` is passed to :meth:`forward`. Decode
         bytes with :func:`peer_ll.data.text.decode`.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature: expected a float >= 0, got {temperature}")
-        was_training = self.training
-        self.eval()
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size :], owners=owners)
-            logits = logits[:, -1]  # (B, V)
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        self.train(was_training)
-        return idx
+        return sample(self, idx, max_new_tokens, block_size=self.config.block_size,
+                      temperature=temperature, top_k=top_k, owners=owners, generator=generator)
 
     # ---------------------------------------------------------------- save/load
     def save(self, path: str | os.PathLike) -> None:
@@ -314,25 +260,11 @@ class PEERLM(nn.Module):
 
         An interrupted save leaves any previous checkpoint at ``path`` intact.
         """
-        path = os.fspath(path)
-        payload = {
+        save_atomically({
             "format": CHECKPOINT_FORMAT,
             "config": json.dumps(self.config.to_dict()),
             "state_dict": self.state_dict(),
-        }
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; keep the usual mode
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        }, path)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load weights; blocks first get the grown layers and adapters the checkpoint has."""
@@ -345,16 +277,10 @@ class PEERLM(nn.Module):
         """Build a PEERLM from :meth:`save`'s file; PEER layers grow to the saved pools."""
         payload = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"path: expected a PEERLM checkpoint (format {CHECKPOINT_FORMAT})")
+            raise ValueError(f"path must hold a PEERLM checkpoint (format {CHECKPOINT_FORMAT})")
         model = cls(LMConfig.from_dict(json.loads(payload["config"])))
         model.load_state_dict(payload["state_dict"])
         return model
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _describe(x: object) -> str:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peer_ll.experts import PEER, OwnerQueryAdapters
+from peer_ll.experts.checks import check_bool, check_choice, check_float, check_int
 
 GROWTH = ("branch", "pool")
 Route = list[list[int]] | None  # owner groups; each group is one PEER retrieval, outputs summed
@@ -60,12 +61,10 @@ class LMConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "dim", "layers", "attn_heads", "mlp_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+            check_int(name, getattr(self, name), minimum=1)
         if self.dim % self.attn_heads:
             raise ValueError(
-                f"dim: expected a multiple of attn_heads={self.attn_heads}, got {self.dim}"
+                f"dim must be a multiple of attn_heads={self.attn_heads}, got {self.dim}"
             )
         if self.peer_layers is None:
             self.peer_layers = (self.layers // 2,)
@@ -73,21 +72,17 @@ class LMConfig:
         bad = [i for i in self.peer_layers if not 0 <= i < self.layers]
         if bad or not self.peer_layers:
             raise ValueError(
-                f"peer_layers: expected block indices in [0, {self.layers}), got {self.peer_layers}"
+                f"peer_layers must be block indices in [0, {self.layers}), got {self.peer_layers}"
             )
-        if self.query_norm == "batch":
-            raise ValueError(
-                "query_norm: expected 'layer' or None for a causal language model (BatchNorm "
-                "mixes positions, so it leaks future tokens), got 'batch'"
-            )
+        check_choice("query_norm", self.query_norm, ("layer", None))  # BatchNorm leaks the future
+        for name in ("peer_num_keys", "peer_heads", "peer_topk", "peer_dim_key"):
+            check_int(name, getattr(self, name), minimum=1)
         for name in ("adapter_rank", "attention_adapter_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
-        if self.growth not in GROWTH:
-            raise ValueError(f"growth: expected one of {GROWTH}, got {self.growth!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout: expected a float in [0, 1), got {self.dropout!r}")
+            check_int(name, getattr(self, name), minimum=0)
+        check_bool("adapter_affine", self.adapter_affine)
+        check_bool("grow_dense_blocks", self.grow_dense_blocks)
+        check_choice("growth", self.growth, GROWTH)
+        check_float("dropout", self.dropout, minimum=0.0, maximum=0.999)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict; :meth:`from_dict` inverts it."""

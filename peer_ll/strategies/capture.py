@@ -16,8 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from peer_ll.experts import PEER
-from peer_ll.strategies.growth import peer_layer_list
+from peer_ll.experts import PEER, peer_layers
 
 
 class PEERInputs:
@@ -33,7 +32,7 @@ class PEERInputs:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.layers = peer_layer_list(model)
+        self.layers = list(peer_layers(model).values())
         self.inputs: dict[PEER, tuple[torch.Tensor, object]] = {}
         self.active = False
         watched = set(map(id, self.layers))

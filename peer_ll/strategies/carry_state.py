@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from avalanche.core import SupervisedPlugin
 
+from peer_ll.experts import peer_layers
 from peer_ll.optim import migrate_state
-from peer_ll.strategies.growth import check_growth, growth_modules, peer_layer_list
+from peer_ll.strategies.growth import check_growth, growth_modules
 
 _TABLES = ("down", "up", "sub_keys")
 
@@ -36,7 +37,7 @@ class CarryOptimizerState(SupervisedPlugin):
         state = strategy.optimizer.state
         self._held = [
             (layer, name, getattr(layer, name), state[getattr(layer, name)])
-            for layer in peer_layer_list(strategy.model)
+            for layer in peer_layers(strategy.model).values()
             for name in _TABLES
             if getattr(layer, name) in state
         ]

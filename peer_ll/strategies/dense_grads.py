@@ -27,8 +27,8 @@ from avalanche.training.plugins import (
     RWalkPlugin,
 )
 
+from peer_ll.experts import peer_layers
 from peer_ll.optim import SparseAdamW
-from peer_ll.strategies.growth import peer_layer_list
 
 #: Plugins that read ``p.grad`` with dense-only operations.
 DENSE_GRAD_PLUGINS: tuple[type, ...] = (
@@ -53,14 +53,14 @@ class DenseExpertGrads(SupervisedPlugin):
         self._saved: list[tuple[object, bool]] = []
 
     def before_training(self, strategy, **kwargs) -> None:
-        self._saved = [(layer, layer.sparse_grad) for layer in peer_layer_list(strategy.model)]
+        self._saved = [(layer, layer.sparse_grad) for layer in peer_layers(strategy.model).values()]
         for layer, _ in self._saved:
             layer.sparse_grad = False
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         # Layers the model gained since before_training (a user's own adaptation).
         known = {id(layer) for layer, _ in self._saved}
-        for layer in peer_layer_list(strategy.model):
+        for layer in peer_layers(strategy.model).values():
             if id(layer) not in known:
                 self._saved.append((layer, layer.sparse_grad))
                 layer.sparse_grad = False

@@ -46,7 +46,7 @@ def peer_grow(
         optimizer: default ``peer_ll.optim.make_optimizer(model)``.
         criterion: default ``torch.nn.CrossEntropyLoss()``.
         policy: growth policy; default: keep the one the model already has (a
-            ``PEERClassifier`` has one), else ``GrowthPolicy()``.
+            model built by :func:`peer_classifier` has one), else ``GrowthPolicy()``.
         plugins: extra Avalanche plugins (a new list is built from them).
         template: the Avalanche template or strategy class to build, e.g.
             ``SupervisedTemplate`` (naive fine-tuning), ``avalanche.training.Replay``

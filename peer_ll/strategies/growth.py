@@ -200,14 +200,6 @@ class PEERGrowth(DynamicModule):
         return f"policy={self.policy}"
 
 
-def peer_layer_list(model: nn.Module) -> list[PEER]:
-    """Every :class:`PEER` layer in ``model`` (itself included), in module order.
-
-    Raises ValueError if there is none.
-    """
-    return list(peer_layers(model).values())
-
-
 def attach_growth(
     model: nn.Module,
     policy: GrowthPolicy | None = None,
@@ -231,7 +223,7 @@ def attach_growth(
     """
     policy = GrowthPolicy() if policy is None else policy
     check_type("policy", policy, GrowthPolicy)
-    layers = peer_layer_list(model)
+    layers = list(peer_layers(model).values())
     for layer in layers:
         current = getattr(layer, "growth", None)
         if current is not None and not isinstance(current, PEERGrowth):

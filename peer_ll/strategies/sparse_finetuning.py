@@ -24,6 +24,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from peer_ll.experts import PEER
+from peer_ll.experts.checks import check_bool, check_int
 from peer_ll.strategies.capture import PEERInputs, recompute_ids
 
 
@@ -41,9 +42,8 @@ class SparseExpertFinetuning(SupervisedPlugin):
 
     def __init__(self, top_t: int, *, train_others: bool = True) -> None:
         super().__init__()
-        if isinstance(top_t, bool) or not isinstance(top_t, int) or top_t < 1:
-            raise ValueError(f"top_t must be an int >= 1, got {top_t!r}")
-        self.top_t, self.train_others = top_t, train_others
+        self.top_t = check_int("top_t", top_t, minimum=1)
+        self.train_others = check_bool("train_others", train_others)
         self._inputs: PEERInputs | None = None
         self._doc_freq: dict[PEER, torch.Tensor] = {}  # steps of earlier experiences
         self._docs = 0
@@ -119,7 +119,7 @@ class SparseExpertFinetuning(SupervisedPlugin):
     def _restrict(self, layer: PEER, rows: torch.Tensor) -> None:
         keep = torch.zeros_like(layer.expert_frozen)
         keep[rows] = True
-        left, right = layer.key_rows(rows)
+        left, right = layer.pool.key_rows(rows)
         keep_keys = torch.zeros_like(layer.key_frozen)
         keep_keys[left] = True
         keep_keys[right] = True

@@ -8,7 +8,8 @@ from peer_ll.optim import make_optimizer
 
 
 def grown(**kw):
-    layer = PEER(16, num_keys=4, heads=2, topk=4, dim_key=8, capacity=64, **kw)  # room for 16 sub-keys
+    # capacity 64 leaves room for 16 sub-keys
+    layer = PEER(16, num_keys=4, heads=2, topk=4, dim_key=8, capacity=64, **kw)
     layer.grow(4, owner=1)
     return layer
 

@@ -38,7 +38,8 @@ def test_grow_never_changes_existing_ids_keys_or_weights():
     n = keys_before.shape[0]
     assert torch.equal(layer.expert_keys()[:n], keys_before)
     down, up = layer.expert_weights()
-    assert torch.equal(down[:n], before["pool.down"][:n]) and torch.equal(up[:n], before["pool.up"][:n])
+    assert torch.equal(down[:n], before["pool.down"][:n])
+    assert torch.equal(up[:n], before["pool.up"][:n])
     assert torch.equal(layer(x, owners=0), out_before)
 
 

@@ -54,3 +54,23 @@ def test_mismatched_state_dict_gives_a_clear_error(other, match):
     with pytest.raises(ValueError, match=match):
         fresh.load_state_dict(layer.state_dict())
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_checkpoints_of_the_flat_layout_still_load():
+    """Before the pool was a submodule its tables sat on the layer; query statistics too."""
+    layer = PEER(16, **CFG)
+    layer.grow(3, owner=1)
+    layer.grow(5, owner=2)  # past capacity: reallocated
+    layer.freeze(1)
+    layer(torch.randn(64, 16))
+    flat = {k.removeprefix("pool."): v for k, v in layer.state_dict().items()}
+    flat["query_stats.mean_0"] = torch.zeros(2, 8)  # per-owner statistics: dropped
+    fresh = PEER(16, **CFG)
+    fresh.load_state_dict(flat)
+    assert torch.equal(fresh.owners, layer.owners) and torch.equal(fresh.frozen, layer.frozen)
+    assert fresh.router_mass.shape == (fresh.capacity,)
+    layer.eval()
+    fresh.eval()
+    x = torch.randn(9, 16)
+    assert torch.equal(fresh(x), layer(x))
+    assert torch.equal(fresh(x, owners=1), layer(x, owners=1))

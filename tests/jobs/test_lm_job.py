@@ -102,7 +102,7 @@ def test_cli_rejects_bad_arguments_with_a_message(tmp_path, capsys):
     assert "peer-ll lm: error: --domains: expected at least 2" in capsys.readouterr().out
     assert cli(["lm", "--dim", "30", "--max-bytes", "20000", "--no-progress", "--out",
                 str(tmp_path)]) == 2
-    assert "dim: expected a multiple of attn_heads=4, got 30" in capsys.readouterr().out
+    assert "dim must be a multiple of attn_heads=4, got 30" in capsys.readouterr().out
     assert cli(["lm", "--tiny", "--no-progress", "--out", str(tmp_path), "--domains",
                 "a=" + str(tmp_path / "missing"), "pydoc-topics"]) == 2
     assert "missing" in capsys.readouterr().out

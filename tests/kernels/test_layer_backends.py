@@ -15,7 +15,7 @@ TOL = 1e-5
 def test_layer_forward_backward_agrees_across_backends():
     torch.manual_seed(0)
     layer = PEER(24, dim_out=20, num_keys=13, heads=3, topk=5, dim_key=24,
-                 query_norm="layer", backend="torch", capacity=13 * 13 + 25, key_capacity=18)
+                 query_norm="layer", backend="torch", capacity=13 * 13 + 25)
     layer.grow(5, owner=1)  # a second, 5×5 segment
     layer.freeze(0)  # the first segment's rows and keys get no gradient
     twin = copy.deepcopy(layer)

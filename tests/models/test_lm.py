@@ -79,6 +79,10 @@ def test_forward_shapes_loss_and_argument_errors():
         model(idx, owners="all")
     with pytest.raises(ValueError, match=r"owners must be an integer tensor of shape \(3,\)"):
         model(idx, owners=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(TypeError, match="owners must be an integer tensor, got a torch.float32"):
+        model(idx, owners=torch.zeros(3))
+    with pytest.raises(TypeError, match="owners must be None, 'infer', an int"):
+        model(idx, owners=1.5)
 
 
 def test_per_sequence_owners_and_the_inferred_mixture():
@@ -127,7 +131,7 @@ def test_growth_alone_changes_nothing_on_old_routes(growth):
     assert torch.equal(model(idx, owners=0)[0], before)
     if growth == "branch":  # new experts start with zero output weights
         assert torch.equal(model(idx, owners=1)[0], before)
-    with pytest.raises(ValueError, match="owner"):
+    with pytest.raises(ValueError, match="owner must be an int >= 2, got 1"):
         model.grow(4, owner=1)
 
 
@@ -145,7 +149,7 @@ def test_freeze_old_leaves_only_the_new_domain_trainable():
 
 
 def test_old_domain_is_exact_with_restricted_routes(grown, domains):
-    """The issue's test: after B, A restricted to the old owners is unchanged."""
+    """After B, A restricted to the old owners is unchanged."""
     model, before, ppl = grown
     A, B = domains
     assert perplexity(model, A["test"][:16], domain=0) == ppl["A"]  # bit for bit

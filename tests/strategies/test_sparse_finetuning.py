@@ -29,7 +29,7 @@ class RowsChanged(SupervisedPlugin):
         self.rows.append(changed.flatten())
         chosen = self.sparse.last_selected[self.layer]
         assert set(changed.flatten().tolist()) <= set(chosen.tolist())
-        left, right = self.layer.key_rows(chosen)
+        left, right = self.layer.pool.key_rows(chosen)
         moved = (self.layer.sub_keys != self._keys).flatten(1).any(1).nonzero().flatten()
         self.keys_ok.append(set(moved.tolist()) <= set(left.tolist()) | set(right.tolist()))
 
@@ -96,5 +96,7 @@ def test_train_others_false_trains_only_expert_rows(small_peer, class_stream):
 
 
 def test_top_t_must_be_positive():
-    with pytest.raises(ValueError, match="top_t"):
+    with pytest.raises(ValueError, match="top_t must be an int >= 1, got 0"):
         SparseExpertFinetuning(0)
+    with pytest.raises(TypeError, match="top_t must be an int >= 1, got float 2.0"):
+        SparseExpertFinetuning(2.0)
