@@ -45,8 +45,10 @@ def with_owner_head(model: nn.Module) -> nn.Module:
     """
     old = getattr(model, "head", None)
     if type(old) is not nn.Linear:
-        raise TypeError(f"model.head must be a torch.nn.Linear (e.g. a PEERClassifier's "
-                        f"default head), got {type(old).__name__}")
+        raise TypeError(
+            f"model.head must be a torch.nn.Linear (e.g. a PEERClassifier's "
+            f"default head), got {type(old).__name__}"
+        )
     owner = _owner_of(list(peer_layers(model).values())[-1])
     model.head = _per_owner_linear(old, owner, num_classes=old.out_features)
     return model
@@ -65,8 +67,10 @@ def with_owner_encoder(model: nn.Module) -> nn.Module:
     encoder = getattr(model, "encoder", None)
     linears = [i for i, m in enumerate(encoder or []) if type(m) is nn.Linear]
     if not isinstance(encoder, nn.Sequential) or not linears:
-        raise TypeError("model.encoder must be an nn.Sequential holding an nn.Linear "
-                        f"(e.g. a PEERClassifier), got {type(encoder).__name__}")
+        raise TypeError(
+            "model.encoder must be an nn.Sequential holding an nn.Linear "
+            f"(e.g. a PEERClassifier), got {type(encoder).__name__}"
+        )
     owner = _owner_of(next(iter(peer_layers(model).values())))
     encoder[linears[0]] = _per_owner_linear(encoder[linears[0]], owner)
     return model
@@ -86,12 +90,15 @@ def with_owner_norms(model: nn.Module) -> nn.Module:
     layers = list(peer_layers(model).values())
     norms = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
     inside = {id(m) for layer in layers for m in layer.modules()}
-    targets = [(parent, name, child) for parent in model.modules()
-               if id(parent) not in inside and not isinstance(parent, PerOwner)
-               for name, child in parent.named_children() if isinstance(child, norms)]
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        if id(parent) not in inside and not isinstance(parent, PerOwner)
+        for name, child in parent.named_children()
+        if isinstance(child, norms)
+    ]
     if not targets:
-        raise ValueError("model must hold normalisation layers outside the PEER layers, "
-                         "got none")
+        raise ValueError("model must hold normalisation layers outside the PEER layers, got none")
     owner = _owner_of(layers[0])
     for parent, name, child in targets:
         setattr(parent, name, PerOwner(child, owner=owner))

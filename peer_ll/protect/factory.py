@@ -55,7 +55,8 @@ def _protect_policy(model: nn.Module, policy: GrowthPolicy | None) -> GrowthPoli
         raise ValueError(
             "policy must grow on every experience and freeze every previous owner with its "
             "keys (GrowthPolicy(when='always', freeze='previous', freeze_keys=True)), got "
-            f"{policy}")
+            f"{policy}"
+        )
     return policy
 
 
@@ -68,8 +69,9 @@ def owner_scorer(model: nn.Module, inference: str, options: dict) -> nn.Module |
     if inference == "gate":
         return OwnerGate(**options)
     if options:
-        raise TypeError(f"inference_options must be empty for inference={inference!r}, "
-                        f"got {options}")
+        raise TypeError(
+            f"inference_options must be empty for inference={inference!r}, got {options}"
+        )
     return None
 
 
@@ -114,11 +116,15 @@ def peer_protect(
     check_choice("inference", inference, INFERENCES)
     check_int("mem_size", mem_size, minimum=0)
     if (inference == "gate") != (mem_size > 0):
-        raise ValueError(f"mem_size must be > 0 with inference='gate' and 0 otherwise, got "
-                         f"mem_size={mem_size} with inference={inference!r}")
+        raise ValueError(
+            f"mem_size must be > 0 with inference='gate' and 0 otherwise, got "
+            f"mem_size={mem_size} with inference={inference!r}"
+        )
     if inference not in ("input", "oracle") and _needs_early_owners(model):
-        raise ValueError(f"inference must be 'input' or 'oracle' for a model with per-owner "
-                         f"modules before its PEER layers, got {inference!r}")
+        raise ValueError(
+            f"inference must be 'input' or 'oracle' for a model with per-owner "
+            f"modules before its PEER layers, got {inference!r}"
+        )
     options = dict(inference_options or {})
     route = {k: options.pop(k) for k in ROUTE_OPTIONS if k in options}
     if inference == "soft":
@@ -126,8 +132,9 @@ def peer_protect(
     policy = _protect_policy(model, policy)
     routed = OwnerRouted(model, owner_scorer(model, inference, options), **route)
     routing = OwnerRouting(oracle=inference == "oracle", mem_size=mem_size)
-    return peer_grow(routed, optimizer, criterion, policy=policy,
-                     plugins=(*plugins, routing), **template_kwargs)
+    return peer_grow(
+        routed, optimizer, criterion, policy=policy, plugins=(*plugins, routing), **template_kwargs
+    )
 
 
 def _needs_early_owners(model: nn.Module) -> bool:
@@ -173,10 +180,10 @@ def protect_classifier(
     from peer_ll.models import PEERClassifier
 
     peer = {**(classifier_kwargs.pop("peer", None) or {}), "num_keys": num_keys}
-    model = PEERClassifier(in_features, num_classes, hidden=hidden, peer=peer,
-                           **classifier_kwargs)
-    attach_growth(model, GrowthPolicy(max_experts=experiences * num_keys * num_keys,
-                                      freeze_query=True))
+    model = PEERClassifier(in_features, num_classes, hidden=hidden, peer=peer, **classifier_kwargs)
+    attach_growth(
+        model, GrowthPolicy(max_experts=experiences * num_keys * num_keys, freeze_query=True)
+    )
     with_owner_head(model)
     with_query_adapters(model, rank=adapter_rank, affine=True)
     if owner_encoder:

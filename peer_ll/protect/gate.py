@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from peer_ll.experts.checks import check_float, check_int, check_owner
-from peer_ll.protect.query_stats import CHUNK, layer_input, pick_layer
+from peer_ll.protect.routed import CHUNK, layer_input, pick_layer
 
 
 class OwnerGate(nn.Module):
@@ -34,8 +34,15 @@ class OwnerGate(nn.Module):
 
     needs_replay = True
 
-    def __init__(self, *, hidden: int = 128, steps: int = 200, lr: float = 1e-2,
-                 weight_decay: float = 1e-4, layer: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        hidden: int = 128,
+        steps: int = 200,
+        lr: float = 1e-2,
+        weight_decay: float = 1e-4,
+        layer: str | None = None,
+    ) -> None:
         super().__init__()
         self.hidden = check_int("hidden", hidden, minimum=1)
         self.steps = check_int("steps", steps, minimum=1)
@@ -54,8 +61,11 @@ class OwnerGate(nn.Module):
         return self.owner_ids.tolist()
 
     def _build(self, dim: int, owners: int) -> nn.Sequential:
-        return nn.Sequential(nn.Linear(dim, self.hidden), nn.GELU(),
-                             nn.Linear(self.hidden, owners)).requires_grad_(False).eval()
+        return (
+            nn.Sequential(nn.Linear(dim, self.hidden), nn.GELU(), nn.Linear(self.hidden, owners))
+            .requires_grad_(False)
+            .eval()
+        )
 
     def _logits(self, q: torch.Tensor) -> torch.Tensor:
         flat = q.reshape(q.shape[0], -1).to(self.mean)
@@ -67,8 +77,14 @@ class OwnerGate(nn.Module):
         parts = [layer.query(layer_input(model, layer, p)) for p in x.split(CHUNK)]
         return torch.cat(parts).reshape(len(x), -1).float()
 
-    def fit(self, model: nn.Module, owner: int, x: torch.Tensor, y=None,
-            replay: dict[int, torch.Tensor] | None = None) -> float:
+    def fit(
+        self,
+        model: nn.Module,
+        owner: int,
+        x: torch.Tensor,
+        y=None,
+        replay: dict[int, torch.Tensor] | None = None,
+    ) -> float:
         """Fit the gate on ``owner``'s inputs x (N, ...) and ``replay`` {older owner: x}.
 
         Returns:
@@ -79,8 +95,9 @@ class OwnerGate(nn.Module):
         data[owner] = x
         known = sorted(data)
         flat = torch.cat([self._queries(model, data[o].to(x.device)) for o in known])
-        target = torch.cat([torch.full((len(data[o]),), i, dtype=torch.long)
-                            for i, o in enumerate(known)]).to(flat.device)
+        target = torch.cat(
+            [torch.full((len(data[o]),), i, dtype=torch.long) for i, o in enumerate(known)]
+        ).to(flat.device)
         net = self._build(flat.shape[1], len(known)).to(flat.device).requires_grad_(True)
         self.mean = flat.mean(0)
         self.std = flat.std(0).clamp_min(1e-6) if len(flat) > 1 else torch.ones_like(self.mean)

@@ -64,8 +64,9 @@ class InputOwnerStats(nn.Module):
         self.min_var = float(min_var)
         self.dim: int | None = None
         # owner -> list of (log weight, mean (D,), V (r, D), lam (r,), s2 ()) float64
-        self.groups: dict[int, list[tuple[float, torch.Tensor, torch.Tensor, torch.Tensor,
-                                          torch.Tensor]]] = {}
+        self.groups: dict[
+            int, list[tuple[float, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+        ] = {}
 
     @property
     def owners(self) -> list[int]:
@@ -73,13 +74,21 @@ class InputOwnerStats(nn.Module):
         return sorted(self.groups)
 
     def extra_repr(self) -> str:
-        return (f"rank={self.rank}, per_class={self.per_class}, components={self.components}, "
-                f"owners={self.owners}")
+        return (
+            f"rank={self.rank}, per_class={self.per_class}, components={self.components}, "
+            f"owners={self.owners}"
+        )
 
     # ---------------------------------------------------------------------- fit
     @torch.no_grad()
-    def fit(self, model: nn.Module | None, owner: int, x: torch.Tensor,
-            labels: torch.Tensor | None = None, replay=None) -> None:
+    def fit(
+        self,
+        model: nn.Module | None,
+        owner: int,
+        x: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        replay=None,
+    ) -> None:
         """Set ``owner``'s statistics from its inputs x (N, ...) (and labels (N,)).
 
         Replaces what ``owner`` had; other owners are untouched. Nothing changes if
@@ -92,8 +101,7 @@ class InputOwnerStats(nn.Module):
         flat = x.reshape(len(x), -1).double()
         if self.dim is not None and flat.shape[1] != self.dim:
             raise ValueError(
-                f"x must have {self.dim} values per sample (as fitted before), got "
-                f"{flat.shape[1]}"
+                f"x must have {self.dim} values per sample (as fitted before), got {flat.shape[1]}"
             )
         if labels is None or not self.per_class:
             parts = [flat]
@@ -162,8 +170,11 @@ class InputOwnerStats(nn.Module):
     # --------------------------------------------------------------- state_dict
     def get_extra_state(self) -> dict:
         return {
-            "rank": self.rank, "per_class": self.per_class, "min_var": self.min_var,
-            "components": self.components, "dim": self.dim,
+            "rank": self.rank,
+            "per_class": self.per_class,
+            "min_var": self.min_var,
+            "components": self.components,
+            "dim": self.dim,
             "groups": {
                 o: [(w, m.cpu(), V.cpu(), lam.cpu(), s2.cpu()) for w, m, V, lam, s2 in g]
                 for o, g in self.groups.items()
@@ -172,8 +183,10 @@ class InputOwnerStats(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         if not isinstance(state, dict) or "groups" not in state:
-            raise ValueError(f"state must be InputOwnerStats extra state (a dict with 'groups'), "
-                             f"got {type(state).__name__}")
+            raise ValueError(
+                f"state must be InputOwnerStats extra state (a dict with 'groups'), "
+                f"got {type(state).__name__}"
+            )
         self.rank, self.per_class = int(state["rank"]), bool(state["per_class"])
         self.components = int(state.get("components", 1))
         self.min_var, self.dim = float(state["min_var"]), state["dim"]
@@ -196,8 +209,12 @@ def _kmeans(X: torch.Tensor, k: int, steps: int = 25, seed: int = 0) -> list[tor
     centres = torch.stack(centres)
     for _ in range(steps):
         assign = torch.cdist(X, centres).argmin(dim=1)
-        moved = torch.stack([X[assign == j].mean(0) if bool((assign == j).any()) else centres[j]
-                             for j in range(len(centres))])
+        moved = torch.stack(
+            [
+                X[assign == j].mean(0) if bool((assign == j).any()) else centres[j]
+                for j in range(len(centres))
+            ]
+        )
         if torch.equal(moved, centres):
             break
         centres = moved

@@ -68,8 +68,9 @@ class PerOwner(nn.Module):
             raise TypeError(f"new must be a callable or None, got {type(new).__name__}")
         self.new = new
         self.unknown = check_choice("unknown", unknown, UNKNOWN)
-        self.num_classes = None if num_classes is None else check_int(
-            "num_classes", num_classes, minimum=1)
+        self.num_classes = (
+            None if num_classes is None else check_int("num_classes", num_classes, minimum=1)
+        )
         self.copies = nn.ModuleDict({str(owner): module})
         self.register_buffer("owner_ids", torch.tensor([owner], dtype=torch.long))
         self.register_buffer("class_mask", torch.ones(1, num_classes or 0, dtype=torch.bool))
@@ -110,8 +111,9 @@ class PerOwner(nn.Module):
             return mask
         wanted = sorted({int(c) for c in classes})
         if not wanted or wanted[0] < 0 or wanted[-1] >= self.num_classes:
-            raise ValueError(f"classes must be a non-empty set in [0, {self.num_classes}), "
-                             f"got {wanted}")
+            raise ValueError(
+                f"classes must be a non-empty set in [0, {self.num_classes}), got {wanted}"
+            )
         mask.zero_()
         mask[wanted] = True
         return mask
@@ -138,9 +140,11 @@ class PerOwner(nn.Module):
             raise TypeError(f"owners must be an integer tensor, got {owners.dtype}")
         lead = owners.shape
         if tuple(x.shape[: owners.dim()]) != tuple(lead):
-            raise ValueError(f"owners must have shape {tuple(x.shape[:owners.dim()])} (x's "
-                             f"leading axes), got {tuple(lead)}")
-        flat_x, flat_o = x.reshape(-1, *x.shape[owners.dim():]), owners.reshape(-1).to(x.device)
+            raise ValueError(
+                f"owners must have shape {tuple(x.shape[: owners.dim()])} (x's "
+                f"leading axes), got {tuple(lead)}"
+            )
+        flat_x, flat_o = x.reshape(-1, *x.shape[owners.dim() :]), owners.reshape(-1).to(x.device)
         parts = {o: self._run(flat_x[flat_o == o], o) for o in flat_o.unique().tolist()}
         first = next(iter(parts.values()))
         out = first.new_empty(flat_x.shape[0], *first.shape[1:])
@@ -152,8 +156,9 @@ class PerOwner(nn.Module):
         if owner not in self.owners:
             if self.unknown == "identity":
                 return x
-            raise ValueError(f"owners must be among {self.owners} (owners with a copy), "
-                             f"got {owner}")
+            raise ValueError(
+                f"owners must be among {self.owners} (owners with a copy), got {owner}"
+            )
         module = self.copies[str(owner)]
         frozen = not any(p.requires_grad for p in module.parameters())
         module.train(self.training and not frozen)
@@ -165,11 +170,13 @@ class PerOwner(nn.Module):
     def _resize(self, ids: list[int]) -> None:
         template = self.copies[str(self.owners[0])]
         kept = dict(self.copies.items())
-        self.copies = nn.ModuleDict({
-            str(o): kept[str(o)] if str(o) in kept else copy.deepcopy(template) for o in ids})
+        self.copies = nn.ModuleDict(
+            {str(o): kept[str(o)] if str(o) in kept else copy.deepcopy(template) for o in ids}
+        )
         self.owner_ids = torch.tensor(ids, dtype=torch.long, device=self.owner_ids.device)
-        self.class_mask = torch.ones(len(ids), self.class_mask.shape[1], dtype=torch.bool,
-                                     device=self.class_mask.device)
+        self.class_mask = torch.ones(
+            len(ids), self.class_mask.shape[1], dtype=torch.bool, device=self.class_mask.device
+        )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Create the copies a checkpoint holds before loading them."""

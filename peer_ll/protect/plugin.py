@@ -77,8 +77,9 @@ class OwnerRouting(SupervisedPlugin):
     @staticmethod
     def _routed(strategy) -> OwnerRouted:
         if not isinstance(strategy.model, OwnerRouted):
-            raise TypeError(f"strategy.model must be an OwnerRouted, got "
-                            f"{type(strategy.model).__name__}")
+            raise TypeError(
+                f"strategy.model must be an OwnerRouted, got {type(strategy.model).__name__}"
+            )
         return strategy.model
 
     # ----------------------------------------------------------------- training
@@ -97,8 +98,10 @@ class OwnerRouting(SupervisedPlugin):
         layers = peer_layers(model)
         missing = [name for name, layer in layers.items() if owner not in layer.owners.tolist()]
         if missing:
-            raise ValueError(f"experience {owner} must own experts in every PEER layer (grow "
-                             f"with GrowthPolicy(when='always')), got none in layers {missing}")
+            raise ValueError(
+                f"experience {owner} must own experts in every PEER layer (grow "
+                f"with GrowthPolicy(when='always')), got none in layers {missing}"
+            )
         model.set_owner(owner)
         if any(set(layer.owners.tolist()) - {owner} for layer in layers.values()):
             for p in trunk_parameters(model):

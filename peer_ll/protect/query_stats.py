@@ -22,53 +22,11 @@ import math
 import torch
 from torch import nn
 
-from peer_ll.experts import PEER, peer_layers
 from peer_ll.experts.checks import check_choice, check_float, check_int, check_owner
+from peer_ll.protect.routed import CHUNK, layer_input, pick_layer
 
 COVARIANCES = ("diag", "full")
 _STATS = ("mean", "m2")
-CHUNK = 1024  # inputs per forward when collecting statistics
-
-
-class _Captured(Exception):
-    """Stops a forward once the watched layer's input is known."""
-
-
-@torch.no_grad()
-def layer_input(model: nn.Module, layer: PEER, x: torch.Tensor) -> torch.Tensor:
-    """The input ``layer`` receives when ``model`` runs on ``x``: (..., D).
-
-    A read-only forward pre-hook notes the input and stops the forward there; the hook
-    is removed before this returns. Owner-aware modules before ``layer`` get no owners
-    (their newest owner), so the model's trunk before ``layer`` should be shared.
-    """
-    seen: list[torch.Tensor] = []
-
-    def note(module, args):
-        seen.append(args[0])
-        raise _Captured
-
-    handle = layer.register_forward_pre_hook(note)
-    try:
-        model(x)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
-        raise ValueError(f"layer must run in model's forward, got a {type(layer).__name__} "
-                         "that did not")
-    return seen[0]
-
-
-def pick_layer(model: nn.Module, name: str | None) -> PEER:
-    """The PEER layer ``name`` of ``model`` (None: the first)."""
-    layers = peer_layers(model)
-    if name is None:
-        return next(iter(layers.values()))
-    if name not in layers:
-        raise ValueError(f"layer must be one of {list(layers)}, got {name!r}")
-    return layers[name]
 
 
 class QueryOwnerStats(nn.Module):
@@ -86,8 +44,15 @@ class QueryOwnerStats(nn.Module):
         ``m2`` (O, H, d) or (O, H, d, d) float64: sums of squared deviations.
     """
 
-    def __init__(self, heads: int, dim_key: int, *, covariance: str = "diag",
-                 min_var: float = 1e-4, layer: str | None = None) -> None:
+    def __init__(
+        self,
+        heads: int,
+        dim_key: int,
+        *,
+        covariance: str = "diag",
+        min_var: float = 1e-4,
+        layer: str | None = None,
+    ) -> None:
         super().__init__()
         self.heads = check_int("heads", heads, minimum=1)
         self.dim_key = check_int("dim_key", dim_key, minimum=1)
@@ -117,8 +82,9 @@ class QueryOwnerStats(nn.Module):
         owner = check_owner("owner", owner)
         hits = (self.owner_ids == owner).nonzero().flatten()
         if not len(hits):
-            raise ValueError(f"owner must be one of {self.owners} (owners with statistics), "
-                             f"got {owner}")
+            raise ValueError(
+                f"owner must be one of {self.owners} (owners with statistics), got {owner}"
+            )
         return int(hits[0])
 
     def count_of(self, owner: int) -> int:
@@ -131,8 +97,10 @@ class QueryOwnerStats(nn.Module):
         r = self.row(owner)
         n = int(self.count[r]) - int(unbiased)
         if n <= 0:
-            raise ValueError(f"owner {owner} must have more than {int(unbiased)} queries, "
-                             f"got {int(self.count[r])}")
+            raise ValueError(
+                f"owner {owner} must have more than {int(unbiased)} queries, "
+                f"got {int(self.count[r])}"
+            )
         return torch.diag_embed(self.m2[r] / n) if self.covariance == "diag" else self.m2[r] / n
 
     # ----------------------------------------------------------------- scoring
@@ -154,14 +122,13 @@ class QueryOwnerStats(nn.Module):
         """(owners O, log-probabilities (B, O)) of each input's owner, by query likelihood."""
         owners = self.usable_owners()
         if not owners:
-            raise ValueError("owners with statistics must exist (fit the scorer first), "
-                             "got none")
+            raise ValueError("owners with statistics must exist (fit the scorer first), got none")
         layer = pick_layer(model, self.layer)
-        q = layer.query(layer_input(model, layer, x)).reshape(len(x), -1, self.heads,
-                                                               self.dim_key)
+        q = layer.query(layer_input(model, layer, x)).reshape(len(x), -1, self.heads, self.dim_key)
         if q.shape[1] != 1:
-            raise ValueError(f"x must give one query per input at the scored layer, got "
-                             f"{q.shape[1]} per input")
+            raise ValueError(
+                f"x must give one query per input at the scored layer, got {q.shape[1]} per input"
+            )
         ll = self.log_likelihood(q[:, 0], owners, min_var=self.min_var)
         return owners, ll.log_softmax(dim=1).to(x.device)
 
@@ -178,8 +145,10 @@ class QueryOwnerStats(nn.Module):
         """Merge a batch of ``owner``'s queries (..., H, d) into its statistics (exact)."""
         owner = check_owner("owner", owner)
         if queries.shape[-2:] != (self.heads, self.dim_key):
-            raise ValueError(f"queries must have shape (..., {self.heads}, {self.dim_key}), "
-                             f"got {tuple(queries.shape)}")
+            raise ValueError(
+                f"queries must have shape (..., {self.heads}, {self.dim_key}), "
+                f"got {tuple(queries.shape)}"
+            )
         q = queries.detach().reshape(-1, self.heads, self.dim_key).to(self.mean)
         n_b = q.shape[0]
         if n_b == 0:
@@ -242,8 +211,10 @@ class QueryOwnerStats(nn.Module):
         """
         rows = torch.tensor([self.row(o) for o in owners], device=self.count.device)
         if bool((self.count[rows] < 2).any()):
-            raise ValueError(f"owners must each have >= 2 recorded queries, got counts "
-                             f"{self.count[rows].tolist()} for owners {owners}")
+            raise ValueError(
+                f"owners must each have >= 2 recorded queries, got counts "
+                f"{self.count[rows].tolist()} for owners {owners}"
+            )
         q = queries.detach().to(self.mean)  # (T, H, d)
         mu = self.mean[rows]  # (O, H, d)
         const = self.heads * self.dim_key * math.log(2 * math.pi)
@@ -251,9 +222,11 @@ class QueryOwnerStats(nn.Module):
             n = (self.count[rows] - 1).to(self.m2)
             var = self.m2[rows] / n[:, None, None] + min_var  # (O, H, d)
             inv = var.reciprocal()
-            maha = (torch.einsum("thd,ohd->to", q.square(), inv)
-                    - 2 * torch.einsum("thd,ohd->to", q, mu * inv)
-                    + (mu.square() * inv).sum(dim=(1, 2)))
+            maha = (
+                torch.einsum("thd,ohd->to", q.square(), inv)
+                - 2 * torch.einsum("thd,ohd->to", q, mu * inv)
+                + (mu.square() * inv).sum(dim=(1, 2))
+            )
             return -0.5 * (maha + var.log().sum(dim=(1, 2)) + const)
         chol = self._cholesky(rows, min_var)  # (O, H, d, d)
         out = []
@@ -283,17 +256,19 @@ class QueryOwnerStats(nn.Module):
             num = saved["owner_ids"].shape[0]
             for name, value in saved.items():
                 mine = getattr(self, name)
-                if value.dim() != mine.dim() or tuple(value.shape[1:]) != tuple(mine.shape[1:]) \
-                        or value.shape[0] != num:
+                if (
+                    value.dim() != mine.dim()
+                    or tuple(value.shape[1:]) != tuple(mine.shape[1:])
+                    or value.shape[0] != num
+                ):
                     raise ValueError(
                         f"{prefix}{name} must have shape ({num}, "
                         f"{', '.join(map(str, mine.shape[1:]))}) (covariance="
-                        f"{self.covariance!r}), got {tuple(value.shape)}")
+                        f"{self.covariance!r}), got {tuple(value.shape)}"
+                    )
             for name in saved:
                 mine = getattr(self, name)
                 setattr(self, name, mine.new_zeros((num, *mine.shape[1:])))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
-
-

@@ -28,10 +28,55 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peer_ll.experts import OwnerMix, call_with_owners, mix_owners
+from peer_ll.experts import PEER, OwnerMix, call_with_owners, mix_owners, peer_layers
 from peer_ll.experts.checks import check_bool, check_float, check_int, check_owner
 
 Route = int | torch.Tensor | OwnerMix | None
+
+
+CHUNK = 1024  # inputs per forward when a scorer collects a layer's queries
+
+
+class _Captured(Exception):
+    """Stops a forward once the watched layer's input is known."""
+
+
+@torch.no_grad()
+def layer_input(model: nn.Module, layer: PEER, x: torch.Tensor) -> torch.Tensor:
+    """The input ``layer`` receives when ``model`` runs on ``x``: (..., D).
+
+    A read-only forward pre-hook notes the input and stops the forward there; the hook
+    is removed before this returns. Owner-aware modules before ``layer`` get no owners
+    (their newest owner), so the model's trunk before ``layer`` should be shared.
+    """
+    seen: list[torch.Tensor] = []
+
+    def note(module, args):
+        seen.append(args[0])
+        raise _Captured
+
+    handle = layer.register_forward_pre_hook(note)
+    try:
+        model(x)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError(
+            f"layer must run in model's forward, got a {type(layer).__name__} that did not"
+        )
+    return seen[0]
+
+
+def pick_layer(model: nn.Module, name: str | None) -> PEER:
+    """The PEER layer ``name`` of ``model`` (None: the first)."""
+    layers = peer_layers(model)
+    if name is None:
+        return next(iter(layers.values()))
+    if name not in layers:
+        raise ValueError(f"layer must be one of {list(layers)}, got {name!r}")
+    return layers[name]
 
 
 class OwnerRouted(nn.Module):
@@ -53,16 +98,25 @@ class OwnerRouted(nn.Module):
 
     takes_owners = True
 
-    def __init__(self, model: nn.Module, scorer: nn.Module | None = None, *,
-                 soft: bool = False, top: int = 2, temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        scorer: nn.Module | None = None,
+        *,
+        soft: bool = False,
+        top: int = 2,
+        temperature: float = 1.0,
+    ) -> None:
         super().__init__()
         if not getattr(model, "takes_owners", False):
-            raise TypeError(f"model must be owner-aware (takes_owners = True), got "
-                            f"{type(model).__name__}")
+            raise TypeError(
+                f"model must be owner-aware (takes_owners = True), got {type(model).__name__}"
+            )
         for method in ("scores", "fit"):
             if scorer is not None and not callable(getattr(scorer, method, None)):
-                raise TypeError(f"scorer must have a {method}() method, got "
-                                f"{type(scorer).__name__}")
+                raise TypeError(
+                    f"scorer must have a {method}() method, got {type(scorer).__name__}"
+                )
         self.model, self.scorer = model, scorer
         self.soft = check_bool("soft", soft)
         self.top = check_int("top", top, minimum=1)
@@ -111,4 +165,4 @@ def top_owner(route: Route, size: int) -> torch.Tensor | None:
     return torch.full((size,), int(route), dtype=torch.long)
 
 
-__all__ = ["OwnerRouted", "Route", "top_owner"]
+__all__ = ["OwnerRouted", "Route", "layer_input", "pick_layer", "top_owner"]

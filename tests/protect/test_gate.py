@@ -6,7 +6,7 @@ from torch import nn
 
 from peer_ll.models import PEERClassifier
 from peer_ll.protect import OwnerGate
-from peer_ll.protect.query_stats import layer_input
+from peer_ll.protect.routed import layer_input
 
 SMALL = dict(num_keys=4, heads=2, topk=4, dim_key=16)
 

@@ -43,13 +43,17 @@ def test_per_class_statistics_mix_by_class_frequency():
     assert [round(math.exp(g[0]), 6) for g in groups] == [round(1 / 3, 6), round(2 / 3, 6)]
     y = torch.randn(3, 4, dtype=torch.float64)
     parts = [g[0] + MultivariateNormal(g[1], _covariance(*g[2:])).log_prob(y) for g in groups]
-    torch.testing.assert_close(stats.log_likelihood(y)[1][:, 0], torch.logsumexp(
-        torch.stack(parts), 0))
+    torch.testing.assert_close(
+        stats.log_likelihood(y)[1][:, 0], torch.logsumexp(torch.stack(parts), 0)
+    )
 
 
 def test_well_separated_owners_are_inferred_right():
-    centres = {0: torch.zeros(3, 4), 1: torch.full((3, 4), 3.0),
-               4: torch.linspace(-3, 3, 12).view(3, 4)}
+    centres = {
+        0: torch.zeros(3, 4),
+        1: torch.full((3, 4), 3.0),
+        4: torch.linspace(-3, 3, 12).view(3, 4),
+    }
     stats = InputOwnerStats(rank=3)
     for owner, c in centres.items():
         stats.fit(None, owner, c + 0.5 * torch.randn(80, 3, 4), torch.randint(0, 2, (80,)))
@@ -108,8 +112,9 @@ def test_components_split_each_group_by_k_means():
     y = torch.randn(4, 3).double()
     assert torch.equal(stats.log_likelihood(y)[1], again.log_likelihood(y)[1])
     parts = [g[0] + MultivariateNormal(g[1], _covariance(*g[2:])).log_prob(y) for g in groups]
-    torch.testing.assert_close(stats.log_likelihood(y)[1][:, 0],
-                               torch.logsumexp(torch.stack(parts), 0))
+    torch.testing.assert_close(
+        stats.log_likelihood(y)[1][:, 0], torch.logsumexp(torch.stack(parts), 0)
+    )
     few = InputOwnerStats(rank=1, components=5)
     few.fit(None, 1, x[:3])  # more components than samples: at most one per sample
     assert 1 <= len(few.groups[1]) <= 3
@@ -117,5 +122,6 @@ def test_components_split_each_group_by_k_means():
         InputOwnerStats(components=0)
     fresh = InputOwnerStats()
     fresh.load_state_dict(stats.state_dict())
-    assert fresh.components == 3 and torch.equal(fresh.log_likelihood(y)[1],
-                                                 stats.log_likelihood(y)[1])
+    assert fresh.components == 3 and torch.equal(
+        fresh.log_likelihood(y)[1], stats.log_likelihood(y)[1]
+    )

@@ -50,6 +50,7 @@ def test_new_copies_copy_the_newest_or_start_fresh():
     new = head.add_owner(3)
     assert torch.equal(new.weight, head.copies["0"].weight)
     assert new.weight is not head.copies["0"].weight
+
     def fresh():
         return QueryAdapter(2, 4, rank=2, affine=True)
 
@@ -117,8 +118,11 @@ def test_builders_install_per_owner_modules():
     assert isinstance(model.encoder[1], PerOwner) and isinstance(model.norm, PerOwner)
     layer = model.blocks[0].peer
     assert isinstance(layer.query_adapter, PerOwner)
-    assert not any(isinstance(m, PerOwner) for m in layer.modules()
-                   if m is not layer.query_adapter and m not in layer.query_adapter.modules())
+    assert not any(
+        isinstance(m, PerOwner)
+        for m in layer.modules()
+        if m is not layer.query_adapter and m not in layer.query_adapter.modules()
+    )
     x = torch.randn(3, 64)
     assert model(x, owners=0).shape == (3, 10)
     with pytest.raises(TypeError, match="model.head must be a torch.nn.Linear"):

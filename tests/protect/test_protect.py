@@ -102,11 +102,16 @@ def test_input_scoring_routes_each_input_to_its_owner(small_peer, class_stream):
 
 def test_soft_input_scoring_gives_log_probabilities(small_peer, class_stream):
     with pytest.raises(ValueError, match="temperature must be a float"):
-        peer_protect(_model(small_peer), inference="input",
-                     inference_options=dict(soft=True, temperature=-1.0), **COMMON)
+        peer_protect(
+            _model(small_peer),
+            inference="input",
+            inference_options=dict(soft=True, temperature=-1.0),
+            **COMMON,
+        )
     model = _model(small_peer)
-    strategy = peer_protect(model, inference="input",
-                            inference_options=dict(rank=4, soft=True, top=2), **COMMON)
+    strategy = peer_protect(
+        model, inference="input", inference_options=dict(rank=4, soft=True, top=2), **COMMON
+    )
     assert strategy.model.soft and strategy.model.top == 2
     for exp in class_stream.train_stream[:2]:
         strategy.train(exp)
@@ -140,8 +145,9 @@ def test_owner_encoder_and_norms_keep_old_owners_exact(small_peer, class_stream)
 
 def test_replay_gate_keeps_a_balanced_replay_and_scores_owners(small_peer, class_stream):
     model = _model(small_peer)
-    strategy = peer_protect(model, inference="gate", mem_size=30,
-                            inference_options=dict(steps=60), **COMMON)
+    strategy = peer_protect(
+        model, inference="gate", mem_size=30, inference_options=dict(steps=60), **COMMON
+    )
     plugin, gate = protect_plugin(strategy), strategy.model.scorer
     assert isinstance(gate, OwnerGate)
     for exp in class_stream.train_stream:
@@ -164,8 +170,9 @@ def test_factory_checks_its_arguments(small_peer):
     with pytest.raises(TypeError, match="plugins must be an iterable"):
         peer_protect(_model(small_peer), plugins="OwnerRouting", **COMMON)
     with pytest.raises(TypeError, match="inference_options must be empty"):
-        peer_protect(_model(small_peer), inference="oracle", inference_options=dict(rank=2),
-                     **COMMON)
+        peer_protect(
+            _model(small_peer), inference="oracle", inference_options=dict(rank=2), **COMMON
+        )
     model = _model(small_peer)
     strategy = peer_protect(model, **COMMON)
     assert model.blocks[0].peer.growth.policy.freeze_query  # the query freezes too
@@ -183,8 +190,9 @@ def test_training_owner_must_own_experts(small_peer, class_stream):
 
 
 def test_protect_classifier_keeps_owner_0_exact_after_a_third_owner(class_stream):
-    model = protect_classifier(64, 10, experiences=3, hidden=16, num_keys=4,
-                               owner_encoder=True, owner_norms=True)
+    model = protect_classifier(
+        64, 10, experiences=3, hidden=16, num_keys=4, owner_encoder=True, owner_norms=True
+    )
     assert len([m for m in model.modules() if isinstance(m, PerOwner)]) == 5
     with pytest.raises(ValueError, match="inference must be 'input' or 'oracle'"):
         peer_protect(model, **COMMON)

@@ -41,11 +41,14 @@ def test_batched_merges_equal_numpy_on_all_queries(covariance):
     assert stats.count_of(4) == 25 and stats.count_of(9) == 0
     # float64 merges of 25 values: agreement to ~1e-15 relative; 1e-12 leaves room.
     np.testing.assert_allclose(stats.mean[0].numpy(), every.mean(0), rtol=1e-12)
-    np.testing.assert_allclose(stats.covariance_of(4).diagonal(dim1=-2, dim2=-1).numpy(),
-                               every.var(0, ddof=1), rtol=1e-12)
+    np.testing.assert_allclose(
+        stats.covariance_of(4).diagonal(dim1=-2, dim2=-1).numpy(), every.var(0, ddof=1), rtol=1e-12
+    )
     np.testing.assert_allclose(
         stats.covariance_of(4, unbiased=False).diagonal(dim1=-2, dim2=-1).numpy(),
-        every.var(0, ddof=0), rtol=1e-12)
+        every.var(0, ddof=0),
+        rtol=1e-12,
+    )
     cov = np.stack([np.cov(every[:, h].T) for h in range(3)])
     got = stats.covariance_of(4).numpy()
     if covariance == "diag":
@@ -80,8 +83,9 @@ def test_fit_collects_the_queries_of_the_first_peer_layer_afresh():
     stats.fit(model, 0, x)
     assert stats.count_of(0) == 9
     want = layer.query(model.encoder(x)).double()
-    torch.testing.assert_close(stats.covariance_of(0).diagonal(dim1=-2, dim2=-1),
-                               want.var(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        stats.covariance_of(0).diagonal(dim1=-2, dim2=-1), want.var(0), rtol=1e-6, atol=1e-6
+    )
     stats.fit(model, 0, x[:4])  # a refit replaces the owner's statistics
     assert stats.count_of(0) == 4
     assert layer.expert_mass is not None  # the layer keeps its routing mass ...

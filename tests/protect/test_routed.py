@@ -13,8 +13,7 @@ SMALL = dict(num_keys=4, heads=2, topk=4, dim_key=16)
 
 def two_owner_model() -> nn.Module:
     """A classifier over owners 0 and 1 (own experts, head and query adapter each)."""
-    model = with_owner_head(with_query_adapters(
-        PEERClassifier(8, 3, hidden=16, peer=SMALL)))
+    model = with_owner_head(with_query_adapters(PEERClassifier(8, 3, hidden=16, peer=SMALL)))
     model.blocks[0].peer.grow(4, owner=1)
     for per_owner in (model.head, model.blocks[0].peer.query_adapter):
         per_owner.add_owner(1)
@@ -61,10 +60,12 @@ def test_a_forward_leaves_no_routing_state_behind():
     assert before.keys() == after.keys()
     for name in before:  # same attributes, and no plain attribute changed value
         assert before[name].keys() == after[name].keys(), name
-        plain = [k for k, v in before[name].items() if not isinstance(v, dict)
-                 and not k.startswith("_")]
-        assert all(after[name][k] is before[name][k] or after[name][k] == before[name][k]
-                   for k in plain), name
+        plain = [
+            k for k, v in before[name].items() if not isinstance(v, dict) and not k.startswith("_")
+        ]
+        assert all(
+            after[name][k] is before[name][k] or after[name][k] == before[name][k] for k in plain
+        ), name
 
 
 def test_route_follows_the_standing_owner_then_the_scorer():
@@ -103,8 +104,9 @@ def test_soft_routing_mixes_class_probabilities_with_mix_owners():
     torch.testing.assert_close(out.exp().sum(-1), torch.ones(6))  # log-probabilities
     one = OwnerRouted(model, fitted(model), soft=True, top=1).eval()
     with torch.no_grad():  # one owner mixed: the hard route's class log-probabilities
-        torch.testing.assert_close(one(x), model(x, owners=one.route(x).ids[:, 0])
-                                   .log_softmax(-1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            one(x), model(x, owners=one.route(x).ids[:, 0]).log_softmax(-1), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_bad_arguments_raise_and_name_them():
