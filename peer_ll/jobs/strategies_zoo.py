@@ -197,7 +197,7 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     ``num_sub_keys`` sub-key rows), not reserved capacity. Active counts what one
     input uses: everything outside the expert tables (all sub-keys are scored) plus
     ``min(N, heads · topk)`` experts per PEER layer, and of each per-owner module
-    (``OwnerHead`` / ``OwnerLinear`` heads, ``OwnerCopies``, PEER query adapters) only
+    (``peer_ll.protect.PerOwner`` heads, encoder layers and norms, PEER query adapters) only
     its largest copy: an input runs through one owner's (owner-restricted retrieval).
 
     Returns:
