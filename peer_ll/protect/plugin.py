@@ -104,15 +104,16 @@ class OwnerRouting(SupervisedPlugin):
             )
         model.set_owner(owner)
         if any(set(layer.owners.tolist()) - {owner} for layer in layers.values()):
-            for p in trunk_parameters(model):
+            for p in trunk_parameters(model.model):
                 p.requires_grad_(False)
             for layer in layers.values():
                 layer.freeze([], keys=False, query=True)
 
     def before_training_epoch(self, strategy, **kwargs) -> None:
-        if any(not p.requires_grad for p in trunk_parameters(strategy.model)):
-            owned = {id(m) for p in per_owner_modules(strategy.model) for m in p.modules()}
-            for m in strategy.model.modules():  # a frozen trunk's statistics stay still
+        model = self._routed(strategy).model
+        if any(not p.requires_grad for p in trunk_parameters(model)):
+            owned = {id(m) for p in per_owner_modules(model) for m in p.modules()}
+            for m in model.modules():  # a frozen trunk's statistics stay still
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in owned:
                     m.eval()
 
