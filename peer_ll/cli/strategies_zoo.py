@@ -145,7 +145,7 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
 
     check_choice("key", key, STRATEGIES)
     if key.startswith("peer-protect"):
-        from peer_ll.strategies import protect_classifier
+        from peer_ll.protect import protect_classifier
 
         model = protect_classifier(
             info.in_features, info.n_classes, experiences=info.n_experiences,
@@ -175,7 +175,7 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
 
         return peer_router_distillation(model, alpha=config.rd_alpha, **replay, **common)
     if key.startswith("peer-protect"):
-        from peer_ll.strategies import peer_protect
+        from peer_ll.protect import peer_protect
 
         inference = {
             "peer-protect": {},
@@ -196,7 +196,7 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     ``num_sub_keys`` sub-key rows), not reserved capacity. Active counts what one
     input uses: everything outside the expert tables (all sub-keys are scored) plus
     ``min(N, heads · topk)`` experts per PEER layer, and of each per-owner module
-    (``OwnerHead`` / ``OwnerLinear`` heads, ``OwnerCopies``, PEER query adapters) only
+    (``peer_ll.protect.PerOwner`` heads, encoder layers and norms, PEER query adapters) only
     its largest copy: an input runs through one owner's (owner-restricted retrieval).
 
     Returns:
@@ -220,6 +220,13 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 
 def _per_owner_copies(model: nn.Module) -> list[nn.ModuleDict]:
-    """The ``{owner: module}`` dicts of a model's per-owner modules (keys: owner ids)."""
-    return [m for m in model.modules()
-            if isinstance(m, nn.ModuleDict) and len(m) and all(k.isdigit() for k in m)]
+    """The ``{owner: module}`` dicts of a model's per-owner modules (keys: owner ids).
+
+    ``peer_ll.protect.PerOwner`` copies and ``peer_ll.experts.OwnerQueryAdapters``; not
+    Avalanche's multi-head classifiers, whose ModuleDict is keyed by task labels too.
+    """
+    from peer_ll.experts import OwnerQueryAdapters
+    from peer_ll.protect import per_owner_modules
+
+    adapters = [m for m in model.modules() if isinstance(m, OwnerQueryAdapters)]
+    return [m.copies for m in per_owner_modules(model)] + adapters

@@ -44,7 +44,7 @@ class PEERBlock(nn.Module):
         self.peer = PEER(dim, **peer)
 
     def forward(self, x: torch.Tensor, owners: Owners = None) -> torch.Tensor:
-        return x + self.peer(self.norm(x), owners=owners)
+        return x + self.peer(call_with_owners(self.norm, x, owners), owners=owners)
 
 
 class PEERClassifier(nn.Module):
@@ -64,6 +64,8 @@ class PEERClassifier(nn.Module):
     Shapes:
         input (B, *) with ``in_features`` values per sample -> logits (B, classes).
     """
+
+    takes_owners = True  # forward(x, owners=None); see peer_ll.experts.call_with_owners
 
     def __init__(
         self,
@@ -110,10 +112,12 @@ class PEERClassifier(nn.Module):
         if x.dim() < 2 or x[0].numel() != self.in_features:
             raise ValueError(f"x must have shape (B, ...) with {self.in_features} values per "
                              f"sample, got {tuple(x.shape)}")
-        h = self.encoder(x)
+        h = x
+        for layer in self.encoder:  # an owner-aware layer (e.g. per-owner) gets the owners
+            h = call_with_owners(layer, h, owners)
         for block in self.blocks:
             h = block(h, owners=owners)
-        return self.norm(h)
+        return call_with_owners(self.norm, h, owners)
 
     def forward(self, x: torch.Tensor, owners: Owners = None) -> torch.Tensor:
         """(B, *) -> logits (B, classes).

@@ -146,19 +146,20 @@ def test_parameter_counts_hand_computed():
 
 
 def test_parameter_counts_keep_one_copy_of_per_owner_modules_active():
-    from peer_ll.strategies import protect_classifier
+    from peer_ll.protect import protect_classifier
 
     model = protect_classifier(10, 3, experiences=2, hidden=8, num_keys=2, adapter_rank=1,
                                owner_encoder=True, peer=dict(heads=1, topk=2))
     layer = model.peer_layers[0]
     total_1, active_1 = parameter_counts(model)
     rows_1 = layer.num_sub_keys
-    model.encoder[1].add_owner(1)  # OwnerLinear: its copies are Linear(10, 8)
+    model.encoder[1].add_owner(1)  # PerOwner: its copies are Linear(10, 8)
     model.head.add_owner(1, classes=[2])
+    layer.query_adapter.add_owner(1)
     layer.grow(2, owner=1)  # 4 experts
     total_2, active_2 = parameter_counts(model)
-    adapter = sum(p.numel() for p in layer.query_adapters["0"].parameters())
-    head = sum(p.numel() for p in model.head.heads["0"].parameters())
+    adapter = sum(p.numel() for p in layer.query_adapter.copies["0"].parameters())
+    head = sum(p.numel() for p in model.head.copies["0"].parameters())
     keys = (layer.num_sub_keys - rows_1) * layer.dim_key
     grown = 4 * (layer.dim + layer.dim_out) + keys
     assert total_2 - total_1 == (10 * 8 + 8) + adapter + head + grown

@@ -25,14 +25,17 @@ hidden 64, 64 experts per segment, 3 epochs, lr 3e-3, means of 3 seeds):
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models import avalanche_forward
+from torch import nn
 from torch.utils.data import default_collate
 
 from peer_ll.experts import PEER
 from peer_ll.strategies.capture import PEERInputs, recompute_ids, recompute_query
+from peer_ll.strategies.factories import peer_grow
 
 
 def routing_kl(
@@ -77,7 +80,7 @@ def routing_kl(
 
 def _scores(layer: PEER, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The scores retrieval ranks ``ids`` (T, H, K) by: each with its owner's query adapter."""
-    return layer._owner_scores(q, ids)  # PEER's adapter-aware selected_scores
+    return layer._scores(q, ids)  # PEER's differentiable, adapter-aware scores
 
 
 class _RoutingTeacher(SupervisedPlugin):
@@ -227,3 +230,24 @@ class QueryDistillation(_RoutingTeacher):
         with torch.no_grad():
             q_t = recompute_query(t_layer, x_t)
         return (q_s - q_t).pow(2).sum(-1).mean()
+
+
+def peer_router_distillation(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    criterion: nn.Module | None = None,
+    *,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    buffer=None,
+    plugins: Iterable[object] = (),
+    **kwargs,
+):
+    """:func:`peer_grow` plus :class:`RouterDistillation` (LwF on routing).
+
+    Args:
+        alpha, temperature, buffer: as for :class:`RouterDistillation`.
+        plugins, **kwargs: as for :func:`peer_grow`.
+    """
+    distill = RouterDistillation(alpha, temperature=temperature, buffer=buffer)
+    return peer_grow(model, optimizer, criterion, plugins=(*plugins, distill), **kwargs)

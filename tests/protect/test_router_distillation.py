@@ -7,14 +7,8 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from peer_ll.experts import PEER
-from peer_ll.models import PEERClassifier
-from peer_ll.strategies import (
-    GrowthPolicy,
-    QueryDistillation,
-    RouterDistillation,
-    peer_grow,
-    routing_kl,
-)
+from peer_ll.protect import QueryDistillation, RouterDistillation, routing_kl
+from peer_ll.strategies import GrowthPolicy, peer_classifier, peer_grow
 
 
 def _pair(small_peer):
@@ -55,8 +49,8 @@ def test_routing_kl_matches_a_direct_computation(small_peer):
     for row, cands in enumerate(union):
         t, h = divmod(row, q_t.shape[1])
         ids = torch.tensor(cands)[None, None]  # (1, 1, C)
-        p = teacher.selected_scores(q_t[t : t + 1, h : h + 1], ids).log_softmax(-1)
-        r = student.selected_scores(q_s[t : t + 1, h : h + 1], ids).log_softmax(-1)
+        p = teacher._scores(q_t[t : t + 1, h : h + 1], ids).log_softmax(-1)
+        r = student._scores(q_s[t : t + 1, h : h + 1], ids).log_softmax(-1)
         expected.append((p.exp() * (p - r)).sum())
     got = routing_kl(student, q_s, teacher, q_t, ids_t, ids_s)
     torch.testing.assert_close(got, torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)
@@ -83,7 +77,7 @@ class LossTrace(SupervisedPlugin):
 def test_distillation_starts_at_zero_and_pulls_after_the_first_experience(
     make, small_peer, class_stream
 ):
-    model = PEERClassifier(64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy(max_experts=48))
+    model = peer_classifier(64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy(max_experts=48))
     distill = make(1.0)
     trace = LossTrace(distill)
     strategy = peer_grow(
@@ -107,7 +101,7 @@ def test_replay_buffer_batches(class_stream):
 
 
 def test_distillation_with_a_buffer_trains(small_peer, class_stream):
-    model = PEERClassifier(64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy(max_experts=48))
+    model = peer_classifier(64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy(max_experts=48))
     old = class_stream.train_stream[0].dataset
     distill = RouterDistillation(buffer=old, replay_mb_size=8)
     trace = LossTrace(distill)

@@ -7,9 +7,9 @@ top-k experts after the first experience that is still in its top-k after the la
 import pytest
 import torch
 
-from peer_ll.models import PEERClassifier
 from peer_ll.optim import make_optimizer
-from peer_ll.strategies import GrowthPolicy, RouterDistillation, peer_grow
+from peer_ll.protect import RouterDistillation
+from peer_ll.strategies import GrowthPolicy, peer_classifier, peer_grow
 
 
 def _top_k(model, x):
@@ -37,7 +37,7 @@ def _run(plugins, seed=0):
 
     torch.manual_seed(seed)
     bench = make_stream("digits", kind="class", n_experiences=5, seed=seed)
-    model = PEERClassifier(
+    model = peer_classifier(
         64, 10, hidden=64, peer=dict(num_keys=8, heads=4, topk=8, dim_key=32),
         growth=GrowthPolicy(max_experts=5 * 64),
     )  # fmt: skip

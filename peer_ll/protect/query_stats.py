@@ -1,54 +1,75 @@
-"""Per-owner running statistics of the queries a PEER layer's training inputs produced.
+"""Owner scoring by query likelihood: per-owner Gaussians of a PEER layer's queries.
 
 Each owner (task or experience id) gets a count, a mean (H, d) and a second moment per
-head: a diagonal (H, d) sum of squared deviations, or with ``covariance="full"`` an
-(H, d, d) co-moment matrix. Batches merge exactly (Chan et al.'s pairwise update of
-Welford's algorithm) in float64, so the statistics equal those of all queries at once.
-They cost O(owners · H · d) (diagonal) or O(owners · H · d²) (full).
+head of the queries ``norm(W_q x)`` that its training inputs produce in one PEER layer
+(by default the model's first): a diagonal (H, d) sum of squared deviations, or with
+``covariance="full"`` an (H, d, d) co-moment matrix. Batches merge exactly (Chan et al.'s
+pairwise update of Welford's algorithm) in float64. The statistics describe the shared
+query (before any per-owner query adapter), so they compare across owners.
 
-The statistics describe the layer's *shared* query ``norm(W_q x)`` (before any
-per-owner query adapter), so they can be compared across owners at test time.
-Axis letters: ``T`` queries, ``O`` owners, ``H`` heads, ``d`` dim_key.
+:class:`QueryOwnerStats` is an owner scorer (see :mod:`peer_ll.protect.routed`):
+``fit(model, owner, x)`` collects an owner's statistics after its experience, in eval
+mode; ``scores(model, x)`` gives the posterior log-probabilities of the owners from the
+Gaussian log-likelihoods summed over heads. Only the protection method pays for this: a
+plain PEER layer keeps no statistics. Axis letters: ``T`` queries, ``O`` owners, ``H``
+heads, ``d`` dim_key.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from peer_ll.experts.checks import check_choice, check_int, check_owner
+from peer_ll.experts.checks import check_choice, check_float, check_int, check_owner
+from peer_ll.protect.routed import CHUNK, layer_input, pick_layer
 
 COVARIANCES = ("diag", "full")
 _STATS = ("mean", "m2")
 
 
-class OwnerQueryStats(nn.Module):
-    """Running query statistics per owner, stored as float64 buffers (state_dict).
+class QueryOwnerStats(nn.Module):
+    """Running query statistics per owner (float64 buffers, in the state_dict); a scorer.
 
     Args:
-        heads: number of heads H.
-        dim_key: query size d.
+        heads: number of heads H of the scored layer.
+        dim_key: its query size d.
         covariance: "diag" (per-dimension variance) or "full" (per-head covariance).
+        min_var: added to every variance when scoring.
+        layer: name of the PEER layer whose queries are modelled (None: the first).
 
     Buffers:
         ``owner_ids`` (O,) int64, ``count`` (O,) int64, ``mean`` (O, H, d) float64,
         ``m2`` (O, H, d) or (O, H, d, d) float64: sums of squared deviations.
     """
 
-    def __init__(self, heads: int, dim_key: int, *, covariance: str = "diag") -> None:
+    def __init__(
+        self,
+        heads: int,
+        dim_key: int,
+        *,
+        covariance: str = "diag",
+        min_var: float = 1e-4,
+        layer: str | None = None,
+    ) -> None:
         super().__init__()
         self.heads = check_int("heads", heads, minimum=1)
         self.dim_key = check_int("dim_key", dim_key, minimum=1)
         self.covariance = check_choice("covariance", covariance, COVARIANCES)
+        self.min_var = check_float("min_var", min_var, minimum=0.0)
+        self.layer = layer
         moment = (heads, dim_key) if covariance == "diag" else (heads, dim_key, dim_key)
         self.register_buffer("owner_ids", torch.zeros(0, dtype=torch.long))
         self.register_buffer("count", torch.zeros(0, dtype=torch.long))
         self.register_buffer("mean", torch.zeros(0, heads, dim_key, dtype=torch.float64))
         self.register_buffer("m2", torch.zeros(0, *moment, dtype=torch.float64))
+
+    @classmethod
+    def for_model(cls, model: nn.Module, *, layer: str | None = None, **options):
+        """Statistics shaped for ``model``'s PEER layer ``layer`` (None: the first)."""
+        peer = pick_layer(model, layer)
+        return cls(peer.heads, peer.dim_key, layer=layer, **options)
 
     # ------------------------------------------------------------------ access
     @property
@@ -61,8 +82,9 @@ class OwnerQueryStats(nn.Module):
         owner = check_owner("owner", owner)
         hits = (self.owner_ids == owner).nonzero().flatten()
         if not len(hits):
-            raise ValueError(f"owner must be one of {self.owners} (owners with statistics), "
-                             f"got {owner}")
+            raise ValueError(
+                f"owner must be one of {self.owners} (owners with statistics), got {owner}"
+            )
         return int(hits[0])
 
     def count_of(self, owner: int) -> int:
@@ -70,29 +92,45 @@ class OwnerQueryStats(nn.Module):
         owner = check_owner("owner", owner)
         return int(self.count[self.row(owner)]) if owner in self.owners else 0
 
-    def mean_of(self, owner: int) -> torch.Tensor:
-        """(H, d) float64 mean query of ``owner``."""
-        return self.mean[self.row(owner)]
-
-    def variance_of(self, owner: int, *, unbiased: bool = True) -> torch.Tensor:
-        """(H, d) float64 per-dimension variance of ``owner``'s queries."""
-        r = self.row(owner)
-        n = int(self.count[r]) - int(unbiased)
-        if n <= 0:
-            raise ValueError(f"owner {owner} has {int(self.count[r])} queries, too few for a "
-                             f"{'unbiased ' if unbiased else ''}variance")
-        m2 = self.m2[r] if self.covariance == "diag" else self.m2[r].diagonal(dim1=-2, dim2=-1)
-        return m2 / n
-
     def covariance_of(self, owner: int, *, unbiased: bool = True) -> torch.Tensor:
         """(H, d, d) float64 covariance of ``owner``'s queries (diagonal if "diag")."""
-        if self.covariance == "diag":
-            return torch.diag_embed(self.variance_of(owner, unbiased=unbiased))
         r = self.row(owner)
         n = int(self.count[r]) - int(unbiased)
         if n <= 0:
-            raise ValueError(f"owner {owner} has {int(self.count[r])} queries, too few")
-        return self.m2[r] / n
+            raise ValueError(
+                f"owner {owner} must have more than {int(unbiased)} queries, "
+                f"got {int(self.count[r])}"
+            )
+        return torch.diag_embed(self.m2[r] / n) if self.covariance == "diag" else self.m2[r] / n
+
+    # ----------------------------------------------------------------- scoring
+    @torch.no_grad()
+    def fit(self, model: nn.Module, owner: int, x: torch.Tensor, y=None, replay=None) -> None:
+        """Collect ``owner``'s statistics afresh from its inputs x (N, ...), model in eval.
+
+        ``y`` and ``replay`` are unused (the scorer interface passes them).
+        """
+        layer = pick_layer(model, self.layer)
+        owner = check_owner("owner", owner)
+        if owner in self.owners:
+            self.reset(owner)
+        for part in x.split(CHUNK):
+            self.update(owner, layer.query(layer_input(model, layer, part)))
+
+    @torch.no_grad()
+    def scores(self, model: nn.Module, x: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """(owners O, log-probabilities (B, O)) of each input's owner, by query likelihood."""
+        owners = self.usable_owners()
+        if not owners:
+            raise ValueError("owners with statistics must exist (fit the scorer first), got none")
+        layer = pick_layer(model, self.layer)
+        q = layer.query(layer_input(model, layer, x)).reshape(len(x), -1, self.heads, self.dim_key)
+        if q.shape[1] != 1:
+            raise ValueError(
+                f"x must give one query per input at the scored layer, got {q.shape[1]} per input"
+            )
+        ll = self.log_likelihood(q[:, 0], owners, min_var=self.min_var)
+        return owners, ll.log_softmax(dim=1).to(x.device)
 
     # ------------------------------------------------------------------ update
     def _add_owner(self, owner: int) -> int:
@@ -107,8 +145,10 @@ class OwnerQueryStats(nn.Module):
         """Merge a batch of ``owner``'s queries (..., H, d) into its statistics (exact)."""
         owner = check_owner("owner", owner)
         if queries.shape[-2:] != (self.heads, self.dim_key):
-            raise ValueError(f"queries must have shape (..., {self.heads}, {self.dim_key}), "
-                             f"got {tuple(queries.shape)}")
+            raise ValueError(
+                f"queries must have shape (..., {self.heads}, {self.dim_key}), "
+                f"got {tuple(queries.shape)}"
+            )
         q = queries.detach().reshape(-1, self.heads, self.dim_key).to(self.mean)
         n_b = q.shape[0]
         if n_b == 0:
@@ -171,8 +211,10 @@ class OwnerQueryStats(nn.Module):
         """
         rows = torch.tensor([self.row(o) for o in owners], device=self.count.device)
         if bool((self.count[rows] < 2).any()):
-            raise ValueError(f"owners must each have >= 2 recorded queries, got counts "
-                             f"{self.count[rows].tolist()} for owners {owners}")
+            raise ValueError(
+                f"owners must each have >= 2 recorded queries, got counts "
+                f"{self.count[rows].tolist()} for owners {owners}"
+            )
         q = queries.detach().to(self.mean)  # (T, H, d)
         mu = self.mean[rows]  # (O, H, d)
         const = self.heads * self.dim_key * math.log(2 * math.pi)
@@ -180,9 +222,11 @@ class OwnerQueryStats(nn.Module):
             n = (self.count[rows] - 1).to(self.m2)
             var = self.m2[rows] / n[:, None, None] + min_var  # (O, H, d)
             inv = var.reciprocal()
-            maha = (torch.einsum("thd,ohd->to", q.square(), inv)
-                    - 2 * torch.einsum("thd,ohd->to", q, mu * inv)
-                    + (mu.square() * inv).sum(dim=(1, 2)))
+            maha = (
+                torch.einsum("thd,ohd->to", q.square(), inv)
+                - 2 * torch.einsum("thd,ohd->to", q, mu * inv)
+                + (mu.square() * inv).sum(dim=(1, 2))
+            )
             return -0.5 * (maha + var.log().sum(dim=(1, 2)) + const)
         chol = self._cholesky(rows, min_var)  # (O, H, d, d)
         out = []
@@ -192,27 +236,6 @@ class OwnerQueryStats(nn.Module):
             logdet = 2 * chol[o].diagonal(dim1=-2, dim2=-1).log().sum()
             out.append(-0.5 * (z.square().sum(dim=(0, 1)) + logdet + const))
         return torch.stack(out, dim=1)
-
-    @torch.no_grad()
-    def sample(
-        self, owner: int, num: int, *, min_var: float = 0.0,
-        generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
-    ) -> torch.Tensor:
-        """(num, H, d) pseudo-queries drawn from ``owner``'s Gaussian."""
-        check_int("num", num, minimum=1)
-        r = self.row(owner)
-        if int(self.count[r]) < 2:
-            raise ValueError(f"owner {owner} needs >= 2 recorded queries to sample, "
-                             f"got {int(self.count[r])}")
-        eps = torch.randn(num, self.heads, self.dim_key, generator=generator,
-                          dtype=torch.float64, device=self.mean.device)
-        if self.covariance == "diag":
-            std = (self.variance_of(owner) + min_var).sqrt()
-            out = self.mean[r] + eps * std
-        else:
-            chol = self._cholesky(torch.tensor([r], device=self.count.device), min_var)[0]
-            out = self.mean[r] + torch.einsum("hij,nhj->nhi", chol, eps)
-        return out.to(dtype)
 
     # -------------------------------------------------------- module plumbing
     def _apply(self, fn, recurse=True):
@@ -233,44 +256,19 @@ class OwnerQueryStats(nn.Module):
             num = saved["owner_ids"].shape[0]
             for name, value in saved.items():
                 mine = getattr(self, name)
-                if value.dim() != mine.dim() or tuple(value.shape[1:]) != tuple(mine.shape[1:]) \
-                        or value.shape[0] != num:
+                if (
+                    value.dim() != mine.dim()
+                    or tuple(value.shape[1:]) != tuple(mine.shape[1:])
+                    or value.shape[0] != num
+                ):
                     raise ValueError(
                         f"{prefix}{name} must have shape ({num}, "
                         f"{', '.join(map(str, mine.shape[1:]))}) (covariance="
-                        f"{self.covariance!r}), got {tuple(value.shape)}")
+                        f"{self.covariance!r}), got {tuple(value.shape)}"
+                    )
             for name in saved:
                 mine = getattr(self, name)
                 setattr(self, name, mine.new_zeros((num, *mine.shape[1:])))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
-
-
-@contextmanager
-def recording_query_stats(model: nn.Module, owner: int, *, reset: bool = False) -> Iterator[None]:
-    """Record every forward's queries (any mode, also under no_grad) as ``owner``'s.
-
-    For example, after an experience, re-collect clean statistics of the final query
-    network in eval mode: ``with recording_query_stats(model, 3, reset=True): ...``.
-
-    Args:
-        model: a module holding PEER layers.
-        owner: owner id to record for.
-        reset: forget ``owner``'s statistics first.
-    """
-    owner = check_owner("owner", owner)
-    layers = [m for m in model.modules() if isinstance(getattr(m, "query_stats", None),
-                                                       OwnerQueryStats)]
-    if not layers:
-        raise ValueError(f"model must contain PEER layers, got {type(model).__name__} without any")
-    previous = [layer.recording_owner for layer in layers]
-    for layer in layers:
-        if reset and owner in layer.query_stats.owners:
-            layer.query_stats.reset(owner)
-        layer.recording_owner = owner
-    try:
-        yield
-    finally:
-        for layer, prev in zip(layers, previous, strict=True):
-            layer.recording_owner = prev
