@@ -117,10 +117,10 @@ def build(method: str, stream: str, n_classes: int, in_features: int, evaluator=
     from avalanche.training.templates import SupervisedTemplate
 
     from peer_ll.models import PEERClassifier
-    from peer_ll.models.owner_copies import with_owner_norms
-    from peer_ll.models.owner_head import with_owner_encoder, with_owner_head
     from peer_ll.optim import make_optimizer
-    from peer_ll.strategies import GrowthPolicy, peer_grow, peer_protect
+    from peer_ll.protect import (peer_protect, with_owner_encoder, with_owner_head,
+                                 with_owner_norms, with_query_adapters)
+    from peer_ll.strategies import GrowthPolicy, attach_growth, peer_classifier, peer_grow
 
     kind = STREAMS[stream][1]
     common = dict(train_mb_size=CFG["batch"], train_epochs=CFG["epochs"], eval_mb_size=500,
@@ -129,17 +129,17 @@ def build(method: str, stream: str, n_classes: int, in_features: int, evaluator=
         from avalanche.training import JointTraining
 
         common["train_epochs"] = JOINTS[method]
-        model = PEERClassifier(in_features, n_classes if kind != "task" else 2,
-                               hidden=CFG["hidden"], head="fixed",
-                               peer=dict(PEER, num_keys=36), growth=GrowthPolicy(when="never"))
+        model = peer_classifier(in_features, n_classes if kind != "task" else 2,
+                                hidden=CFG["hidden"], head="fixed",
+                                peer=dict(PEER, num_keys=36), growth=GrowthPolicy(when="never"))
         opt = make_optimizer(model, lr=CFG["lr"])
         return model, JointTraining(model, opt, torch.nn.CrossEntropyLoss(), **common)
     if method in BASELINES or method == "Grow":
         head = {"class": "incremental", "task": "multihead", "permuted": "fixed"}[kind]
         grow = method == "Grow"
-        model = PEERClassifier(in_features, n_classes, hidden=CFG["hidden"], head=head,
-                               peer=dict(PEER, num_keys=16 if grow else 36),
-                               growth=GrowthPolicy() if grow else GrowthPolicy(when="never"))
+        model = peer_classifier(in_features, n_classes, hidden=CFG["hidden"], head=head,
+                                peer=dict(PEER, num_keys=16 if grow else 36),
+                                growth=GrowthPolicy() if grow else GrowthPolicy(when="never"))
         opt = make_optimizer(model, lr=CFG["lr"])
         template, extra = {"Naive": (SupervisedTemplate, {}), "Grow": (SupervisedTemplate, {}),
                            "EWC": (EWC, dict(ewc_lambda=CFG["ewc_lambda"])),
@@ -149,10 +149,11 @@ def build(method: str, stream: str, n_classes: int, in_features: int, evaluator=
         return model, peer_grow(model, opt, template=template, **extra, **common)
     kwargs = dict({**PROTECT, **ABLATIONS}[method])
     adapter = kwargs.pop("_adapter", True)
-    peer = dict(PEER, num_keys=16, query_adapter_rank=4 if adapter else 0,
-                query_adapter_affine=adapter)
     model = PEERClassifier(in_features, n_classes if kind != "task" else 2,
-                           hidden=CFG["hidden"], head="fixed", peer=peer)
+                           hidden=CFG["hidden"], peer=dict(PEER, num_keys=16))
+    attach_growth(model, GrowthPolicy())
+    if adapter:
+        with_query_adapters(model, rank=4, affine=True)
     if kwargs.pop("_owner_head", True):
         with_owner_head(model)
     if kwargs.pop("_owner_encoder", False):
@@ -172,7 +173,7 @@ def run_one(stream: str, method: str, seed: int) -> dict:
     """
     from peer_ll.cli.harness import evaluator, run_stream
     from peer_ll.data import make_stream
-    from peer_ll.strategies import OwnerRouting
+    from peer_ll.protect import OwnerRouting
 
     torch.manual_seed(seed)
     name, kind, _ = STREAMS[stream]
@@ -188,8 +189,7 @@ def run_one(stream: str, method: str, seed: int) -> dict:
     routing = [p for p in strategy.plugins if isinstance(p, OwnerRouting)]
     inferred = {}
     if routing:
-        inferred = {int(j): float(np.mean(list(v.values())))
-                    for j, v in routing[0].inference_accuracy.items()}
+        inferred = {int(j): float(v) for j, v in routing[0].inference_accuracy.items()}
     last_layer = list(rows[-1]["routing"])[-1]
     return dict(stream=stream, method=method, seed=seed, date=datetime.date.today().isoformat(),
                 R=[r["accuracy"] for r in rows],
