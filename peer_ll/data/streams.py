@@ -157,7 +157,7 @@ def make_stream(
     seed: int = 0,
     root: Any = None,
     test: tuple | None = None,
-    test_fraction: float = 0.2,
+    test_fraction: float | None = None,
     **kwargs: Any,
 ):
     """Builds a stream of the given kind on a named dataset, a user's arrays, or a benchmark.
@@ -181,10 +181,10 @@ def make_stream(
         n_experiences: number of (base) experiences; None keeps the builder's
             default (5; 10 for permuted), or the number of task labels.
         seed: seed of the splits, class order, permutations and subsamples.
-        root: folder of the IDX files (see ``peer_ll.data.images``).
+        root: folder of the IDX files (see ``peer_ll.data.images``). Names only.
         test: a user's test arrays, like ``data``; None holds out ``test_fraction``
-            of ``data`` (stratified by class and task).
-        test_fraction: see ``test``.
+            of ``data`` (stratified by class and task). Arrays only.
+        test_fraction: see ``test``; None is 0.2. Arrays only.
         **kwargs: passed to the builder, e.g. ``flatten``, ``max_train_per_exp``,
             ``angles``, ``experience_size``.
 
@@ -197,18 +197,27 @@ def make_stream(
         ValueError: an unknown name or kind, a kind that does not apply, bad shapes,
             lengths or counts; messages name the argument.
     """
+    arrays = isinstance(data, (tuple, list))
+    for arg, value, applies in (
+        ("root", root, isinstance(data, str)),
+        ("test", test, arrays),
+        ("test_fraction", test_fraction, arrays),
+    ):
+        if value is not None and not applies:
+            raise ValueError(f"{arg} must be None for data of type {type(data).__name__}")
     if hasattr(data, "train_stream"):
         return _from_benchmark(data, kind, n_experiences, seed, kwargs)
     if kind not in STREAM_KINDS:
         raise ValueError(f"kind must be one of {list(STREAM_KINDS)}; got {kind!r}")
     if isinstance(data, str):
         if data not in IMAGE_DATASETS:
-            raise ValueError(f"name must be one of {list(IMAGE_DATASETS)}; got {data!r}")
+            raise ValueError(f"data must be a name in {list(IMAGE_DATASETS)}; got {data!r}")
         splits = load_images(data, root=root, seed=seed)
-    elif isinstance(data, (tuple, list)):
+    elif arrays:
         from peer_ll.data.arrays import user_splits
 
-        splits = user_splits(data, test=test, test_fraction=test_fraction, seed=seed)
+        fraction = 0.2 if test_fraction is None else test_fraction
+        splits = user_splits(data, test=test, test_fraction=fraction, seed=seed)
         if splits.train_tasks is not None:
             return _by_task(splits, kind, n_experiences, seed, kwargs)
     else:
