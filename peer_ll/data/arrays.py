@@ -108,7 +108,9 @@ def user_splits(
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         from sklearn.model_selection import train_test_split
 
-        groups = y if task is None else task * (y.max() + 1) + y
+        groups = (
+            y if task is None else np.unique(np.stack([task, y]), axis=1, return_inverse=True)[1]
+        )
         arrays = (x, y) if task is None else (x, y, task)
         try:
             parts = train_test_split(

@@ -163,3 +163,13 @@ def test_load_errors(tmp_path):
         load_arrays(path, label="z")
     with pytest.raises(ValueError, match=r"label must be a column index in \[0, 3\), got 3"):
         load_arrays(path, label=3)
+
+
+def test_split_is_stratified_by_task_and_class():
+    x = np.random.default_rng(0).random((80, 3))
+    y, tasks = np.repeat([-1, 0], 40), np.tile([0, 1], 40)  # negative labels are fine
+    splits = user_splits((x, y, tasks), test_fraction=0.25)
+    pairs, counts = np.unique(np.stack([splits.test_tasks, splits.test_labels]), axis=1,
+                              return_counts=True)  # fmt: skip
+    assert pairs.shape == (2, 4) and counts.tolist() == [5, 5, 5, 5]
+    assert splits.classes.tolist() == [-1, 0]
