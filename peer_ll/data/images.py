@@ -73,8 +73,8 @@ class ImageSplits:
         return int(max(self.train_labels.max(), self.test_labels.max())) + 1
 
     @property
-    def image_shape(self) -> tuple[int, int]:
-        """(H, W) of one image."""
+    def image_shape(self) -> tuple[int, ...]:
+        """(H, W) of one image; (F,) for a user's feature arrays."""
         return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
 
 
