@@ -1,9 +1,12 @@
-"""Task streams on image data, returned as Avalanche benchmarks.
+"""Task streams on image data or a user's arrays, returned as Avalanche benchmarks.
 
-Every builder takes an ``ImageSplits`` (see ``peer_ll.data.images``) and returns
-a benchmark with ``train_stream`` and ``test_stream``. A sample is
-``(x, y, t)``: x is float32 in [0, 1], of shape (H*W,) with ``flatten=True``
-(the default) or (1, H, W) otherwise; y is an int class id; t the task label.
+``make_stream`` is the entry point: a dataset name, a user's ``(X, y[, task])``
+arrays (``peer_ll.data.arrays``) or an Avalanche benchmark. Every builder takes an
+``ImageSplits`` (see ``peer_ll.data.images``) and returns a benchmark with
+``train_stream``, ``test_stream`` and ``n_classes``. A sample is ``(x, y, t)``: x is
+float32 in [0, 1] for images (a user's features as given), of shape (H*W,) with
+``flatten=True`` (the default) or (1, H, W) otherwise; y is an int class id; t the
+task label.
 ``max_train_per_exp`` / ``max_test_per_exp`` keep at most that many samples
 per experience, balanced over classes and chosen by ``seed``.
 """
@@ -126,6 +129,12 @@ def online(
 def online_of(bm, *, experience_size: int = 10, seed: int = 0,
               access_task_boundaries: bool = False):  # fmt: skip
     """``bm``'s train stream cut into experiences of ``experience_size`` samples (see ``online``).
+
+    Args:
+        bm: any Avalanche benchmark with a ``train_stream`` and a ``test_stream``.
+        experience_size: samples per online experience.
+        seed: seed of the shuffle inside each base experience.
+        access_task_boundaries: let strategies see the base experiences' boundaries.
 
     Returns:
         An Avalanche ``CLScenario`` as ``online`` describes, with ``n_classes`` of ``bm``.
