@@ -9,6 +9,8 @@ from avalanche.training.plugins import EvaluationPlugin
 from peer_ll.data import make_stream
 from peer_ll.strategies.baselines import BatchStreamingLDA, TaskStreamingLDA, streaming_lda
 
+pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified:UserWarning")
+
 
 def _evaluator():
     return EvaluationPlugin(accuracy_metrics(stream=True, experience=True), loggers=[])
