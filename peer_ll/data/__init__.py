@@ -9,11 +9,13 @@ from __future__ import annotations
 import importlib
 
 _WHERE = {
+    "peer_ll.data.arrays": ("UserSplits", "load_arrays", "user_splits"),
+    "peer_ll.data.benchmarks": ("class_count", "split_by_task", "with_class_count"),
     "peer_ll.data.idx": ("load_mnist_like", "read_idx", "write_idx", "write_mnist_like"),
     "peer_ll.data.images": ("IMAGE_DATASETS", "ImageDataset", "ImageSplits",
                             "find_image_dataset", "load_digits_splits", "load_images"),
-    "peer_ll.data.streams": ("STREAM_KINDS", "make_stream", "online", "permuted", "rotated",
-                             "split_classes"),
+    "peer_ll.data.streams": ("STREAM_KINDS", "make_stream", "online", "online_of", "permuted",
+                             "rotated", "split_classes"),
     "peer_ll.data.text": ("BOS_ID", "BYTE_VOCAB_SIZE", "EOS_ID", "TEXT_VOCAB_SIZE",
                           "TextDomainBenchmark", "decode", "encode", "iterate_blocks",
                           "make_blocks", "text_domain_stream"),

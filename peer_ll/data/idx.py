@@ -1,15 +1,21 @@
-"""Reader (and writer) for IDX files, the format of MNIST and Fashion-MNIST.
+"""IDX files, the format of MNIST and Fashion-MNIST: found, read with torchvision, written.
 
-An IDX file is: two zero bytes, a dtype code byte, a byte with the number of
-dimensions d, then d big-endian uint32 sizes, then the data in big-endian
-order. Files may be gzipped; gzip is detected from the content, not the name.
+Reading uses torchvision's own reader (``torchvision.datasets.mnist.
+read_sn3_pascalvincent_tensor``), the one behind ``torchvision.datasets.MNIST``. This
+module adds what that reader leaves out: gzipped files (detected from the content, not
+the name), the file lookup of the four MNIST-style files, and errors that name the file.
+``write_idx`` and ``write_mnist_like`` write small files, e.g. test fixtures.
 """
 
 from __future__ import annotations
 
 import gzip
+import shutil
 import struct
+import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +28,53 @@ __all__ = [
     "write_mnist_like",
 ]
 
-# IDX dtype code -> big-endian numpy dtype
-_DTYPES: dict[int, str] = {
-    0x08: "u1",
-    0x09: "i1",
-    0x0B: ">i2",
-    0x0C: ">i4",
-    0x0D: ">f4",
-    0x0E: ">f8",
+# IDX dtype code -> numpy dtype; the codes torchvision reads (SN3_PASCALVINCENT_TYPEMAP)
+_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype("u1"),
+    0x09: np.dtype("i1"),
+    0x0B: np.dtype("i2"),
+    0x0C: np.dtype("i4"),
+    0x0D: np.dtype("f4"),
+    0x0E: np.dtype("f8"),
 }
-_CODES = {np.dtype(d).newbyteorder("="): c for c, d in _DTYPES.items()}
+_CODES = {d: c for c, d in _DTYPES.items()}
+_MAX_DIMS = 3  # torchvision's reader takes 1 to 3 dimensions
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
+@contextmanager
+def _plain_copy(path: Path) -> Iterator[Path]:
+    """``path`` itself, or a temporary gunzipped copy of it when it is gzipped."""
+    with path.open("rb") as f:
+        gzipped = f.read(2) == _GZIP_MAGIC
+    if not gzipped:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="peer_ll_idx_") as tmp:
+        plain = Path(tmp) / path.name.removesuffix(".gz")
+        try:
+            with gzip.open(path, "rb") as src, plain.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (EOFError, OSError, zlib.error) as err:
+            raise ValueError(f"{path}: corrupt or truncated gzip stream ({err})") from err
+        yield plain
+
+
+def _check_header(path: Path, plain: Path) -> None:
+    """Clear errors for what torchvision's reader only asserts: magic, dtype code, ndim."""
+    with plain.open("rb") as f:
+        head = f.read(4)
+    if len(head) < 4:
+        raise ValueError(f"{path}: too short for an IDX header ({len(head)} bytes)")
+    if head[:2] != b"\0\0" or head[2] not in _DTYPES or not 1 <= head[3] <= _MAX_DIMS:
+        raise ValueError(
+            f"{path}: bad IDX magic number 0x{head.hex()}; expected 0x0000, then a dtype "
+            f"code in {{{', '.join(hex(c) for c in _DTYPES)}}}, then 1 to {_MAX_DIMS} dimensions"
+        )
+
+
 def read_idx(path: str | Path) -> np.ndarray:
-    """Reads one IDX file, plain or gzipped.
+    """Reads one IDX file, plain or gzipped, with torchvision's reader.
 
     Args:
         path: the file, e.g. ``train-images-idx3-ubyte`` or ``...ubyte.gz``.
@@ -46,37 +84,24 @@ def read_idx(path: str | Path) -> np.ndarray:
         order, e.g. uint8 (60000, 28, 28) for MNIST training images.
 
     Raises:
-        ValueError: bad magic number, unknown dtype code, truncated or
-            oversized data, or a corrupt gzip stream. The message names the file.
+        FileNotFoundError: no such file.
+        ValueError: bad magic number, unknown dtype code, more than 3 dimensions,
+            truncated or oversized data, or a corrupt gzip stream. The message names the file.
     """
+    from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
+
     path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == _GZIP_MAGIC:
+    with _plain_copy(path) as plain:
+        _check_header(path, plain)
         try:
-            raw = gzip.decompress(raw)
-        except (EOFError, OSError, zlib.error) as err:
-            raise ValueError(f"{path}: corrupt or truncated gzip stream ({err})") from err
-    if len(raw) < 4:
-        raise ValueError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
-    zero, code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or code not in _DTYPES:
-        raise ValueError(
-            f"{path}: bad IDX magic number 0x{raw[:4].hex()}; expected 0x0000 then a dtype "
-            f"code in {{{', '.join(hex(c) for c in _DTYPES)}}} and the number of dimensions"
-        )
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header (expected {header} bytes)")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(_DTYPES[code])
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise ValueError(
-            f"{path}: IDX data has {len(raw) - header} bytes, expected {expected} "
-            f"for shape {shape} of {dtype.name} (truncated or corrupt file)"
-        )
-    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
-    return data.astype(dtype.newbyteorder("="))
+            tensor = read_sn3_pascalvincent_tensor(str(plain), strict=True)
+        except (AssertionError, IndexError, RuntimeError, ValueError) as err:
+            # torchvision asserts on a size mismatch; torch.frombuffer / view raise otherwise
+            raise ValueError(
+                f"{path}: IDX data does not match its header's shape and dtype "
+                f"(truncated or corrupt file: {err or 'size mismatch'})"
+            ) from err
+    return tensor.numpy()
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> Path:
@@ -84,18 +109,27 @@ def write_idx(path: str | Path, array: np.ndarray) -> Path:
 
     Args:
         path: the output file.
-        array: an array of one of the IDX dtypes (uint8, int8, int16, int32,
-            float32, float64) with at most 255 dimensions.
+        array: (1 to 3 dimensions) an array of uint8, int8, int16, int32,
+            float32 or float64, the dtypes ``read_idx`` reads back.
 
     Returns:
         ``path`` as a ``Path``.
+
+    Raises:
+        TypeError: another dtype.
+        ValueError: 0 or more than 3 dimensions.
     """
     array = np.asarray(array)
     code = _CODES.get(array.dtype.newbyteorder("="))
     if code is None:
-        raise TypeError(f"array must have an IDX dtype {list(_DTYPES.values())}; got {array.dtype}")
-    be = array.astype(np.dtype(_DTYPES[code]), copy=False)
-    payload = struct.pack(f">HBB{array.ndim}I", 0, code, array.ndim, *array.shape) + be.tobytes()
+        raise TypeError(
+            f"array must have an IDX dtype {[d.name for d in _DTYPES.values()]}; got {array.dtype}"
+        )
+    if not 1 <= array.ndim <= _MAX_DIMS:
+        raise ValueError(f"array must have 1 to {_MAX_DIMS} dimensions; got {array.ndim}")
+    big_endian = array.astype(_DTYPES[code].newbyteorder(">"), copy=False)
+    header = struct.pack(f">HBB{array.ndim}I", 0, code, array.ndim, *array.shape)
+    payload = header + big_endian.tobytes()
     path = Path(path)
     path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
     return path

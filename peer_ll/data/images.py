@@ -51,11 +51,13 @@ class ImageSplits:
 
     Attributes:
         name: dataset name, e.g. ``"digits"``.
-        train_images: (N_train, H, W) integer pixels in [0, max_value].
+        train_images: (N_train, H, W) integer pixels in [0, max_value]; for a user's
+            arrays (``peer_ll.data.arrays``), float32 (N_train, F) or (N_train, H, W).
         train_labels: (N_train,) int64 class ids in [0, n_classes).
         test_images: (N_test, H, W), like ``train_images``.
         test_labels: (N_test,) int64.
-        max_value: the largest possible pixel value: 255 for IDX files, 16 for digits.
+        max_value: the largest possible pixel value: 255 for IDX files, 16 for digits,
+            1 (no scaling) for a user's arrays.
     """
 
     name: str
@@ -71,14 +73,15 @@ class ImageSplits:
         return int(max(self.train_labels.max(), self.test_labels.max())) + 1
 
     @property
-    def image_shape(self) -> tuple[int, int]:
-        """(H, W) of one image."""
+    def image_shape(self) -> tuple[int, ...]:
+        """(H, W) of one image; (F,) for a user's feature arrays."""
         return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
 
 
 class ImageDataset(torch.utils.data.Dataset):
     """A torch dataset of integer images, scaled to float32 in [0, 1] on access.
 
+    Float features (``max_value`` 1, as for a user's arrays) are used as they are.
     Items are ``(x, y)``: x of shape (H*W,) when ``flatten`` else (1, H, W);
     y an int. ``targets`` (list of int) is what Avalanche reads for labels.
     """
@@ -93,8 +96,10 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.targets)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = self.images[i].to(torch.float32).mul_(self.scale).reshape(self.shape)
-        return x, self.targets[i]
+        x = self.images[i].to(torch.float32)  # float32 data: a view, so never scale in place
+        if self.scale != 1.0:
+            x = x * self.scale
+        return x.reshape(self.shape), self.targets[i]
 
 
 def balanced_indices(labels: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:

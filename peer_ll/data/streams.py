@@ -1,45 +1,31 @@
-"""Task streams on image data, returned as Avalanche benchmarks.
+"""Task streams on image data or a user's arrays, returned as Avalanche benchmarks.
 
-Every builder takes an ``ImageSplits`` (see ``peer_ll.data.images``) and returns
-a benchmark with ``train_stream`` and ``test_stream``. A sample is
-``(x, y, t)``: x is float32 in [0, 1], of shape (H*W,) with ``flatten=True``
-(the default) or (1, H, W) otherwise; y is an int class id; t the task label.
+``make_stream`` is the entry point: a dataset name, a user's ``(X, y[, task])``
+arrays (``peer_ll.data.arrays``) or an Avalanche benchmark. Every builder takes an
+``ImageSplits`` (see ``peer_ll.data.images``) and returns a benchmark with
+``train_stream``, ``test_stream`` and ``n_classes``. A sample is ``(x, y, t)``: x is
+float32 in [0, 1] for images (a user's features as given), of shape (H*W,) with
+``flatten=True`` (the default) or (1, H, W) otherwise; y is an int class id; t the
+task label.
 ``max_train_per_exp`` / ``max_test_per_exp`` keep at most that many samples
 per experience, balanced over classes and chosen by ``seed``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import torch
 
-from peer_ll.data.images import (
-    IMAGE_DATASETS,
-    ImageDataset,
-    ImageSplits,
-    balanced_indices,
-    load_images,
-)
+from peer_ll.data.benchmarks import class_count, split_by_task, with_class_count
+from peer_ll.data.domains import permuted, rotated, train_test_datasets
+from peer_ll.data.images import IMAGE_DATASETS, ImageSplits, balanced_indices, load_images
 
-__all__ = ["STREAM_KINDS", "make_stream", "online", "permuted", "rotated", "split_classes"]
+__all__ = [
+    "STREAM_KINDS", "make_stream", "online", "online_of", "permuted", "rotated", "split_classes",
+]  # fmt: skip
 
 STREAM_KINDS = ("class", "task", "permuted", "rotated", "online")
-
-
-def _datasets(data: ImageSplits, flatten: bool, train_idx=slice(None), test_idx=slice(None)):
-    """(train, test) torch datasets over the given indices of ``data``."""
-    return (
-        ImageDataset(
-            data.train_images[train_idx], data.train_labels[train_idx], data.max_value, flatten
-        ),
-        ImageDataset(
-            data.test_images[test_idx], data.test_labels[test_idx], data.max_value, flatten
-        ),
-    )
 
 
 def split_classes(
@@ -85,7 +71,7 @@ def split_classes(
         ):
             members = np.flatnonzero(exp_of_class[labels] == e)
             out.append(members[balanced_indices(labels[members], limit, rng)])
-    train, test = _datasets(
+    train, test = train_test_datasets(
         dataset, flatten, np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(test_idx))
     )
     return nc_benchmark(
@@ -97,137 +83,6 @@ def split_classes(
         per_exp_classes={e: s for e, s in enumerate(sizes)},
         class_ids_from_zero_in_each_exp=task_labels,
     )
-
-
-def _domain_benchmark(pairs: list, *, task_labels: bool):
-    """One experience per (train, test) dataset pair; every experience has all classes."""
-    from avalanche.benchmarks import nc_benchmark
-
-    trains, tests = zip(*pairs, strict=True)
-    return nc_benchmark(
-        list(trains),
-        list(tests),
-        len(pairs),
-        task_labels=task_labels,
-        shuffle=False,
-        one_dataset_per_exp=True,
-        class_ids_from_zero_in_each_exp=True,
-    )
-
-
-def _subsampled(dataset: ImageSplits, seed: int, max_train, max_test) -> ImageSplits:
-    """The same images for every domain experience, at most max_* of them."""
-    rng = np.random.default_rng(seed)
-    tr = balanced_indices(dataset.train_labels, max_train, rng)
-    te = balanced_indices(dataset.test_labels, max_test, rng)
-    return replace(
-        dataset,
-        train_images=dataset.train_images[tr],
-        train_labels=dataset.train_labels[tr],
-        test_images=dataset.test_images[te],
-        test_labels=dataset.test_labels[te],
-    )
-
-
-def permuted(
-    dataset: ImageSplits,
-    *,
-    n_experiences: int = 10,
-    seed: int = 0,
-    keep_first: bool = False,
-    task_labels: bool = False,
-    flatten: bool = True,
-    max_train_per_exp: int | None = None,
-    max_test_per_exp: int | None = None,
-):
-    """Permuted domain-incremental stream (Goodfellow et al. 2013; Avalanche PermutedMNIST).
-
-    Experience e applies one fixed pixel permutation, drawn from ``seed``, to
-    all its train and test images; every experience has all classes. As in
-    Avalanche's PermutedMNIST every experience is permuted, unless
-    ``keep_first=True`` leaves experience 0 as the original images.
-
-    Returns:
-        An Avalanche ``NCScenario`` with ``n_experiences`` experiences.
-    """
-    from avalanche.benchmarks.classic.cmnist import PixelsPermutation
-    from avalanche.benchmarks.utils import as_classification_dataset, make_avalanche_dataset
-    from avalanche.benchmarks.utils.transform_groups import DefaultTransformGroups
-
-    if n_experiences < 1:
-        raise ValueError(f"n_experiences must be >= 1; got {n_experiences}")
-    data = _subsampled(dataset, seed, max_train_per_exp, max_test_per_exp)
-    rng = np.random.default_rng(seed)
-    n_pixels = int(np.prod(dataset.image_shape))
-    pairs = []
-    for e in range(n_experiences):
-        perm = None if (keep_first and e == 0) else torch.from_numpy(rng.permutation(n_pixels))
-        pair = [as_classification_dataset(d) for d in _datasets(data, flatten)]
-        if perm is not None:  # a frozen transform: applied in train and eval, as PermutedMNIST
-            groups = DefaultTransformGroups((PixelsPermutation(perm), None))
-            pair = [make_avalanche_dataset(d, frozen_transform_groups=groups) for d in pair]
-        pairs.append(pair)
-    return _domain_benchmark(pairs, task_labels=task_labels)
-
-
-def rotated(
-    dataset: ImageSplits,
-    *,
-    angles: Sequence[float] | None = None,
-    n_experiences: int | None = None,
-    seed: int = 0,
-    task_labels: bool = False,
-    flatten: bool = True,
-    max_train_per_exp: int | None = None,
-    max_test_per_exp: int | None = None,
-):
-    """Rotated domain-incremental stream (Avalanche RotatedMNIST-like).
-
-    Experience e shows every image rotated counter-clockwise by ``angles[e]``
-    degrees (bilinear, about the image centre, corners filled with 0).
-    ``angles`` defaults to ``n_experiences`` (default 5) angles evenly spaced
-    in [0, 180), so experience 0 is unrotated; when given, it sets the number
-    of experiences. Rotated images are computed once, in batch, and rounded
-    back to integer pixels; ``seed`` only picks the subsample.
-
-    Returns:
-        An Avalanche ``NCScenario`` with ``len(angles)`` experiences.
-    """
-    from avalanche.benchmarks.utils import as_classification_dataset
-
-    if angles is None:
-        n = 5 if n_experiences is None else n_experiences
-        if n < 1:
-            raise ValueError(f"n_experiences must be >= 1; got {n}")
-        angles = [180.0 * e / n for e in range(n)]
-    if len(angles) == 0:
-        raise ValueError("angles must hold at least one angle; got an empty sequence")
-    if n_experiences is not None and n_experiences != len(angles):
-        raise ValueError(
-            f"n_experiences must equal len(angles) = {len(angles)} when both are given; "
-            f"got {n_experiences}"
-        )
-    data = _subsampled(dataset, seed, max_train_per_exp, max_test_per_exp)
-    pairs = []
-    for angle in angles:
-        turned = replace(
-            data,
-            train_images=_rotate(data.train_images, float(angle), data.max_value),
-            test_images=_rotate(data.test_images, float(angle), data.max_value),
-        )
-        pairs.append([as_classification_dataset(d) for d in _datasets(turned, flatten)])
-    return _domain_benchmark(pairs, task_labels=task_labels)
-
-
-def _rotate(images: np.ndarray, angle: float, max_value: float) -> np.ndarray:
-    """Rotates (N, H, W) integer images counter-clockwise by ``angle`` degrees."""
-    from torchvision.transforms.functional import InterpolationMode, rotate
-
-    if angle % 360 == 0:
-        return images
-    x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).to(torch.float32)
-    x = rotate(x, angle, interpolation=InterpolationMode.BILINEAR)
-    return x.round_().clamp_(0, max_value).squeeze(1).numpy().astype(images.dtype)
 
 
 def online(
@@ -254,9 +109,6 @@ def online(
         visible to strategies only with ``access_task_boundaries=True``), the
         base ``test_stream``, and the base train stream as ``original_train_stream``.
     """
-    from avalanche.benchmarks import split_online_stream
-    from avalanche.benchmarks.scenarios.generic_scenario import CLScenario, CLStream
-
     builders = {
         "class": split_classes,
         "task": split_classes,
@@ -270,6 +122,29 @@ def online(
     if base in ("class", "task"):
         base_kwargs["task_labels"] = base == "task"
     bm = builders[base](dataset, seed=seed, **base_kwargs)
+    return online_of(bm, experience_size=experience_size, seed=seed,
+                     access_task_boundaries=access_task_boundaries)  # fmt: skip
+
+
+def online_of(bm, *, experience_size: int = 10, seed: int = 0,
+              access_task_boundaries: bool = False):  # fmt: skip
+    """``bm``'s train stream cut into experiences of ``experience_size`` samples (see ``online``).
+
+    Args:
+        bm: any Avalanche benchmark with a ``train_stream`` and a ``test_stream``.
+        experience_size: samples per online experience.
+        seed: seed of the shuffle inside each base experience.
+        access_task_boundaries: let strategies see the base experiences' boundaries.
+
+    Returns:
+        An Avalanche ``CLScenario`` as ``online`` describes, with ``n_classes`` of ``bm``.
+    """
+    from avalanche.benchmarks import split_online_stream
+    from avalanche.benchmarks.scenarios.generic_scenario import CLScenario, CLStream
+
+    if experience_size < 1:
+        raise ValueError(f"experience_size must be >= 1; got {experience_size}")
+    n_classes = class_count(bm)
     stream = split_online_stream(
         bm.train_stream,
         experience_size,
@@ -278,43 +153,127 @@ def online(
         access_task_boundaries=access_task_boundaries,
     )
     original = CLStream("original_train", iter(bm.train_stream), set_stream_info=False)
-    return CLScenario([CLStream("train", iter(stream)), bm.test_stream, original])
+    scenario = CLScenario([CLStream("train", iter(stream)), bm.test_stream, original])
+    scenario.n_classes = n_classes
+    return scenario
 
 
 def make_stream(
-    name: str,
+    data: Any,
     *,
-    kind: str,
+    kind: str | None = None,
     n_experiences: int | None = None,
     seed: int = 0,
     root: Any = None,
+    test: tuple | None = None,
+    test_fraction: float | None = None,
     **kwargs: Any,
 ):
-    """Loads a dataset by name and builds a stream of the given kind.
+    """Builds a stream of the given kind on a named dataset, a user's arrays, or a benchmark.
 
     Args:
-        name: one of ``IMAGE_DATASETS``: ``"digits"``, ``"fashion-mnist"``, ``"mnist"``.
+        data: one of
+            - a name in ``IMAGE_DATASETS``: ``"digits"``, ``"fashion-mnist"``, ``"mnist"``;
+            - a user's arrays or tensors ``(X, y)`` or ``(X, y, task_labels)``
+              (``peer_ll.data.arrays``: X (N, F) or (N, H, W), any real dtype, cast to
+              float32; integer labels, renumbered 0..C-1), e.g. from ``load_arrays``;
+            - an Avalanche benchmark, returned as is with ``n_classes`` set to its class
+              count (``peer_ll.data.benchmarks.class_count``), or cut into an online
+              stream with ``kind="online"``.
         kind: one of ``STREAM_KINDS``: ``"class"`` and ``"task"`` (``split_classes``
-            without / with task labels), ``"permuted"``, ``"rotated"``, ``"online"``
-            (a class-incremental base unless ``base=`` is passed).
+            without / with task labels), ``"permuted"``, ``"rotated"`` (images only),
+            ``"online"`` (a class-incremental base unless ``base=`` is passed). With
+            task labels in ``data``, these define the experiences (``split_by_task``):
+            ``"class"`` hides them, ``"task"`` gives them, ``"online"`` cuts either
+            (``base=``); permuted and rotated do not apply. For a benchmark: None or
+            ``"online"``.
         n_experiences: number of (base) experiences; None keeps the builder's
-            default (5; 10 for permuted).
-        seed: seed of the digits split, class order, permutations and subsamples.
-        root: folder of the IDX files (see ``peer_ll.data.images``).
+            default (5; 10 for permuted), or the number of task labels.
+        seed: seed of the splits, class order, permutations and subsamples.
+        root: folder of the IDX files (see ``peer_ll.data.images``). Names only.
+        test: a user's test arrays, like ``data``; None holds out ``test_fraction``
+            of ``data`` (stratified by class and task). Arrays only.
+        test_fraction: see ``test``; None is 0.2. Arrays only.
         **kwargs: passed to the builder, e.g. ``flatten``, ``max_train_per_exp``,
             ``angles``, ``experience_size``.
 
     Returns:
-        The Avalanche benchmark.
+        The Avalanche benchmark; its ``n_classes`` counts the classes its labels
+        take (on task-labelled streams, the classes of the data set).
+
+    Raises:
+        TypeError: ``data`` of another type, or arrays of a bad dtype.
+        ValueError: an unknown name or kind, a kind that does not apply, bad shapes,
+            lengths or counts; messages name the argument.
     """
-    if name not in IMAGE_DATASETS:
-        raise ValueError(f"name must be one of {list(IMAGE_DATASETS)}; got {name!r}")
+    arrays = isinstance(data, (tuple, list))
+    for arg, value, applies in (
+        ("root", root, isinstance(data, str)),
+        ("test", test, arrays),
+        ("test_fraction", test_fraction, arrays),
+    ):
+        if value is not None and not applies:
+            raise ValueError(f"{arg} must be None for data of type {type(data).__name__}")
+    if hasattr(data, "train_stream"):
+        return _from_benchmark(data, kind, n_experiences, seed, kwargs)
     if kind not in STREAM_KINDS:
         raise ValueError(f"kind must be one of {list(STREAM_KINDS)}; got {kind!r}")
-    data = load_images(name, root=root, seed=seed)
+    if isinstance(data, str):
+        if data not in IMAGE_DATASETS:
+            raise ValueError(f"data must be a name in {list(IMAGE_DATASETS)}; got {data!r}")
+        splits = load_images(data, root=root, seed=seed)
+    elif arrays:
+        from peer_ll.data.arrays import user_splits
+
+        fraction = 0.2 if test_fraction is None else test_fraction
+        splits = user_splits(data, test=test, test_fraction=fraction, seed=seed)
+        if splits.train_tasks is not None:
+            return _by_task(splits, kind, n_experiences, seed, kwargs)
+    else:
+        raise TypeError(
+            "data must be a dataset name, a tuple (X, y[, task_labels]) of arrays or "
+            f"an Avalanche benchmark, got {type(data).__name__}"
+        )
     if n_experiences is not None:
         kwargs["n_experiences"] = n_experiences
     if kind in ("class", "task"):
-        return split_classes(data, task_labels=kind == "task", seed=seed, **kwargs)
+        return split_classes(splits, task_labels=kind == "task", seed=seed, **kwargs)
     builder = {"permuted": permuted, "rotated": rotated, "online": online}[kind]
-    return builder(data, seed=seed, **kwargs)
+    return builder(splits, seed=seed, **kwargs)
+
+
+def _by_task(splits, kind: str, n_experiences: int | None, seed: int, kwargs: dict):
+    """A stream with one experience per task label of a user's data."""
+    n_tasks = len(np.unique(splits.train_tasks))
+    if n_experiences is not None and n_experiences != n_tasks:
+        raise ValueError(
+            f"n_experiences must be None or the {n_tasks} task labels of data, got {n_experiences}"
+        )
+    base = kwargs.pop("base", "class") if kind == "online" else kind
+    if base not in ("class", "task"):
+        raise ValueError(
+            f"kind must be 'class', 'task' or 'online' (base 'class' or 'task') on data with "
+            f"task labels, which define the experiences; got kind={kind!r}, base={base!r}"
+        )
+    online_args = {k: kwargs.pop(k) for k in ("experience_size", "access_task_boundaries")
+                   if k in kwargs and kind == "online"}  # fmt: skip
+    bench = split_by_task(splits, task_labels=base == "task", seed=seed, **kwargs)
+    return online_of(bench, seed=seed, **online_args) if kind == "online" else bench
+
+
+def _from_benchmark(bench, kind: str | None, n_experiences: int | None, seed: int, kwargs):
+    """A user's Avalanche benchmark: as is, or cut into an online stream."""
+    if kind not in (None, "online"):
+        raise ValueError(
+            f"kind must be None or 'online' for an Avalanche benchmark (its experiences are "
+            f"given), got {kind!r}"
+        )
+    if n_experiences is not None:
+        raise ValueError(
+            f"n_experiences must be None for an Avalanche benchmark, got {n_experiences}"
+        )
+    if kind == "online":
+        return online_of(bench, seed=seed, **kwargs)
+    if kwargs:
+        raise ValueError(f"an Avalanche benchmark takes no builder arguments, got {sorted(kwargs)}")
+    return with_class_count(bench)

@@ -1,4 +1,4 @@
-"""Tests for the IDX reader on files that the tests write themselves."""
+"""Tests for the IDX reader (torchvision's, wrapped) on files that the tests write themselves."""
 
 import gzip
 import struct
@@ -55,15 +55,22 @@ def test_bad_magic(tmp_path):
     path.write_bytes(_by_hand((1,), b"\x00", code=0x07))  # unknown dtype code
     with pytest.raises(ValueError, match="bad IDX magic"):
         read_idx(path)
+    path.write_bytes(_by_hand((1, 1, 1, 1), b"\x00"))  # 4 dimensions: torchvision reads 1 to 3
+    with pytest.raises(ValueError, match="then 1 to 3 dimensions"):
+        read_idx(path)
 
 
 def test_truncated_files(tmp_path):
     path = tmp_path / "t"
-    path.write_bytes(_by_hand((2, 4), bytes(7)))
-    with pytest.raises(ValueError, match=r"has 7 bytes, expected 8 .*truncated"):
+    for data in (bytes(7), bytes(9)):  # one byte short, one byte over
+        path.write_bytes(_by_hand((2, 4), data))
+        with pytest.raises(ValueError, match=r"t: IDX data does not match .*truncated or corrupt"):
+            read_idx(path)
+    path.write_bytes(_by_hand((2, 4), bytes(8), code=0x0C)[:-1])  # int32: not whole elements
+    with pytest.raises(ValueError, match="does not match its header"):
         read_idx(path)
-    path.write_bytes(_by_hand((2, 4), bytes(8))[:7])
-    with pytest.raises(ValueError, match="truncated IDX header"):
+    path.write_bytes(_by_hand((2, 4), bytes(8))[:7])  # the header itself is cut
+    with pytest.raises(ValueError, match="does not match its header"):
         read_idx(path)
     path.write_bytes(b"\x00\x00")
     with pytest.raises(ValueError, match="too short"):
@@ -71,6 +78,32 @@ def test_truncated_files(tmp_path):
     path.write_bytes(gzip.compress(_by_hand((100,), bytes(100)))[:-12])
     with pytest.raises(ValueError, match="corrupt or truncated gzip"):
         read_idx(path)
+    with pytest.raises(FileNotFoundError):
+        read_idx(tmp_path / "missing")
+
+
+def test_write_idx_errors(tmp_path):
+    with pytest.raises(TypeError, match=r"array must have an IDX dtype .*got int64"):
+        write_idx(tmp_path / "a", np.zeros(3, dtype=np.int64))
+    with pytest.raises(ValueError, match="array must have 1 to 3 dimensions; got 4"):
+        write_idx(tmp_path / "a", np.zeros((1, 1, 1, 1), dtype=np.uint8))
+    assert not (tmp_path / "a").exists()
+
+
+def test_the_reader_is_torchvisions(tmp_path, monkeypatch):
+    import torchvision.datasets.mnist as tv_mnist
+
+    calls = []
+    real = tv_mnist.read_sn3_pascalvincent_tensor
+
+    def spy(path, strict=True):
+        calls.append(path)
+        return real(path, strict)
+
+    monkeypatch.setattr(tv_mnist, "read_sn3_pascalvincent_tensor", spy)
+    a = read_idx(write_idx(tmp_path / "s.gz", np.arange(6, dtype=np.uint8)))
+    assert a.tolist() == list(range(6)) and len(calls) == 1
+    assert calls[0].endswith("s") and not (tmp_path / "s").exists()  # gunzipped to a temp copy
 
 
 def _fake_splits(rng, n_train=12, n_test=5, hw=(28, 28)):

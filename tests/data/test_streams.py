@@ -156,8 +156,12 @@ def test_online_stream(digits):
 def test_make_stream(monkeypatch, tmp_path):
     bm = make_stream("digits", kind="task", n_experiences=2, max_train_per_exp=20)
     assert [e.task_label for e in bm.train_stream] == [0, 1]
-    with pytest.raises(ValueError, match=r"name must be one of \['digits', 'fashion-mnist'"):
+    with pytest.raises(ValueError, match=r"data must be a name in \['digits', 'fashion-mnist'"):
         make_stream("cifar", kind="class")
+    with pytest.raises(ValueError, match="test must be None for data of type str"):
+        make_stream("digits", kind="class", test=(np.zeros((2, 2)), np.zeros(2, int)))
+    with pytest.raises(ValueError, match="root must be None for data of type tuple"):
+        make_stream((np.zeros((20, 2)), np.arange(20) % 2), kind="class", root=tmp_path)
     with pytest.raises(ValueError, match=r"kind must be one of \['class', 'task', 'permuted'"):
         make_stream("digits", kind="iid")
     # a fake Fashion-MNIST found through the environment variable
