@@ -118,8 +118,13 @@ def build(method: str, stream: str, n_classes: int, in_features: int, evaluator=
 
     from peer_ll.models import PEERClassifier
     from peer_ll.optim import make_optimizer
-    from peer_ll.protect import (peer_protect, with_owner_encoder, with_owner_head,
-                                 with_owner_norms, with_query_adapters)
+    from peer_ll.protect import (
+        peer_protect,
+        with_owner_encoder,
+        with_owner_head,
+        with_owner_norms,
+        with_query_adapters,
+    )
     from peer_ll.strategies import GrowthPolicy, attach_growth, peer_classifier, peer_grow
 
     kind = STREAMS[stream][1]

@@ -222,11 +222,9 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 def _per_owner_copies(model: nn.Module) -> list[nn.ModuleDict]:
     """The ``{owner: module}`` dicts of a model's per-owner modules (keys: owner ids).
 
-    ``peer_ll.protect.PerOwner`` copies and ``peer_ll.experts.OwnerQueryAdapters``; not
+    ``peer_ll.experts.PerOwner`` copies (heads, encoder copies, query adapters); not
     Avalanche's multi-head classifiers, whose ModuleDict is keyed by task labels too.
     """
-    from peer_ll.experts import OwnerQueryAdapters
-    from peer_ll.protect import per_owner_modules
+    from peer_ll.experts import per_owner_modules
 
-    adapters = [m for m in model.modules() if isinstance(m, OwnerQueryAdapters)]
-    return [m.copies for m in per_owner_modules(model)] + adapters
+    return [m.copies for m in per_owner_modules(model)]

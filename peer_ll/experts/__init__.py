@@ -5,27 +5,30 @@
   :func:`call_with_owners`;
 - :func:`peer_layers`: the PEER layers of a model;
 - :func:`expert_usage`, :func:`unevenness`: the paper's Table 2 routing metrics;
-- :class:`OwnerQueryAdapters`: an optional per-owner query transform.
+- :class:`PerOwner`: one copy of a module per owner (e.g. per-owner
+  :class:`QueryAdapter` s, an optional query transform).
 """
 
 from peer_ll.experts.layers import peer_layers
 from peer_ll.experts.owners import OwnerMix, Owners, call_with_owners, mix_owners
 from peer_ll.experts.peer import PEER
+from peer_ll.experts.per_owner import PerOwner, per_owner_modules
 from peer_ll.experts.pool import ExpertPool
-from peer_ll.experts.query_adapter import OwnerQueryAdapters, QueryAdapter
+from peer_ll.experts.query_adapter import QueryAdapter
 from peer_ll.experts.routing import RoutingStats, expert_usage, unevenness
 
 __all__ = [
     "PEER",
     "ExpertPool",
     "OwnerMix",
-    "OwnerQueryAdapters",
     "Owners",
+    "PerOwner",
     "QueryAdapter",
     "RoutingStats",
     "call_with_owners",
     "expert_usage",
     "mix_owners",
     "peer_layers",
+    "per_owner_modules",
     "unevenness",
 ]

@@ -50,11 +50,14 @@ def check_checkpoint(pool, state_dict: dict, prefix: str) -> None:
 def upgrade_checkpoint(state_dict: dict, prefix: str, *, adapter: object = None) -> None:
     """Rename, in place, the keys a PEER checkpoint had before its pool was a submodule.
 
-    ``{prefix}down`` becomes ``{prefix}pool.down`` (and so on), ``query_adapters.``
-    becomes ``query_adapter.``, and per-owner ``query_stats.`` (no longer part of a
-    PEER layer) are dropped. Raises a ValueError if the checkpoint holds query adapters
-    and the layer has no ``adapter`` attached to load them into.
+    ``{prefix}down`` becomes ``{prefix}pool.down`` (and so on), ``query_adapters.{o}.``
+    becomes ``query_adapter.copies.{o}.`` (a :class:`~peer_ll.experts.PerOwner`, whose
+    ``owner_ids`` and ``class_mask`` buffers are filled in), and per-owner
+    ``query_stats.`` (no longer part of a PEER layer) are dropped. Raises a ValueError
+    if the checkpoint holds query adapters and the layer has no ``adapter`` attached to
+    load them into.
     """
+    adapter_owners: set[int] = set()
     for name in list(state_dict):
         rest = name[len(prefix):] if name.startswith(prefix) else None
         if rest is None:
@@ -62,11 +65,18 @@ def upgrade_checkpoint(state_dict: dict, prefix: str, *, adapter: object = None)
         if rest in POOL_KEYS:
             state_dict[prefix + "pool." + rest] = state_dict.pop(name)
         elif rest.startswith("query_adapters."):
-            new = prefix + "query_adapter." + rest[len("query_adapters."):]
+            owner = rest[len("query_adapters."):].split(".", 1)[0]
+            if owner.isdigit():
+                adapter_owners.add(int(owner))
+            new = prefix + "query_adapter.copies." + rest[len("query_adapters."):]
             state_dict[new] = state_dict.pop(name)
         elif rest.startswith("query_stats."):
             logger.info("ignoring %s: a PEER layer keeps no query statistics", name)
             state_dict.pop(name)
+    if adapter_owners and prefix + "query_adapter.owner_ids" not in state_dict:
+        ids = sorted(adapter_owners)
+        state_dict[prefix + "query_adapter.owner_ids"] = torch.tensor(ids, dtype=torch.long)
+        state_dict[prefix + "query_adapter.class_mask"] = torch.ones(len(ids), 0, dtype=torch.bool)
     if adapter is None and any(k.startswith(prefix + "query_adapter.") for k in state_dict):
         raise ValueError(f"{prefix}query_adapter must be attached to load the checkpoint's "
                          "query adapters (PEER.attach_query_adapter), got None")

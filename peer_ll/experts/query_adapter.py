@@ -2,8 +2,9 @@
 
 A PEER layer with an attached query adapter (``layer.attach_query_adapter(module)``)
 scores owner o's sub-keys with ``module(q, o)`` instead of ``q``. Without one, the
-layer is the paper's and pays nothing. :class:`OwnerQueryAdapters` gives every owner a
-small residual on the shared query, used only for that owner's own sub-keys::
+layer is the paper's and pays nothing. A :class:`~peer_ll.experts.per_owner.PerOwner` of
+:class:`QueryAdapter` (``unknown="identity"``) gives every owner a small residual on the
+shared query, used only for that owner's own sub-keys::
 
     q_o = q ⊙ (1 + γ_o) + β_o + (q A_o) B_o        per head; A_o (d, r), B_o (r, d)
 
@@ -21,7 +22,6 @@ import math
 import torch
 from torch import nn
 
-from peer_ll.experts.checks import check_bool, check_int, check_owner
 from peer_ll.kernels.product_topk import product_topk
 from peer_ll.kernels.selected_scores import selected_scores
 
@@ -52,61 +52,6 @@ class QueryAdapter(nn.Module):
             low = torch.einsum("...hd,hdr->...hr", q, self.down)
             out = out + torch.einsum("...hr,hrd->...hd", low, self.up)
         return out
-
-
-class OwnerQueryAdapters(nn.ModuleDict):
-    """One :class:`QueryAdapter` per owner: ``forward(q, owner)``, (T, H, d) -> (T, H, d).
-
-    Args:
-        heads: number of heads H.
-        dim_key: query size d.
-        rank: rank r of each low-rank residual (0: none).
-        affine: give each owner a per-dimension scale and shift.
-        owners: owners to create adapters for now (more with :meth:`add`).
-    """
-
-    def __init__(
-        self, heads: int, dim_key: int, *, rank: int = 8, affine: bool = True, owners=()
-    ) -> None:
-        super().__init__()
-        self.heads = check_int("heads", heads, minimum=1)
-        self.dim_key = check_int("dim_key", dim_key, minimum=1)
-        self.rank = check_int("rank", rank, minimum=0)
-        self.affine = check_bool("affine", affine)
-        if not rank and not affine:
-            raise ValueError("rank must be >= 1 when affine is False (else the adapter is "
-                             "the identity), got 0")
-        for owner in owners:
-            self.add(owner)
-
-    def add(self, owner: int) -> QueryAdapter:
-        """Give ``owner`` an identity-at-init adapter (kept if it has one)."""
-        key = str(check_owner("owner", owner))
-        if key not in self:
-            like = next(self.parameters(), None)
-            adapter = QueryAdapter(self.heads, self.dim_key, rank=self.rank, affine=self.affine)
-            if like is not None:
-                adapter = adapter.to(device=like.device, dtype=like.dtype)
-            self[key] = adapter
-        return self[key]
-
-    def set_trainable(self, owner: int, trainable: bool) -> None:
-        """Switch the gradient of ``owner``'s adapter, if it has one."""
-        if str(owner) in self:
-            self[str(owner)].requires_grad_(trainable)
-
-    def forward(self, q: torch.Tensor, owner: int) -> torch.Tensor:
-        key = str(owner)
-        return self[key](q) if key in self else q
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Create the adapters a checkpoint holds for owners not seen yet.
-        for name in state_dict:
-            if name.startswith(prefix):
-                owner = name[len(prefix):].split(".", 1)[0]
-                if owner.isdigit() and owner not in self:
-                    self.add(int(owner))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def adapted_topk(adapter, q, pool, segments, mask, k, backend):
@@ -140,10 +85,14 @@ def adapted_scores(adapter, q, ids, pool, backend):
 
 
 def sync_adapter(adapter: object, pool) -> None:
-    """An owner's adapter trains exactly when some of its sub-keys do (if it can say so)."""
-    set_trainable = getattr(adapter, "set_trainable", None)
-    if set_trainable is None:
+    """An owner's adapter trains exactly when some of its sub-keys do.
+
+    Acts on a :class:`~peer_ll.experts.per_owner.PerOwner` adapter; other modules are
+    left to whoever attached them.
+    """
+    freeze, known = getattr(adapter, "freeze", None), getattr(adapter, "owners", None)
+    if freeze is None or known is None:
         return
-    for owner in set(pool.segment_owner.tolist()):
+    for owner in set(pool.segment_owner.tolist()) & set(known):
         rows = pool.segments[pool.segment_owner == owner][:, 0]
-        set_trainable(owner, not bool(pool.key_frozen[rows].all()))
+        freeze([owner], frozen=bool(pool.key_frozen[rows].all()))

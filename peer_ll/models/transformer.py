@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peer_ll.experts import PEER, OwnerQueryAdapters
+from peer_ll.experts import PEER, PerOwner, QueryAdapter
 from peer_ll.experts.checks import check_bool, check_choice, check_float, check_int
 
 GROWTH = ("branch", "pool")
@@ -50,7 +50,7 @@ class LMConfig:
     # With "branch" growth, dense-FFN blocks also grow experts: a PEER layer beside the
     # MLP, created at the first growth, that holds only grown domains' experts.
     grow_dense_blocks: bool = True
-    # Per-owner query adapters of every PEER layer (peer_ll.experts.OwnerQueryAdapters): a new
+    # Per-owner query adapters of every PEER layer (a peer_ll.experts.PerOwner): a new
     # domain trains its own on a frozen shared query network (0 and False: none, paper).
     adapter_rank: int = 8
     adapter_affine: bool = True
@@ -167,7 +167,8 @@ def make_peer(config: LMConfig, *, num_keys: int | None = None, owner: int = 0) 
     """A PEER layer as ``config`` describes it (default: the base layer of owner 0).
 
     With ``config.adapter_rank`` or ``config.adapter_affine`` it carries per-owner
-    query adapters (:class:`peer_ll.experts.OwnerQueryAdapters`), one for ``owner``.
+    query adapters (a :class:`peer_ll.experts.PerOwner` of
+    :class:`peer_ll.experts.QueryAdapter`), one for ``owner``.
     """
     layer = PEER(
         config.dim,
@@ -180,17 +181,20 @@ def make_peer(config: LMConfig, *, num_keys: int | None = None, owner: int = 0) 
         owner=owner,
     )
     if config.adapter_rank or config.adapter_affine:
-        layer.attach_query_adapter(OwnerQueryAdapters(
-            config.peer_heads, config.peer_dim_key, rank=config.adapter_rank,
-            affine=config.adapter_affine, owners=[owner]))
+        def adapter() -> QueryAdapter:
+            return QueryAdapter(config.peer_heads, config.peer_dim_key,
+                                rank=config.adapter_rank, affine=config.adapter_affine)
+
+        layer.attach_query_adapter(PerOwner(adapter(), owner=owner, new=adapter,
+                                            unknown="identity"))
     return layer
 
 
 def grow_peer(layer: PEER, num_keys: int, *, owner: int) -> torch.Tensor:
     """Grow ``layer`` by ``num_keys``² experts of ``owner`` (and its query adapter)."""
     ids = layer.grow(num_keys, owner=owner)
-    if isinstance(layer.query_adapter, OwnerQueryAdapters):
-        layer.query_adapter.add(owner)
+    if isinstance(layer.query_adapter, PerOwner):
+        layer.query_adapter.add_owner(owner)
     return ids
 
 

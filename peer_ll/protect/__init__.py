@@ -17,6 +17,7 @@ through routing. This package keeps each input on its own owner's experts:
 Nothing below this package imports it.
 """
 
+from peer_ll.experts.per_owner import MASKED_LOGIT, PerOwner, per_owner_modules
 from peer_ll.protect.builders import (
     with_owner_encoder,
     with_owner_head,
@@ -32,7 +33,6 @@ from peer_ll.protect.distillation import (
 from peer_ll.protect.factory import INFERENCES, peer_protect, protect_classifier, protect_plugin
 from peer_ll.protect.gate import OwnerGate
 from peer_ll.protect.input_stats import InputOwnerStats
-from peer_ll.protect.per_owner import MASKED_LOGIT, PerOwner, per_owner_modules
 from peer_ll.protect.plugin import OwnerRouting
 from peer_ll.protect.query_stats import QueryOwnerStats
 from peer_ll.protect.routed import OwnerRouted

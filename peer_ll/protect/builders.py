@@ -1,4 +1,4 @@
-"""Install :class:`~peer_ll.protect.per_owner.PerOwner` modules in a model.
+"""Install :class:`~peer_ll.experts.PerOwner` modules in a model.
 
 :func:`with_owner_head`, :func:`with_owner_encoder`, :func:`with_owner_norms` and
 :func:`with_query_adapters` each change a model in place and return it. Call them before
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from peer_ll.experts import PEER, QueryAdapter, peer_layers
-from peer_ll.protect.per_owner import PerOwner
+from peer_ll.experts.per_owner import PerOwner
 
 
 def _owner_of(layer: PEER) -> int:

@@ -6,7 +6,7 @@ The full method, without task labels at test time:
    experts and sub-keys are frozen, and after the first experience so is the trunk
    (encoder, norms, PEER query network): every old parameter is frozen;
 2. plasticity: the new owner trains its experts, its sub-keys and its copy of every
-   :class:`~peer_ll.protect.per_owner.PerOwner` module (head, query adapters, ...);
+   :class:`~peer_ll.experts.PerOwner` module (head, query adapters, ...);
 3. training forwards are routed to the new owner;
 4. at test time an owner scorer routes each input to its likeliest owner: the old
    function is then bit-identical for every input whose owner is scored right.
@@ -24,6 +24,7 @@ from torch import nn
 
 from peer_ll.experts import peer_layers
 from peer_ll.experts.checks import check_choice, check_int
+from peer_ll.experts.per_owner import per_owner_modules
 from peer_ll.protect.builders import (
     with_owner_encoder,
     with_owner_head,
@@ -32,7 +33,6 @@ from peer_ll.protect.builders import (
 )
 from peer_ll.protect.gate import OwnerGate
 from peer_ll.protect.input_stats import InputOwnerStats
-from peer_ll.protect.per_owner import per_owner_modules
 from peer_ll.protect.plugin import OwnerRouting
 from peer_ll.protect.query_stats import QueryOwnerStats
 from peer_ll.protect.routed import OwnerRouted

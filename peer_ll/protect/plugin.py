@@ -7,7 +7,7 @@ frozen and each input keeps to its own owner's experts, without task labels:
 
 - experience t trains only what owner t owns: its PEER segment (grown by the growth
   policy, earlier owners frozen) and its copy in every
-  :class:`~peer_ll.protect.per_owner.PerOwner` module (head, query adapters, ...).
+  :class:`~peer_ll.experts.PerOwner` module (head, query adapters, ...).
   After the first experience the rest of the model (the *trunk*: encoder, norms, PEER
   query networks) is frozen. Training forwards go to owner t
   (``model.set_owner(t)``), so owner t learns the function that owner-restricted
@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from peer_ll.experts import peer_layers
 from peer_ll.experts.checks import check_bool, check_int
-from peer_ll.protect.per_owner import per_owner_modules
+from peer_ll.experts.per_owner import per_owner_modules
 from peer_ll.protect.routed import OwnerRouted, top_owner
 
 

@@ -1,7 +1,7 @@
 """A model whose forwards choose owners: the one place where owners are decided.
 
 Owners are data (:mod:`peer_ll.experts.owners`): ``model(x, owners=...)`` restricts
-every PEER layer (and every :class:`~peer_ll.protect.per_owner.PerOwner` module) to
+every PEER layer (and every :class:`~peer_ll.experts.PerOwner` module) to
 them. :class:`OwnerRouted` wraps an owner-aware model and decides the owners of a
 forward that gets none:
 

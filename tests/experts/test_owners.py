@@ -7,7 +7,8 @@ from torch import nn
 from peer_ll.experts import (
     PEER,
     OwnerMix,
-    OwnerQueryAdapters,
+    PerOwner,
+    QueryAdapter,
     call_with_owners,
     mix_owners,
     peer_layers,
@@ -137,27 +138,38 @@ def test_the_paper_layer_has_no_owner_machinery():
         assert not hasattr(layer, name), name
 
 
+def query_adapters(owners, *, rank=2, affine=True):
+    """One identity-at-init QueryAdapter per owner (heads 2, dim_key 8), unknown: identity."""
+    def new():
+        return QueryAdapter(2, 8, rank=rank, affine=affine)
+
+    adapters = PerOwner(new(), owner=owners[0], new=new, unknown="identity")
+    for owner in owners[1:]:
+        adapters.add_owner(owner)
+    return adapters
+
+
 def test_query_adapter_is_the_identity_until_trained_and_scores_only_its_owner():
     layer = grown().eval()
     x = torch.randn(8, 12)
     before = {o: layer(x, owners=o) for o in (None, 0, 1)}
-    adapters = OwnerQueryAdapters(2, 8, rank=2, affine=True, owners=[0, 1])
+    adapters = query_adapters([0, 1])
     layer.attach_query_adapter(adapters)
     for o, out in before.items():
         torch.testing.assert_close(layer(x, owners=o), out)
     with torch.no_grad():
-        adapters["1"].shift.fill_(3.0)
+        adapters.copies["1"].shift.fill_(3.0)
     torch.testing.assert_close(layer(x, owners=0), before[0])  # owner 0 untouched
     assert not torch.allclose(layer(x, owners=1), before[1])
     with pytest.raises(ValueError, match="query_adapter must be unset"):
-        layer.attach_query_adapter(OwnerQueryAdapters(2, 8))
+        layer.attach_query_adapter(query_adapters([0]))
 
 
 def test_freezing_an_owners_keys_freezes_its_adapter():
     layer = grown()
-    adapters = OwnerQueryAdapters(2, 8, rank=2, owners=[0, 1, 5])
+    adapters = query_adapters([0, 1, 5], affine=False)
     layer.attach_query_adapter(adapters)
     layer.freeze([0, 1])
-    assert [adapters[o].up.requires_grad for o in ("0", "1", "5")] == [False, False, True]
+    assert [adapters.copies[o].up.requires_grad for o in ("0", "1", "5")] == [False, False, True]
     layer.unfreeze(1)
-    assert adapters["1"].up.requires_grad
+    assert adapters.copies["1"].up.requires_grad

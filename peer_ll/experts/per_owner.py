@@ -13,7 +13,9 @@ or None (the newest owner; ``unknown="identity"`` containers pass x through). Th
 travel as that argument from the model (``peer_ll.experts.call_with_owners``); nothing
 about a call is stored. A PEER layer calls its query adapter as ``adapter(q, owner)``.
 
-Builders that install them in a model: :mod:`peer_ll.protect.builders`.
+Routing protection installs them in a model (:mod:`peer_ll.protect.builders`); the
+language model gives each owner its own query adapter with one
+(:func:`peer_ll.models.transformer.make_peer`).
 """
 
 from __future__ import annotations
