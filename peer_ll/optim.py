@@ -6,7 +6,7 @@ and never touches frozen rows: no gradient, no moment update, no weight decay.
 
 A stock optimizer does not know about frozen rows: ``torch.optim.AdamW`` keeps
 decaying them and keeps applying their old momentum, so frozen experts drift. Stock
-Adam/AdamW also reject sparse gradients; build the layer with ``sparse_grad=False``
+Adam/AdamW also reject sparse gradients; set ``layer.sparse_grad = False``
 to use them (each step then costs O(N)).
 """
 

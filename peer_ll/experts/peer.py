@@ -60,9 +60,12 @@ class PEER(nn.Module):
         capacity: expert rows to reserve (default: num_keys²; sub-key room follows).
             Growth within capacity allocates nothing and keeps every Parameter.
         owner: owner id of the first segment's experts.
-        sparse_grad: give the expert tables row-sparse gradients (needs
-            ``peer_ll.optim.make_optimizer`` or another sparse-aware optimizer).
         backend: kernels to use, "auto" | "torch" | "triton".
+
+    Attributes:
+        sparse_grad: the expert tables get row-sparse gradients (default True; needs
+            ``peer_ll.optim.make_optimizer`` or another sparse-aware optimizer). Set it
+            to False to train with a stock dense optimizer (each step then costs O(N)).
 
     Shapes:
         input (..., D) -> output (..., E).
@@ -84,7 +87,6 @@ class PEER(nn.Module):
         activation: str = "gelu",  # paper: GELU
         capacity: int | None = None,
         owner: int = 0,
-        sparse_grad: bool = True,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -107,7 +109,7 @@ class PEER(nn.Module):
         self.dim, self.dim_out, self.heads, self.topk, self.dim_key, self.num_keys = (
             dim, dim_out, heads, topk, dim_key, num_keys)
         self.query_norm_kind, self.gate, self.activation = query_norm, gate, activation
-        self.sparse_grad, self.backend = sparse_grad, backend
+        self.sparse_grad, self.backend = True, backend
         self.query_frozen = False
         self.to_query = nn.Linear(dim, heads * dim_key, bias=False)
         self.query_norm = {

@@ -56,7 +56,7 @@ class PEERClassifier(nn.Module):
         hidden: width D of the encoder and the PEER blocks.
         blocks: number of PEER blocks.
         peer: PEER keyword arguments, over :data:`PEER_DEFAULTS` (e.g.
-            ``{"num_keys": 8, "sparse_grad": False}``); not ``dim``/``dim_out``.
+            ``{"num_keys": 8, "query_norm": "layer"}``); not ``dim``/``dim_out``.
         head: a module mapping features (B, hidden) to logits (B, classes); default
             ``Linear(hidden, num_classes)``. An owner-aware head (``takes_owners``)
             gets the ``owners`` of :meth:`forward`.

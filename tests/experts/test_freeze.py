@@ -7,9 +7,10 @@ from peer_ll.experts import PEER
 from peer_ll.optim import make_optimizer
 
 
-def grown(**kw):
+def grown(*, sparse_grad=True):
     # capacity 64 leaves room for 16 sub-keys
-    layer = PEER(16, num_keys=4, heads=2, topk=4, dim_key=8, capacity=64, **kw)
+    layer = PEER(16, num_keys=4, heads=2, topk=4, dim_key=8, capacity=64)
+    layer.sparse_grad = sparse_grad
     layer.grow(4, owner=1)
     return layer
 

@@ -126,7 +126,8 @@ def test_sparse_and_dense_gradients_agree():
     grads = []
     for sparse in (True, False):
         torch.manual_seed(1)
-        layer = small(sparse_grad=sparse)
+        layer = small()
+        layer.sparse_grad = sparse
         layer(x).square().sum().backward()
         g = layer.down.grad
         grads.append(g.to_dense() if g.is_sparse else g)

@@ -80,9 +80,9 @@ def test_pickle_and_deepcopy_keep_the_class_and_weights():
 
 
 def test_peer_defaults_and_overrides():
-    model = PEERClassifier(64, 3, hidden=32, peer={"num_keys": 5, "sparse_grad": False})
+    model = PEERClassifier(64, 3, hidden=32, peer={"num_keys": 5})
     layer = model.peer_layers[0]
-    assert layer.num_experts == 25 and not layer.sparse_grad
+    assert layer.num_experts == 25 and layer.sparse_grad
     assert layer.heads == PEER_DEFAULTS["heads"] and layer.query_norm_kind == "layer"
 
 
