@@ -9,7 +9,7 @@ For each listed row ``r`` (and only those), with ``t`` the global step:
 Backends:
 
 - ``"native"`` (CPU, fp32 tables; fp32 or bf16 moments): a small C kernel
-  (:mod:`peer_ll.kernels._adamw_native`) that reads and writes each row once, in place;
+  (:mod:`peer_ll.kernels._native`) that reads and writes each row once, in place;
 - ``"triton"`` (CUDA): the same in one Triton kernel (:mod:`peer_ll.kernels._adamw_triton`);
 - ``"torch"``: the fallback for every case; it gathers rows in cache-sized chunks,
   runs torch's fused AdamW on them and writes them back.
@@ -102,9 +102,9 @@ def lazy_adamw_(
 
 def native_available() -> bool:
     """True when the C kernel of the "native" backend builds and loads here."""
-    from peer_ll.kernels import _adamw_native
+    from peer_ll.kernels import _native
 
-    return _adamw_native.load() is not None
+    return _native.load() is not None
 
 
 def _choose(backend, param, exp_avg, exp_avg_sq, grad) -> str:
@@ -134,11 +134,11 @@ def _choose(backend, param, exp_avg, exp_avg_sq, grad) -> str:
 
 
 def _native(param, m, v, grad, rows, step, lr, beta1, beta2, eps, wd, grad_by_row) -> None:
-    from peer_ll.kernels import _adamw_native
+    from peer_ll.kernels import _native
 
     grad = grad.contiguous()
     rows = rows.to(torch.int64).contiguous()
-    _adamw_native.load()(
+    _native.load().peer_lazy_adamw(
         param.data_ptr(), m.data_ptr(), v.data_ptr(), grad.data_ptr(), rows.data_ptr(),
         rows.numel(), param.shape[1], int(grad_by_row), int(m.dtype == torch.bfloat16),
         torch.get_num_threads(), lr, beta1, beta2, eps, wd, float(step),
