@@ -1,13 +1,9 @@
-"""Small C kernels for the CPU path (fp32 tables): lazy AdamW in place, expert mixing.
+"""A small C kernel for the CPU path: lazy AdamW on fp32 tables, in place.
 
-- ``peer_lazy_adamw``: each listed row of the parameter and of both moments is read
-  once and written once, in place; the gradient row is read once. Nothing is gathered
-  or scattered (:mod:`peer_ll.kernels.lazy_adamw`).
-- ``peer_mix_fwd`` / ``peer_mix_bwd``: the expert mix of one token at a time, reading
-  each retrieved row of ``down`` and ``up`` once per pass (:mod:`peer_ll.kernels.expert_mix`).
-
-Retrieved rows lie far apart in a large pool, so the kernels prefetch a few rows ahead:
-no hardware prefetcher can guess them, and without that a row costs a memory latency.
+``peer_lazy_adamw`` reads and writes each listed row of the parameter and of both
+moments once, in place, and reads the gradient row once. Nothing is gathered or
+scattered (:mod:`peer_ll.kernels.lazy_adamw`). Touched rows lie far apart in a large
+pool, so it prefetches a few rows ahead: no hardware prefetcher can guess them.
 The source is compiled with the system C compiler on first use (well under a second)
 into a per-user cache, like Triton's kernel cache, and called through ``ctypes``,
 which releases the GIL; work is split over ``torch.get_num_threads()`` POSIX threads.
@@ -99,113 +95,6 @@ static void *run_b16(void *arg) {
   job_t *j = (job_t *)arg; ROW_LOOP(B16_M, B16_V, B16_SM, B16_SV) return 0;
 }
 
-/* ---------------------------------------------------------------- expert mix */
-typedef struct {
-  const float *x, *gates, *down, *up, *a_in, *dy; const int64_t *ids;
-  float *out, *a_out, *dgates, *da, *coef_up, *dx;
-  int64_t begin, end, M, D, E, gelu;
-} mix_t;
-
-static inline float act(float a, int64_t gelu) {
-  return gelu ? 0.5f * a * (1.0f + erff(a * 0.70710678118654752f)) : (a > 0.0f ? a : 0.0f);
-}
-static inline float act_grad(float a, int64_t gelu) {
-  if (!gelu) return a > 0.0f ? 1.0f : 0.0f;
-  float cdf = 0.5f * (1.0f + erff(a * 0.70710678118654752f));
-  return cdf + a * expf(-0.5f * a * a) * 0.3989422804014327f;
-}
-static inline void prefetch_span(const float *row, int64_t n) {
-  for (int64_t b = 0; b < n; b += 16) __builtin_prefetch(row + b, 0);
-}
-static inline float dot(const float *restrict u, const float *restrict x, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}; int64_t c = 0;
-  for (; c + 8 <= n; c += 8)
-    for (int k = 0; k < 8; k++) acc[k] += u[c + k] * x[c + k];
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; c < n; c++) s += u[c] * x[c];
-  return s;
-}
-static inline void axpy(float w, const float *restrict v, float *restrict o, int64_t n) {
-  for (int64_t c = 0; c < n; c++) o[c] += w * v[c];
-}
-
-#define MIX_AHEAD 4
-static void *mix_fwd(void *arg) {
-  mix_t *j = (mix_t *)arg;
-  for (int64_t t = j->begin; t < j->end; t++) {
-    const int64_t *ids = j->ids + t * j->M;
-    float *o = j->out + t * j->E;
-    for (int64_t c = 0; c < j->E; c++) o[c] = 0.0f;
-    for (int64_t m = 0; m < j->M; m++) {
-      if (m + MIX_AHEAD < j->M) {
-        prefetch_span(j->down + ids[m + MIX_AHEAD] * j->D, j->D);
-        prefetch_span(j->up + ids[m + MIX_AHEAD] * j->E, j->E);
-      }
-      float a = dot(j->down + ids[m] * j->D, j->x + t * j->D, j->D);
-      j->a_out[t * j->M + m] = a;
-      axpy(act(a, j->gelu) * j->gates[t * j->M + m], j->up + ids[m] * j->E, o, j->E);
-    }
-  }
-  return 0;
-}
-static void *mix_bwd(void *arg) {
-  mix_t *j = (mix_t *)arg;
-  for (int64_t t = j->begin; t < j->end; t++) {
-    const int64_t *ids = j->ids + t * j->M;
-    float *dx = j->dx + t * j->D;
-    for (int64_t c = 0; c < j->D; c++) dx[c] = 0.0f;
-    for (int64_t m = 0; m < j->M; m++) {
-      if (m + MIX_AHEAD < j->M) {
-        prefetch_span(j->up + ids[m + MIX_AHEAD] * j->E, j->E);
-        prefetch_span(j->down + ids[m + MIX_AHEAD] * j->D, j->D);
-      }
-      int64_t k = t * j->M + m;
-      float gv = dot(j->up + ids[m] * j->E, j->dy + t * j->E, j->E);
-      float a = j->a_in[k], g = j->gates[k], h = act(a, j->gelu);
-      j->dgates[k] = gv * h;
-      j->coef_up[k] = h * g;
-      j->da[k] = gv * g * act_grad(a, j->gelu);
-      axpy(j->da[k], j->down + ids[m] * j->D, dx, j->D);
-    }
-  }
-  return 0;
-}
-static void run_tokens(mix_t *base, int64_t T, int64_t threads, void *(*fn)(void *)) {
-  mix_t jobs[64]; pthread_t tid[64];
-  if (threads < 1) threads = 1;
-  if (threads > 64) threads = 64;
-  if (threads > T / 16) threads = T / 16 > 0 ? T / 16 : 1;
-  for (int64_t t = 0; t < threads; t++) {
-    jobs[t] = *base; jobs[t].begin = T * t / threads; jobs[t].end = T * (t + 1) / threads;
-  }
-  int64_t started = 1;
-  for (int64_t t = 1; t < threads; t++, started++)
-    if (pthread_create(&tid[t], 0, fn, &jobs[t])) break;
-  fn(&jobs[0]);
-  for (int64_t t = started; t < threads; t++) fn(&jobs[t]);
-  for (int64_t t = 1; t < started; t++) pthread_join(tid[t], 0);
-}
-int peer_mix_fwd(const float *x, const int64_t *ids, const float *gates, const float *down,
-                 const float *up, float *out, float *a_out, int64_t T, int64_t M, int64_t D,
-                 int64_t E, int64_t gelu, int64_t threads) {
-  mix_t j = {0};
-  j.x = x; j.ids = ids; j.gates = gates; j.down = down; j.up = up; j.out = out;
-  j.a_out = a_out; j.M = M; j.D = D; j.E = E; j.gelu = gelu;
-  run_tokens(&j, T, threads, mix_fwd);
-  return 0;
-}
-int peer_mix_bwd(const float *dy, const int64_t *ids, const float *gates, const float *down,
-                 const float *up, const float *a, float *dgates, float *da, float *coef_up,
-                 float *dx, int64_t T, int64_t M, int64_t D, int64_t E, int64_t gelu,
-                 int64_t threads) {
-  mix_t j = {0};
-  j.dy = dy; j.ids = ids; j.gates = gates; j.down = down; j.up = up; j.a_in = a;
-  j.dgates = dgates; j.da = da; j.coef_up = coef_up; j.dx = dx;
-  j.M = M; j.D = D; j.E = E; j.gelu = gelu;
-  run_tokens(&j, T, threads, mix_bwd);
-  return 0;
-}
-
 /* ---------------------------------------------------------------- lazy AdamW */
 int peer_lazy_adamw(float *p, void *m, void *v, const float *g, const int64_t *rows,
                     int64_t n_rows, int64_t width, int64_t g_by_row, int64_t bf16_moments,
@@ -271,23 +160,20 @@ def _build(compiler: str) -> Path:
 def load():
     """The compiled library (``ctypes.CDLL``), or None where it cannot be built or loaded.
 
-    Set ``PEER_LL_NATIVE=0`` to never build it (the pure-torch paths are then used).
+    Set ``PEER_LL_NATIVE=0`` to never build it (the pure-torch path is then used).
     """
     if os.environ.get("PEER_LL_NATIVE", "1") == "0" or sys.platform == "win32":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.info("no C compiler found: the CPU kernels use their pure-torch paths")
+        logger.info("no C compiler found: lazy AdamW uses its pure-torch path")
         return None
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.SubprocessError) as err:
-        logger.warning("building the C kernels failed (%s); using pure torch", err)
+        logger.warning("building the lazy AdamW kernel failed (%s); using pure torch", err)
         return None
     i64, f64, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
     lib.peer_lazy_adamw.argtypes = [ptr] * 5 + [i64] * 5 + [f64] * 6
-    lib.peer_mix_fwd.argtypes = [ptr] * 7 + [i64] * 6
-    lib.peer_mix_bwd.argtypes = [ptr] * 10 + [i64] * 6
-    for fn in (lib.peer_lazy_adamw, lib.peer_mix_fwd, lib.peer_mix_bwd):
-        fn.restype = ctypes.c_int
+    lib.peer_lazy_adamw.restype = ctypes.c_int
     return lib

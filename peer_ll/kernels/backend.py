@@ -10,7 +10,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton", "native")
+BACKENDS = ("auto", "torch", "triton")
 
 
 def interpreting() -> bool:
@@ -32,8 +32,6 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     """Return the concrete backend ("torch" or "triton") for these tensors.
 
     "auto" picks Triton for CUDA tensors (when Triton imports) and torch otherwise.
-    "native" (the C kernels of the CPU path, where an op has them) resolves to "torch":
-    ops with C kernels check for themselves whether those can run.
     "triton" on CPU tensors only works under ``TRITON_INTERPRET=1``.
 
     Raises:
@@ -43,7 +41,7 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     on_cuda = all(t.is_cuda for t in tensors)
-    if backend in ("torch", "native"):
+    if backend == "torch":
         return "torch"
     if backend == "auto":
         return "triton" if on_cuda and triton_available() else "torch"

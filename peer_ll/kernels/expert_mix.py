@@ -1,11 +1,10 @@
 """Fused expert mixing: gather u_i, σ(x·u_i), gate, accumulate g·v_i.
 
 ``expert_mix`` dispatches to the Triton kernels (:mod:`peer_ll.kernels._mix_triton`,
-imported on first use), to the C kernels of the CPU path (:mod:`peer_ll.kernels._native`:
-one pass per token that prefetches the retrieved rows) or to the torch reference.
-The backward returns gradients for x, the gates and both expert tables; the table
-gradients are row-sparse sums over the retrieved places (one sort per step serves
-``down`` and ``up``), and frozen rows get none.
+imported on first use) or to the torch reference. The backward returns gradients
+for x, the gates and both expert tables; the table gradients are row-sparse sums
+over the retrieved places (one sort per step serves ``down`` and ``up``), and
+frozen rows get none.
 """
 
 from __future__ import annotations
@@ -54,65 +53,6 @@ class _ExpertMixTriton(torch.autograd.Function):
         return grad_x, None, grad_gates, grad_down, grad_up, None, None, None, None
 
 
-class _ExpertMixNative(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, ids, gates, down, up, activation, frozen, sparse_grad):
-        from peer_ll.kernels._native import load
-
-        T, D, E = x.shape[0], down.shape[1], up.shape[1]
-        flat_ids = ids.reshape(T, -1).contiguous()  # (T, M), M = H*K
-        flat_gates = gates.detach().reshape(T, -1).contiguous()
-        x = x.detach().contiguous()
-        out, a = x.new_empty(T, E), x.new_empty(flat_ids.shape)
-        load().peer_mix_fwd(
-            x.data_ptr(), flat_ids.data_ptr(), flat_gates.data_ptr(), down.data_ptr(),
-            up.data_ptr(), out.data_ptr(), a.data_ptr(), T, flat_ids.shape[1], D, E,
-            int(activation == "gelu"), torch.get_num_threads(),
-        )
-        ctx.save_for_backward(x, flat_ids, flat_gates, down, up, a, frozen)
-        ctx.activation, ctx.sparse_grad, ctx.gate_shape = activation, sparse_grad, gates.shape
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        from peer_ll.kernels._native import load
-
-        x, flat_ids, flat_gates, down, up, a, frozen = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        (T, M), D, E = flat_ids.shape, down.shape[1], up.shape[1]
-        dgates, da, coef_up = (a.new_empty(T, M) for _ in range(3))
-        dx = x.new_empty(T, D)
-        load().peer_mix_bwd(
-            grad_out.data_ptr(), flat_ids.data_ptr(), flat_gates.data_ptr(), down.data_ptr(),
-            up.data_ptr(), a.data_ptr(), dgates.data_ptr(), da.data_ptr(), coef_up.data_ptr(),
-            dx.data_ptr(), T, M, D, E, int(ctx.activation == "gelu"), torch.get_num_threads(),
-        )
-        grad_down = grad_up = None
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            plan = row_plan(flat_ids, frozen)  # one sort serves both tables
-            if ctx.needs_input_grad[3]:
-                values = aggregate_rows(plan, da, x)
-                grad_down = to_table_grad(plan, values, down.shape, sparse=ctx.sparse_grad)
-            if ctx.needs_input_grad[4]:
-                values = aggregate_rows(plan, coef_up, grad_out)
-                grad_up = to_table_grad(plan, values, up.shape, sparse=ctx.sparse_grad)
-        grad_x = dx if ctx.needs_input_grad[0] else None
-        grad_gates = dgates.reshape(ctx.gate_shape) if ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_gates, grad_down, grad_up, None, None, None
-
-
-def _native_fits(x, ids, gates, down, up) -> bool:
-    """The C kernels take fp32 CPU tensors, contiguous tables and valid ids only."""
-    from peer_ll.kernels._native import load
-
-    return (
-        not x.is_cuda and all(t.dtype == torch.float32 for t in (x, gates, down, up))
-        and down.is_contiguous() and up.is_contiguous() and ids.dtype == torch.int64
-        and ids.numel() > 0 and load() is not None and int(ids.min()) >= 0
-        and int(ids.max()) < min(down.shape[0], up.shape[0])
-    )
-
-
 def expert_mix(
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -137,8 +77,7 @@ def expert_mix(
         activation: "gelu" (exact, erf-based) or "relu".
         frozen: optional (N,) bool; frozen rows receive no gradient.
         sparse_grad: give ``down`` and ``up`` row-sparse (COO, coalesced) gradients.
-        backend: "auto" (Triton on CUDA tensors, torch otherwise), "torch", "native"
-            (the C kernels; the torch reference where they cannot run) or "triton".
+        backend: "auto" (Triton on CUDA tensors, torch otherwise), "torch" or "triton".
         deterministic: Triton only: sum table gradients per row in sorted order
             (bitwise reproducible); False uses fp32 atomics.
 
@@ -159,13 +98,10 @@ def expert_mix(
         raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
     if frozen is None:
         frozen = torch.empty(0, dtype=torch.bool, device=x.device)
-    chosen = resolve_backend(backend, x, down)
-    if chosen == "triton":
+    if resolve_backend(backend, x, down) == "triton":
         return _ExpertMixTriton.apply(
             x, ids, gates, down, up, activation, frozen, sparse_grad, deterministic
         )
-    if backend == "native" and _native_fits(x, ids, gates, down, up):
-        return _ExpertMixNative.apply(x, ids, gates, down, up, activation, frozen, sparse_grad)
     return reference.expert_mix(
         x, ids, gates, down, up, activation=activation, frozen=frozen, sparse_grad=sparse_grad
     )

@@ -105,3 +105,22 @@ def test_bad_arguments_change_nothing():
         lazy_adamw_(p.double(), m.double(), v.double(), torch.ones(2, 37).double(), rows,
                     step=1, backend="native", **HYPER)
     assert torch.equal(p, before)
+
+
+@pytest.mark.parametrize("env", [{"PEER_LL_NATIVE": "0"}, {"CC": "false"}])
+def test_without_the_c_kernel_auto_falls_back_to_torch(monkeypatch, tmp_path, env):
+    """No kernel (switched off, or a compiler that fails): "auto" runs the torch path."""
+    from peer_ll.kernels import _native
+
+    monkeypatch.setenv("PEER_LL_CACHE_DIR", str(tmp_path))  # no kernel built before
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    _native.load.cache_clear()
+    try:
+        assert not native_available()
+        _, got = _run("auto", torch.float32)
+    finally:
+        _native.load.cache_clear()
+    _, want = _run("torch", torch.float32)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
