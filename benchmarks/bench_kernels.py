@@ -121,9 +121,8 @@ def retrieval_bench(T, H, K, dk, n, bench) -> list[tuple[str, str, float, str]]:
     keys = (torch.randn(n, 2, dk // 2, device=DEVICE) / 8).to(torch.bfloat16)
     segs = torch.tensor([[0, n, n, 0]], device=DEVICE)
     cases = {
+        # select="extract" runs in the interpreter only (it does not compile for a GPU)
         "triton bitonic": lambda: product_topk(q, keys, segs, K, backend="triton"),
-        "triton extract": lambda: product_topk(q, keys, segs, K, backend="triton",
-                                               select="extract"),
         "torch reference": lambda: reference.product_topk(q, keys, segs, K),
     }
     return [("retrieval", name, bench(fn), "") for name, fn in cases.items()]
@@ -195,19 +194,37 @@ def gpu_bench(tokens: int, smoke: bool = False) -> list[tuple[str, str, float, s
     return rows
 
 
+def _peak(dev) -> str:
+    """Peak device memory since the last reset, as a note (empty on CPU)."""
+    if dev != "cuda":
+        return ""
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return f"peak {peak:.1f} GiB"
+
+
 def layer_bench(T, D, H, K, dk, n, bench) -> list[tuple[str, str, float, str]]:
-    from PEER_pytorch import PEER as LucidPEER
-
-    from peer_ll.experts import PEER
-    from peer_ll.optim import make_optimizer
-
+    """The whole layer: peer_ll (Triton, torch reference) and peer-pytorch, with peaks."""
     dev, bf16 = DEVICE, torch.bfloat16
     x = torch.randn(T, D, device=dev, dtype=bf16, requires_grad=True)
     dy = torch.randn(T, D, device=dev, dtype=bf16)
-    rows = []
+    rows = _peer_ll_layer(x, dy, H, K, dk, n, bench)  # its pool is freed on return
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return rows + _lucid_layer(x, dy, H, K, dk, n, bench)
+
+
+def _peer_ll_layer(x, dy, H, K, dk, n, bench):
+    from peer_ll.experts import PEER
+    from peer_ll.optim import make_optimizer
+
+    dev, rows = DEVICE, []
     torch.manual_seed(0)
     with torch.device(dev):  # build the 1024² pool on the device, not on the host
-        layer = PEER(D, num_keys=n, heads=H, topk=K, dim_key=dk).to(bf16)
+        layer = PEER(x.shape[1], num_keys=n, heads=H, topk=K, dim_key=dk).to(x.dtype)
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for backend in ("triton", "torch"):
         layer.backend = backend
 
@@ -216,23 +233,32 @@ def layer_bench(T, D, H, K, dk, n, bench) -> list[tuple[str, str, float, str]]:
             x.grad = None
             layer(x).backward(dy)
 
-        rows.append(("layer fwd+bwd", backend, bench(fwd_bwd), ""))
-        opt = make_optimizer(layer, lr=1e-4)
+        rows.append(("layer fwd+bwd", backend, bench(fwd_bwd), _peak(dev)))
+        opt = make_optimizer(layer, lr=1e-4, backend="auto" if backend == "triton" else "torch")
 
         def step(opt=opt):
             opt.zero_grad(set_to_none=True)
             layer(x).backward(dy)
             opt.step()
 
-        rows.append(("layer train step", backend, bench(step), "SparseAdamW"))
+        rows.append(("layer train step", backend, bench(step),
+                     f"SparseAdamW ({opt.backend} rows), {_peak(dev)}"))
         del opt
         if dev == "cuda":
             torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    return rows
+
+
+def _lucid_layer(x, dy, H, K, dk, n, bench):
+    from PEER_pytorch import PEER as LucidPEER
+
+    dev, (T, D) = DEVICE, x.shape
     # peer-pytorch with the paper's semantics: softmax over 16 experts per head; its
     # dim_key is the size of one half, so 64 here matches dim_key = 128.
     with torch.device(dev):
         lucid = LucidPEER(D, heads=H, num_experts=n * n, num_experts_per_head=K,
-                          dim_key=dk // 2, non_competing_scores=False).to(bf16)
+                          dim_key=dk // 2, non_competing_scores=False).to(x.dtype)
     x3, dy3 = x.detach().view(1, T, D).requires_grad_(), dy.view(1, T, D)
 
     def lucid_fb():
@@ -240,7 +266,17 @@ def layer_bench(T, D, H, K, dk, n, bench) -> list[tuple[str, str, float, str]]:
         x3.grad = None
         lucid(x3).backward(dy3)
 
-    rows.append(("layer fwd+bwd", "peer-pytorch", bench(lucid_fb), "dense table grads"))
+    rows = [("layer fwd+bwd", "peer-pytorch", bench(lucid_fb),
+             f"dense table grads, {_peak(dev)}")]
+    lucid_opt = torch.optim.Adam(lucid.parameters(), lr=1e-4)
+
+    def lucid_step():
+        lucid_opt.zero_grad(set_to_none=True)
+        lucid(x3).backward(dy3)
+        lucid_opt.step()
+
+    rows.append(("layer train step", "peer-pytorch", bench(lucid_step),
+                 f"torch.optim.Adam, {_peak(dev)}"))
     return rows
 
 

@@ -1,23 +1,30 @@
-"""CPU speed and memory of one PEER layer as the pool grows, against baselines.
+"""CPU training step of one PEER layer against its memory floor and against peer-pytorch.
 
-Setting (issue "PEER layer with a growable expert pool"): dim=256, heads=8, topk=16,
-dim_key=128, 2048 tokens, pools of 128², 256², 512² and 1024² experts. For each pool it
-measures the forward time, a full training step (forward, backward, optimizer) and the
-peak memory of the process, for:
+Setting (paper defaults for the pool): dim 256, 1024² experts, heads 8, topk 16, dim_key
+128, 1024 tokens, ``make_optimizer``. Each (provider, threads) runs in a fresh
+subprocess, so peak RSS is its own. Each measures, as medians over repeats:
 
-- ``peer_ll``: this package's PEER with ``make_optimizer`` (lazy Adam, fp32 moments);
-- ``peer_ll_bf16``: the same with bf16 Adam moments for the expert tables;
-- ``peer_pytorch``: the PyPI package peer-pytorch 0.2.2 with the paper's semantics
-  (non_competing_scores=False, heads=8, num_experts_per_head=16, dim_key=128) and
-  ``torch.optim.Adam``;
-- ``dense_ffn``: a dense FFN with the same active parameters per token (hidden =
-  heads·topk = 128) and ``torch.optim.Adam``.
+- the training step (forward, backward, optimizer step);
+- a decoding step: one token (batch 1), no gradient, the latency a server sees;
+- the peak RSS of the process.
 
-Each (provider, pool) runs in a fresh subprocess, so peak RSS is its own. Times are
-medians over repeats; figures that matter are the ratios within this run.
+For ``peer_ll`` the same process also measures the machine's copy bandwidth (a
+256 MiB ``copy_``, read + write bytes) and counts the step's retrievals A and distinct
+touched rows R, so the memory floor of the step comes from the same run:
+
+    floor = (6·A + 14·R) · dim · 4 bytes / copy bandwidth
+
+(forward and backward read about 6 rows per retrieval; lazy Adam reads p, g, m, v and
+writes p, m, v of each touched row of two tables). Providers:
+
+- ``peer_ll``: this package (lazy AdamW in place, fp32 moments);
+- ``peer_ll_bf16``: the same with bf16 moments for the expert tables;
+- ``peer_ll_gather``: the optimizer's gather/update/scatter torch path (the old one);
+- ``peer_pytorch``: peer-pytorch 0.2.2 with the paper's semantics and ``torch.optim.Adam``.
 
 Usage:
-    python benchmarks/bench_layer.py [--sizes 128 256 512 1024] [--tokens 2048] [--repeats 3]
+    python benchmarks/bench_layer.py [--keys 1024] [--tokens 1024] [--threads 1 2]
+        [--repeats 5] [--providers ...] [--no-write]
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ import sys
 import time
 from pathlib import Path
 
-DIM, HEADS, TOPK, DIM_KEY = 256, 8, 16, 128
-PROVIDERS = ("peer_ll", "peer_ll_bf16", "peer_pytorch", "dense_ffn")
+DIM, HEADS, TOPK, DIM_KEY = 256, 8, 16, 128  # paper: h = 8, k = 16
+PROVIDERS = ("peer_ll", "peer_ll_bf16", "peer_ll_gather", "peer_pytorch")
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
@@ -48,7 +55,6 @@ def _rss_kib(field: str) -> int:
 
 def _build(provider: str, keys: int):
     import torch
-    from torch import nn
 
     if provider.startswith("peer_ll"):
         from peer_ll.experts import PEER
@@ -56,129 +62,156 @@ def _build(provider: str, keys: int):
 
         model = PEER(DIM, num_keys=keys, heads=HEADS, topk=TOPK, dim_key=DIM_KEY)
         dtype = torch.bfloat16 if provider == "peer_ll_bf16" else None
-        return model, make_optimizer(model, lr=1e-3, expert_state_dtype=dtype)
-    if provider == "peer_pytorch":
-        from PEER_pytorch import PEER as LucidPEER
+        backend = "torch" if provider == "peer_ll_gather" else "auto"
+        return model, make_optimizer(model, lr=1e-3, expert_state_dtype=dtype, backend=backend)
+    from PEER_pytorch import PEER as LucidPEER
 
-        model = LucidPEER(
-            DIM, heads=HEADS, num_experts=keys * keys, num_experts_per_head=TOPK,
-            dim_key=DIM_KEY, non_competing_scores=False,
-        )
-        return model, torch.optim.Adam(model.parameters(), lr=1e-3)
-    hidden = HEADS * TOPK
-    model = nn.Sequential(nn.Linear(DIM, hidden), nn.GELU(), nn.Linear(hidden, DIM))
+    model = LucidPEER(
+        DIM, heads=HEADS, num_experts=keys * keys, num_experts_per_head=TOPK,
+        dim_key=DIM_KEY, non_competing_scores=False,
+    )
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
-def worker(provider: str, keys: int, tokens: int, repeats: int) -> dict:
-    """Measure one (provider, pool) in this process."""
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """Bytes moved per second (read + write) by a large ``copy_``, median of repeats."""
+    import torch
+
+    src = torch.ones(mib << 18)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    return 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src), repeats)
+
+
+def worker(provider: str, keys: int, tokens: int, threads: int, repeats: int) -> dict:
+    """Measure one (provider, threads) in this process."""
     import torch
 
     torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     model, opt = _build(provider, keys)
     x = torch.randn(1, tokens, DIM)  # peer-pytorch wants (batch, seq, dim)
-    rss_before = _rss_kib("VmRSS")
+    one = torch.randn(1, 1, DIM)
 
     def step():
         opt.zero_grad(set_to_none=True)
         model(x).square().mean().backward()
         opt.step()
 
-    def forward():
+    def decode():
         with torch.no_grad():
-            model(x)
+            model(one)
 
-    timings = {}
-    for name, fn in (("step", step), ("forward", forward)):
-        fn()  # warm-up (and optimizer state allocation)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        timings[name] = statistics.median(times)
-    params = sum(p.numel() for p in model.parameters())
-    return {
-        "provider": provider, "experts": keys * keys, "forward_s": timings["forward"],
-        "step_s": timings["step"], "peak_rss_mib": _rss_kib("VmHWM") / 1024,
-        "model_rss_mib": rss_before / 1024, "params": params,
-    }
+    step()  # warm-up and optimizer state
+    step()
+    row = {"provider": provider, "threads": threads, "step_s": _median_time(step, repeats)}
+    model.eval()  # serving: BatchNorm uses its running statistics
+    decode()
+    row["decode_s"] = _median_time(decode, 20 * repeats)
+    model.train()
+    row["peak_rss_mib"] = _rss_kib("VmHWM") / 1024
+    if provider.startswith("peer_ll"):
+        with torch.no_grad():
+            _, ids = model.retrieve(x.view(-1, DIM))  # train mode, as in the step
+        row["A"], row["R"] = ids.numel(), int(torch.unique(ids).numel())
+        row["bandwidth"] = copy_bandwidth()
+        row["floor_s"] = (6 * row["A"] + 14 * row["R"]) * DIM * 4 / row["bandwidth"]
+    return row
 
 
-def run(provider: str, keys: int, tokens: int, repeats: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", provider, str(keys),
+def run(provider: str, keys: int, tokens: int, threads: int, repeats: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", provider, str(threads), "--keys", str(keys),
            "--tokens", str(tokens), "--repeats", str(repeats)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
-        return {"provider": provider, "experts": keys * keys, "error": out.stderr[-300:]}
+        return {"provider": provider, "threads": threads, "error": out.stderr[-300:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def table(rows: list[dict], sizes: list[int]) -> str:
-    by = {(r["provider"], r["experts"]): r for r in rows}
+def table(rows: list[dict]) -> str:
     lines = [
-        "| experts | provider | forward (s) | step (s) | peak RSS (MiB) | step vs peer-pytorch "
-        "| peak RSS vs peer-pytorch | step vs own 128²-step |",
-        "|---|---|---|---|---|---|---|---|",
+        "| threads | provider | step (ms) | step / floor | peer-pytorch step / step "
+        "| peak RSS (MiB) | RSS / peer-pytorch's | decode 1 token (ms) "
+        "| peer-pytorch decode / decode |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for keys in sizes:
-        n = keys * keys
-        base = by.get(("peer_pytorch", n), {})
+    by = {(r["provider"], r["threads"]): r for r in rows}
+    for threads in sorted({r["threads"] for r in rows}):
+        base = by.get(("peer_pytorch", threads), {})
+        floor = by.get(("peer_ll", threads), {}).get("floor_s")
         for provider in PROVIDERS:
-            r = by.get((provider, n))
+            r = by.get((provider, threads))
             if r is None:
                 continue
             if "error" in r:
-                lines.append(f"| {keys}² | {provider} | failed: {r['error'][-80:]!r} | | | | | |")
+                lines.append(f"| {threads} | {provider} | failed: {r['error'][-80:]!r} |"
+                             " | | | | | |")
                 continue
-            small = by.get((provider, sizes[0] ** 2), {})
-            speed = (f"{base['step_s'] / r['step_s']:.1f}× faster"
-                     if "step_s" in base else "—")
-            mem = (f"{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}×"
-                   if "peak_rss_mib" in base else "—")
-            growth = f"{r['step_s'] / small['step_s']:.2f}×" if "step_s" in small else "—"
+            ratio = (lambda a, b, f: f.format(a / b) if a and b else "—")  # noqa: E731
             lines.append(
-                f"| {keys}² | {provider} | {r['forward_s']:.3f} | {r['step_s']:.3f} | "
-                f"{r['peak_rss_mib']:.0f} | {speed} | {mem} | {growth} |"
+                f"| {threads} | {provider} | {r['step_s'] * 1e3:.0f} "
+                f"| {ratio(r['step_s'], floor, '{:.2f}×')} "
+                f"| {ratio(base.get('step_s'), r['step_s'], '{:.1f}×')} "
+                f"| {r['peak_rss_mib']:.0f} "
+                f"| {ratio(r['peak_rss_mib'], base.get('peak_rss_mib'), '{:.2f}×')} "
+                f"| {r['decode_s'] * 1e3:.2f} "
+                f"| {ratio(base.get('decode_s'), r['decode_s'], '{:.1f}×')} |"
             )
     return "\n".join(lines)
 
 
+def floors(rows: list[dict]) -> str:
+    out = []
+    for r in rows:
+        if r.get("provider") == "peer_ll" and "floor_s" in r:
+            out.append(
+                f"- {r['threads']} thread(s): A = {r['A']:,} retrievals, R = {r['R']:,} distinct "
+                f"rows, copy bandwidth {r['bandwidth'] / 1e9:.1f} GB/s, floor "
+                f"**{r['floor_s'] * 1e3:.0f} ms**."
+            )
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024],
-                        help="sub-keys per side; the pool holds size² experts")
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keys", type=int, default=1024, help="sub-keys per side (keys² experts)")
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
-    parser.add_argument("--worker", nargs=2, metavar=("PROVIDER", "KEYS"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=2, metavar=("PROVIDER", "THREADS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        provider, keys = args.worker[0], int(args.worker[1])
-        print(json.dumps(worker(provider, keys, args.tokens, args.repeats)))
+        row = worker(args.worker[0], args.keys, args.tokens, int(args.worker[1]), args.repeats)
+        print(json.dumps(row))
         return
     from tqdm import tqdm
 
-    jobs = [(p, k) for k in args.sizes for p in args.providers
-            if not (p == "dense_ffn" and k != args.sizes[0])]
-    rows = [run(p, k, args.tokens, args.repeats) for p, k in tqdm(jobs, desc="bench_layer")]
-    dense = next((r for r in rows if r["provider"] == "dense_ffn" and "step_s" in r), None)
-    if dense is not None:  # a dense FFN does not depend on the pool size
-        rows += [dict(dense, experts=k * k) for k in args.sizes[1:]]
-    text = table(rows, args.sizes)
+    jobs = [(p, t) for t in args.threads for p in args.providers]
+    rows = [run(p, args.keys, args.tokens, t, args.repeats) for p, t in tqdm(jobs)]
+    text = table(rows) + "\n\nFloor of the step, measured in the same run:\n\n" + floors(rows)
     print(text)
     if not args.no_write:
         import torch
 
         command = "python benchmarks/bench_layer.py " + " ".join(sys.argv[1:])
         header = (
-            f"\n## PEER layer on CPU (bench_layer.py)\n\n`{command.strip()}` — "
-            f"{datetime.date.today()}, {os.cpu_count()} CPU cores, no GPU, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, "
-            f"{args.tokens} tokens, dim={DIM}, heads={HEADS}, topk={TOPK}, dim_key={DIM_KEY}, "
-            f"median of {args.repeats}.\n\n"
+            f"\n### Run of {datetime.date.today()}\n\n`{command.strip()}` — "
+            f"{os.cpu_count()} CPU cores, no GPU, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {args.keys}² experts, {args.tokens} tokens, "
+            f"dim={DIM}, heads={HEADS}, topk={TOPK}, dim_key={DIM_KEY}, median of "
+            f"{args.repeats} steps (decode: of {20 * args.repeats}).\n\n"
         )
         with RESULTS.open("a") as f:
             f.write(header + text + "\n")

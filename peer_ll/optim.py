@@ -17,6 +17,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from peer_ll.kernels.lazy_adamw import LAZY_ADAMW_BACKENDS, adamw_, lazy_adamw_
+
 
 class SparseAdamW(torch.optim.Optimizer):
     """AdamW that is lazy for row-sparse gradients and respects frozen rows.
@@ -37,6 +39,9 @@ class SparseAdamW(torch.optim.Optimizer):
             tagged with ``peer_frozen_rows``); default: the parameter's dtype.
             ``torch.bfloat16`` halves the optimizer memory of a large pool, at the
             cost of rounding the moments (a departure from plain Adam).
+        backend: how rows are updated (:func:`peer_ll.kernels.lazy_adamw.lazy_adamw_`):
+            "auto" (Triton on CUDA, the in-place C kernel on CPU where it builds, torch
+            otherwise), "torch", "native" or "triton".
     """
 
     def __init__(
@@ -48,7 +53,10 @@ class SparseAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         *,
         expert_state_dtype: torch.dtype | None = None,
+        backend: str = "auto",
     ) -> None:
+        if backend not in LAZY_ADAMW_BACKENDS:
+            raise ValueError(f"backend must be one of {LAZY_ADAMW_BACKENDS}, got {backend!r}")
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not all(0.0 <= b < 1.0 for b in betas):
@@ -57,6 +65,7 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.expert_state_dtype = expert_state_dtype
+        self.backend = backend
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -84,50 +93,34 @@ class SparseAdamW(torch.optim.Optimizer):
                     self._dense_update(p, p.grad, state, group, frozen)
         return loss
 
-    @staticmethod
-    def _rows_update(param, rows, grad, state, group) -> None:
-        """AdamW update of ``param[rows]`` (or of every row when ``rows`` is None).
-
-        Rows are gathered with ``index_select``, updated by torch's fused AdamW kernel
-        where it exists, and written back with ``index_copy_``.
-        """
-        every = rows is None
-        m_all, v_all = state["exp_avg"], state["exp_avg_sq"]
-        p = param if every else param.index_select(0, rows)
-        m = m_all if every else m_all.index_select(0, rows)
-        v = v_all if every else v_all.index_select(0, rows)
-        if m.dtype != p.dtype:  # lower-precision moments: update in the parameter's dtype
-            m, v = m.to(p.dtype), v.to(p.dtype)
-        _adamw(p, grad.to(p.dtype), m, v, state["step"], group)
-        if every:
-            if m is not m_all:
-                m_all.copy_(m)
-                v_all.copy_(v)
-            return
-        param.index_copy_(0, rows, p)
-        m_all.index_copy_(0, rows, m.to(m_all.dtype))
-        v_all.index_copy_(0, rows, v.to(v_all.dtype))
+    def _update(self, p, rows, grad, state, group, *, grad_by_row: bool = False) -> None:
+        beta1, beta2 = group["betas"]
+        lazy_adamw_(
+            p, state["exp_avg"], state["exp_avg_sq"], grad, rows, step=float(state["step"]),
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], grad_by_row=grad_by_row, backend=self.backend,
+        )
 
     def _sparse_update(self, p, grad, state, group, frozen) -> None:
-        rows, values = grad.indices()[0], grad.values()
+        rows, values = grad._indices()[0], grad._values()
         if frozen is not None and bool(frozen.any()):
             keep = ~frozen[rows]
             rows, values = rows[keep], values[keep]
-        # Chunks bound the temporary gathered rows (3 tensors of chunk × width).
-        for start in range(0, rows.numel(), _ROW_CHUNK):
-            chunk = slice(start, start + _ROW_CHUNK)
-            self._rows_update(p, rows[chunk], values[chunk], state, group)
+        self._update(p, rows, values, state, group)
 
     def _dense_update(self, p, grad, state, group, frozen) -> None:
-        if frozen is None or not bool(frozen.any()):
-            self._rows_update(p, None, grad, state, group)
+        if frozen is None or not bool(frozen.any()):  # every row: torch's fused AdamW
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            if m.dtype == p.dtype:
+                adamw_(p, grad, m, v, state["step"], group)
+                return
+            m32, v32 = m.to(p.dtype), v.to(p.dtype)
+            adamw_(p, grad.to(p.dtype), m32, v32, state["step"], group)
+            m.copy_(m32)
+            v.copy_(v32)
             return
         rows = (~frozen[: p.shape[0]]).nonzero().flatten()
-        self._rows_update(p, rows, grad[rows], state, group)
-
-
-_FUSED = hasattr(torch, "_fused_adamw_")
-_ROW_CHUNK = 1 << 15
+        self._update(p, rows, grad, state, group, grad_by_row=True)
 
 
 def _coalesced(grad: torch.Tensor) -> torch.Tensor:
@@ -145,25 +138,6 @@ def _coalesced(grad: torch.Tensor) -> torch.Tensor:
     return grad.coalesce()
 
 
-def _adamw(p, grad, m, v, step, group) -> None:
-    """One in-place AdamW step on tensors of equal shape (step already incremented)."""
-    beta1, beta2 = group["betas"]
-    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-    if _FUSED:
-        torch._fused_adamw_(
-            [p], [grad], [m], [v], [], [step], lr=lr, beta1=beta1, beta2=beta2,
-            weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
-        )
-        return
-    t = float(step)  # slow, correct fallback for torch builds without the fused kernel
-    m.mul_(beta1).add_(grad, alpha=1 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    if wd:
-        p.mul_(1 - lr * wd)
-    denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
-    p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
-
-
 def make_optimizer(
     model: nn.Module,
     *,
@@ -172,17 +146,18 @@ def make_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     expert_state_dtype: torch.dtype | None = None,
+    backend: str = "auto",
 ) -> SparseAdamW:
     """One optimizer for a whole model: lazy Adam for expert tables, AdamW for the rest.
 
     It is a plain ``torch.optim.Optimizer``, so Avalanche strategies accept it.
     Parameters with ``requires_grad=False`` are included (Avalanche may unfreeze them
-    later); they are skipped while they have no gradient. ``expert_state_dtype``: see
-    :class:`SparseAdamW`.
+    later); they are skipped while they have no gradient. ``expert_state_dtype`` and
+    ``backend``: see :class:`SparseAdamW`.
     """
     return SparseAdamW(
         model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-        expert_state_dtype=expert_state_dtype,
+        expert_state_dtype=expert_state_dtype, backend=backend,
     )
 
 
@@ -217,7 +192,7 @@ def migrate_state(optimizer: torch.optim.Optimizer, layer: nn.Module) -> int:
 def _resized(value, old: torch.Tensor, new: torch.Tensor):
     if not isinstance(value, torch.Tensor) or value.shape != old.shape:
         return value
-    out = torch.zeros_like(new)
+    out = value.new_zeros(new.shape)  # keeps the state's dtype (e.g. bf16 moments)
     rows = min(old.shape[0], new.shape[0])
     out[:rows] = value[:rows]
     return out

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from peer_ll.kernels.backend import interpreting
+from peer_ll.kernels.product_topk import COMPILED_MAX_K
 
 MAX_K = 64  # register budget of the k_l·k_r candidate chunks
 # Packed value of (score -inf, id -1): the smallest value a real candidate can have.
@@ -163,10 +164,18 @@ def product_topk_triton(
     T, H, d = queries.shape
     if k > MAX_K:
         raise ValueError(f"k must be <= {MAX_K} for the Triton product_topk kernel, got {k}")
+    if k > COMPILED_MAX_K and not interpreting():
+        raise ValueError(
+            f"k must be <= {COMPILED_MAX_K} for the compiled Triton product_topk kernel "
+            f"(larger k compiles for minutes), got {k}; use backend='torch'"
+        )
     if select is None:
         select = "extract" if interpreting() else "bitonic"
     if select not in SELECTS:
         raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
+    if select == "extract" and not interpreting():
+        raise ValueError("select='extract' runs in the interpreter only (it does not compile "
+                         "for a GPU); use 'bitonic'")
     n_rows = T * H
     q = queries.contiguous()
     keys = sub_keys.contiguous()

@@ -25,6 +25,12 @@ import torch
 from peer_ll.kernels import reference
 from peer_ll.kernels.backend import resolve_backend
 
+# Compiled for a GPU, the bitonic top-k of K = 32 or 64 makes code that takes minutes
+# or more to compile (bf16 K=32 for sm_80 and fp32 K=64 for sm_90 did not finish in
+# 150 s); peer_ll.kernels.aot compiles every K <= 16 in seconds. So compiled kernels
+# take k <= 16 (the paper's k); the interpreter takes up to 64.
+COMPILED_MAX_K = 16
+
 
 def product_topk(
     queries: torch.Tensor,
@@ -42,11 +48,12 @@ def product_topk(
         queries: (T, H, d) queries, d even.
         sub_keys: (R, 2, d/2) sub-key table; ``[:, 0]`` left halves, ``[:, 1]`` right.
         segments: (S, 4) int64 ``[key_offset, n_left, n_right, expert_offset]`` rows.
-        k: experts per token and head (the Triton kernel takes k <= 64).
+        k: experts per token and head. The compiled Triton kernel takes k <= 16 ("auto"
+            uses the torch path for larger k on CUDA); the interpreter takes k <= 64.
         segment_mask: optional (T, S) bool; False excludes a segment for a token.
         backend: "auto" (Triton on CUDA tensors, torch otherwise), "torch" or "triton".
         select: Triton only: how the kernel selects top-k, "bitonic" (``tl.topk``,
-            the GPU default) or "extract" (k row maxima, the interpreter default).
+            the GPU default) or "extract" (k row maxima; interpreter only).
 
     Returns:
         scores (T, H, k) sorted descending, and ids (T, H, k) int64. Places without
@@ -71,7 +78,10 @@ def product_topk(
         empty = queries.new_empty(0, queries.shape[1], k)
         return empty, empty.to(torch.int64)
     with torch.no_grad():
-        if resolve_backend(backend, queries, sub_keys) == "triton":
+        chosen = resolve_backend(backend, queries, sub_keys)
+        if chosen == "triton" and backend == "auto" and k > COMPILED_MAX_K:
+            chosen = "torch"
+        if chosen == "triton":
             from peer_ll.kernels._topk_triton import product_topk_triton
 
             return product_topk_triton(
