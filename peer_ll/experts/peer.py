@@ -63,12 +63,10 @@ class PEER(nn.Module):
         backend: kernels to use, "auto" | "torch" | "triton".
 
     Attributes:
-        sparse_grad: the expert tables get row-sparse gradients (default True; needs
-            ``peer_ll.optim.make_optimizer`` or another sparse-aware optimizer). Set it
-            to False to train with a stock dense optimizer (each step then costs O(N)).
+        sparse_grad: row-sparse expert-table gradients (default True: needs a sparse-aware
+            optimizer such as ``peer_ll.optim.make_optimizer``); False for a stock one.
 
-    Shapes:
-        input (..., D) -> output (..., E).
+    Shapes: input (..., D) -> output (..., E).
     """
 
     takes_owners = True  # forward(x, owners=None); see peer_ll.experts.call_with_owners

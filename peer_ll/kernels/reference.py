@@ -26,13 +26,12 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from peer_ll.kernels.row_grad import aggregate_rows, row_plan, to_table_grad
+from peer_ll.kernels.row_grad import aggregate_rows, key_table_grad, row_plan, to_table_grad
 
 ACTIVATIONS = ("gelu", "relu")
 _CHUNK_ELEMENTS = 1 << 20  # elements of one gathered chunk on CPU (4 MiB in fp32): in cache
 _CUDA_CHUNK_ELEMENTS = 1 << 27  # on CUDA only memory matters: 256 MiB in bf16
 _SAMPLED_DTYPES = (torch.float32, torch.float64)  # dtypes of CPU sampled_addmm
-_DENSE_KEY_GRAD_ELEMENTS = 1 << 25  # (T·H, R) sub-key coefficients up to 128 MiB in fp32
 
 
 def product_topk(
@@ -258,30 +257,11 @@ class _SelectedScores(torch.autograd.Function):
             half = q_rows.shape[-1] // 2
             rhs = q_rows.to(sub_keys.dtype)
             sides = [
-                _key_grad(ids, g, rhs[:, i * half : (i + 1) * half], sub_keys.shape[0], frozen)
+                key_table_grad(ids, g, rhs[:, i * half : (i + 1) * half], sub_keys.shape[0], frozen)
                 for i, ids in enumerate((ids_l, ids_r))
             ]
             grad_keys = torch.stack(sides, dim=1)
         return grad_q, grad_keys, None, None, None
-
-
-def _key_grad(
-    ids: torch.Tensor, coeffs: torch.Tensor, rhs: torch.Tensor, rows: int, frozen: torch.Tensor
-) -> torch.Tensor:
-    """Dense (R, d/2) gradient of one side of the sub-keys, frozen rows zero.
-
-    Grouping the T·H·K places by row (one sort, one ``embedding_bag``) costs
-    O(T·H·K·d); a (T·H, R) coefficient matrix and one matrix product cost O(T·H·R·d),
-    which is less only when R is within a few K (measured: at R = 1024, K = 16 the
-    grouping is 4x faster).
-    """
-    if rows <= 4 * ids.shape[1] and ids.shape[0] * rows <= _DENSE_KEY_GRAD_ELEMENTS:
-        weights = rhs.new_zeros(ids.shape[0], rows).scatter_add_(1, ids, coeffs.to(rhs.dtype))
-        grad = weights.T @ rhs  # (R, d/2)
-        return grad.masked_fill_(frozen[:, None], 0.0) if frozen.numel() else grad
-    plan = row_plan(ids, frozen)
-    values = aggregate_rows(plan, coeffs, rhs)
-    return to_table_grad(plan, values, (rows, rhs.shape[-1]), sparse=False)
 
 
 def selected_scores(

@@ -134,3 +134,25 @@ def row_sparse_grad(
     """
     plan = row_plan(ids, frozen)
     return to_table_grad(plan, aggregate_rows(plan, coeffs, rhs), shape, sparse=sparse)
+
+
+_DENSE_KEY_GRAD_ELEMENTS = 1 << 25  # (T·H, R) sub-key coefficients up to 128 MiB in fp32
+
+
+def key_table_grad(
+    ids: torch.Tensor, coeffs: torch.Tensor, rhs: torch.Tensor, rows: int, frozen: torch.Tensor
+) -> torch.Tensor:
+    """Dense (R, d/2) gradient of one side of the sub-keys, frozen rows zero.
+
+    Grouping the T·H·K places by row (one sort, one ``embedding_bag``) costs
+    O(T·H·K·d); a (T·H, R) coefficient matrix and one matrix product cost O(T·H·R·d),
+    which is less only when R is within a few K (measured: at R = 1024, K = 16 the
+    grouping is 4x faster).
+    """
+    if rows <= 4 * ids.shape[1] and ids.shape[0] * rows <= _DENSE_KEY_GRAD_ELEMENTS:
+        weights = rhs.new_zeros(ids.shape[0], rows).scatter_add_(1, ids, coeffs.to(rhs.dtype))
+        grad = weights.T @ rhs  # (R, d/2)
+        return grad.masked_fill_(frozen[:, None], 0.0) if frozen.numel() else grad
+    plan = row_plan(ids, frozen)
+    values = aggregate_rows(plan, coeffs, rhs)
+    return to_table_grad(plan, values, (rows, rhs.shape[-1]), sparse=False)
