@@ -89,6 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "issue's literal method): no expert layers beside dense MLPs, no query or "
              "attention adapters")
     add("--tiny", action="store_true", help="a tiny model and data, for a smoke run")
+    add("--base", choices=("peerlm", "hf-gpt2"), default="peerlm",
+        help="peerlm: the methods above on a PEERLM; hf-gpt2: PEER experts vs LoRA vs full "
+             "finetuning on a Hugging Face GPT-2 (peer_ll.jobs.hf_lm)")
     add("--seed", type=int, default=0, help="random seed (0)")
     add("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     add("--out", default=None, help="run folder (default: runs/lm-<time>)")
@@ -165,6 +168,10 @@ def _diagnostics(model: PEERLM, method: str, tests: list[torch.Tensor]) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     try:
+        if getattr(args, "base", "peerlm") == "hf-gpt2":
+            from peer_ll.jobs import hf_lm
+
+            return hf_lm.main(args)
         return _run(args)
     except (ValueError, FileNotFoundError) as err:  # bad arguments or data: no traceback
         print(f"peer-ll lm: error: {err}")
