@@ -27,6 +27,7 @@ from peer_ll.experts import PEER
 from peer_ll.experts.checks import check_int, check_owner
 
 logger = logging.getLogger(__name__)
+_TABLES = ("down", "up", "sub_keys")  # a PEER layer's expert and sub-key tables
 
 
 class ExpertsModel(nn.Module):
@@ -223,14 +224,15 @@ class ExpertsModel(nn.Module):
         for branch in self.branches().values():
             layer = branch.experts
             branch_params |= {id(p) for p in layer.parameters()}
-            n, k = layer.num_experts, layer.num_sub_keys
             width = layer.dim + layer.dim_out
-            query = sum(p.numel() for p in (*layer.to_query.parameters(),
-                                            *layer.query_norm.parameters()))
-            added += n * width + k * layer.dim_key + query
-            trainable += int((~layer.expert_frozen[:n]).sum()) * width
-            trainable += int((~layer.key_frozen[:k]).sum()) * layer.dim_key
-            trainable += 0 if layer.query_frozen else query
+            query = [p for n, p in layer.named_parameters() if n not in _TABLES]
+            added += sum(p.numel() for p in query)
+            trainable += sum(p.numel() for p in query if p.requires_grad)
+            for _, n_left, n_right, start in layer.segments.tolist():
+                rows, keys = n_left * n_right, max(n_left, n_right) * layer.dim_key
+                added += rows * width + keys
+                if not bool(layer.frozen[start]):  # a segment trains or is frozen whole
+                    trainable += rows * width + keys
         base = [p for p in self.base_model.parameters() if id(p) not in branch_params]
         trainable += sum(p.numel() for p in base if p.requires_grad)
         return {"trainable": trainable, "added": added,
