@@ -109,6 +109,11 @@ class ExpertBranch(nn.Module):
         """Validate ``owners`` before anything runs; drop the base owner from groups."""
         if owners is None:
             return None
+        if isinstance(owners, str | bool | float):
+            raise TypeError(
+                "owners must be None, an owner id, a sequence of owner ids or an int tensor, "
+                f"got {owners!r}"
+            )
         present = set(self.experts.segment_owner.tolist()) | {self.base_owner}
         if isinstance(owners, torch.Tensor) and owners.dim() > 0:
             if owners.is_floating_point() or owners.dtype == torch.bool:

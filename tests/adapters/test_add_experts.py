@@ -116,6 +116,23 @@ def test_bad_owners_raise_naming_owners(base, tokens, owners, error):
         model(tokens, owners=owners)
 
 
+def test_generate_routes_by_owners(base, tokens):
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    before = base.generate(tokens, **kwargs)
+    model = two_domains(base, tokens)
+    assert torch.equal(model.generate(tokens, owners=0, **kwargs), before)
+    assert model.generate(tokens, owners=1, **kwargs).shape == before.shape
+
+
+def test_a_branch_refuses_strings_naming_owners(base, tokens):
+    model = add_experts(base, SMALL, num_keys=3, owner=1)
+    with pytest.raises(TypeError, match="owners"):
+        model.generate(tokens, owners="infer", max_new_tokens=1)
+    branch = next(iter(model.branches().values()))
+    with pytest.raises(TypeError, match="owners"):
+        branch(torch.randn(2, 24), owners="1")
+
+
 def test_bad_growth_raises_and_changes_nothing(base):
     with pytest.raises(ValueError, match="target_modules"):
         add_experts(base, SMALL, num_keys=3, owner=1, target_modules=["nothing_here"])
