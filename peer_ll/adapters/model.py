@@ -22,12 +22,12 @@ from torch import nn
 
 from peer_ll.adapters.branch import ExpertBranch, Owners, owners_scope
 from peer_ll.adapters.config import ExpertsConfig
+from peer_ll.adapters.counts import parameter_counts
 from peer_ll.adapters.posterior import posterior_mixture, shifted_nll
 from peer_ll.experts import PEER
 from peer_ll.experts.checks import check_int, check_owner
 
 logger = logging.getLogger(__name__)
-_TABLES = ("down", "up", "sub_keys")  # a PEER layer's expert and sub-key tables
 
 
 class ExpertsModel(nn.Module):
@@ -214,29 +214,8 @@ class ExpertsModel(nn.Module):
 
     # -------------------------------------------------------------- parameters
     def parameter_counts(self) -> dict[str, int]:
-        """{"trainable", "added", "total"}: parameters that train now, that the experts
-        added (rows in use, sub-keys in use, query networks), and in all (base + added).
-
-        Frozen or spare rows of the expert tables do not count as trainable.
-        """
-        branch_params = set()
-        trainable = added = 0
-        for branch in self.branches().values():
-            layer = branch.experts
-            branch_params |= {id(p) for p in layer.parameters()}
-            width = layer.dim + layer.dim_out
-            query = [p for n, p in layer.named_parameters() if n not in _TABLES]
-            added += sum(p.numel() for p in query)
-            trainable += sum(p.numel() for p in query if p.requires_grad)
-            for _, n_left, n_right, start in layer.segments.tolist():
-                rows, keys = n_left * n_right, max(n_left, n_right) * layer.dim_key
-                added += rows * width + keys
-                if not bool(layer.frozen[start]):  # a segment trains or is frozen whole
-                    trainable += rows * width + keys
-        base = [p for p in self.base_model.parameters() if id(p) not in branch_params]
-        trainable += sum(p.numel() for p in base if p.requires_grad)
-        return {"trainable": trainable, "added": added,
-                "total": sum(p.numel() for p in base) + added}
+        """{"trainable", "added", "total"}: see :func:`peer_ll.adapters.counts.parameter_counts`."""
+        return parameter_counts(self.base_model, self.branches().values())
 
     def print_trainable_parameters(self) -> str:
         """PEFT's summary line, logged at INFO and returned (library code does not print)."""
