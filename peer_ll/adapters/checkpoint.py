@@ -14,6 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -31,6 +32,10 @@ def save_adapter(model, directory: str | os.PathLike) -> Path:
     for name, branch in model.branches().items():
         for key, value in branch.experts.state_dict().items():
             tensors[f"{name}.experts.{key}"] = value.detach().contiguous()
+    for name, delta in model.low_rank().items():
+        for key, value in delta.named_parameters():
+            if not key.startswith("base."):
+                tensors[f"{name}.{key}"] = value.detach().contiguous()
     metadata = {
         "format": FORMAT,
         "base_model": type(model.base_model).__name__,
@@ -80,10 +85,11 @@ def load_adapter(cls, model, directory: str | os.PathLike, *, is_trainable: bool
     config = ExpertsConfig.from_dict(metadata["config"])
     domains = config.domains
     wrapped = cls(model, ExpertsConfig.from_dict({**metadata["config"], "domains": []}))
-    per_target = [[k for k in tensors if k.startswith(t + ".")] for t in wrapped.targets]
+    names = wrapped.targets + wrapped.adapted
+    per_target = [[k for k in tensors if k.startswith(t + ".")] for t in names]
     if not domains or not all(per_target) or sum(map(len, per_target)) != len(tensors):
         raise ValueError(
-            f"saved tensors must belong to the model's targets {wrapped.targets}, "
+            f"saved tensors must belong to the model's targets {names}, "
             f"got {len(tensors)} tensors named like {sorted(tensors)[:2]}"
         )
     try:
@@ -93,6 +99,14 @@ def load_adapter(cls, model, directory: str | os.PathLike, *, is_trainable: bool
             prefix = name + ".experts."
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             branch.experts.load_state_dict(state, strict=True)
+        for name, delta in wrapped.low_rank().items():
+            own = {k: p for k, p in delta.named_parameters() if not k.startswith("base.")}
+            saved = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            if saved.keys() != own.keys():
+                raise ValueError(f"{name} must have tensors {sorted(own)}, got {sorted(saved)}")
+            with torch.no_grad():
+                for key, param in own.items():
+                    param.copy_(saved[key])
     except BaseException:
         wrapped.unload()
         raise

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from peer_ll.experts.checks import check_choice, check_int, check_owner
 from peer_ll.experts.peer import ACTIVATIONS, QUERY_NORMS
 
+# GPT-2's and Llama's attention projections (module name suffixes).
+ATTENTION_PROJECTIONS = ("attn.c_attn", "attn.c_proj", "self_attn.q_proj", "self_attn.k_proj",
+                         "self_attn.v_proj", "self_attn.o_proj")
+
 
 @dataclass
 class ExpertsConfig:
@@ -30,6 +34,11 @@ class ExpertsConfig:
         base_owner: owner id of the model as it was; it owns no experts.
         sparse_grad: row-sparse gradients for the expert tables; train with
             :func:`peer_ll.optim.make_optimizer` (stock optimizers reject them).
+        adapter_rank: rank of a per-domain low-rank delta on each projection named by
+            ``adapter_modules`` (0: none). A domain's route applies its own delta
+            only; the base domain's outputs stay the base model's bit for bit.
+        adapter_modules: where the deltas go (PEFT's suffix convention); the
+            default names GPT-2's and Llama's attention projections.
         domains: the growth history, ``[owner, num_keys]`` per domain in
             training order; filled by :meth:`ExpertsModel.add_experts`.
     """
@@ -42,6 +51,8 @@ class ExpertsConfig:
     activation: str = "gelu"  # paper: GELU
     base_owner: int = 0
     sparse_grad: bool = True
+    adapter_rank: int = 0
+    adapter_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
     domains: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -69,6 +80,11 @@ class ExpertsConfig:
         check_choice("query_norm", self.query_norm, QUERY_NORMS)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_owner("base_owner", self.base_owner)
+        check_int("adapter_rank", self.adapter_rank, minimum=0)
+        modules = self.adapter_modules
+        if isinstance(modules, str) or not all(isinstance(m, str) for m in modules):
+            raise TypeError(f"adapter_modules must be a sequence of str, got {modules!r}")
+        self.adapter_modules = list(modules)
         if not isinstance(self.sparse_grad, bool):
             raise TypeError(f"sparse_grad must be a bool, got {self.sparse_grad!r}")
         self.domains = [[check_owner("owner", o), check_int("num_keys", n, minimum=1)]
@@ -79,6 +95,11 @@ class ExpertsConfig:
         if isinstance(self.target_modules, str):
             return re.fullmatch(self.target_modules, name) is not None
         return any(name == t or name.endswith("." + t) for t in self.target_modules)
+
+    def adapts(self, name: str) -> bool:
+        """Whether the module called ``name`` gets per-domain low-rank deltas."""
+        return self.adapter_rank > 0 and any(
+            name == m or name.endswith("." + m) for m in self.adapter_modules)
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict; :meth:`from_dict` inverts it."""

@@ -9,8 +9,11 @@ from torch import nn
 _TABLES = ("down", "up", "sub_keys")  # a PEER layer's expert and sub-key tables
 
 
-def parameter_counts(model: nn.Module, branches: Iterable[nn.Module]) -> dict[str, int]:
-    """{"trainable", "added", "total"} parameters of ``model`` with PEER ``branches``.
+def parameter_counts(
+    model: nn.Module, branches: Iterable[nn.Module], low_rank: Iterable[nn.Module] = ()
+) -> dict[str, int]:
+    """{"trainable", "added", "total"} parameters of ``model`` with PEER ``branches``
+    and per-owner ``low_rank`` deltas.
 
     trainable: parameters that train now; added: what the experts added (expert
     rows and sub-keys in use, query networks); total: the base model's + added.
@@ -30,6 +33,11 @@ def parameter_counts(model: nn.Module, branches: Iterable[nn.Module]) -> dict[st
             added += rows * width + keys
             if not bool(layer.frozen[start]):  # a segment trains or is frozen whole
                 trainable += rows * width + keys
+    for delta in low_rank:
+        params = [*delta.down.values(), *delta.up.values()]
+        branch_params |= {id(p) for p in params}
+        added += sum(p.numel() for p in params)
+        trainable += sum(p.numel() for p in params if p.requires_grad)
     base = [p for p in model.parameters() if id(p) not in branch_params]
     trainable += sum(p.numel() for p in base if p.requires_grad)
     return {"trainable": trainable, "added": added, "total": sum(p.numel() for p in base) + added}

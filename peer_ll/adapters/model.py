@@ -23,6 +23,7 @@ from torch import nn
 from peer_ll.adapters.branch import ExpertBranch, Owners, owners_scope
 from peer_ll.adapters.config import ExpertsConfig
 from peer_ll.adapters.counts import parameter_counts
+from peer_ll.adapters.lowrank import OwnerLowRank
 from peer_ll.adapters.posterior import posterior_mixture, shifted_nll
 from peer_ll.experts import PEER
 from peer_ll.experts.checks import check_int, check_owner
@@ -55,6 +56,14 @@ class ExpertsModel(nn.Module):
                 f"target_modules must match a module of {type(model).__name__}, "
                 f"got {config.target_modules!r}"
             )
+        inside = tuple(t + "." for t in self.targets)
+        self.adapted = [n for n, m in model.named_modules()
+                        if n and config.adapts(n) and not n.startswith(inside)]
+        if config.adapter_rank and not self.adapted:
+            raise ValueError(
+                f"adapter_modules must match a module of {type(model).__name__}, "
+                f"got {config.adapter_modules!r}"
+            )
         self.base_model = model
         self.config = config
 
@@ -62,6 +71,10 @@ class ExpertsModel(nn.Module):
     def branches(self) -> dict[str, ExpertBranch]:
         """The PEER branches by module name (empty before the first domain)."""
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, ExpertBranch)}
+
+    def low_rank(self) -> dict[str, OwnerLowRank]:
+        """The per-domain low-rank deltas by module name (empty without ``adapter_rank``)."""
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, OwnerLowRank)}
 
     @property
     def owners(self) -> list[int]:
@@ -91,6 +104,8 @@ class ExpertsModel(nn.Module):
             layer = branch.experts
             with torch.no_grad():  # zero output weights: the model is unchanged
                 layer.up[layer.num_experts - num_keys * num_keys : layer.num_experts] = 0.0
+        for delta in self.low_rank().values():
+            delta.add_owner(owner, cfg.adapter_rank)
         cfg.domains.append([owner, num_keys])
         self._freeze_old(owner)
 
@@ -109,6 +124,9 @@ class ExpertsModel(nn.Module):
             if first is not None:
                 layer = layer.to(device=first.device, dtype=first.dtype)
             new[name] = ExpertBranch(block, layer, base_owner=cfg.base_owner)
+        for name in self.adapted:
+            projection = self.base_model.get_submodule(name)
+            new[name] = OwnerLowRank(projection, *_widths(projection, name))
         for name, branch in new.items():
             parent, _, child = name.rpartition(".")
             setattr(self.base_model.get_submodule(parent), child, branch)
@@ -126,6 +144,9 @@ class ExpertsModel(nn.Module):
             layer.unfreeze(owner, keys=True, query=first)
             for p in (layer.down, layer.up, layer.sub_keys):
                 p.requires_grad_(True)
+        for delta in self.low_rank().values():
+            delta.down[str(owner)].requires_grad_(True)
+            delta.up[str(owner)].requires_grad_(True)
 
     def freeze_all(self) -> None:
         """Freeze every expert, sub-key and query network (for inference)."""
@@ -136,9 +157,9 @@ class ExpertsModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Put the original blocks back and return the base model (the experts are dropped)."""
-        for name, branch in self.branches().items():
+        for name, wrapper in {**self.branches(), **self.low_rank()}.items():
             parent, _, child = name.rpartition(".")
-            setattr(self.base_model.get_submodule(parent), child, branch.base)
+            setattr(self.base_model.get_submodule(parent), child, wrapper.base)
         return self.base_model
 
     # ----------------------------------------------------------------- forward
@@ -215,7 +236,8 @@ class ExpertsModel(nn.Module):
     # -------------------------------------------------------------- parameters
     def parameter_counts(self) -> dict[str, int]:
         """{"trainable", "added", "total"}: see :func:`peer_ll.adapters.counts.parameter_counts`."""
-        return parameter_counts(self.base_model, self.branches().values())
+        return parameter_counts(self.base_model, self.branches().values(),
+                                self.low_rank().values())
 
     def print_trainable_parameters(self) -> str:
         """PEFT's summary line, logged at INFO and returned (library code does not print)."""

@@ -7,7 +7,8 @@
    learns the later domains in order, ``--steps`` steps each at ``--lr`` (equal
    steps): full finetuning, LoRA with its rank chosen to train as many
    parameters per domain as the PEER experts do (equal trainable parameters),
-   and PEER experts (``--grow-keys``² experts per block and domain).
+   and PEER experts (``--grow-keys``² experts per block and domain), with and
+   without per-domain low-rank deltas on the attention projections.
 3. After each domain, each method's modes are evaluated on every domain's test
    blocks (perplexity matrix R). The PEER model's experts are saved
    (adapter-only) and reloaded in a new process, which must give the same
@@ -81,7 +82,7 @@ def main(args) -> int:
 
     settings = {"num_keys": args.grow_keys}
     records = {}
-    for key in ("peer", "full", "lora"):  # PEER first: LoRA matches its trainable count
+    for key in ("peer", "peer-experts-only", "full", "lora"):  # LoRA matches PEER's count
         if key == "lora":
             peer_counts = records["peer"]["trainable"]
             settings["lora_rank"] = lora_rank(base, sum(peer_counts) / len(peer_counts))
@@ -167,8 +168,8 @@ def reload_check(peer, base, tests, R, out: Path) -> dict:
     done = subprocess.run([sys.executable, "-c", RELOAD, os.fspath(folder)], env=env,
                           capture_output=True, text=True, check=True)
     got = json.loads(done.stdout.strip().splitlines()[-1])
-    want = {"known": R["PEER experts, domain known"][-1],
-            "infer": R["PEER experts, domain inferred"][-1]}
+    known, infer = peer.modes
+    want = {"known": R[known][-1], "infer": R[infer][-1]}
     return {"identical": got == want, "reloaded": got, "expected": want,
             "adapter_bytes": (folder / "experts" / "adapter_model.safetensors").stat().st_size}
 

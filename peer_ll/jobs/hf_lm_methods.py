@@ -9,8 +9,11 @@ evaluation modes:
   projection; modes: the domain known (its adapter; none for the base
   domain), inferred (the routes' causal posterior mixture, as for PEER), and
   "last adapter on" (no label: the newest adapter);
-- ``peer``: :func:`peer_ll.adapters.add_experts`, one owner per domain; modes:
-  the domain known (``owners=j``) and inferred (``owners="infer"``).
+- ``peer``: :func:`peer_ll.adapters.add_experts`, one owner per domain, with
+  rank-16 per-domain deltas on the attention projections
+  (``ExpertsConfig.adapter_rank``); modes: the domain known (``owners=j``) and
+  inferred (``owners="infer"``);
+- ``peer-experts-only``: the same without the attention deltas.
 
 A "route" is a callable ``(B, T) ids -> (B, T, V) logits``.
 """
@@ -29,6 +32,7 @@ from peer_ll.jobs.lm_train import sample_batches
 from peer_ll.optim import make_optimizer
 
 PEER_SHAPE = dict(heads=4, topk=8, dim_key=64)  # small branches for a small model
+ADAPTER_RANK = 16  # per-domain low-rank deltas on the attention projections
 LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]  # GPT-2: every attention and MLP projection
 
 
@@ -142,16 +146,19 @@ class LoRA:
 
 
 class PEERExperts:
-    modes = ("PEER experts, domain known", "PEER experts, domain inferred")
+    adapter_rank = ADAPTER_RANK
+    name = f"PEER experts + attention r={ADAPTER_RANK}"
 
     def __init__(self, base, settings) -> None:
+        self.modes = (f"{self.name}, domain known", f"{self.name}, domain inferred")
         self.base, self.model = copy.deepcopy(base), None
         self.num_keys = settings["num_keys"]
         self.trainable, self.added = [], 0
 
     def learn(self, t: int, blocks, train) -> float:
         if self.model is None:
-            self.model = add_experts(self.base, ExpertsConfig(**PEER_SHAPE),
+            config = ExpertsConfig(**PEER_SHAPE, adapter_rank=self.adapter_rank)
+            self.model = add_experts(self.base, config,
                                      num_keys=self.num_keys, owner=t)
         else:
             add_experts(self.model, num_keys=self.num_keys, owner=t)
@@ -171,4 +178,10 @@ class PEERExperts:
         return lambda x: self.model(input_ids=x, owners="infer").logits
 
 
-METHODS = {"full": FullFinetuning, "lora": LoRA, "peer": PEERExperts}
+class PEERExpertsOnly(PEERExperts):
+    adapter_rank = 0
+    name = "PEER experts only"
+
+
+METHODS = {"full": FullFinetuning, "lora": LoRA, "peer": PEERExperts,
+           "peer-experts-only": PEERExpertsOnly}

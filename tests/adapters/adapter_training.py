@@ -6,6 +6,7 @@ from peer_ll.adapters import ExpertsConfig, ExpertsModel, add_experts
 from peer_ll.optim import make_optimizer
 
 SMALL = ExpertsConfig(heads=2, topk=3, dim_key=8)
+ADAPTED = ExpertsConfig(heads=2, topk=3, dim_key=8, adapter_rank=2)  # + attention deltas
 
 
 def train(model: ExpertsModel, tokens: torch.Tensor, owner: int, steps: int = 3) -> None:
@@ -20,9 +21,9 @@ def train(model: ExpertsModel, tokens: torch.Tensor, owner: int, steps: int = 3)
     model.eval()
 
 
-def two_domains(base, tokens) -> ExpertsModel:
+def two_domains(base, tokens, config: ExpertsConfig = SMALL) -> ExpertsModel:
     """``base`` with trained experts for owners 1 and 2."""
-    model = add_experts(base, SMALL, num_keys=3, owner=1)
+    model = add_experts(base, config, num_keys=3, owner=1)
     train(model, tokens, 1)
     add_experts(model, num_keys=3, owner=2)
     train(model, tokens.flip(-1), 2)
