@@ -5,9 +5,11 @@
 domain's experts; their output weights start at zero, so the model computes
 what it computed before. Everything that was there is frozen; only the new
 domain's experts and sub-keys (and, for the first domain, the branches' query
-networks) train. A later ``add_experts(..., owner=2)`` grows each PEER layer by
-one segment for the new domain and freezes the earlier domains' experts, sub-keys
-and the query networks. Owners travel as the ``owners`` argument of
+networks) train, plus, with ``ExpertsConfig.adapter_rank``, the domain's own
+low-rank deltas on the attention projections (:class:`OwnerLowRank`). A later
+``add_experts(..., owner=2)`` grows each PEER layer by one segment for the new
+domain and freezes the earlier domains' experts, sub-keys, deltas and the query
+networks. Owners travel as the ``owners`` argument of
 :meth:`ExpertsModel.forward`, which sets them for one call through
 :func:`~peer_ll.adapters.branch.owners_scope`.
 """
@@ -25,6 +27,7 @@ from peer_ll.adapters.config import ExpertsConfig
 from peer_ll.adapters.counts import parameter_counts
 from peer_ll.adapters.lowrank import OwnerLowRank
 from peer_ll.adapters.posterior import posterior_mixture, shifted_nll
+from peer_ll.adapters.targets import activation_checkpointing, projection_widths
 from peer_ll.experts import PEER
 from peer_ll.experts.checks import check_int, check_owner
 
@@ -114,7 +117,7 @@ class ExpertsModel(nn.Module):
         cfg, new = self.config, {}
         for name in self.targets:
             block = self.base_model.get_submodule(name)
-            dim, dim_out = _widths(block, name)
+            dim, dim_out = projection_widths(block, name)
             first = next(block.parameters(), None)
             layer = PEER(
                 dim, dim_out=dim_out, num_keys=num_keys, heads=cfg.heads, topk=cfg.topk,
@@ -126,7 +129,7 @@ class ExpertsModel(nn.Module):
             new[name] = ExpertBranch(block, layer, base_owner=cfg.base_owner)
         for name in self.adapted:
             projection = self.base_model.get_submodule(name)
-            new[name] = OwnerLowRank(projection, *_widths(projection, name))
+            new[name] = OwnerLowRank(projection, *projection_widths(projection, name))
         for name, branch in new.items():
             parent, _, child = name.rpartition(".")
             setattr(self.base_model.get_submodule(parent), child, branch)
@@ -182,7 +185,7 @@ class ExpertsModel(nn.Module):
             if owners != "infer":
                 raise ValueError(f'owners must be an owner id, None or "infer", got {owners!r}')
             return self._infer(*args, **kwargs)
-        if self.training and _checkpointing(self.base_model):
+        if self.training and activation_checkpointing(self.base_model):
             raise ValueError(
                 "gradient checkpointing must be off: its recomputation runs outside the "
                 "owners' scope; got a model with gradient checkpointing on"
@@ -305,24 +308,3 @@ def add_experts(
     wrapped = ExpertsModel(model, config)
     wrapped.add_experts(num_keys, owner=owner)
     return wrapped
-
-
-def _checkpointing(model: nn.Module) -> bool:
-    """Whether a Hugging Face model recomputes activations in backward."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name):
-            return bool(getattr(model, name))
-    return False
-
-
-def _widths(block: nn.Module, name: str) -> tuple[int, int]:
-    """(input, output) widths of a feed-forward block: its first and last projections."""
-    projections = []
-    for m in block.modules():
-        if isinstance(m, nn.Linear):
-            projections.append((m.in_features, m.out_features))
-        elif type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None:
-            projections.append(tuple(m.weight.shape))  # transformers' Conv1D: (in, out)
-    if not projections:
-        raise ValueError(f"target_modules must name blocks with Linear layers, got {name!r}")
-    return projections[0][0], projections[-1][1]
