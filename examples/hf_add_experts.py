@@ -67,8 +67,10 @@ old_logits = gpt2(input_ids=A["test"][:8, :-1]).logits.detach()
 folder = Path(tempfile.mkdtemp())
 gpt2.save_pretrained(folder / "base")
 
-# 2. One call adds domain B's experts beside every MLP and freezes everything old.
-model = add_experts(gpt2, ExpertsConfig(heads=4, topk=8, dim_key=32), num_keys=8, owner=1)
+# 2. One call adds domain B's experts beside every MLP (and rank-8 deltas on attention)
+#    and freezes everything old.
+config = ExpertsConfig(heads=4, topk=8, dim_key=32, adapter_rank=8)  # + attention deltas
+model = add_experts(gpt2, config, num_keys=8, owner=1)
 print(model.print_trainable_parameters())
 train(model, B["train"], owners=1)
 
