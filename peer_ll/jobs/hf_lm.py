@@ -148,6 +148,7 @@ from peer_ll.adapters import ExpertsModel
 from peer_ll.jobs import hf_lm_methods as hm
 from transformers import GPT2LMHeadModel
 folder = sys.argv[1]
+torch.set_num_threads(int(sys.argv[2]))  # the parent's: same reduction order, same bits
 model = ExpertsModel.from_pretrained(GPT2LMHeadModel.from_pretrained(folder + "/base"),
                                      folder + "/experts")
 tests = torch.load(folder + "/tests.pt")
@@ -165,7 +166,8 @@ def reload_check(peer, base, tests, R, out: Path) -> dict:
     peer.model.save_pretrained(folder / "experts")
     torch.save(tests, folder / "tests.pt")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-c", RELOAD, os.fspath(folder)], env=env,
+    threads = str(torch.get_num_threads())
+    done = subprocess.run([sys.executable, "-c", RELOAD, os.fspath(folder), threads], env=env,
                           capture_output=True, text=True, check=True)
     got = json.loads(done.stdout.strip().splitlines()[-1])
     known, infer = peer.modes

@@ -77,6 +77,7 @@ RELOAD = textwrap.dedent(
     from transformers import GPT2LMHeadModel
     from peer_ll.adapters import ExpertsModel
     folder = sys.argv[1]
+    torch.set_num_threads(int(sys.argv[2]))  # the parent's: same reduction order
     base = GPT2LMHeadModel.from_pretrained(folder + "/base").eval()
     model = ExpertsModel.from_pretrained(base, folder + "/experts")
     tokens = torch.load(folder + "/tokens.pt")
@@ -96,7 +97,8 @@ def test_reload_in_a_new_process_is_identical(tokens, tmp_path):
     expected = {str(k): v for k, v in _all_routes(model, tokens).items()}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), *sys.path])}
     subprocess.run(
-        [sys.executable, "-c", RELOAD, str(tmp_path)], check=True, env=env, timeout=120,
+        [sys.executable, "-c", RELOAD, str(tmp_path), str(torch.get_num_threads())],
+        check=True, env=env, timeout=300,
         capture_output=True,
     )
     reloaded = torch.load(tmp_path / "reloaded.pt")

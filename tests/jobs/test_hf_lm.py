@@ -24,7 +24,8 @@ def test_hf_gpt2_base_runs_every_method_and_checks_identity(tmp_path):
         f"LoRA r={rank}, domain known", f"LoRA r={rank}, domain inferred",
         f"LoRA r={rank}, last adapter on",
     }
-    assert results["base_bit_identical"] and results["reload"]["identical"]
+    assert results["base_bit_identical"]
+    assert results["reload"]["identical"], results["reload"]
     assert rows[f"{peer}, domain known"]["base_change"] == 0.0
     assert rows["PEER experts only, domain known"]["base_change"] == 0.0
     assert rows[f"LoRA r={rank}, domain known"]["base_change"] == 0.0
