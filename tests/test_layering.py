@@ -31,11 +31,10 @@ RANK = {
     "protect": 5,
     "adapters": 6,
     "cli": 7,
-    "jobs": 7,  # the CLI's jobs, until they live in peer_ll.cli
     "__main__": 7,
     "__init__": -1,  # the package root: metadata only
 }
-AVALANCHE_OK = {"strategies", "evaluation", "data", "protect", "adapters", "cli", "jobs"}
+AVALANCHE_OK = {"strategies", "evaluation", "data", "protect", "cli"}
 ROOT = Path(peer_ll.__file__).parent
 
 

@@ -50,6 +50,7 @@ from peer_ll.cli.lm_reload import reload_check
 from peer_ll.cli.lm_train import (
     count_parameters,
     domain_accuracy,
+    load_blocks,
     perplexity,
     routing_shares,
     touched_entries,
@@ -92,29 +93,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "method in its plainest form): no expert layers beside dense MLPs, no query or "
              "attention adapters")
     add("--tiny", action="store_true", help="a tiny model and data, for a smoke run")
+    add("--base", choices=("peerlm", "hf-gpt2"), default="peerlm",
+        help="peerlm: the methods above on a PEERLM; hf-gpt2: PEER experts vs LoRA vs full "
+             "finetuning on a Hugging Face GPT-2 (peer_ll.cli.hf_lm)")
     add("--seed", type=int, default=0, help="random seed (0)")
     add("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     add("--out", default=None, help="run folder (default: runs/lm-<time>)")
     add("--no-reload-check", action="store_true", help="skip loading checkpoints anew")
     add("--no-progress", action="store_true", help="no progress bars")
-
-
-def load_blocks(args: argparse.Namespace) -> dict[str, dict[str, torch.Tensor]]:
-    """{domain: {"train": (N, T+1), "test": (M, T+1)}} token blocks of the stream."""
-    from peer_ll.data.text import text_domain_stream
-    from peer_ll.data.text_domains import text_domain
-
-    domains = []
-    for spec in args.domains:
-        name, sep, path = spec.partition("=")
-        domains.append(text_domain(name, path) if sep else spec)
-    stream = text_domain_stream(domains, block_size=args.block_size,
-                                max_bytes_per_domain=args.max_bytes, seed=args.seed)
-    return {
-        name: {"train": stream.get_split(name, "train"),
-               "test": stream.get_split(name, "test")[: args.eval_blocks]}
-        for name in stream.domain_names
-    }
 
 
 def evaluate(model: PEERLM, method: str, tests: list[torch.Tensor]) -> dict[str, list[float]]:
@@ -168,6 +154,10 @@ def _diagnostics(model: PEERLM, method: str, tests: list[torch.Tensor]) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     try:
+        if getattr(args, "base", "peerlm") == "hf-gpt2":
+            from peer_ll.cli import hf_lm
+
+            return hf_lm.main(args)
         return _run(args)
     except (ValueError, FileNotFoundError) as err:  # bad arguments or data: no traceback
         print(f"peer-ll lm: error: {err}", file=sys.stderr)

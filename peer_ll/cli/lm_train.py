@@ -7,6 +7,7 @@ Plain torch loops, no Avalanche template: blocks are LongTensors (N, T + 1) as
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -189,3 +190,21 @@ def touched_entries(before: dict[str, torch.Tensor], model: nn.Module) -> tuple[
         changed += int(((now != old) & in_use).sum())
         new += int(((now != 0) & ~in_use).sum())
     return changed, new
+
+
+def load_blocks(args: argparse.Namespace) -> dict[str, dict[str, torch.Tensor]]:
+    """{domain: {"train": (N, T+1), "test": (M, T+1)}} token blocks of the stream."""
+    from peer_ll.data.text import text_domain_stream
+    from peer_ll.data.text_domains import text_domain
+
+    domains = []
+    for spec in args.domains:
+        name, sep, path = spec.partition("=")
+        domains.append(text_domain(name, path) if sep else spec)
+    stream = text_domain_stream(domains, block_size=args.block_size,
+                                max_bytes_per_domain=args.max_bytes, seed=args.seed)
+    return {
+        name: {"train": stream.get_split(name, "train"),
+               "test": stream.get_split(name, "test")[: args.eval_blocks]}
+        for name in stream.domain_names
+    }

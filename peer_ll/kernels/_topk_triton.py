@@ -10,8 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from peer_ll.kernels.backend import interpreting
-from peer_ll.kernels.product_topk import COMPILED_MAX_K
+from peer_ll.kernels.backend import COMPILED_MAX_K, interpreting
 
 MAX_K = 64  # register budget of the k_l·k_r candidate chunks
 # Packed value of (score -inf, id -1): the smallest value a real candidate can have.

@@ -10,6 +10,12 @@ import os
 
 import torch
 
+# Compiled for a GPU, the bitonic top-k of K = 32 or 64 makes code that takes minutes
+# or more to compile (bf16 K=32 for sm_80 and fp32 K=64 for sm_90 did not finish in
+# 150 s); peer_ll.kernels.aot compiles every K <= 16 in seconds. So compiled kernels
+# take k <= 16 (the paper's k); the interpreter takes up to 64.
+COMPILED_MAX_K = 16
+
 BACKENDS = ("auto", "torch", "triton")
 
 

@@ -1,0 +1,311 @@
+"""ExpertsModel: a torch / Hugging Face model with PEER experts beside its feed-forward blocks.
+
+``add_experts(model, num_keys=..., owner=1)`` wraps every targeted block in an
+:class:`~peer_ll.adapters.branch.ExpertBranch` whose PEER layer holds the new
+domain's experts; their output weights start at zero, so the model computes
+what it computed before. Everything that was there is frozen; only the new
+domain's experts and sub-keys (and, for the first domain, the branches' query
+networks) train, plus, with ``ExpertsConfig.adapter_rank``, the domain's own
+low-rank deltas on the attention projections (:class:`OwnerLowRank`). A later
+``add_experts(..., owner=2)`` grows each PEER layer by one segment for the new
+domain and freezes the earlier domains' experts, sub-keys, deltas and the query
+networks. Owners travel as the ``owners`` argument of
+:meth:`ExpertsModel.forward`, which sets them for one call through
+:func:`~peer_ll.adapters.branch.owners_scope`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from torch import nn
+
+from peer_ll.adapters.branch import ExpertBranch, Owners, owners_scope
+from peer_ll.adapters.config import ExpertsConfig
+from peer_ll.adapters.counts import parameter_counts
+from peer_ll.adapters.lowrank import OwnerLowRank
+from peer_ll.adapters.posterior import posterior_mixture, shifted_nll
+from peer_ll.adapters.targets import activation_checkpointing, projection_widths
+from peer_ll.experts import PEER
+from peer_ll.experts.checks import check_int, check_owner
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertsModel(nn.Module):
+    """A model with PEER branches, one owner (domain) per growth, PEFT-style.
+
+    Build it with :func:`add_experts`. ``base_model`` is the wrapped model (its
+    targeted blocks replaced by branches); :meth:`unload` gives it back as it was.
+
+    Args:
+        model: any ``nn.Module``; a Hugging Face causal LM for ``owners="infer"``.
+        config: where the branches go and their shape.
+    """
+
+    def __init__(self, model: nn.Module, config: ExpertsConfig) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(config, ExpertsConfig):
+            raise TypeError(f"config must be an ExpertsConfig, got {type(config).__name__}")
+        if config.domains:
+            raise ValueError(f"config.domains must be empty for a new model, got {config.domains}")
+        self.targets = [n for n, m in model.named_modules() if n and config.matches(n)]
+        if not self.targets:
+            raise ValueError(
+                f"target_modules must match a module of {type(model).__name__}, "
+                f"got {config.target_modules!r}"
+            )
+        inside = tuple(t + "." for t in self.targets)
+        self.adapted = [n for n, m in model.named_modules()
+                        if n and config.adapts(n) and not n.startswith(inside)]
+        if config.adapter_rank and not self.adapted:
+            raise ValueError(
+                f"adapter_modules must match a module of {type(model).__name__}, "
+                f"got {config.adapter_modules!r}"
+            )
+        self.base_model = model
+        self.config = config
+
+    # ------------------------------------------------------------------ owners
+    def branches(self) -> dict[str, ExpertBranch]:
+        """The PEER branches by module name (empty before the first domain)."""
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, ExpertBranch)}
+
+    def low_rank(self) -> dict[str, OwnerLowRank]:
+        """The per-domain low-rank deltas by module name (empty without ``adapter_rank``)."""
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, OwnerLowRank)}
+
+    @property
+    def owners(self) -> list[int]:
+        """The base owner, then every domain's owner in training order."""
+        return [self.config.base_owner, *(o for o, _ in self.config.domains)]
+
+    def add_experts(self, num_keys: int, *, owner: int) -> None:
+        """Give domain ``owner`` num_keys² experts in every branch; freeze everything else.
+
+        Args:
+            num_keys: sub-keys per side of the new segment.
+            owner: a new owner id, larger than every present one.
+        """
+        check_int("num_keys", num_keys, minimum=1)
+        owner = check_owner("owner", owner)
+        if owner <= max(self.owners):
+            raise ValueError(f"owner must be an int > {max(self.owners)}, got {owner}")
+        cfg = self.config
+        if cfg.topk > num_keys * num_keys:
+            raise ValueError(f"num_keys must give >= topk={cfg.topk} experts, got {num_keys}")
+        if not cfg.domains:
+            self._insert_branches(num_keys, owner)
+        else:
+            for branch in self.branches().values():
+                branch.experts.grow(num_keys, owner=owner)
+        for branch in self.branches().values():
+            layer = branch.experts
+            with torch.no_grad():  # zero output weights: the model is unchanged
+                layer.up[layer.num_experts - num_keys * num_keys : layer.num_experts] = 0.0
+        for delta in self.low_rank().values():
+            delta.add_owner(owner, cfg.adapter_rank)
+        cfg.domains.append([owner, num_keys])
+        self._freeze_old(owner)
+
+    def _insert_branches(self, num_keys: int, owner: int) -> None:
+        """Build every branch first, then swap them in: a failure changes nothing."""
+        cfg, new = self.config, {}
+        for name in self.targets:
+            block = self.base_model.get_submodule(name)
+            dim, dim_out = projection_widths(block, name)
+            first = next(block.parameters(), None)
+            layer = PEER(
+                dim, dim_out=dim_out, num_keys=num_keys, heads=cfg.heads, topk=cfg.topk,
+                dim_key=cfg.dim_key, query_norm=cfg.query_norm, activation=cfg.activation,
+                owner=owner,
+            )
+            layer.sparse_grad = cfg.sparse_grad
+            if first is not None:
+                layer = layer.to(device=first.device, dtype=first.dtype)
+            new[name] = ExpertBranch(block, layer, base_owner=cfg.base_owner)
+        for name in self.adapted:
+            projection = self.base_model.get_submodule(name)
+            new[name] = OwnerLowRank(projection, *projection_widths(projection, name))
+        for name, branch in new.items():
+            parent, _, child = name.rpartition(".")
+            setattr(self.base_model.get_submodule(parent), child, branch)
+
+    def _freeze_old(self, owner: int) -> None:
+        """Only ``owner``'s experts and sub-keys train (and the query nets for the first)."""
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        first = len(self.config.domains) == 1
+        for branch in self.branches().values():
+            layer = branch.experts
+            old = sorted(set(layer.segment_owner.tolist()) - {owner})
+            if old:
+                layer.freeze(old, keys=True, query=True)
+            layer.unfreeze(owner, keys=True, query=first)
+            for p in (layer.down, layer.up, layer.sub_keys):
+                p.requires_grad_(True)
+        for delta in self.low_rank().values():
+            delta.down[str(owner)].requires_grad_(True)
+            delta.up[str(owner)].requires_grad_(True)
+
+    def freeze_all(self) -> None:
+        """Freeze every expert, sub-key and query network (for inference)."""
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        for branch in self.branches().values():
+            branch.experts.freeze(None, keys=True, query=True)
+
+    def unload(self) -> nn.Module:
+        """Put the original blocks back and return the base model (the experts are dropped)."""
+        for name, wrapper in {**self.branches(), **self.low_rank()}.items():
+            parent, _, child = name.rpartition(".")
+            setattr(self.base_model.get_submodule(parent), child, wrapper.base)
+        return self.base_model
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, *args, owners: Owners | str = None, **kwargs):
+        """Call the base model with every branch routed by ``owners``.
+
+        Args:
+            *args, **kwargs: the base model's arguments (``input_ids``, ``labels``...).
+            owners: None (every domain's experts), the base owner (the model as it
+                was, bit for bit), a domain's owner, a sequence of owners, an int
+                tensor with one owner per sequence (B,) or position (B, T), or
+                "infer" (a Hugging Face causal LM only: the domains' predictions
+                mixed by their causal posterior, see :meth:`domain_posterior`).
+
+        Returns:
+            The base model's output; with "infer", an output of the same class with
+            ``logits`` (B, T, V) the mixture's log-probabilities and ``loss``.
+        """
+        if isinstance(owners, str):
+            if owners != "infer":
+                raise ValueError(f'owners must be an owner id, None or "infer", got {owners!r}')
+            return self._infer(*args, **kwargs)
+        if self.training and activation_checkpointing(self.base_model):
+            raise ValueError(
+                "gradient checkpointing must be off: its recomputation runs outside the "
+                "owners' scope; got a model with gradient checkpointing on"
+            )
+        with owners_scope(owners):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, owners: Owners = None, **kwargs):
+        """The base model's ``generate`` with every branch routed by ``owners``."""
+        with owners_scope(owners):
+            return self.base_model.generate(*args, **kwargs)
+
+    def domain_logits(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """(O, B, T, V): every owner's next-token logits, in :attr:`owners` order."""
+        return self._domain_outputs(input_ids, **kwargs)[0]
+
+    def domain_posterior(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """(O, B, T): the posterior over :attr:`owners` at each position, causal.
+
+        See :mod:`peer_ll.adapters.posterior`; costs one forward per owner.
+        """
+        with torch.no_grad():
+            return posterior_mixture(self.domain_logits(input_ids, **kwargs), input_ids)[1].exp()
+
+    def _domain_outputs(self, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, type]:
+        """Every owner's logits (O, B, T, V) and the base model's output class."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be an int tensor (B, T), got {input_ids!r}")
+        kwargs.pop("labels", None)
+        outs = []
+        for owner in self.owners:
+            with owners_scope(owner):
+                outs.append(self.base_model(input_ids=input_ids, **kwargs))
+        return torch.stack([o.logits for o in outs]), type(outs[0])
+
+    def _infer(self, *args, **kwargs):
+        input_ids = kwargs.pop("input_ids", None)
+        if input_ids is None and args:
+            input_ids, args = args[0], args[1:]
+        if args:
+            raise ValueError(
+                f'owners="infer" takes input_ids as the only positional argument, got {len(args)}'
+                " more"
+            )
+        labels = kwargs.pop("labels", None)
+        logits, kind = self._domain_outputs(input_ids, **kwargs)
+        log_mix, _ = posterior_mixture(logits, input_ids)
+        loss = None if labels is None else shifted_nll(log_mix, labels)
+        return kind(loss=loss, logits=log_mix)
+
+    # -------------------------------------------------------------- parameters
+    def parameter_counts(self) -> dict[str, int]:
+        """{"trainable", "added", "total"}: see :func:`peer_ll.adapters.counts.parameter_counts`."""
+        return parameter_counts(self.base_model, self.branches().values(),
+                                self.low_rank().values())
+
+    def print_trainable_parameters(self) -> str:
+        """PEFT's summary line, logged at INFO and returned (library code does not print)."""
+        c = self.parameter_counts()
+        line = (f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || "
+                f"trainable%: {100 * c['trainable'] / max(c['total'], 1):.4f}")
+        logger.info(line)
+        return line
+
+    # ------------------------------------------------------------- checkpoints
+    def save_pretrained(self, directory) -> None:
+        """Write only the experts (safetensors, config as JSON metadata) to ``directory``."""
+        from peer_ll.adapters.checkpoint import save_adapter
+
+        save_adapter(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory, *, is_trainable: bool = False):
+        """Add the experts saved by :meth:`save_pretrained` to ``model`` (the same base).
+
+        With ``is_trainable`` the newest domain trains, as after :func:`add_experts`;
+        otherwise everything is frozen.
+        """
+        from peer_ll.adapters.checkpoint import load_adapter
+
+        return load_adapter(cls, model, directory, is_trainable=is_trainable)
+
+
+def add_experts(
+    model: nn.Module,
+    config: ExpertsConfig | None = None,
+    *,
+    num_keys: int,
+    owner: int,
+    target_modules=None,
+) -> ExpertsModel:
+    """Add PEER experts for domain ``owner`` beside each targeted feed-forward block.
+
+    The first call wraps ``model`` (changing its targeted blocks in place) in an
+    :class:`ExpertsModel`; a call on an ExpertsModel grows it by one domain.
+
+    Args:
+        model: a torch / Hugging Face model, or an ExpertsModel to grow.
+        config: branch shape (default :class:`ExpertsConfig`); first call only.
+        num_keys: sub-keys per side: the domain gets num_keys² experts per branch.
+        owner: the new domain's owner id (> every present owner; the base is 0).
+        target_modules: overrides ``config.target_modules``; first call only.
+
+    Returns:
+        The ExpertsModel, with only the new domain's experts trainable.
+    """
+    if isinstance(model, ExpertsModel):
+        if config is not None or target_modules is not None:
+            raise ValueError(
+                "config and target_modules must be None when growing an ExpertsModel, got "
+                f"config={config!r}, target_modules={target_modules!r}"
+            )
+        model.add_experts(num_keys, owner=owner)
+        return model
+    config = ExpertsConfig() if config is None else dataclasses.replace(config, domains=[])
+    if target_modules is not None:
+        config = dataclasses.replace(config, target_modules=target_modules)
+    check_int("num_keys", num_keys, minimum=1)
+    check_owner("owner", owner)
+    wrapped = ExpertsModel(model, config)
+    wrapped.add_experts(num_keys, owner=owner)
+    return wrapped

@@ -1,0 +1,79 @@
+"""Per-domain low-rank deltas on the attention projections (ExpertsConfig.adapter_rank)."""
+
+import pytest
+import torch
+from adapter_training import ADAPTED, train, two_domains
+from conftest import BUILDERS
+
+from peer_ll.adapters import ExpertsConfig, ExpertsModel, add_experts
+from peer_ll.adapters.lowrank import OwnerLowRank
+
+
+def test_deltas_sit_on_attention_and_keep_the_base_route_bit_identical(base, tokens):
+    ref = base(tokens).logits
+    model = two_domains(base, tokens, ADAPTED)
+    names = sorted(model.low_rank())
+    assert names and all(".attn." in n or ".self_attn." in n for n in names)
+    assert not any(".mlp." in n for n in names)  # the MLP is wrapped by the experts' branch
+    assert torch.equal(model(tokens, owners=0).logits, ref)
+    assert model.low_rank()[names[0]].owners == [1, 2]
+    deltas = [d.up["1"] for d in model.low_rank().values()]
+    assert any(bool(u.abs().sum() > 0) for u in deltas)  # domain 1's deltas trained
+
+
+def test_only_the_newest_domains_delta_trains(tokens):
+    from conftest import tiny_gpt2
+
+    model = add_experts(tiny_gpt2(), ADAPTED, num_keys=3, owner=1)
+    train(model, tokens, 1)
+    before = {n: (d.down["1"].clone(), d.up["1"].clone()) for n, d in model.low_rank().items()}
+    add_experts(model, num_keys=3, owner=2)
+    train(model, tokens, 2)
+    for name, delta in model.low_rank().items():
+        assert torch.equal(delta.down["1"], before[name][0])
+        assert torch.equal(delta.up["1"], before[name][1])
+        assert delta.up["2"].requires_grad and not delta.up["1"].requires_grad
+        assert bool(delta.up["2"].abs().sum() > 0)
+    counts = model.parameter_counts()
+    rank, dim = ADAPTED.adapter_rank, 24
+    c_attn, c_proj = rank * (dim + 3 * dim), rank * (dim + dim)
+    assert counts["trainable"] == 2 * (9 * 2 * dim + 3 * 8) + 2 * (c_attn + c_proj)
+
+
+def test_per_input_owners_apply_each_inputs_delta(tokens):
+    from conftest import tiny_llama
+
+    model = two_domains(tiny_llama(), tokens, ADAPTED)
+    owners = torch.tensor([2, 0, 1])
+    mixed = model(tokens, owners=owners).logits
+    for b, o in enumerate(owners.tolist()):
+        torch.testing.assert_close(mixed[b], model(tokens, owners=o).logits[b],
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_deltas_save_and_reload_identical(arch, tokens, tmp_path):
+    torch.manual_seed(0)
+    base = BUILDERS[arch]()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    model = two_domains(base, tokens, ADAPTED)
+    expected = {o: model(tokens, owners=o).logits for o in model.owners}
+    model.save_pretrained(tmp_path)
+    fresh = BUILDERS[arch]()
+    fresh.load_state_dict(state)
+    loaded = ExpertsModel.from_pretrained(fresh, tmp_path)
+    assert sorted(loaded.low_rank()) == sorted(model.low_rank())
+    for o, logits in expected.items():
+        assert torch.equal(loaded(tokens, owners=o).logits, logits), o
+
+
+def test_adapter_modules_must_match(tokens):
+    from conftest import tiny_gpt2
+
+    gpt2 = tiny_gpt2()
+    config = ExpertsConfig(heads=2, topk=3, dim_key=8, adapter_rank=2, adapter_modules=["nope"])
+    with pytest.raises(ValueError, match="adapter_modules"):
+        add_experts(gpt2, config, num_keys=3, owner=1)
+    assert not any(isinstance(m, OwnerLowRank) for m in gpt2.modules())
+    with pytest.raises(ValueError, match="adapter_rank"):
+        ExpertsConfig(adapter_rank=-1)
