@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTaskModule
+from torch import nn
 
 from peer_ll.experts import Owners
 from peer_ll.experts.checks import check_choice, check_int
@@ -66,11 +67,10 @@ def peer_classifier(
     check_int("hidden", hidden, minimum=1)
     if head == "fixed":
         model = PEERClassifier(in_features, num_classes, **kwargs)
-    elif head == "incremental":
-        model = PEERClassifier(in_features, num_classes, head=IncrementalClassifier(
-            hidden, initial_out_features=num_classes), **kwargs)
-    else:
-        model = MultiHeadPEERClassifier(in_features, num_classes, head=MultiHeadClassifier(
-            hidden, initial_out_features=num_classes), **kwargs)
+    else:  # the head is built last, as the model's own Linear head would be (same init order)
+        cls = PEERClassifier if head == "incremental" else MultiHeadPEERClassifier
+        model = cls(in_features, num_classes, head=nn.Identity(), **kwargs)
+        avalanche_head = IncrementalClassifier if head == "incremental" else MultiHeadClassifier
+        model.head = avalanche_head(hidden, initial_out_features=num_classes)
     attach_growth(model, growth)
     return model
