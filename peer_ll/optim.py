@@ -17,6 +17,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from peer_ll.experts.checks import check_float
+
 
 class SparseAdamW(torch.optim.Optimizer):
     """AdamW that is lazy for row-sparse gradients and respects frozen rows.
@@ -49,12 +51,19 @@ class SparseAdamW(torch.optim.Optimizer):
         *,
         expert_state_dtype: torch.dtype | None = None,
     ) -> None:
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
+        check_float("lr", lr, minimum=0.0)
+        check_float("eps", eps, minimum=0.0)
+        check_float("weight_decay", weight_decay, minimum=0.0)
+        if not isinstance(betas, tuple | list) or len(betas) != 2:
+            raise TypeError(f"betas must be a pair of floats, got {betas!r}")
+        for b in betas:
+            check_float("betas", b, minimum=0.0)
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        dtype = expert_state_dtype
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"expert_state_dtype must be a floating torch.dtype or None, "
+                            f"got {expert_state_dtype!r}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.expert_state_dtype = expert_state_dtype
 
@@ -64,6 +73,9 @@ class SparseAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:  # checked first: a failed step changes nothing
+            for p in group["params"]:
+                _check_current(p)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -128,6 +140,20 @@ class SparseAdamW(torch.optim.Optimizer):
 
 _FUSED = hasattr(torch, "_fused_adamw_")
 _ROW_CHUNK = 1 << 15
+
+
+def _check_current(p: torch.Tensor) -> None:
+    """Raise if ``p`` is a PEER table that its layer replaced when it grew past capacity.
+
+    The layer then trains the new table, which this optimizer does not hold: it would
+    silently stop updating the experts.
+    """
+    if getattr(p, "peer_replaced", False):
+        raise ValueError(
+            f"optimizer must hold the PEER layer's current tables, got a {tuple(p.shape)} "
+            "table that the layer replaced when it grew past capacity: call "
+            "peer_ll.optim.migrate_state(optimizer, layer) after growing (or reserve "
+            "capacity beforehand)")
 
 
 def _coalesced(grad: torch.Tensor) -> torch.Tensor:
@@ -217,7 +243,7 @@ def migrate_state(optimizer: torch.optim.Optimizer, layer: nn.Module) -> int:
 def _resized(value, old: torch.Tensor, new: torch.Tensor):
     if not isinstance(value, torch.Tensor) or value.shape != old.shape:
         return value
-    out = torch.zeros_like(new)
+    out = value.new_zeros(new.shape)  # the state keeps its dtype (e.g. bf16 moments)
     rows = min(old.shape[0], new.shape[0])
     out[:rows] = value[:rows]
     return out

@@ -7,6 +7,7 @@ a value of the right type that is out of range, with the message
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import torch
@@ -99,3 +100,29 @@ def _bounds(minimum: float | None, maximum: float | None) -> str:
     if minimum is not None:
         return f" >= {minimum}"
     return "" if maximum is None else f" <= {maximum}"
+
+
+def memory_limit(device: torch.device | str | None = None) -> int:
+    """Bytes one allocation on ``device`` may take at most: the device's total memory.
+
+    For the CPU that is the machine's physical memory (``os.sysconf``); for CUDA the
+    device's total memory. A larger request can never succeed, so it is refused
+    before anything is allocated.
+    """
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # no sysconf: no bound below 1 PiB
+        return 1 << 50
+
+
+def check_allocation(name: str, nbytes: int, device: torch.device | str | None = None) -> int:
+    """Raise ValueError if allocating ``nbytes`` on ``device`` cannot fit in its memory."""
+    limit = memory_limit(device)
+    if nbytes > limit:
+        raise ValueError(f"{name} must fit in the {limit / 2**30:.1f} GiB of "
+                         f"{torch.device('cpu' if device is None else device)} memory, got a "
+                         f"request for {nbytes / 2**30:.1f} GiB")
+    return nbytes

@@ -98,7 +98,7 @@ def retrieval_confidence(layer: nn.Module, x: torch.Tensor, owners=None) -> dict
     experts (for sigmoid gates, of the normalised gates).
     """
     k = layer.topk
-    scores, _ = layer.retrieve(x, owners, k=k + 1)  # a missing (k+1)-th scores -inf
+    scores, _ = layer.retrieve(x, owners, k=k + 1, pad=True)  # a missing (k+1)-th scores -inf
     margin = scores[..., k - 1] - scores[..., k]
     top = scores[..., :k]
     gates = top.softmax(-1) if layer.gate == "softmax" else top.sigmoid()
