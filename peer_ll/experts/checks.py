@@ -103,15 +103,23 @@ def _bounds(minimum: float | None, maximum: float | None) -> str:
 
 
 def memory_limit(device: torch.device | str | None = None) -> int:
-    """Bytes one allocation on ``device`` may take at most: the device's total memory.
+    """Bytes that an allocation on ``device`` may take at most.
 
-    For the CPU that is the machine's physical memory (``os.sysconf``); for CUDA the
-    device's total memory. A larger request can never succeed, so it is refused
-    before anything is allocated.
+    For the CPU that is the memory available now (``MemAvailable`` of /proc/meminfo,
+    else the physical memory); for CUDA the device's free memory. A larger request
+    would fail or push the machine into swap, so it is refused before anything is
+    allocated.
     """
     device = torch.device("cpu" if device is None else device)
     if device.type == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.get_device_properties(device).total_memory)
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, ValueError, OSError):  # no sysconf: no bound below 1 PiB

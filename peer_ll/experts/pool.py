@@ -113,9 +113,9 @@ class ExpertPool(nn.Module):
         need_rows = start + num_keys * n_right
         need_keys = self.num_sub_keys + max(num_keys, n_right)
         grows = need_rows > self.capacity or need_keys > self.key_capacity
-        self.check_room(max(need_rows, self.capacity * 3 // 2) if grows else need_rows,
-                        max(need_keys, self.key_capacity * 3 // 2) if grows else need_keys,
-                        "grow")
+        self.check_room(max(need_rows, self.capacity * 3 // 2) if grows else 0,
+                        max(need_keys, self.key_capacity * 3 // 2) if grows else 0,
+                        "grow", extra_rows=2 * num_keys * n_right)  # + the new rows' temporaries
         saved = {name: getattr(self, name) for name in _STORAGE}
         saved_replaced = self.replaced_parameters
         try:
@@ -146,11 +146,13 @@ class ExpertPool(nn.Module):
             self.check_room(capacity, key_capacity, "reserve")
             self._reallocate(capacity, key_capacity)
 
-    def check_room(self, capacity: int, key_capacity: int, name: str) -> None:
-        """Raise ValueError, before allocating, if tables of this size cannot fit in memory."""
+    def check_room(self, capacity: int, key_capacity: int, name: str, extra_rows: int = 0
+                   ) -> None:
+        """Raise ValueError, before allocating, if new tables of this size (and
+        ``extra_rows`` temporary rows) cannot fit in the memory available."""
         size = self.down.element_size()
         row = (self.dim + self.dim_out) * size + 9  # + owner (8 bytes) and frozen flag
-        nbytes = capacity * row + key_capacity * (self.dim_key * size + 1)
+        nbytes = (capacity + extra_rows) * row + key_capacity * (self.dim_key * size + 1)
         check_allocation(f"{name} (capacity={capacity}, key_capacity={key_capacity})", nbytes,
                          self.down.device)
 

@@ -83,9 +83,13 @@ def write_atomically(data: bytes, path: str | os.PathLike) -> None:
         raise
 
 
-def content_hash(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of ``tensors`` (sorted by name)."""
+def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                 ) -> str:
+    """SHA-256 over ``metadata`` (but its "sha256") and the names, dtypes, shapes and
+    bytes of ``tensors`` (sorted by name)."""
     digest = hashlib.sha256()
+    meta = {k: v for k, v in (metadata or {}).items() if k != "sha256"}
+    digest.update(json.dumps(meta, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -102,7 +106,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     :func:`content_hash` that :func:`load_tensors` checks.
     """
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    meta = {**metadata, "sha256": content_hash(tensors)}
+    meta = {**metadata, "sha256": content_hash(tensors, metadata)}
     write_atomically(safetensors.torch.save(tensors, metadata=meta), path)
 
 
@@ -134,7 +138,7 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu"
     except Exception as error:
         raise ValueError(f"path must hold a whole safetensors checkpoint, got {path}: "
                          f"{error}") from error
-    if meta.get("sha256") != content_hash(tensors):
+    if meta.get("sha256") != content_hash(tensors, meta):
         raise ValueError(f"path must hold a checkpoint whose content matches its sha256, "
                          f"got one that does not (corrupted or edited): {path}")
     return tensors

@@ -35,7 +35,7 @@ def _rewrite(path, edit_meta=None, edit_tensors=None, rehash=False):
     if edit_tensors:
         edit_tensors(tensors)
     if rehash:
-        meta["sha256"] = content_hash(tensors)
+        meta["sha256"] = content_hash(tensors, meta)
     path.write_bytes(safetensors.torch.save(tensors, metadata=meta))
 
 
@@ -71,6 +71,8 @@ BAD = {
                     "must fit in the"),
     "huge pool": (lambda p: _rewrite(p, lambda m: _config(m, peer_num_keys=2**18)), "must fit"),
     "config not json": (lambda p: _rewrite(p, lambda m: m.update(config="{nope")), "JSON"),
+    "edited config": (lambda p: _rewrite(p, lambda m: _config(m, dropout=0.5)), "sha256"),
+    "edited frozen list": (lambda p: _rewrite(p, lambda m: m.update(frozen="[]")), "sha256"),
     "wrong format": (lambda p: _rewrite(p, lambda m: m.update(format="1")), "PEERLM checkpoint"),
     "no config": (lambda p: _rewrite(p, lambda m: m.pop("config")), "config as JSON"),
     "missing weight": (lambda p: _rewrite(p, edit_tensors=lambda t: t.pop("head.weight"),
