@@ -5,9 +5,11 @@
   :func:`call_with_owners`;
 - :func:`peer_layers`: the PEER layers of a model;
 - :func:`expert_usage`, :func:`unevenness`: the paper's Table 2 routing metrics;
-- :class:`OwnerQueryAdapters`: an optional per-owner query transform.
+- :class:`OwnerQueryAdapters`: an optional per-owner query transform;
+- :func:`load_or_restore`: a state-dict load into any model that fails whole.
 """
 
+from peer_ll.experts.checkpoint import load_or_restore
 from peer_ll.experts.layers import peer_layers
 from peer_ll.experts.owners import OwnerMix, Owners, call_with_owners, mix_owners
 from peer_ll.experts.peer import PEER
@@ -25,6 +27,7 @@ __all__ = [
     "RoutingStats",
     "call_with_owners",
     "expert_usage",
+    "load_or_restore",
     "mix_owners",
     "peer_layers",
     "unevenness",

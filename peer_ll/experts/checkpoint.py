@@ -104,6 +104,27 @@ def _check_segments(entry: dict, prefix: str, rows: int, keys: int) -> None:
                          f"{owner.tolist()}, got other owners")
 
 
+def prepare_checkpoint(layer: nn.Module, state_dict: dict, prefix: str, strict: bool) -> None:
+    """Upgrade and check a PEER ``layer``'s part of ``state_dict`` before it loads.
+
+    Older checkpoints get their keys renamed and keep the layer's query flag; the pool
+    is checked whole (:func:`check_checkpoint`) and, for a strict load, every entry of
+    the layer's own entries (query network, norm, pool; not those of its query adapter
+    or attached submodules, which check themselves) must be present.
+    """
+    if prefix + "frozen_query" not in state_dict:  # older checkpoints: keep the flag
+        state_dict[prefix + "frozen_query"] = layer.frozen_query.clone()
+    upgrade_checkpoint(state_dict, prefix, adapter=layer.query_adapter)
+    check_checkpoint(layer.pool, state_dict, prefix + "pool.")
+    if strict:
+        own = [prefix + k for k in layer.state_dict()
+               if k.startswith(("to_query.", "query_norm.", "pool.", "frozen_query"))]
+        missing = [k for k in own if k not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict must hold every entry of the layer, got none "
+                             f"for {missing}")
+
+
 def load_or_restore(module: nn.Module, load: Callable[[], object]) -> object:
     """Run ``load()`` (a state-dict load into ``module``); if it fails, undo it and raise.
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peer_ll.experts.checkpoint import check_checkpoint, load_or_restore, upgrade_checkpoint
+from peer_ll.experts.checkpoint import load_or_restore, prepare_checkpoint
 from peer_ll.experts.checks import check_choice, check_input, check_int, check_owner, check_type
 from peer_ll.experts.owners import Owners, select_segments
 from peer_ll.experts.pool import ExpertPool, view
@@ -318,16 +318,7 @@ class PEER(nn.Module):
             state_dict, strict=strict, assign=assign))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args):
-        if prefix + "frozen_query" not in state_dict:  # older checkpoints: keep the flag
-            state_dict[prefix + "frozen_query"] = self.frozen_query.clone()
-        upgrade_checkpoint(state_dict, prefix, adapter=self.query_adapter)
-        check_checkpoint(self.pool, state_dict, prefix + "pool.")  # before anything loads
-        if strict:
-            own = [prefix + k for k in self.state_dict() if not k.startswith("query_adapter.")]
-            missing = [k for k in own if k not in state_dict]
-            if missing:
-                raise ValueError(f"state_dict must hold every entry of the layer, got none "
-                                 f"for {missing}")
+        prepare_checkpoint(self, state_dict, prefix, strict)  # checks all before any change
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
 
     def _after_load(self, incompatible) -> None:
