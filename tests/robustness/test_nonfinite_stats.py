@@ -53,3 +53,17 @@ def test_input_stats_skip_nonfinite_samples():
     with pytest.raises(ValueError, match="x must hold at least one finite sample"):
         stats.fit(None, 1, torch.full((3, 6), float("nan")))
     assert stats.owners == [0]
+
+
+def test_nan_input_does_not_poison_the_router_mass():
+    from peer_ll.experts import PEER
+
+    layer = PEER(8, num_keys=4, heads=2, topk=4, dim_key=8, query_norm="layer").eval()
+    x = torch.randn(6, 8)
+    x[2, 3] = float("nan")
+    layer(x)
+    assert torch.isfinite(layer.router_mass).all()
+    assert int(layer.stats.nonfinite) == 2 * 4  # token 2's gates: H × K
+    assert abs(float(layer.router_mass.sum()) - 5 * 2) < 1e-4  # 5 clean tokens × H heads
+    layer.reset_routing_stats()
+    assert int(layer.stats.nonfinite) == 0
