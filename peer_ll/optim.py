@@ -223,6 +223,9 @@ def migrate_state(optimizer: torch.optim.Optimizer, layer: nn.Module) -> int:
     Returns:
         The number of parameters migrated.
     """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
     replaced = getattr(layer, "replaced_parameters", None)
     if replaced is None:
         raise TypeError(f"layer must be a PEER layer, got {type(layer).__name__}")

@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from peer_ll.experts.checkpoint import load_or_restore, prepare_checkpoint
-from peer_ll.experts.checks import check_choice, check_input, check_int, check_owner, check_type
+from peer_ll.experts.checks import (
+    check_bool,
+    check_choice,
+    check_input,
+    check_int,
+    check_owner,
+    check_type,
+)
 from peer_ll.experts.owners import Owners, select_segments
 from peer_ll.experts.pool import ExpertPool, view
 from peer_ll.experts.query_adapter import adapted_scores, adapted_topk, sync_adapter
@@ -272,6 +279,8 @@ class PEER(nn.Module):
         self._set_frozen(owners, False, keys, query)
 
     def _set_frozen(self, owners, value: bool, keys: bool, query: bool) -> None:
+        check_bool("keys", keys)
+        check_bool("query", query)
         self.pool.set_frozen(self.pool.segments_of(owners), value, keys=keys)
         if query:
             self._freeze_query(value)

@@ -125,6 +125,9 @@ class PEERLM(nn.Module):
         T = idx.shape[1]
         if not 1 <= T <= self.config.block_size:
             raise ValueError(f"idx must have 1 <= T <= {self.config.block_size}, got T={T}")
+        if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < self.config.vocab_size:
+            raise ValueError(f"idx must hold token ids in [0, {self.config.vocab_size}), got "
+                             f"values in [{int(idx.min())}, {int(idx.max())}]")
         if isinstance(owners, str):
             if owners != "infer":
                 raise ValueError(f"owners must be None, 'infer', an owner id or a (B,) "

@@ -162,3 +162,17 @@ def test_migrate_state_refuses_a_non_layer_and_changes_nothing(layer, hashed):
     with pytest.raises(TypeError, match="layer must be a PEER layer, got Linear"):
         migrate_state(opt, torch.nn.Linear(2, 2))
     assert hashed(layer, opt) == before
+
+
+def test_freeze_flags_must_be_bools(layer, hashed):
+    before = hashed(layer)
+    with pytest.raises(TypeError, match="keys must be a bool, got str 'y'"):
+        layer.freeze(0, keys="y")
+    with pytest.raises(TypeError, match="query must be a bool"):
+        layer.unfreeze(0, query=1)
+    assert hashed(layer) == before
+
+
+def test_migrate_state_refuses_a_non_optimizer(layer):
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, got str"):
+        migrate_state("adam", layer)

@@ -111,3 +111,22 @@ def test_no_temp_files_are_left_and_format_is_named(saved):
     assert os.listdir(path.parent) == [path.name]
     with safetensors.safe_open(str(path), "pt") as f:
         assert f.metadata()["format"] == CHECKPOINT_FORMAT
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda m: m.grow(0, owner=2), "num_keys must be an int >= 1"),
+    (lambda m: m.grow(2, owner=1), "owner must be an int >= 2"),
+    (lambda m: m.grow(10**6, owner=2), "must fit in the"),
+    (lambda m: m.freeze_old(7), "owner must be one of"),
+    (lambda m: m(torch.zeros(2, 4, dtype=torch.long), owners=5), "owners must be"),
+    (lambda m: m(torch.zeros(2, 4)), "idx must be an integer tensor"),
+    (lambda m: m(torch.zeros(2, 17, dtype=torch.long)), "idx must have 1 <= T <= 16"),
+    (lambda m: m(torch.full((2, 4), 300)), r"idx must hold token ids in \[0, 258\)"),
+    (lambda m: m(torch.full((2, 4), -1)), r"idx must hold token ids"),
+])
+def test_peerlm_calls_fail_clearly_and_change_nothing(saved, hashed, call, message):
+    model, _ = saved
+    before = hashed(model)
+    with pytest.raises(ValueError, match=message):
+        call(model)
+    assert hashed(model) == before
