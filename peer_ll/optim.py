@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from peer_ll.experts.checks import check_float
 from peer_ll.kernels.lazy_adamw import LAZY_ADAMW_BACKENDS, adamw_, lazy_adamw_
 
 
@@ -57,15 +58,32 @@ class SparseAdamW(torch.optim.Optimizer):
     ) -> None:
         if backend not in LAZY_ADAMW_BACKENDS:
             raise ValueError(f"backend must be one of {LAZY_ADAMW_BACKENDS}, got {backend!r}")
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
+        check_float("lr", lr, minimum=0.0)
+        check_float("eps", eps, minimum=0.0)
+        check_float("weight_decay", weight_decay, minimum=0.0)
+        if not isinstance(betas, tuple | list) or len(betas) != 2:
+            raise TypeError(f"betas must be a pair of floats, got {betas!r}")
+        for b in betas:
+            check_float("betas", b, minimum=0.0)
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        dtype = expert_state_dtype
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"expert_state_dtype must be a floating torch.dtype or None, "
+                            f"got {expert_state_dtype!r}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.expert_state_dtype = expert_state_dtype
         self.backend = backend
+
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer pickles only defaults, state and param_groups; keep our
+        # settings too (Avalanche's checkpoints pickle the optimizer).
+        return {**super().__getstate__(), "expert_state_dtype": self.expert_state_dtype,
+                "backend": self.backend}
+
+    def __setstate__(self, state: dict) -> None:
+        state = {"expert_state_dtype": None, "backend": "auto", **state}
+        super().__setstate__(state)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -73,6 +91,9 @@ class SparseAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:  # checked first: a failed step changes nothing
+            for p in group["params"]:
+                _check_current(p)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -121,6 +142,20 @@ class SparseAdamW(torch.optim.Optimizer):
             return
         rows = (~frozen[: p.shape[0]]).nonzero().flatten()
         self._update(p, rows, grad, state, group, grad_by_row=True)
+
+
+def _check_current(p: torch.Tensor) -> None:
+    """Raise if ``p`` is a PEER table that its layer replaced when it grew past capacity.
+
+    The layer then trains the new table, which this optimizer does not hold: it would
+    silently stop updating the experts.
+    """
+    if getattr(p, "peer_replaced", False):
+        raise ValueError(
+            f"optimizer must hold the PEER layer's current tables, got a {tuple(p.shape)} "
+            "table that the layer replaced when it grew past capacity: call "
+            "peer_ll.optim.migrate_state(optimizer, layer) after growing (or reserve "
+            "capacity beforehand)")
 
 
 def _coalesced(grad: torch.Tensor) -> torch.Tensor:
@@ -172,6 +207,9 @@ def migrate_state(optimizer: torch.optim.Optimizer, layer: nn.Module) -> int:
     Returns:
         The number of parameters migrated.
     """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
     replaced = getattr(layer, "replaced_parameters", None)
     if replaced is None:
         raise TypeError(f"layer must be a PEER layer, got {type(layer).__name__}")

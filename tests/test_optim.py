@@ -68,9 +68,9 @@ def test_sparse_rows_match_dense_adam_on_those_rows():
 
 def test_bad_hyperparameters():
     p = [torch.nn.Parameter(torch.zeros(2))]
-    with pytest.raises(ValueError, match="lr must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"lr must be a float >= 0.0, got -1.0"):
         SparseAdamW(p, lr=-1)
-    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+    with pytest.raises(ValueError, match="weight_decay must be a float >= 0.0"):
         SparseAdamW(p, weight_decay=-0.1)
 
 

@@ -6,9 +6,11 @@
 - :func:`peer_layers`: the PEER layers of a model;
 - :func:`expert_usage`, :func:`unevenness`: the paper's Table 2 routing metrics;
 - :class:`PerOwner`: one copy of a module per owner (e.g. per-owner
-  :class:`QueryAdapter` s, an optional query transform).
+  :class:`QueryAdapter` s, an optional query transform);
+- :func:`load_or_restore`: a state-dict load into any model that fails whole.
 """
 
+from peer_ll.experts.checkpoint import load_or_restore
 from peer_ll.experts.layers import peer_layers
 from peer_ll.experts.owners import OwnerMix, Owners, call_with_owners, mix_owners
 from peer_ll.experts.peer import PEER
@@ -27,6 +29,7 @@ __all__ = [
     "RoutingStats",
     "call_with_owners",
     "expert_usage",
+    "load_or_restore",
     "mix_owners",
     "peer_layers",
     "per_owner_modules",

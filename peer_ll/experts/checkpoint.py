@@ -9,8 +9,10 @@ match (see :class:`peer_ll.experts.pool.ExpertPool`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -20,12 +22,33 @@ POOL_KEYS = ("down", "up", "sub_keys", "segments", "segment_owner", "expert_owne
 
 
 def check_checkpoint(pool, state_dict: dict, prefix: str) -> None:
-    """Raise a clear ValueError if a checkpoint's pool does not extend ``pool``; changes nothing."""
-    saved, mine = state_dict.get(prefix + "segments"), pool.segments
+    """Raise a clear ValueError unless a checkpoint's pool is whole and extends ``pool``.
+
+    Checks everything a load would use, before anything grows or is replaced: every
+    pool entry present, tensors of the right dtypes and shapes, segments that tile the
+    experts and lie inside the tables, owners >= 0 that match their segments, and
+    tables that fit in memory. Changes nothing.
+    """
+    saved = state_dict.get(prefix + "segments")
     if saved is None:
         return
-    if saved.dim() != 2 or saved.shape[1] != 4:
-        raise ValueError(f"{prefix}segments must have shape (S, 4), got {tuple(saved.shape)}")
+    entry = {name: state_dict.get(prefix + name) for name in POOL_KEYS}
+    missing = [prefix + n for n, v in entry.items() if v is None]
+    if missing:
+        raise ValueError(f"checkpoint must hold every pool entry, got none for {missing}")
+    for name, value in entry.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{prefix}{name} must be a torch.Tensor, got {type(value).__name__}")
+        want = {"segments": "int", "segment_owner": "int", "expert_owner": "int",
+                "expert_frozen": "bool", "key_frozen": "bool"}.get(name, "float")
+        kind = ("bool" if value.dtype == torch.bool else
+                "float" if value.is_floating_point() else "complex" if value.is_complex()
+                else "int")
+        if kind != want:
+            raise ValueError(f"{prefix}{name} must have a {want} dtype, got {value.dtype}")
+    rows, keys = _check_tables(pool, entry, prefix)
+    _check_segments(entry, prefix, rows, keys)
+    mine = pool.segments
     n = len(mine)
     if len(saved) < n or not torch.equal(saved[:n].to(mine.device), mine):
         raise ValueError(
@@ -33,18 +56,103 @@ def check_checkpoint(pool, state_dict: dict, prefix: str) -> None:
             f"segments {mine.tolist()}: build the layer with the same constructor "
             "arguments as the one that was saved"
         )
-    for name, width in {"down": pool.dim, "up": pool.dim_out}.items():
-        table = state_dict.get(prefix + name)
-        if table is not None and (table.dim() != 2 or table.shape[1] != width):
-            raise ValueError(
-                f"{prefix}{name} must have shape (rows, {width}), got {tuple(table.shape)}"
-            )
-    keys = state_dict.get(prefix + "sub_keys")
-    if keys is not None and tuple(keys.shape[1:]) != tuple(pool.sub_keys.shape[1:]):
-        raise ValueError(
-            f"{prefix}sub_keys must have shape (rows, {tuple(pool.sub_keys.shape[1:])}), "
-            f"got {tuple(keys.shape)}"
-        )
+    if rows > pool.capacity or keys > pool.key_capacity:
+        pool.check_room(max(rows, pool.capacity), max(keys, pool.key_capacity), "checkpoint")
+
+
+def _check_tables(pool, entry: dict, prefix: str) -> tuple[int, int]:
+    """(expert rows, sub-key rows) of a checkpoint's tables, after checking their shapes."""
+    shapes = {"down": (None, pool.dim), "up": (None, pool.dim_out),
+              "sub_keys": (None, *pool.sub_keys.shape[1:]), "expert_owner": (None,),
+              "expert_frozen": (None,), "key_frozen": (None,), "segments": (None, 4),
+              "segment_owner": (None,)}
+    for name, shape in shapes.items():
+        got = tuple(entry[name].shape)
+        if len(got) != len(shape) or any(
+                w is not None and g != w for g, w in zip(got, shape, strict=False)):
+            want = ", ".join("rows" if w is None else str(w) for w in shape)
+            raise ValueError(f"{prefix}{name} must have shape ({want}), got {got}")
+    rows, keys = entry["down"].shape[0], entry["sub_keys"].shape[0]
+    for name, size in (("up", rows), ("expert_owner", rows), ("expert_frozen", rows),
+                       ("key_frozen", keys), ("segment_owner", len(entry["segments"]))):
+        if entry[name].shape[0] != size:
+            raise ValueError(f"{prefix}{name} must have {size} rows, got {entry[name].shape[0]}")
+    return rows, keys
+
+
+def _check_segments(entry: dict, prefix: str, rows: int, keys: int) -> None:
+    """Segments tile experts 0..N-1 in order, inside the tables; owners are >= 0."""
+    seg = entry["segments"].cpu()
+    if len(seg) == 0:
+        raise ValueError(f"{prefix}segments must hold at least one segment, got none")
+    key_off, n_left, n_right, start = seg.unbind(1)
+    sizes = n_left * n_right
+    expected = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    if (key_off < 0).any() or (n_left < 1).any() or (n_right < 1).any() or not torch.equal(
+            start, expected):
+        raise ValueError(f"{prefix}segments must be [key_offset >= 0, n_left >= 1, n_right >= 1,"
+                         f" expert_offset] rows that tile the experts, got {seg.tolist()}")
+    used, key_end = int(sizes.sum()), int((key_off + torch.maximum(n_left, n_right)).max())
+    if used > rows or key_end > keys:
+        raise ValueError(f"{prefix}segments must lie inside the tables ({rows} expert rows, "
+                         f"{keys} sub-key rows), got segments using {used} and {key_end}")
+    owner = entry["segment_owner"].cpu()
+    if (owner < 0).any():
+        raise ValueError(f"{prefix}segment_owner must be >= 0, got {owner.tolist()}")
+    if not torch.equal(entry["expert_owner"].cpu()[:used], owner.repeat_interleave(sizes)):
+        raise ValueError(f"{prefix}expert_owner must give each expert its segment's owner "
+                         f"{owner.tolist()}, got other owners")
+
+
+def prepare_checkpoint(layer: nn.Module, state_dict: dict, prefix: str, strict: bool) -> None:
+    """Upgrade and check a PEER ``layer``'s part of ``state_dict`` before it loads.
+
+    Older checkpoints get their keys renamed and keep the layer's query flag; the pool
+    is checked whole (:func:`check_checkpoint`) and, for a strict load, every entry of
+    the layer's own entries (query network, norm, pool; not those of its query adapter
+    or attached submodules, which check themselves) must be present.
+    """
+    if prefix + "frozen_query" not in state_dict:  # older checkpoints: keep the flag
+        state_dict[prefix + "frozen_query"] = layer.frozen_query.clone()
+    upgrade_checkpoint(state_dict, prefix, adapter=layer.query_adapter)
+    check_checkpoint(layer.pool, state_dict, prefix + "pool.")
+    if strict:
+        own = [prefix + k for k in layer.state_dict()
+               if k.startswith(("to_query.", "query_norm.", "pool.", "frozen_query"))]
+        missing = [k for k in own if k not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict must hold every entry of the layer, got none "
+                             f"for {missing}")
+
+
+def load_or_restore(module: nn.Module, load: Callable[[], object]) -> object:
+    """Run ``load()`` (a state-dict load into ``module``); if it fails, undo it and raise.
+
+    Every submodule's attributes, parameters, buffers and their values, and every
+    ``requires_grad`` flag are put back exactly as they were (this keeps one copy of
+    the state until the load ends). A torch ``RuntimeError`` (missing or unexpected
+    keys, size mismatches) becomes a ValueError.
+    """
+    mods = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+            for m in module.modules()]
+    tensors = {id(t): t for m, *_ in mods for t in [*m._parameters.values(),
+                                                   *m._buffers.values()] if t is not None}
+    values = [(t, t.detach().clone(), t.requires_grad) for t in tensors.values()]
+    try:
+        return load()
+    except BaseException as error:
+        for m, attrs, params, buffers, children in mods:
+            m.__dict__.clear()
+            m.__dict__.update(attrs, _parameters=params, _buffers=buffers, _modules=children)
+        with torch.no_grad():
+            for t, value, grad in values:
+                if t.shape == value.shape:
+                    t.copy_(value)
+                t.requires_grad_(grad)
+                t.__dict__.pop("peer_replaced", None)  # it was not replaced after all
+        if isinstance(error, RuntimeError):
+            raise ValueError(f"state_dict must match the model: {error}") from error
+        raise
 
 
 def upgrade_checkpoint(state_dict: dict, prefix: str, *, adapter: object = None) -> None:

@@ -7,6 +7,7 @@ a value of the right type that is out of range, with the message
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import torch
@@ -99,3 +100,37 @@ def _bounds(minimum: float | None, maximum: float | None) -> str:
     if minimum is not None:
         return f" >= {minimum}"
     return "" if maximum is None else f" <= {maximum}"
+
+
+def memory_limit(device: torch.device | str | None = None) -> int:
+    """Bytes that an allocation on ``device`` may take at most.
+
+    For the CPU that is the memory available now (``MemAvailable`` of /proc/meminfo,
+    else the physical memory); for CUDA the device's free memory. A larger request
+    would fail or push the machine into swap, so it is refused before anything is
+    allocated.
+    """
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # no sysconf: no bound below 1 PiB
+        return 1 << 50
+
+
+def check_allocation(name: str, nbytes: int, device: torch.device | str | None = None) -> int:
+    """Raise ValueError if allocating ``nbytes`` on ``device`` cannot fit in its memory."""
+    limit = memory_limit(device)
+    if nbytes > limit:
+        raise ValueError(f"{name} must fit in the {limit / 2**30:.1f} GiB of "
+                         f"{torch.device('cpu' if device is None else device)} memory, got a "
+                         f"request for {nbytes / 2**30:.1f} GiB")
+    return nbytes

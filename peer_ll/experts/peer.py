@@ -13,8 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peer_ll.experts.checkpoint import check_checkpoint, upgrade_checkpoint
-from peer_ll.experts.checks import check_choice, check_input, check_int, check_owner, check_type
+from peer_ll.experts.checkpoint import load_or_restore, prepare_checkpoint
+from peer_ll.experts.checks import (
+    check_bool,
+    check_choice,
+    check_input,
+    check_int,
+    check_owner,
+    check_type,
+)
 from peer_ll.experts.owners import Owners, select_segments
 from peer_ll.experts.pool import ExpertPool, view
 from peer_ll.experts.query_adapter import adapted_scores, adapted_topk, sync_adapter
@@ -108,7 +115,8 @@ class PEER(nn.Module):
             dim, dim_out, heads, topk, dim_key, num_keys)
         self.query_norm_kind, self.gate, self.activation = query_norm, gate, activation
         self.sparse_grad, self.backend = True, backend
-        self.query_frozen = False
+        self.query_frozen = False  # mirrored in the buffer frozen_query (state_dict)
+        self.register_buffer("frozen_query", torch.tensor(False))
         self.to_query = nn.Linear(dim, heads * dim_key, bias=False)
         self.query_norm = {
             "batch": lambda: nn.BatchNorm1d(heads * dim_key),
@@ -129,12 +137,16 @@ class PEER(nn.Module):
         """Apply the layer: (..., D) -> (..., E).
 
         Args:
-            x: (..., D) floating inputs.
+            x: (..., D) inputs of any floating dtype; they are cast to the layer's dtype.
+                An empty batch (a zero in ``...``) gives an empty output.
             owners: restrict retrieval to these owners' experts: None (every expert,
                 the paper's layer), an int, a sequence of ints, or an integer tensor of
                 shape (...) with one owner per input. Checked before anything changes.
         """
         segments, mask = self._searched(x, owners)
+        x = self._cast(x)
+        if x.numel() == 0:
+            return x.new_zeros(*x.shape[:-1], self.dim_out)
         q = self.query(x).reshape(-1, self.heads, self.dim_key)  # (T, H, d)
         with torch.no_grad():
             _, ids = self._search(q.detach(), segments, mask, self.topk)  # (T, H, K)
@@ -150,10 +162,18 @@ class PEER(nn.Module):
         )  # (T, E)
         return out.view(*x.shape[:-1], self.dim_out)
 
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        """Queries after the norm: (..., D) -> (..., H, d)."""
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` checked and cast to the dtype of the layer's weights."""
         check_input(x, self.dim)
+        dtype = self.to_query.weight.dtype
+        return x if x.dtype == dtype else x.to(dtype)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries after the norm: (..., D) -> (..., H, d); any float dtype is cast."""
+        x = self._cast(x)
         lead = x.shape[:-1]
+        if x.numel() == 0:
+            return x.new_zeros(*lead, self.heads, self.dim_key)
         q = self.to_query(x.reshape(-1, self.dim))  # (T, H*d)
         if self.query_norm_kind == "batch":
             bn = self.query_norm
@@ -172,11 +192,18 @@ class PEER(nn.Module):
         return q.view(*lead, self.heads, self.dim_key)
 
     def retrieve(
-        self, x: torch.Tensor, owners: Owners = None, *, k: int | None = None
+        self, x: torch.Tensor, owners: Owners = None, *, k: int | None = None, pad: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k retrieval without gradient: (..., D) -> scores, ids, each (..., H, k)."""
+        """Top-k retrieval without gradient: (..., D) -> scores, ids, each (..., H, k).
+
+        ``k`` (default: topk) may not exceed the experts that ``owners`` can search,
+        unless ``pad``: missing places then get id -1 and score -inf.
+        """
         k = self.topk if k is None else check_int("k", k, minimum=1)
-        segments, mask = self._searched(x, owners, need=min(k, self.topk))
+        if not pad and owners is None and k > self.num_experts:
+            raise ValueError(f"k must be <= the {self.num_experts} experts in the pool "
+                             f"(or pad=True), got {k}")
+        segments, mask = self._searched(x, owners, need=min(k, self.topk) if pad else k)
         q = self.query(x)
         lead = q.shape[:-2]
         with torch.no_grad():
@@ -252,12 +279,18 @@ class PEER(nn.Module):
         self._set_frozen(owners, False, keys, query)
 
     def _set_frozen(self, owners, value: bool, keys: bool, query: bool) -> None:
+        check_bool("keys", keys)
+        check_bool("query", query)
         self.pool.set_frozen(self.pool.segments_of(owners), value, keys=keys)
         if query:
-            self.query_frozen = value
-            for p in [*self.to_query.parameters(), *self.query_norm.parameters()]:
-                p.requires_grad_(not value)
+            self._freeze_query(value)
         sync_adapter(self.query_adapter, self.pool)
+
+    def _freeze_query(self, value: bool) -> None:
+        self.query_frozen = value
+        self.frozen_query.fill_(value)
+        for p in [*self.to_query.parameters(), *self.query_norm.parameters()]:
+            p.requires_grad_(not value)
 
     # ------------------------------------------------------------ pool and stats
     owners = property(lambda self: self.pool.expert_owner[: self.num_experts])
@@ -284,13 +317,23 @@ class PEER(nn.Module):
         return retrieval_confidence(self, x, owners)
 
     # --------------------------------------------------------------- state_dict
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        upgrade_checkpoint(state_dict, prefix, adapter=self.query_adapter)
-        check_checkpoint(self.pool, state_dict, prefix + "pool.")  # before anything loads
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a checkpoint, growing to its pool; a failed load changes nothing.
+
+        The whole checkpoint is checked first; any failure raises ValueError or
+        TypeError and leaves the layer exactly as it was (see ``load_or_restore``).
+        """
+        return load_or_restore(self, lambda: super(PEER, self).load_state_dict(
+            state_dict, strict=strict, assign=assign))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args):
+        prepare_checkpoint(self, state_dict, prefix, strict)  # checks all before any change
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
 
     def _after_load(self, incompatible) -> None:
         self.stats.resize(self.pool.capacity)
+        if bool(self.frozen_query) != self.query_frozen:
+            self._freeze_query(bool(self.frozen_query))
         sync_adapter(self.query_adapter, self.pool)
 
     def extra_repr(self) -> str:

@@ -61,15 +61,24 @@ class RoutingStats(nn.Module):
         super().__init__()
         check_int("capacity", capacity, minimum=1)
         self.register_buffer("mass", torch.zeros(capacity), persistent=False)
+        #: gates skipped because they were NaN or infinite (a 0-d tensor: no device sync)
+        self.register_buffer("nonfinite", torch.zeros((), dtype=torch.long), persistent=False)
         self.track = True
 
     def record(self, ids: torch.Tensor, gates: torch.Tensor) -> None:
-        """Add ``gates`` (T, H, K) to the mass of expert ``ids`` (T, H, K)."""
-        self.mass.index_add_(0, ids.reshape(-1), gates.reshape(-1).to(self.mass))
+        """Add ``gates`` (T, H, K) to the mass of expert ``ids`` (T, H, K).
+
+        Non-finite gates (from a NaN input) add nothing; they are counted in ``nonfinite``.
+        """
+        gates = gates.reshape(-1).to(self.mass)
+        bad = ~torch.isfinite(gates)
+        self.nonfinite += bad.sum()
+        self.mass.index_add_(0, ids.reshape(-1), gates.masked_fill(bad, 0.0))
 
     def reset(self) -> None:
-        """Zero the accumulated mass."""
+        """Zero the accumulated mass (and the count of non-finite gates)."""
         self.mass.zero_()
+        self.nonfinite.zero_()
 
     def resize(self, capacity: int) -> None:
         """Hold ``capacity`` rows; the mass of rows that stay is kept."""
@@ -98,7 +107,7 @@ def retrieval_confidence(layer: nn.Module, x: torch.Tensor, owners=None) -> dict
     experts (for sigmoid gates, of the normalised gates).
     """
     k = layer.topk
-    scores, _ = layer.retrieve(x, owners, k=k + 1)  # a missing (k+1)-th scores -inf
+    scores, _ = layer.retrieve(x, owners, k=k + 1, pad=True)  # a missing (k+1)-th scores -inf
     margin = scores[..., k - 1] - scores[..., k]
     top = scores[..., :k]
     gates = top.softmax(-1) if layer.gate == "softmax" else top.sigmoid()

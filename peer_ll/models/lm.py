@@ -32,11 +32,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from peer_ll.experts import PEER, OwnerMix, mix_owners, peer_layers
+from peer_ll.experts.checkpoint import load_or_restore
 from peer_ll.models.lm_growth import freeze_all_but, grow_domain
-from peer_ll.models.lm_io import sample, save_atomically
+from peer_ll.models.lm_io import (
+    config_from_header,
+    load_tensors,
+    read_metadata,
+    sample,
+    save_tensors,
+)
 from peer_ll.models.transformer import Block, LMConfig, Route
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = "peer_ll.PEERLM.safetensors/2"
 LMOwners = int | str | torch.Tensor | None
 
 class PEERLM(nn.Module):
@@ -118,6 +125,9 @@ class PEERLM(nn.Module):
         T = idx.shape[1]
         if not 1 <= T <= self.config.block_size:
             raise ValueError(f"idx must have 1 <= T <= {self.config.block_size}, got T={T}")
+        if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < self.config.vocab_size:
+            raise ValueError(f"idx must hold token ids in [0, {self.config.vocab_size}), got "
+                             f"values in [{int(idx.min())}, {int(idx.max())}]")
         if isinstance(owners, str):
             if owners != "infer":
                 raise ValueError(f"owners must be None, 'infer', an owner id or a (B,) "
@@ -256,31 +266,51 @@ class PEERLM(nn.Module):
 
     # ---------------------------------------------------------------- save/load
     def save(self, path: str | os.PathLike) -> None:
-        """Write config and weights to one file, atomically (temp file + os.replace).
+        """Write the weights with safetensors (no pickle), atomically.
 
-        An interrupted save leaves any previous checkpoint at ``path`` intact.
+        The file's header holds the config as JSON, the names of the frozen
+        parameters and a SHA-256 of the content, checked by :meth:`load`. An
+        interrupted save leaves any previous checkpoint at ``path`` intact and no
+        temporary file behind.
         """
-        save_atomically({
-            "format": CHECKPOINT_FORMAT,
-            "config": json.dumps(self.config.to_dict()),
-            "state_dict": self.state_dict(),
-        }, path)
+        frozen = [n for n, p in self.named_parameters() if not p.requires_grad]
+        save_tensors(self.state_dict(), {"format": CHECKPOINT_FORMAT,
+                                         "config": json.dumps(self.config.to_dict()),
+                                         "frozen": json.dumps(frozen)}, path)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load weights; blocks first get the grown layers and adapters the checkpoint has."""
-        for i, block in enumerate(self.blocks):
-            block.match_checkpoint(self.config, state_dict, f"blocks.{i}.")
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        """Load weights; blocks first get the grown layers and adapters the checkpoint has.
+
+        A failed load raises ValueError (or TypeError) and changes nothing.
+        """
+        def load():
+            for i, block in enumerate(self.blocks):
+                block.match_checkpoint(self.config, state_dict, f"blocks.{i}.")
+            return super(PEERLM, self).load_state_dict(state_dict, strict=strict, assign=assign)
+
+        return load_or_restore(self, load)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> PEERLM:
-        """Build a PEERLM from :meth:`save`'s file; PEER layers grow to the saved pools."""
-        payload = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"path must hold a PEERLM checkpoint (format {CHECKPOINT_FORMAT})")
-        model = cls(LMConfig.from_dict(json.loads(payload["config"])))
-        model.load_state_dict(payload["state_dict"])
-        return model
+        """Build a PEERLM from :meth:`save`'s file; PEER layers grow to the saved pools.
+
+        The header is checked before anything is allocated: format, every config key,
+        and a model size that fits in memory; then the content hash, then the weights.
+
+        Raises:
+            ValueError: an empty, truncated, corrupted or foreign file, or a bad config.
+        """
+        meta = read_metadata(path)
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"path must hold a PEERLM checkpoint (format "
+                             f"{CHECKPOINT_FORMAT!r}), got format {meta.get('format')!r}")
+        config = config_from_header(meta.get("config"))
+        model = cls(config)
+        model.load_state_dict(load_tensors(path))
+        frozen = json.loads(meta.get("frozen", "[]"))
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen)
+        return model.to(map_location)
 
 
 def _describe(x: object) -> str:

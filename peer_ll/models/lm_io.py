@@ -5,13 +5,19 @@ Axis letters: ``B`` batch, ``T0`` prompt positions, ``V`` vocabulary.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import tempfile
+import secrets
+from dataclasses import fields
 
+import safetensors
+import safetensors.torch
 import torch
 from torch import nn
 
-from peer_ll.experts.checks import check_float, check_int
+from peer_ll.experts.checks import check_allocation, check_float, check_int
+from peer_ll.models.transformer import LMConfig
 
 
 @torch.no_grad()
@@ -53,20 +59,23 @@ def sample(
     return idx
 
 
-def save_atomically(payload: dict, path: str | os.PathLike) -> None:
-    """``torch.save(payload)`` to ``path`` through a temp file and ``os.replace``.
+def write_atomically(data: bytes, path: str | os.PathLike) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``.
 
-    An interrupted save leaves any previous file at ``path`` intact.
+    The temp file is fsynced before the rename and removed if anything fails, so an
+    interrupted save leaves any previous file at ``path`` intact and no temp file
+    behind. The file gets the usual mode (0o666 less the umask, applied by the
+    kernel); the process umask is never changed.
     """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".tmp-{name}-{os.getpid()}-{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; keep the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -74,7 +83,94 @@ def save_atomically(payload: dict, path: str | os.PathLike) -> None:
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                 ) -> str:
+    """SHA-256 over ``metadata`` (but its "sha256") and the names, dtypes, shapes and
+    bytes of ``tensors`` (sorted by name)."""
+    digest = hashlib.sha256()
+    meta = {k: v for k, v in (metadata or {}).items() if k != "sha256"}
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                 path: str | os.PathLike) -> None:
+    """Save ``tensors`` with safetensors (no pickle) and a content hash, atomically.
+
+    ``metadata`` (str -> str) goes into the file's header beside ``"sha256"``, the
+    :func:`content_hash` that :func:`load_tensors` checks.
+    """
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    meta = {**metadata, "sha256": content_hash(tensors, metadata)}
+    write_atomically(safetensors.torch.save(tensors, metadata=meta), path)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header metadata of a :func:`save_tensors` file, without reading its tensors.
+
+    Raises:
+        ValueError: the file is empty, truncated or not a safetensors file.
+    """
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    if size < 8:
+        raise ValueError(f"path must hold a safetensors checkpoint, got a file of {size} bytes: "
+                         f"{path}")
+    try:
+        with safetensors.safe_open(path, "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as error:  # safetensors raises its own error types for bad headers
+        raise ValueError(f"path must hold a whole safetensors checkpoint, got {path}: "
+                         f"{error}") from error
+
+
+def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu"
+                 ) -> dict[str, torch.Tensor]:
+    """The tensors of a :func:`save_tensors` file, after checking its content hash."""
+    meta = read_metadata(path)
+    try:
+        tensors = safetensors.torch.load_file(os.fspath(path), device=str(device))
+    except Exception as error:
+        raise ValueError(f"path must hold a whole safetensors checkpoint, got {path}: "
+                         f"{error}") from error
+    if meta.get("sha256") != content_hash(tensors, meta):
+        raise ValueError(f"path must hold a checkpoint whose content matches its sha256, "
+                         f"got one that does not (corrupted or edited): {path}")
+    return tensors
+
+
+def config_from_header(text: object) -> LMConfig:
+    """The :class:`LMConfig` of a checkpoint header, checked before anything is allocated.
+
+    Every config key must be present and the model it describes must fit in memory
+    (an estimate of its parameters, dominated by the embeddings, blocks and pools).
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"checkpoint must hold its config as JSON metadata, got {text!r}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"checkpoint config must be JSON, got {text[:80]!r}: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"checkpoint config must be a JSON object, got {type(data).__name__}")
+    missing = sorted({f.name for f in fields(LMConfig)} - set(data))
+    if missing:
+        raise ValueError(f"checkpoint config must hold every LMConfig key, got none for {missing}")
+    config = LMConfig.from_dict(data)
+    check_allocation("checkpoint config (the model it describes)", estimated_bytes(config))
+    return config
+
+
+def estimated_bytes(config: LMConfig) -> int:
+    """Bytes of a fresh PEERLM's float32 parameters for ``config`` (within a few %)."""
+    c, d = config, config.dim
+    dense = c.vocab_size * d + c.block_size * d + c.layers * (4 + 2 * c.mlp_ratio) * d * d
+    rows = max(c.peer_capacity or 0, c.peer_num_keys ** 2)
+    keys = max(rows // c.peer_num_keys + 1, 2 * c.peer_num_keys)
+    peer = rows * 2 * d + keys * c.peer_dim_key + c.peer_heads * c.peer_dim_key * d
+    return 4 * (dense + len(c.peer_layers) * peer)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from peer_ll.experts.checks import check_int, check_owner
+from peer_ll.protect.finite import finite_rows
 
 
 class InputOwnerStats(nn.Module):
@@ -92,17 +93,22 @@ class InputOwnerStats(nn.Module):
         """Set ``owner``'s statistics from its inputs x (N, ...) (and labels (N,)).
 
         Replaces what ``owner`` had; other owners are untouched. Nothing changes if
-        an argument is bad. ``model`` and ``replay`` are unused (the scorer interface
-        passes them).
+        an argument is bad. Samples holding NaN or inf are skipped, counted in
+        ``nonfinite_skipped`` and warned about once. ``model`` and ``replay`` are
+        unused (the scorer interface passes them).
         """
         owner = check_owner("owner", owner)
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or len(x) < 1:
             raise ValueError(f"x must be a tensor (N, ...) with N >= 1, got {_shape(x)}")
         flat = x.reshape(len(x), -1).double()
+        keep = finite_rows(self, flat, owner)  # non-finite samples are skipped and counted
+        if not bool(keep.any()):
+            raise ValueError(f"x must hold at least one finite sample, got {len(x)} non-finite")
         if self.dim is not None and flat.shape[1] != self.dim:
             raise ValueError(
                 f"x must have {self.dim} values per sample (as fitted before), got {flat.shape[1]}"
             )
+        flat = flat[keep]
         if labels is None or not self.per_class:
             parts = [flat]
         else:
@@ -110,7 +116,7 @@ class InputOwnerStats(nn.Module):
                 raise ValueError(
                     f"labels must be a tensor of shape ({len(x)},), got {_shape(labels)}"
                 )
-            labels = labels.to(flat.device)
+            labels = labels.to(flat.device)[keep]
             parts = [flat[labels == c] for c in labels.unique()]
         if self.components > 1:
             parts = [c for p in parts for c in _kmeans(p, self.components)]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from peer_ll.experts.checks import check_choice, check_float, check_int, check_owner
+from peer_ll.protect.finite import finite_rows
 from peer_ll.protect.routed import CHUNK, layer_input, pick_layer
 
 COVARIANCES = ("diag", "full")
@@ -142,7 +143,11 @@ class QueryOwnerStats(nn.Module):
 
     @torch.no_grad()
     def update(self, owner: int, queries: torch.Tensor) -> None:
-        """Merge a batch of ``owner``'s queries (..., H, d) into its statistics (exact)."""
+        """Merge a batch of ``owner``'s queries (..., H, d) into its statistics (exact).
+
+        Queries holding NaN or inf are skipped, counted in ``nonfinite_skipped`` and
+        warned about once (see :mod:`peer_ll.protect.finite`).
+        """
         owner = check_owner("owner", owner)
         if queries.shape[-2:] != (self.heads, self.dim_key):
             raise ValueError(
@@ -150,6 +155,7 @@ class QueryOwnerStats(nn.Module):
                 f"got {tuple(queries.shape)}"
             )
         q = queries.detach().reshape(-1, self.heads, self.dim_key).to(self.mean)
+        q = q[finite_rows(self, q, owner)]  # non-finite queries are skipped and counted
         n_b = q.shape[0]
         if n_b == 0:
             return

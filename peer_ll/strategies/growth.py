@@ -107,7 +107,8 @@ class GrowthEvent(NamedTuple):
 class PEERGrowth(DynamicModule):
     """Grows and freezes its parent PEER layer in ``adaptation(experience)``.
 
-    It has no parameters or buffers and is attached as ``layer.growth`` by
+    It has no parameters or buffers (its seen classes and tasks and its events are
+    its state_dict's extra state) and is attached as ``layer.growth`` by
     :func:`attach_growth`. It acts only in training mode: Avalanche also adapts the
     model before evaluating each experience, with the model in eval mode.
 
@@ -195,6 +196,34 @@ class PEERGrowth(DynamicModule):
             layer.freeze(owners, keys=policy.freeze_keys, query=policy.freeze_query)
         elif policy.freeze_query:
             layer.freeze([], keys=False, query=True)
+
+    # --------------------------------------------------------------- state_dict
+    def get_extra_state(self) -> dict:
+        """What decides the next growth (in the state_dict as ``..growth._extra_state``)."""
+        return {"seen_classes": sorted(self.seen_classes), "seen_tasks": sorted(self.seen_tasks),
+                "events": [list(e) for e in self.events]}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Restore :meth:`get_extra_state`'s dict; a malformed one raises ValueError."""
+        if not isinstance(state, dict) or not {"seen_classes", "seen_tasks"} <= set(state):
+            raise ValueError(f"growth state must be a dict with seen_classes and seen_tasks, "
+                             f"got {state!r}"[:200])
+        seen = {}
+        for name in ("seen_classes", "seen_tasks"):
+            values = state[name]
+            if not isinstance(values, list | tuple) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+                raise ValueError(f"growth state {name} must be a list of ints >= 0, "
+                                 f"got {values!r}"[:200])
+            seen[name] = set(values)
+        events = [GrowthEvent(int(e[0]), bool(e[1]), str(e[2]), int(e[3]))
+                  for e in state.get("events", [])]
+        self.seen_classes, self.seen_tasks, self.events = (
+            seen["seen_classes"], seen["seen_tasks"], events)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())  # older files
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"policy={self.policy}"

@@ -201,10 +201,14 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", broken)
+    monkeypatch.setattr(os, "umask", broken)  # the save never touches the process umask
+    model.save(path)
+    saved = path.read_bytes()
+    monkeypatch.setattr(os, "fsync", broken)
     with pytest.raises(OSError, match="disk full"):
         model.save(path)
     assert path.read_bytes() == saved and os.listdir(tmp_path) == ["lm.pt"]
+    monkeypatch.undo()
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600
@@ -223,7 +227,7 @@ def test_load_in_a_new_process_gives_identical_perplexities(grown, domains, tmp_
         from peer_ll.models.lm import PEERLM
         torch.set_num_threads({torch.get_num_threads()})
         model = PEERLM.load({str(path)!r})
-        blocks = torch.load({str(tmp_path / "blocks.pt")!r})
+        blocks = torch.load({str(tmp_path / "blocks.pt")!r}, weights_only=True)
         print(repr([perplexity(model, blocks, domain=d) for d in (0, 1, None, "infer")]))
     """)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -54,13 +54,31 @@ def test_policy_rejects_bad_arguments(kwargs, error):
         GrowthPolicy(**kwargs)
 
 
+def test_growth_state_round_trips_and_old_checkpoints_load(small_peer):
+    layer, growth = _grower(small_peer, when="new_classes")
+    growth.adaptation(_exp(1, classes=(3, 5), tasks=(0,)))
+    sd = layer.state_dict()
+    assert sd["growth._extra_state"]["seen_classes"] == [3, 5]
+    fresh, fresh_growth = _grower(small_peer, when="new_classes")
+    fresh.load_state_dict(sd)
+    assert fresh_growth.seen_classes == {3, 5} and fresh_growth.events == growth.events
+    assert fresh.num_experts == layer.num_experts
+    old = {k: v for k, v in sd.items() if k != "growth._extra_state"}
+    other, other_growth = _grower(small_peer, when="new_classes")
+    other.load_state_dict(old)  # a checkpoint from before the growth state was saved
+    assert other_growth.seen_classes == set()
+    bad = dict(sd, **{"growth._extra_state": {"seen_classes": [-1], "seen_tasks": []}})
+    with pytest.raises(ValueError, match="seen_classes must be a list of ints >= 0"):
+        _grower(small_peer, when="new_classes")[0].load_state_dict(bad)
+
+
 def test_attach_keeps_parameter_names_and_state_dict(small_peer):
     net = _Net(small_peer)
     names, keys = [n for n, _ in net.named_parameters()], set(net.state_dict())
     (growth,) = attach_growth(net, GrowthPolicy(max_experts=48))
     assert isinstance(growth, PEERGrowth) and net.peer.growth is growth
     assert [n for n, _ in net.named_parameters()] == names
-    assert set(net.state_dict()) == keys
+    assert set(net.state_dict()) == keys | {"peer.growth._extra_state"}  # seen classes, tasks
     assert net.peer.capacity == 48 and net.peer.key_capacity == 12  # 2 growths of 4 keys
 
 
