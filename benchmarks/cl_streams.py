@@ -32,7 +32,7 @@ import numpy as np
 from peer_ll.cli.compare import parse_seeds, run_comparison
 from peer_ll.cli.harness import cpu_threads
 from peer_ll.cli.results import environment_line, write_section
-from peer_ll.cli.strategies_zoo import STRATEGIES, ZooConfig
+from peer_ll.cli.strategies_zoo import NON_PEER_BASELINES, STRATEGIES, ZooConfig
 from peer_ll.evaluation.plots import draw_run_plots
 from peer_ll.evaluation.report import load_results, results_table, write_results
 
@@ -44,6 +44,8 @@ STREAMS = {
 PEER = ("PEER growth", "PEER growth + RD", "PEER sparse FT", "PEER growth, no replay",
         "PEER protect (full)", "PEER protect", "PEER protect + gate", "PEER protect, input owners")
 BASELINES = ("Naive", "EWC", "LwF", "Replay", "Joint")
+#: Replay-free baselines without a PEER pool (peer_ll.cli.strategies_zoo.NON_PEER_BASELINES).
+NON_PEER = tuple(STRATEGIES[k] for k in NON_PEER_BASELINES)
 HEADING = "## Continual learning on Fashion-MNIST streams (benchmarks/cl_streams.py)"
 
 
@@ -59,6 +61,19 @@ def gaps_table(results: dict) -> str:
         forg = [100 * (s[name]["forgetting"] - s[b]["forgetting"]) for b in base if b != "Joint"]
         lines.append(f"| {name} | " + " | ".join(f"{v:+.1f}" for v in [*acc, *forg]) + " |")
     return "\n".join(lines)
+
+
+def pool_gain(results: dict, name: str = "PEER protect (full)") -> str:
+    """One sentence: ``name``'s accuracy and what it adds over the best non-PEER baseline."""
+    s = results["strategies"]
+    base = [b for b in NON_PEER if b in s]
+    if name not in s or not base:
+        return ""
+    best = max(base, key=lambda b: s[b]["avg_accuracy"])
+    acc, ref = 100 * s[name]["avg_accuracy"], 100 * s[best]["avg_accuracy"]
+    verb = "adds" if acc > ref else "loses"
+    return (f"{name} {acc:.1f} %: the PEER pool {verb} {acc - ref:+.1f} points over the best "
+            f"replay-free baseline without a pool, {best} ({ref:.1f} %).")  # fmt: skip
 
 
 def drift_table(results: dict) -> str:
@@ -95,7 +110,8 @@ def section(all_results: dict[str, dict], command: str) -> str:
             h=cfg["hidden"], n=cfg["num_keys"]),
     ]  # fmt: skip
     for stream, results in all_results.items():
-        out += ["", f"### {STREAMS.get(stream, stream)}", "", results_table(results, markdown=True),
+        out += ["", f"### {STREAMS.get(stream, stream)}", "", pool_gain(results), "",
+                results_table(results, markdown=True),
                 "", "PEER strategies minus baselines (points; Δforg < 0 is less forgetting):",
                 "", gaps_table(results), "",
                 "Routing of the inputs of experiences 0..T-2 after the last experience "
