@@ -5,7 +5,7 @@ Streams (``peer_ll.data.make_stream``):
 - Split-Fashion-MNIST, task-incremental (one head per task), 5 × 2 classes;
 - Permuted Fashion-MNIST, domain-incremental, 10 experiences.
 
-Every strategy of ``peer_ll.cli.strategies_zoo`` (the nine of ``peer-ll run``, "PEER
+Every strategy of ``peer_ll.cli.strategies_zoo`` (the twelve of ``peer-ll run``, "PEER
 growth, no replay" and the other routing-protection variants) trains with the same
 epochs, learning rate and replay budget. To fit a 2-core CPU each training experience
 is subsampled (default 2,000 images, balanced over classes) and each test experience too
