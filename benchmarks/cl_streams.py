@@ -53,6 +53,8 @@ def gaps_table(results: dict) -> str:
     """Markdown: each PEER strategy's average accuracy and forgetting minus each baseline's."""
     s = results["strategies"]
     base = [b for b in BASELINES if b in s]
+    if not base:
+        return ""
     head = "| PEER strategy | " + " | ".join(f"Δacc vs {b}" for b in base)
     head += " | " + " | ".join(f"Δforg vs {b}" for b in base if b != "Joint") + " |"
     lines = [head, "|" + "---|" * (1 + 2 * len(base) - ("Joint" in base))]
@@ -71,9 +73,9 @@ def pool_gain(results: dict, name: str = "PEER protect (full)") -> str:
         return ""
     best = max(base, key=lambda b: s[b]["avg_accuracy"])
     acc, ref = 100 * s[name]["avg_accuracy"], 100 * s[best]["avg_accuracy"]
-    verb = "adds" if acc > ref else "loses"
-    return (f"{name} {acc:.1f} %: the PEER pool {verb} {acc - ref:+.1f} points over the best "
-            f"replay-free baseline without a pool, {best} ({ref:.1f} %).")  # fmt: skip
+    gain = f"adds {acc - ref:.1f} points over" if acc >= ref else f"loses {ref - acc:.1f} points to"
+    return (f"{name} {acc:.1f} %: the PEER pool {gain} the best replay-free baseline "
+            f"without a pool, {best} ({ref:.1f} %).")  # fmt: skip
 
 
 def drift_table(results: dict) -> str:
@@ -110,10 +112,13 @@ def section(all_results: dict[str, dict], command: str) -> str:
             h=cfg["hidden"], n=cfg["num_keys"]),
     ]  # fmt: skip
     for stream, results in all_results.items():
+        gaps = gaps_table(results)
         out += ["", f"### {STREAMS.get(stream, stream)}", "", pool_gain(results), "",
-                results_table(results, markdown=True),
-                "", "PEER strategies minus baselines (points; Δforg < 0 is less forgetting):",
-                "", gaps_table(results), "",
+                results_table(results, markdown=True)]
+        if gaps:
+            out += ["", "PEER strategies minus baselines (points; Δforg < 0 is less "
+                    "forgetting):", "", gaps]
+        out += ["",
                 "Routing of the inputs of experiences 0..T-2 after the last experience "
                 "(share of router mass, mean over those experiences and seeds):", "",
                 drift_table(results)]  # fmt: skip
