@@ -5,7 +5,7 @@ Streams (``peer_ll.data.make_stream``):
 - Split-Fashion-MNIST, task-incremental (one head per task), 5 × 2 classes;
 - Permuted Fashion-MNIST, domain-incremental, 10 experiences.
 
-Every strategy of ``peer_ll.cli.strategies_zoo`` (the nine of ``peer-ll run``, "PEER
+Every strategy of ``peer_ll.cli.strategies_zoo`` (the twelve of ``peer-ll run``, "PEER
 growth, no replay" and the other routing-protection variants) trains with the same
 epochs, learning rate and replay budget. To fit a 2-core CPU each training experience
 is subsampled (default 2,000 images, balanced over classes) and each test experience too
@@ -32,7 +32,7 @@ import numpy as np
 from peer_ll.cli.compare import parse_seeds, run_comparison
 from peer_ll.cli.harness import cpu_threads
 from peer_ll.cli.results import environment_line, write_section
-from peer_ll.cli.strategies_zoo import STRATEGIES, ZooConfig
+from peer_ll.cli.strategies_zoo import NON_PEER_BASELINES, STRATEGIES, ZooConfig
 from peer_ll.evaluation.plots import draw_run_plots
 from peer_ll.evaluation.report import load_results, results_table, write_results
 
@@ -44,6 +44,8 @@ STREAMS = {
 PEER = ("PEER growth", "PEER growth + RD", "PEER sparse FT", "PEER growth, no replay",
         "PEER protect (full)", "PEER protect", "PEER protect + gate", "PEER protect, input owners")
 BASELINES = ("Naive", "EWC", "LwF", "Replay", "Joint")
+#: Replay-free baselines without a PEER pool (peer_ll.cli.strategies_zoo.NON_PEER_BASELINES).
+NON_PEER = tuple(STRATEGIES[k] for k in NON_PEER_BASELINES)
 HEADING = "## Continual learning on Fashion-MNIST streams (benchmarks/cl_streams.py)"
 
 
@@ -51,6 +53,8 @@ def gaps_table(results: dict) -> str:
     """Markdown: each PEER strategy's average accuracy and forgetting minus each baseline's."""
     s = results["strategies"]
     base = [b for b in BASELINES if b in s]
+    if not base:
+        return ""
     head = "| PEER strategy | " + " | ".join(f"Δacc vs {b}" for b in base)
     head += " | " + " | ".join(f"Δforg vs {b}" for b in base if b != "Joint") + " |"
     lines = [head, "|" + "---|" * (1 + 2 * len(base) - ("Joint" in base))]
@@ -59,6 +63,19 @@ def gaps_table(results: dict) -> str:
         forg = [100 * (s[name]["forgetting"] - s[b]["forgetting"]) for b in base if b != "Joint"]
         lines.append(f"| {name} | " + " | ".join(f"{v:+.1f}" for v in [*acc, *forg]) + " |")
     return "\n".join(lines)
+
+
+def pool_gain(results: dict, name: str = "PEER protect (full)") -> str:
+    """One sentence: ``name``'s accuracy and what it adds over the best non-PEER baseline."""
+    s = results["strategies"]
+    base = [b for b in NON_PEER if b in s]
+    if name not in s or not base:
+        return ""
+    best = max(base, key=lambda b: s[b]["avg_accuracy"])
+    acc, ref = 100 * s[name]["avg_accuracy"], 100 * s[best]["avg_accuracy"]
+    gain = f"adds {acc - ref:.1f} points over" if acc >= ref else f"loses {ref - acc:.1f} points to"
+    return (f"{name} {acc:.1f} %: the PEER pool {gain} the best replay-free baseline "
+            f"without a pool, {best} ({ref:.1f} %).")  # fmt: skip
 
 
 def drift_table(results: dict) -> str:
@@ -95,9 +112,13 @@ def section(all_results: dict[str, dict], command: str) -> str:
             h=cfg["hidden"], n=cfg["num_keys"]),
     ]  # fmt: skip
     for stream, results in all_results.items():
-        out += ["", f"### {STREAMS.get(stream, stream)}", "", results_table(results, markdown=True),
-                "", "PEER strategies minus baselines (points; Δforg < 0 is less forgetting):",
-                "", gaps_table(results), "",
+        gaps = gaps_table(results)
+        out += ["", f"### {STREAMS.get(stream, stream)}", "", pool_gain(results), "",
+                results_table(results, markdown=True)]
+        if gaps:
+            out += ["", "PEER strategies minus baselines (points; Δforg < 0 is less "
+                    "forgetting):", "", gaps]
+        out += ["",
                 "Routing of the inputs of experiences 0..T-2 after the last experience "
                 "(share of router mass, mean over those experiences and seeds):", "",
                 drift_table(results)]  # fmt: skip

@@ -1,4 +1,5 @@
-"""Routing protection (``peer_protect``) against Naive, EWC, LwF and Replay, 3 seeds.
+"""Routing protection (``peer_protect``) against Naive, EWC, LwF, Replay and the replay-free
+baselines without a PEER pool, 3 seeds.
 
 Streams (``peer_ll.data.make_stream``), 5 experiences each:
 - ``digits-class``: Split-Digits (scikit-learn digits), class-incremental, 5 × 2 classes;
@@ -19,7 +20,14 @@ the encoder's input layer; ``+Norm``: and its own copies of the LayerNorms outsi
 layers), ``Gate`` an owner classifier fit on the replay budget, ``Oracle`` the
 experience id (task known); ``, soft`` mixes the class probabilities of each input's two most
 likely owners by their input posterior; ``, 4 comp.`` models each owner-and-class group by
-4 PPCA Gaussians (k-means clusters) instead of one. No ``Protect-*`` method sees task labels.
+4 PPCA Gaussians (k-means clusters) instead of one. No ``Protect-*`` method sees task labels,
+except ``Protect-Input+Enc, task label``, whose owner is the task label where the stream
+gives one (``peer_protect``'s default). The replay-free baselines without a PEER pool
+(``NO_POOL``): ``StreamingLDA`` (Avalanche's, on the raw inputs), ``Input-statistics`` (the
+per-(experience, class) Gaussians of ``Protect-Input`` alone, no network) and
+``Protect-Input+Enc, MLP pool`` (the same method with each PEER layer replaced by a
+per-owner MLP of the PEER layer's active parameters); on the task stream the first two
+read the task label, as the multi-head baselines do.
 The removed methods (``Margin``: key-match owners, ``All``: unrestricted retrieval, ``+KM``:
 the key-margin loss; see ``REMOVED``) keep their recorded rows in the report.
 ``Joint, no task labels`` trains the baselines' network once on every experience together
@@ -75,6 +83,9 @@ PROTECT = {  # name: peer_protect keyword arguments
     "Protect-Oracle": dict(inference="oracle"),
     "Protect-Oracle+Enc": dict(inference="oracle", _owner_encoder=True),
 }
+PROTECT["Protect-Input+Enc, task label"] = dict(inference="input", _owner_encoder=True,
+                                                task_labels=None)
+NO_POOL = ("StreamingLDA", "Input-statistics", "Protect-Input+Enc, MLP pool")
 ABLATIONS = {  # fmnist-permuted, fewer seeds
     "Protect-LL, shared head": dict(inference="likelihood", _owner_head=False),
     "Protect-LL, no query adapter": dict(inference="likelihood", _adapter=False),
@@ -101,11 +112,11 @@ CFG = dict(hidden=128, epochs=2, batch=32, lr=1e-3, train_per_exp=2000, test_per
            n_exp=5, mem_size=200, ewc_lambda=100.0, lwf_alpha=1.0, lwf_temperature=2.0)
 JOINT = "Joint, no task labels"
 JOINTS = {JOINT: CFG["epochs"], f"{JOINT}, 10 epochs": 10}  # name: epochs
-METHODS = (*BASELINES, "Grow", *PROTECT, *JOINTS)
+METHODS = (*BASELINES, "Grow", *PROTECT, *NO_POOL, *JOINTS)
 #: Row order of the tables and plots, removed methods where they stood.
 ORDER = (*BASELINES, "Grow", "Protect-LL", "Protect-Soft", "Protect-Margin", "Protect-All",
          "Protect-All+KM", *list(PROTECT)[2:], *JOINTS, "Protect-MarginZ", "Protect-Margin+KM",
-         *ABLATIONS, *list(REMOVED)[5:])
+         *ABLATIONS, *list(REMOVED)[5:], *NO_POOL)
 NOTES = "Notes (hand-written; `report` keeps them"
 HEADING = "## Routing protection: peer_protect against baselines (benchmarks/routing_protection.py)"
 PEER = dict(heads=4, topk=8, dim_key=32, query_norm="layer")
@@ -152,7 +163,28 @@ def build(method: str, stream: str, n_classes: int, in_features: int, evaluator=
                                              temperature=CFG["lwf_temperature"])),
                            }.get(method, (Replay, dict(mem_size=CFG["mem_size"])))
         return model, peer_grow(model, opt, template=template, **extra, **common)
+    if method in ("StreamingLDA", "Input-statistics"):
+        from peer_ll.protect.stats_classifier import input_stats_classifier
+        from peer_ll.strategies.baselines import streaming_lda
+
+        classes, task = (n_classes if kind != "task" else 2), kind == "task"
+        lean = dict(eval_mb_size=500, evaluator=evaluator)
+        if method == "StreamingLDA":
+            return None, streaming_lda(in_features, classes, n_tasks=CFG["n_exp"] if task
+                                       else None, **lean)
+        return None, input_stats_classifier(in_features, classes, task_labels=task, **lean)
+    if method == "Protect-Input+Enc, MLP pool":
+        from peer_ll.protect.mlp_ablation import owner_mlp_classifier
+
+        model = owner_mlp_classifier(in_features, n_classes if kind != "task" else 2,
+                                     experiences=CFG["n_exp"], hidden=CFG["hidden"],
+                                     num_keys=16, owner_encoder=True,
+                                     peer={k: v for k, v in PEER.items()})
+        opt = make_optimizer(model, lr=CFG["lr"])
+        return model, peer_protect(model, opt, inference="input", task_labels=False,
+                                   inference_options=dict(rank=20), **common)
     kwargs = dict({**PROTECT, **ABLATIONS}[method])
+    kwargs.setdefault("task_labels", False)  # the recorded Protect-* rows saw no task labels
     adapter = kwargs.pop("_adapter", True)
     model = PEERClassifier(in_features, n_classes if kind != "task" else 2,
                            hidden=CFG["hidden"], peer=dict(PEER, num_keys=16))
@@ -187,20 +219,21 @@ def run_one(stream: str, method: str, seed: int) -> dict:
     bm = make_stream(name, kind=kind, n_experiences=CFG["n_exp"], seed=seed, **limits)
     n_classes = 10
     in_features = int(np.prod(bm.train_stream[0].dataset[0][0].shape))
+    pool = method not in NO_POOL
     model, strategy = build(method, stream, n_classes, in_features,
-                            evaluator(confidence=False, plasticity=False))
+                            evaluator(confidence=False, plasticity=False, routing=pool))
     start = time.perf_counter()
     rows, _ = run_stream(strategy, bm, joint=method in JOINTS, evaluate="seen")
     routing = [p for p in strategy.plugins if isinstance(p, OwnerRouting)]
     inferred = {}
     if routing:
         inferred = {int(j): float(v) for j, v in routing[0].inference_accuracy.items()}
-    last_layer = list(rows[-1]["routing"])[-1]
+    layers = list(rows[-1].get("routing") or {})
+    share = rows[-1]["routing"][layers[-1]]["share"] if layers else None
     return dict(stream=stream, method=method, seed=seed, date=datetime.date.today().isoformat(),
-                R=[r["accuracy"] for r in rows],
-                inferred=inferred, share=rows[-1]["routing"][last_layer]["share"],
+                R=[r["accuracy"] for r in rows], inferred=inferred, share=share,
                 seconds=time.perf_counter() - start,
-                params=sum(p.numel() for p in model.parameters()))
+                params=sum(p.numel() for p in strategy.model.parameters()))
 
 
 def cmd_run(args) -> None:
@@ -327,7 +360,7 @@ def plot_shares(records: list[dict], folder: Path) -> list[Path]:
     for stream in STREAMS:
         by = {}
         for r in records:
-            if r["stream"] == stream and len(r["share"][0]) > 1:
+            if r["stream"] == stream and r["share"] and len(r["share"][0]) > 1:
                 by.setdefault(r["method"], []).append(np.asarray(r["share"], dtype=float))
         if not by:
             continue

@@ -1,7 +1,7 @@
 """``peer-ll run``: compare continual-learning strategies on a task stream.
 
 With no arguments: Split-Digits (scikit-learn's bundled digits, class-incremental,
-5 experiences × 2 classes), 2 seeds, the nine strategies of
+5 experiences × 2 classes), 2 seeds, the twelve strategies of
 ``peer_ll.cli.strategies_zoo.DEFAULT_STRATEGIES``. The run loop and metrics are
 :mod:`peer_ll.cli.harness`'s: after each training experience every strategy is
 evaluated on the whole test stream, which fills its accuracy matrix R[i][j]. Joint
@@ -32,6 +32,7 @@ from peer_ll.cli.harness import cpu_threads, evaluator, log_file, quiet_avalanch
 from peer_ll.cli.results import environment
 from peer_ll.cli.strategies_zoo import (
     DEFAULT_STRATEGIES,
+    NO_PEER,
     STRATEGIES,
     ZooConfig,
     build_strategy,
@@ -77,7 +78,9 @@ def run_strategy(key: str, bench, info, config: ZooConfig, *, seed: int, log=Non
     torch.manual_seed(seed)
     np.random.seed(seed)
     t = info.n_experiences
-    strategy = build_strategy(key, info, config, evaluator=evaluator(log))
+    peer = key not in NO_PEER
+    strategy = build_strategy(key, info, config,
+                              evaluator=evaluator(log, routing=peer, plasticity=peer))  # fmt: skip
     start = time.perf_counter()
     evals, values = run_stream(strategy, bench, joint=key == "joint", progress=progress,
                                desc=STRATEGIES[key])  # fmt: skip
@@ -109,6 +112,7 @@ def run_comparison(
     max_test_per_exp: int | None = None,
     log_dir: str | Path | None = None,
     progress: bool = True,
+    data: str | Path | None = None,
 ) -> dict[str, Any]:
     """Trains every strategy on every seed; returns the ``results.json`` content.
 
@@ -122,10 +126,20 @@ def run_comparison(
         max_train_per_exp, max_test_per_exp: subsample each experience.
         log_dir: where to write one Avalanche text log per strategy and seed.
         progress: show progress bars.
+        data: a user's ``.npz`` (``X``, ``y``[, ``task``]) or ``.csv`` file
+            (``peer_ll.data.load_arrays``); ``stream`` then gives the KIND
+            (``"class"``, ``"task"``, ...; a ``DATASET-`` prefix is ignored), and 20 %
+            of each class is held out for testing.
     """
-    from peer_ll.data import make_stream
+    from peer_ll.data import load_arrays, make_stream
 
-    name, kind = parse_stream(stream)
+    if data is None:
+        name, kind = parse_stream(stream)
+    else:
+        name, kind = load_arrays(data), stream.rpartition("-")[2]
+        if kind not in KINDS:
+            raise ValueError(f"stream must be a KIND among {list(KINDS)} with data, got {kind!r}")
+        stream = f"{Path(data).stem}-{kind}"
     config = config or ZooConfig()
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown or not strategies:
@@ -160,9 +174,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream", default="digits-class",
                         help="DATASET-KIND: DATASET in digits, fashion-mnist, mnist; KIND in "
                              "class, task, permuted, rotated (default digits-class)")
+    parser.add_argument("--data", default=None, metavar="FILE",
+                        help="a .npz (X, y[, task]) or .csv file of your own; --stream is then "
+                             "the KIND (class, task, permuted, rotated; default class)")
     parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
                         help=f"comma-separated, among {', '.join(STRATEGIES)} (default: the "
-                             "first nine)")
+                             "first twelve)")
     parser.add_argument("--epochs", type=int, default=ZooConfig.epochs,
                         help=f"epochs per experience, every strategy (default {ZooConfig.epochs})")
     parser.add_argument("--seeds", default="2",
@@ -201,8 +218,13 @@ def parse_seeds(text: str) -> list[int]:
 def main(args: argparse.Namespace) -> int:
     config = ZooConfig(**{f.name: getattr(args, f.name) for f in fields(ZooConfig)})
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    data = getattr(args, "data", None)
     try:
-        parse_stream(args.stream)
+        if data is None:
+            parse_stream(args.stream)
+        elif args.stream.rpartition("-")[2] not in KINDS:
+            raise ValueError(f"--stream must be a KIND among {list(KINDS)} with --data, "
+                             f"got {args.stream!r}")  # fmt: skip
         seeds = parse_seeds(args.seeds)
         if not strategies or set(strategies) - set(STRATEGIES):
             raise ValueError(f"--strategies must be among {list(STRATEGIES)}, got {strategies}")
@@ -215,7 +237,7 @@ def main(args: argparse.Namespace) -> int:
         results = run_comparison(
             args.stream, strategies=strategies, seeds=seeds, config=config,
             n_experiences=args.experiences, max_train_per_exp=args.max_train_per_exp,
-            max_test_per_exp=args.max_test_per_exp, log_dir=run_dir / "logs",
+            max_test_per_exp=args.max_test_per_exp, log_dir=run_dir / "logs", data=data,
         )  # fmt: skip
     write_results(run_dir, results)
     table = results_table(results)

@@ -32,13 +32,14 @@ EVALUATE = ("all", "seen")
 
 
 def evaluator(log_file: IO[str] | None = None, *, confidence: bool = True,
-              plasticity: bool = True):  # fmt: skip
+              plasticity: bool = True, routing: bool = True):  # fmt: skip
     """The ``EvaluationPlugin`` of a run.
 
     Args:
         log_file: an open text file for Avalanche's ``TextLogger`` (no logger if None).
         confidence: emit the retrieval confidence of every PEER layer.
         plasticity: emit the dead-unit fraction and effective rank.
+        routing: emit the routing metrics (False for a model without PEER layers).
     """
     from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
     from avalanche.logging import TextLogger
@@ -52,7 +53,7 @@ def evaluator(log_file: IO[str] | None = None, *, confidence: bool = True,
         AccuracyMatrix(),
         forgetting_metrics(stream=True),
         bwt_metrics(stream=True),
-        *peer_metrics(confidence=confidence, plasticity=plasticity),
+        *peer_metrics(routing=routing, confidence=confidence, plasticity=plasticity),
         loggers=[TextLogger(log_file)] if log_file is not None else [],
     )
 

@@ -13,11 +13,21 @@ constant learning rate), epochs, mini-batch size and replay budget:
 | ``peer-grow-rd`` | growth + RouterDistillation | growing pool | ``replay_budget`` |
 | ``peer-sparse`` | SparseExpertFinetuning (top-t rows by TF-IDF) | fixed pool | ``replay_budget`` |
 | ``peer-protect-full`` | protection: input PPCA owners, per-owner encoder | growing | none |
+| ``slda`` | Avalanche's StreamingLDA on the raw inputs | no network | none |
+| ``input-stats`` | the per-(experience, class) Gaussians of owner inference, alone | none | none |
+| ``peer-protect-mlp`` | ``peer-protect-full`` with a per-owner MLP for the pool | no pool | none |
 | ``joint`` | joint training on all experiences (upper bound) | fixed pool | all data |
 | ``peer-grow-noreplay`` | growth alone (not in the default set) | growing pool | none |
 | ``peer-protect`` | routing protection, likelihood owners (not default) | growing | none |
 | ``peer-protect-gate`` | routing protection, replay owner gate (not default) | growing | budget |
 | ``peer-protect-input`` | routing protection, input PPCA owners (not default) | growing | none |
+
+On task-incremental streams the ``peer-protect*`` strategies route by task label and
+``slda`` / ``input-stats`` score only the task's classes, as the multi-head baselines do.
+``peer-protect-mlp`` has the same owner inference, encoder and heads as
+``peer-protect-full``, with each PEER layer replaced by a per-owner MLP of the PEER
+layer's active parameters (``peer_ll.protect.mlp_ablation``): the gap between the two is
+what retrieval over a growing pool adds.
 
 A growing pool starts with ``num_keys²`` experts and adds as many per experience; a
 fixed pool holds about as many experts as the growing one ends with
@@ -39,6 +49,8 @@ from peer_ll.optim import make_optimizer
 
 __all__ = [
     "DEFAULT_STRATEGIES",
+    "NON_PEER_BASELINES",
+    "NO_PEER",
     "STRATEGIES",
     "StreamInfo",
     "ZooConfig",
@@ -57,13 +69,20 @@ STRATEGIES: dict[str, str] = {
     "peer-grow-rd": "PEER growth + RD",
     "peer-sparse": "PEER sparse FT",
     "peer-protect-full": "PEER protect (full)",
+    "slda": "StreamingLDA",
+    "input-stats": "Input-statistics classifier",
+    "peer-protect-mlp": "Protect (full), per-owner MLP",
     "joint": "Joint",
     "peer-grow-noreplay": "PEER growth, no replay",
     "peer-protect": "PEER protect",
     "peer-protect-gate": "PEER protect + gate",
     "peer-protect-input": "PEER protect, input owners",
 }
-DEFAULT_STRATEGIES: tuple[str, ...] = tuple(STRATEGIES)[:9]
+DEFAULT_STRATEGIES: tuple[str, ...] = tuple(STRATEGIES)[:12]
+#: Strategies whose model has no PEER layer (no routing metrics).
+NO_PEER: frozenset[str] = frozenset({"slda", "input-stats", "peer-protect-mlp"})
+#: The replay-free baselines without a PEER pool that the PEER methods must beat.
+NON_PEER_BASELINES: tuple[str, ...] = ("slda", "input-stats", "peer-protect-mlp")
 
 #: The head that suits each stream kind (see ``PEERClassifier``).
 HEAD_OF_KIND = {
@@ -144,13 +163,18 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
     from peer_ll.strategies import peer_grow, peer_sparse_finetuning
 
     check_choice("key", key, STRATEGIES)
+    task = info.kind == "task"
+    if key in ("slda", "input-stats"):
+        return _no_network(key, info, config, evaluator)
     if key.startswith("peer-protect"):
         from peer_ll.protect import protect_classifier
+        from peer_ll.protect.mlp_ablation import owner_mlp_classifier
 
-        model = protect_classifier(
+        build = owner_mlp_classifier if key == "peer-protect-mlp" else protect_classifier
+        model = build(
             info.in_features, info.n_classes, experiences=info.n_experiences,
             hidden=config.hidden, num_keys=config.num_keys,
-            owner_encoder=key == "peer-protect-full",
+            owner_encoder=key in ("peer-protect-full", "peer-protect-mlp"),
         )  # fmt: skip
     else:
         model = _model(info, config, grow=key.startswith("peer-grow"))
@@ -182,11 +206,27 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
             "peer-protect-gate": dict(inference="gate", mem_size=config.replay_budget),
             "peer-protect-input": dict(inference="input"),
             "peer-protect-full": dict(inference="input"),
+            "peer-protect-mlp": dict(inference="input"),
         }[key]
-        return peer_protect(model, **inference, **common)
+        return peer_protect(model, **inference, task_labels=task, **common)
     if key == "peer-sparse":
         return peer_sparse_finetuning(model, top_t=config.top_t, **replay, **common)
     return peer_grow(model, template=av.JointTraining, **common)
+
+
+def _no_network(key: str, info: StreamInfo, config: ZooConfig, evaluator):
+    """The baselines without a network: StreamingLDA and the input-statistics classifier."""
+    from peer_ll.protect.stats_classifier import input_stats_classifier
+    from peer_ll.strategies.baselines import streaming_lda
+
+    task = info.kind == "task"
+    common = dict(train_mb_size=config.batch_size, eval_mb_size=config.eval_batch_size,
+                  device=torch.device(config.device), evaluator=evaluator,
+                  eval_every=-1)  # fmt: skip
+    if key == "slda":
+        return streaming_lda(info.in_features, info.n_classes,
+                             n_tasks=info.n_experiences if task else None, **common)  # fmt: skip
+    return input_stats_classifier(info.in_features, info.n_classes, task_labels=task, **common)
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

@@ -12,7 +12,9 @@ through routing. This package keeps each input on its own owner's experts:
 - :class:`OwnerRouted`: a model that decides each forward's owners (standing owner,
   scorer argmax, or a soft :class:`~peer_ll.experts.OwnerMix`) and passes them down;
 - :class:`OwnerRouting` (Avalanche plugin) and :func:`peer_protect`: the full method;
-- :class:`RouterDistillation` and :func:`peer_router_distillation`: LwF on routing.
+- :class:`RouterDistillation` and :func:`peer_router_distillation`: LwF on routing;
+- baselines that show what the pool adds: :func:`input_stats_classifier` (owner inference
+  alone as a classifier) and :func:`owner_mlp_classifier` (a per-owner MLP for the pool).
 
 Nothing below this package imports it.
 """
@@ -33,14 +35,17 @@ from peer_ll.protect.distillation import (
 from peer_ll.protect.factory import INFERENCES, peer_protect, protect_classifier, protect_plugin
 from peer_ll.protect.gate import OwnerGate
 from peer_ll.protect.input_stats import InputOwnerStats
+from peer_ll.protect.mlp_ablation import owner_mlp_classifier
 from peer_ll.protect.plugin import OwnerRouting
 from peer_ll.protect.query_stats import QueryOwnerStats
 from peer_ll.protect.routed import OwnerRouted
+from peer_ll.protect.stats_classifier import InputStatsClassifier, input_stats_classifier
 
 __all__ = [
     "INFERENCES",
     "MASKED_LOGIT",
     "InputOwnerStats",
+    "InputStatsClassifier",
     "OwnerGate",
     "OwnerRouted",
     "OwnerRouting",
@@ -48,6 +53,8 @@ __all__ = [
     "QueryDistillation",
     "QueryOwnerStats",
     "RouterDistillation",
+    "input_stats_classifier",
+    "owner_mlp_classifier",
     "peer_protect",
     "peer_router_distillation",
     "per_owner_modules",

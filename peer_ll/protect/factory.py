@@ -20,10 +20,10 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 import torch
+from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
-from peer_ll.experts import peer_layers
-from peer_ll.experts.checks import check_choice, check_int
+from peer_ll.experts.checks import check_bool, check_choice, check_int
 from peer_ll.experts.per_owner import per_owner_modules
 from peer_ll.protect.builders import (
     with_owner_encoder,
@@ -33,7 +33,7 @@ from peer_ll.protect.builders import (
 )
 from peer_ll.protect.gate import OwnerGate
 from peer_ll.protect.input_stats import InputOwnerStats
-from peer_ll.protect.plugin import OwnerRouting
+from peer_ll.protect.plugin import OwnerRouting, any_peer_layers
 from peer_ll.protect.query_stats import QueryOwnerStats
 from peer_ll.protect.routed import OwnerRouted
 from peer_ll.strategies.factories import peer_grow
@@ -83,11 +83,12 @@ def peer_protect(
     inference: str = "likelihood",
     inference_options: dict | None = None,
     mem_size: int = 0,
+    task_labels: bool | None = None,
     policy: GrowthPolicy | None = None,
     plugins: Iterable[object] = (),
     **template_kwargs,
 ):
-    """Grow-and-freeze with routing protection and owner scoring (no task labels).
+    """Grow-and-freeze with routing protection and owner scoring (or task labels).
 
     Args:
         model: an owner-aware model with PEER layers, e.g. :func:`protect_classifier`.
@@ -101,6 +102,10 @@ def peer_protect(
         inference_options: the scorer's arguments, plus ``soft``, ``top`` and
             ``temperature`` of :class:`OwnerRouted`.
         mem_size: replay budget of the "gate" scorer (inputs kept in all).
+        task_labels: the owner of a test input is the owner that trained on its task
+            label, as multi-head baselines read it (True), never (False), or when the
+            training stream holds more than one task label (None: task-incremental
+            streams use the label, class- and domain-incremental ones ``inference``).
         policy: growth policy; default: the model's own with ``freeze_query``. It must
             grow on every experience and freeze the previous owners with their keys.
         plugins: extra Avalanche plugins (a new list is built).
@@ -120,7 +125,9 @@ def peer_protect(
             f"mem_size must be > 0 with inference='gate' and 0 otherwise, got "
             f"mem_size={mem_size} with inference={inference!r}"
         )
-    if inference not in ("input", "oracle") and _needs_early_owners(model):
+    if task_labels is not None:
+        check_bool("task_labels", task_labels)
+    if inference not in ("input", "oracle") and not task_labels and _needs_early_owners(model):
         raise ValueError(
             f"inference must be 'input' or 'oracle' for a model with per-owner "
             f"modules before its PEER layers, got {inference!r}"
@@ -131,7 +138,20 @@ def peer_protect(
         route["soft"] = True
     policy = _protect_policy(model, policy)
     routed = OwnerRouted(model, owner_scorer(model, inference, options), **route)
-    routing = OwnerRouting(oracle=inference == "oracle", mem_size=mem_size)
+    routing = OwnerRouting(
+        oracle=inference == "oracle", mem_size=mem_size, task_labels=task_labels
+    )
+    if not any_peer_layers(model):  # an ablation without a pool: nothing grows
+        from peer_ll.optim import make_optimizer
+
+        template = template_kwargs.pop("template", SupervisedTemplate)
+        return template(
+            model=routed,
+            optimizer=make_optimizer(routed) if optimizer is None else optimizer,
+            criterion=nn.CrossEntropyLoss() if criterion is None else criterion,
+            plugins=[*plugins, routing],
+            **template_kwargs,
+        )
     return peer_grow(
         routed, optimizer, criterion, policy=policy, plugins=(*plugins, routing), **template_kwargs
     )
@@ -140,7 +160,7 @@ def peer_protect(
 def _needs_early_owners(model: nn.Module) -> bool:
     """Whether ``model`` has PerOwner modules other than its head outside its PEER layers."""
     head = getattr(model, "head", None)
-    inside = {id(m) for layer in peer_layers(model).values() for m in layer.modules()}
+    inside = {id(m) for layer in any_peer_layers(model).values() for m in layer.modules()}
     return any(m is not head and id(m) not in inside for m in per_owner_modules(model))
 
 

@@ -16,7 +16,10 @@ frozen and each input keeps to its own owner's experts, without task labels:
   mode (with ``mem_size``, also given an experience-balanced replay of older inputs);
 - evaluation routes each input to its scored owner (or, with ``oracle``, to the
   evaluated experience's id: task known, an upper bound) and records how often the
-  top owner is the input's experience: :attr:`OwnerRouting.inference_accuracy`.
+  top owner is the input's experience: :attr:`OwnerRouting.inference_accuracy`;
+- on a stream with task labels (``task_labels=True``, or None and the stream holds more
+  than one task label) evaluation routes each experience to the owner that trained on its
+  task label, as the multi-head baselines read it, and the scorer is not fit.
 
 Owners are experience ids (``current_experience``).
 """
@@ -28,7 +31,7 @@ from avalanche.core import SupervisedPlugin
 from torch import nn
 from torch.utils.data import DataLoader
 
-from peer_ll.experts import peer_layers
+from peer_ll.experts import PEER
 from peer_ll.experts.checks import check_bool, check_int
 from peer_ll.experts.per_owner import per_owner_modules
 from peer_ll.protect.routed import OwnerRouted, top_owner
@@ -41,9 +44,14 @@ def experience_loader(strategy, dataset=None) -> DataLoader:
     return DataLoader(data, batch_size=strategy.eval_mb_size, shuffle=False)
 
 
+def any_peer_layers(model: nn.Module) -> dict[str, PEER]:
+    """The PEER layers of ``model`` by name; empty for a model without any (an ablation)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, PEER)}
+
+
 def trunk_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters no owner owns: outside the PEER layers and the PerOwner modules."""
-    owned = {id(p) for layer in peer_layers(model).values() for p in layer.parameters()}
+    owned = {id(p) for layer in any_peer_layers(model).values() for p in layer.parameters()}
     owned |= {id(p) for m in per_owner_modules(model) for p in m.parameters()}
     return [p for p in model.parameters() if id(p) not in owned]
 
@@ -56,18 +64,26 @@ class OwnerRouting(SupervisedPlugin):
         mem_size: inputs kept for the scorer's ``replay`` in all, balanced over the
             experiences seen (0: none; an :class:`~peer_ll.protect.gate.OwnerGate`
             needs some).
+        task_labels: route evaluation by task label (True), never (False), or when the
+            training stream holds more than one task label (None, decided on the first
+            experience).
 
     Attributes:
         owners_trained: owners whose experience has finished training.
         inference_accuracy: ``{experience: fraction}`` of the latest evaluation: how
             often the top scored owner was the input's experience.
         replay: ``{experience: inputs (n, ...)}`` kept for the scorer.
+        task_owner: ``{task label: owner}`` of the experiences trained so far.
     """
 
-    def __init__(self, *, oracle: bool = False, mem_size: int = 0) -> None:
+    def __init__(
+        self, *, oracle: bool = False, mem_size: int = 0, task_labels: bool | None = None
+    ) -> None:
         super().__init__()
         self.oracle = check_bool("oracle", oracle)
         self.mem_size = check_int("mem_size", mem_size, minimum=0)
+        self.task_labels = None if task_labels is None else check_bool("task_labels", task_labels)
+        self.task_owner: dict[int, int] = {}
         self.owners_trained: list[int] = []
         self.inference_accuracy: dict[int, float] = {}
         self.replay: dict[int, torch.Tensor] = {}
@@ -86,6 +102,10 @@ class OwnerRouting(SupervisedPlugin):
     def after_train_dataset_adaptation(self, strategy, **kwargs) -> None:
         # Before the model adaptation and the optimizer update: new copies get optimised.
         owner = int(strategy.experience.current_experience)
+        if self.task_labels is None:
+            stream = getattr(strategy.experience, "origin_stream", None)
+            labels = {t for exp in stream or () for t in exp.task_labels}
+            self.task_labels = len(labels) > 1
         classes = getattr(strategy.experience, "classes_in_this_experience", None)
         for module in per_owner_modules(self._routed(strategy)):
             module.add_owner(owner, classes=classes if module.num_classes else None)
@@ -95,7 +115,7 @@ class OwnerRouting(SupervisedPlugin):
     def before_training_exp(self, strategy, **kwargs) -> None:
         owner = int(strategy.experience.current_experience)
         model = self._routed(strategy)
-        layers = peer_layers(model)
+        layers = any_peer_layers(model)
         missing = [name for name, layer in layers.items() if owner not in layer.owners.tolist()]
         if missing:
             raise ValueError(
@@ -103,7 +123,7 @@ class OwnerRouting(SupervisedPlugin):
                 f"with GrowthPolicy(when='always')), got none in layers {missing}"
             )
         model.set_owner(owner)
-        if any(set(layer.owners.tolist()) - {owner} for layer in layers.values()):
+        if any(o != owner for o in self.owners_trained):
             for p in trunk_parameters(model.model):
                 p.requires_grad_(False)
             for layer in layers.values():
@@ -126,7 +146,14 @@ class OwnerRouting(SupervisedPlugin):
             return
         xs, ys = zip(*((x, y) for x, y, *_ in experience_loader(strategy)), strict=True)
         x, y = torch.cat(xs).to(strategy.device), torch.cat(ys).to(strategy.device)
-        if model.scorer is not None:
+        if self.task_labels:
+            labels = getattr(strategy.experience, "task_labels", [owner])
+            if len(labels) != 1:
+                raise ValueError(
+                    f"experience {owner} must hold one task label to own it, got {labels}"
+                )
+            self.task_owner[int(labels[0])] = owner
+        elif model.scorer is not None:
             modes = {m: m.training for m in model.modules()}
             try:
                 model.eval()
@@ -160,10 +187,15 @@ class OwnerRouting(SupervisedPlugin):
         self._counts = [0, 0]
         if self.oracle:
             self._routed(strategy).set_owner(exp if exp in self.owners_trained else None)
+        elif self.task_labels:
+            labels = strategy.experience.task_labels
+            if len(labels) != 1:
+                raise ValueError(f"experience {exp} must hold one task label, got {labels}")
+            self._routed(strategy).set_owner(self.task_owner.get(int(labels[0])))
 
     def after_eval_forward(self, strategy, **kwargs) -> None:
         model = self._routed(strategy)
-        if model.scorer is None or self.oracle or not self.owners_trained:
+        if model.scorer is None or self.oracle or self.task_labels or not self.owners_trained:
             return
         got = top_owner(model.route(strategy.mb_x), len(strategy.mb_x))
         exp = int(strategy.experience.current_experience)
@@ -180,4 +212,4 @@ class OwnerRouting(SupervisedPlugin):
         self._standing = None
 
 
-__all__ = ["OwnerRouting", "experience_loader", "trunk_parameters"]
+__all__ = ["OwnerRouting", "any_peer_layers", "experience_loader", "trunk_parameters"]

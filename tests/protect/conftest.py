@@ -41,6 +41,12 @@ def class_stream():
     return _stream(task_labels=False)
 
 
+@pytest.fixture(scope="session")
+def task_stream():
+    """Task-incremental: the same 3 experiences with task labels, classes 0..2 in each."""
+    return _stream(task_labels=True)
+
+
 @pytest.fixture
 def small_peer():
     return dict(SMALL_PEER)

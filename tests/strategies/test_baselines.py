@@ -79,9 +79,9 @@ def test_task_incremental_uses_the_task_label():
 def test_arguments_are_checked():
     with pytest.raises(ValueError, match="train_epochs must not be given: .*got train_epochs=3"):
         streaming_lda(4, 2, train_epochs=3)
-    with pytest.raises(ValueError, match="n_classes must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="n_classes must be an int >= 1, got 0"):
         streaming_lda(4, 0)
-    with pytest.raises(TypeError, match="n_tasks must be an int, got float"):
+    with pytest.raises(TypeError, match="n_tasks must be an int >= 1, got float 2.0"):
         streaming_lda(4, 2, n_tasks=2.0)
     with pytest.raises(ValueError, match=r"shrinkage must be in \[0, 1\], got 2"):
         streaming_lda(4, 2, shrinkage=2)
