@@ -109,17 +109,16 @@ class NoveltyTrigger:
         self.recent: deque[float] = deque(maxlen=self.window)
         self.since_growth = 0
         self.history: list[tuple[int, float]] = []
-        self._last: tuple[int, int, GrowthDecision] | None = None
+        self._last: tuple[object, GrowthDecision] | None = None
 
     def __call__(self, growth, experience) -> GrowthDecision:
         """The decision for ``experience`` (the same one for every layer that asks)."""
-        key = (id(experience), int(experience.current_experience))
-        if self._last is not None and self._last[:2] == key:
-            return self._last[2]
+        if self._last is not None and self._last[0] is experience:
+            return self._last[1]
         decision = self.observe(experience_inputs(experience, self.max_inputs))
-        self.history.append((key[1], float("nan") if decision.signal is None
-                             else decision.signal))  # fmt: skip
-        self._last = (*key, decision)
+        signal = float("nan") if decision.signal is None else decision.signal
+        self.history.append((int(experience.current_experience), signal))
+        self._last = (experience, decision)  # held, so no later experience shares its id
         return decision
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,6 +148,12 @@ class NoveltyTrigger:
         why = "cooldown" if signal > self.threshold else f"<= {self.threshold}"
         return GrowthDecision(False, signal, f"novelty {signal:.3g} {why}")
 
+    def __deepcopy__(self, memo):
+        # One stream, one trigger: model copies (LwF's previous model, GDumb's initial
+        # one) share it rather than copy the experience it holds.
+        return self
+
     def __repr__(self) -> str:
         return (f"NoveltyTrigger(window={self.window}, threshold={self.threshold}, "
                 f"cooldown={self.cooldown}, floor={self.floor})")  # fmt: skip
+
