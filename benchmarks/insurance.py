@@ -52,7 +52,8 @@ def one_seed(seed: int, args) -> dict:
     plain, _ = insured_forward(routed, x, threshold=0.0)
     t_plain = time.perf_counter() - start
     start = time.perf_counter()
-    insured, report = insured_forward(routed, x, threshold=threshold, top=args.top)
+    insured, report = insured_forward(routed, x, threshold=threshold, top=args.top,
+                                      mode=args.mode)  # fmt: skip
     t_insured = time.perf_counter() - start
     wrong_plain, wrong_ins = plain.argmax(1) != y, insured.argmax(1) != y
     return dict(
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--max-test-per-exp", type=int, default=500)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--top", type=int, default=2)
+    parser.add_argument("--mode", default="mix", choices=("mix", "wide"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = [one_seed(s, args) for s in range(args.seeds)]
@@ -96,7 +98,8 @@ def main() -> None:
     text = "\n".join([
         f"Command: `PYTHONPATH=. python benchmarks/insurance.py --seeds {args.seeds} "
         f"--max-train-per-exp {args.max_train_per_exp} --max-test-per-exp "
-        f"{args.max_test_per_exp} --epochs {args.epochs} --top {args.top}` (peer-protect, "
+        f"{args.max_test_per_exp} --epochs {args.epochs} --top {args.top} --mode {args.mode}` "
+        "(peer-protect, "
         "query-likelihood owners, Split-Fashion-MNIST class-incremental, 5 × 2 classes)",
         environment_line(), "", summary, "", *lines,
     ])  # fmt: skip

@@ -7,9 +7,11 @@ the argmax owner is often wrong, and a wrong owner means the wrong experts.
 
 - an input whose top owner posterior ``p_max = max_o p(o | x)`` (at ``temperature``)
   reaches ``threshold`` takes its top owner's route, as before (one route);
-- an input under the threshold runs the routes of its ``top`` likeliest owners and
-  mixes their class probabilities by the renormalised posterior
-  (:func:`peer_ll.experts.mix_owners`): ``top`` routes.
+- an input under the threshold does more work, by ``mode``: "mix" runs the routes of
+  its ``top`` likeliest owners and mixes their class probabilities by the renormalised
+  posterior (:func:`peer_ll.experts.mix_owners`): ``top`` routes; "wide" searches every
+  owner's experts at once (``owners=None``, the paper's unrestricted retrieval) and
+  mixes that with its top owner's route by the top owner's posterior: 2 routes.
 
 Off by default: ``OwnerRouted`` is unchanged and nothing here is called unless a user
 calls it. The report says what the insurance cost: the share of inputs that paid and
@@ -23,10 +25,13 @@ from typing import NamedTuple
 import torch
 
 from peer_ll.experts import OwnerMix, mix_owners
-from peer_ll.experts.checks import check_float, check_int, check_type
+from peer_ll.experts.checks import check_choice, check_float, check_int, check_type
 from peer_ll.protect.routed import OwnerRouted
 
-__all__ = ["InsuranceReport", "insured_forward", "owner_posterior"]
+__all__ = ["MODES", "InsuranceReport", "insured_forward", "owner_posterior"]
+
+#: What an unsure input pays for (see the module docstring).
+MODES = ("mix", "wide")
 
 
 class InsuranceReport(NamedTuple):
@@ -72,6 +77,7 @@ def insured_forward(
     threshold: float = 0.9,
     top: int = 2,
     temperature: float = 1.0,
+    mode: str = "mix",
 ) -> tuple[torch.Tensor, InsuranceReport]:
     """Log-probabilities (B, C): one route where the owner is sure, ``top`` where not.
 
@@ -82,6 +88,8 @@ def insured_forward(
             0 never pays (the plain argmax route); above 1 always pays.
         top: owners mixed for an input that pays (2 or 3 in practice).
         temperature: posterior temperature.
+        mode: "mix" (the ``top`` owners' routes) or "wide" (every expert, mixed with
+            the top owner's route).
 
     Returns:
         ``(log_probs, report)``: (B, C) log class probabilities, and an
@@ -90,12 +98,17 @@ def insured_forward(
     check_float("threshold", threshold, minimum=0.0)
     check_int("top", top, minimum=1)
     check_float("temperature", temperature, minimum=1e-12)
+    check_choice("mode", mode, MODES)
     ids, post = owner_posterior(routed, x, temperature=temperature)
     confidence, best = post.max(dim=1)
-    top = min(top, ids.numel())
+    top = 2 if mode == "wide" else min(top, ids.numel())
     paid = confidence < threshold if top > 1 else torch.zeros_like(confidence, dtype=torch.bool)
     out = routed.model(x, owners=ids[best]).float().log_softmax(dim=-1)
-    if paid.any():
+    if paid.any() and mode == "wide":
+        xs, w = x[paid], confidence[paid, None]
+        probs = w * out[paid].exp() + (1 - w) * routed.model(xs, owners=None).float().softmax(-1)
+        out[paid] = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+    elif paid.any():
         weights, pick = post[paid].topk(top, dim=1)
         weights = weights / weights.sum(dim=1, keepdim=True)
         xs = x[paid]

@@ -55,3 +55,18 @@ def test_arguments_are_checked():
         insured_forward(model, x)
     with pytest.raises(ValueError, match="fitted owner scorer"):
         insured_forward(OwnerRouted(model).eval(), x)
+
+
+def test_wide_mode_mixes_the_top_route_with_every_expert():
+    model, routed = _routed()
+    x = torch.randn(6, 8) * 0.1
+    ids, post = owner_posterior(routed, x, temperature=20.0)
+    conf, best = post.max(1)
+    out, report = insured_forward(routed, x, threshold=1.01, mode="wide", temperature=20.0)
+    assert report.paid.all() and report.routes_per_input == 2.0
+    with torch.no_grad():
+        want = (conf[:, None] * model(x, owners=ids[best]).softmax(-1)
+                + (1 - conf[:, None]) * model(x, owners=None).softmax(-1)).log()  # fmt: skip
+    torch.testing.assert_close(out, want)
+    with pytest.raises(ValueError, match="mode"):
+        insured_forward(routed, x, mode="deep")
