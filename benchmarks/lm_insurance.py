@@ -46,22 +46,27 @@ def one_seed(seed: int, args) -> dict:
         train_lm(model, split["train"], steps=args.steps, batch_size=16, lr=3e-3,
                  domain=d if d else None, progress=False)  # fmt: skip
     model.eval()
+    return [evaluate(model, splits, c, args.test_blocks) | dict(seed=seed, confidence=c)
+            for c in args.confidence]  # fmt: skip
+
+
+def evaluate(model: PEERLM, splits, confidence: float, test_blocks: int) -> dict:
     full = ins = routes = count = 0.0
     t_full = t_ins = 0.0
     with torch.no_grad():
         for split in splits:
-            blocks = split["test"][: args.test_blocks]
+            blocks = split["test"][:test_blocks]
             x, y = blocks[:, :-1], blocks[:, 1:]
             start = time.perf_counter()
             full += nll(model(x, owners="infer")[0], y)
             t_full += time.perf_counter() - start
             start = time.perf_counter()
-            out, r = model.insured_mixture(x, args.confidence)
+            out, r = model.insured_mixture(x, confidence)
             t_ins += time.perf_counter() - start
             ins += nll(out, y)
             routes += float(r.sum()) * x.shape[1]
             count += y.numel()
-    return dict(seed=seed, ppl_full=math.exp(full / count), ppl_ins=math.exp(ins / count),
+    return dict(ppl_full=math.exp(full / count), ppl_ins=math.exp(ins / count),
                 routes=routes / count, time_ratio=t_ins / t_full)  # fmt: skip
 
 
@@ -71,26 +76,36 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--bytes", type=int, default=200_000)
     parser.add_argument("--test-blocks", type=int, default=64)
-    parser.add_argument("--confidence", type=float, default=0.99)
+    parser.add_argument("--confidence", default="0.99",
+                        help="comma-separated confidences, each evaluated on the same models")
     args = parser.parse_args()
+    text_confidence = args.confidence
+    args.confidence = [float(c) for c in args.confidence.split(",")]
     torch.set_num_threads(1)
-    rows = [one_seed(s, args) for s in range(args.seeds)]
-    lines = ["| seed | perplexity, full mixture | with insurance | relative | routes/token | "
-             "wall time insured/full |", "|---|---|---|---|---|---|"]  # fmt: skip
+    rows = [row for s in range(args.seeds) for row in one_seed(s, args)]
+    lines = ["| seed | confidence | perplexity, full mixture | with insurance | relative | "
+             "routes/token | wall time insured/full |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        lines.append(f"| {r['seed']} | {r['ppl_full']:.3f} | {r['ppl_ins']:.3f} | "
+        lines.append(f"| {r['seed']} | {r['confidence']} | {r['ppl_full']:.3f} | "
+                     f"{r['ppl_ins']:.3f} | "
                      f"{100 * (r['ppl_ins'] / r['ppl_full'] - 1):+.2f} % | {r['routes']:.2f} | "
                      f"{r['time_ratio']:.2f} |")  # fmt: skip
-    rel = sum(r["ppl_ins"] / r["ppl_full"] - 1 for r in rows) / len(rows)
-    routes = sum(r["routes"] for r in rows) / len(rows)
-    summary = (f"Mean over {len(rows)} seeds: perplexity {100 * rel:+.2f} % against the full "
-               f"mixture (goal: within 1 %), {routes:.2f} routes per token (goal: at most 1.3; "
-               f"the full mixture runs {len(DOMAINS)}).")  # fmt: skip
+    summary = []
+    for c in args.confidence:
+        mine = [r for r in rows if r["confidence"] == c]
+        rel = sum(r["ppl_ins"] / r["ppl_full"] - 1 for r in mine) / len(mine)
+        routes = sum(r["routes"] for r in mine) / len(mine)
+        summary.append(
+            f"Confidence {c}, mean over {args.seeds} seeds: perplexity {100 * rel:+.2f} % "
+            f"against the full mixture (goal: within 1 %), {routes:.2f} routes per token "
+            f"(goal: at most 1.3; the full mixture runs {len(DOMAINS)})."
+        )
     text = "\n".join([
         f"Command: `PYTHONPATH=. python benchmarks/lm_insurance.py --seeds {args.seeds} "
         f"--steps {args.steps} --bytes {args.bytes} --test-blocks {args.test_blocks} "
-        f"--confidence {args.confidence}` (domains {', '.join(DOMAINS)}; T = 64)",
-        environment_line(), "", summary, "", *lines,
+        f"--confidence {text_confidence}` (domains {', '.join(DOMAINS)}; T = 64)",
+        environment_line(), "", *summary, "", *lines,
     ])  # fmt: skip
     print(text)
     write_section("benchmarks/RESULTS.md", "## Retrieval insurance (language model)", text)
