@@ -20,7 +20,7 @@ import datetime as dt
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from peer_ll.evaluation.report import (
 )
 
 DATASETS = ("digits", "fashion-mnist", "mnist")
-KINDS = ("class", "task", "permuted", "rotated")
+KINDS = ("class", "task", "permuted", "rotated", "online")
 HELP = {
     "lr": "Adam learning rate, constant, every strategy",
     "batch_size": "training mini-batch",
@@ -82,8 +82,15 @@ def run_strategy(key: str, bench, info, config: ZooConfig, *, seed: int, log=Non
     strategy = build_strategy(key, info, config,
                               evaluator=evaluator(log, routing=peer, plasticity=peer))  # fmt: skip
     start = time.perf_counter()
-    evals, values = run_stream(strategy, bench, joint=key == "joint", progress=progress,
-                               desc=STRATEGIES[key])  # fmt: skip
+    if info.kind == "online" and key != "joint":
+        from peer_ll.cli.online import run_online
+
+        boundaries = key.startswith("peer-") and key != "peer-grow-online"
+        evals, values = run_online(strategy, bench, experience_size=config.batch_size,
+                                   seed=seed, boundaries=boundaries)  # fmt: skip
+    else:
+        evals, values = run_stream(strategy, bench, joint=key == "joint", progress=progress,
+                                   desc=STRATEGIES[key])  # fmt: skip
     seconds = time.perf_counter() - start
     total, active = parameter_counts(strategy.model)
     record = dict(seed=seed, accuracy_matrix=[e["accuracy"] for e in evals],
@@ -141,6 +148,8 @@ def run_comparison(
             raise ValueError(f"stream must be a KIND among {list(KINDS)} with data, got {kind!r}")
         stream = f"{Path(data).stem}-{kind}"
     config = config or ZooConfig()
+    if kind == "online":  # one pass over the stream
+        config = replace(config, epochs=1)
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown or not strategies:
         raise ValueError(f"strategies must be among {list(STRATEGIES)}, got {list(strategies)}")
@@ -150,9 +159,11 @@ def run_comparison(
     bar = tqdm(total=len(seeds) * len(strategies), desc="runs", unit="run", disable=not progress)
     with bar, quiet_avalanche():
         for seed in seeds:
-            bench = make_stream(name, kind=kind, n_experiences=n_experiences, seed=seed,
-                                max_train_per_exp=max_train_per_exp,
-                                max_test_per_exp=max_test_per_exp)  # fmt: skip
+            sizes = dict(n_experiences=n_experiences, max_train_per_exp=max_train_per_exp,
+                         max_test_per_exp=max_test_per_exp)  # fmt: skip
+            # online: the class stream, cut into mini-experiences by each run
+            base_kind = "class" if kind == "online" else kind
+            bench = make_stream(name, kind=base_kind, seed=seed, **sizes)
             info = stream_info(bench, kind)
             for key in strategies:
                 bar.set_postfix_str(f"{STRATEGIES[key]}, seed {seed}")
@@ -173,7 +184,9 @@ def run_comparison(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream", default="digits-class",
                         help="DATASET-KIND: DATASET in digits, fashion-mnist, mnist; KIND in "
-                             "class, task, permuted, rotated (default digits-class)")
+                             "class, task, permuted, rotated, online (class-incremental, "
+                             "one pass in mini-experiences of --batch-size) (default "
+                             "digits-class)")
     parser.add_argument("--data", default=None, metavar="FILE",
                         help="a .npz (X, y[, task]) or .csv file of your own; --stream is then "
                              "the KIND (class, task, permuted, rotated; default class)")
@@ -245,7 +258,7 @@ def main(args: argparse.Namespace) -> int:
     draw_run_plots(results, run_dir)
     cfg = results["config"]
     print(f"\n{cfg['stream']}: {cfg['n_experiences']} experiences, seeds {cfg['seeds']}, "
-          f"{config.epochs} epochs, replay budget {config.replay_budget}; "
+          f"{cfg['epochs']} epochs, replay budget {config.replay_budget}; "
           "accuracy in %, mean ± std over seeds")  # fmt: skip
     print(table)
     print(f"\nrun folder: {run_dir}")

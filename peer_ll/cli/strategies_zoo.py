@@ -21,6 +21,12 @@ constant learning rate), epochs, mini-batch size and replay budget:
 | ``peer-protect`` | routing protection, likelihood owners (not default) | growing | none |
 | ``peer-protect-gate`` | routing protection, replay owner gate (not default) | growing | budget |
 | ``peer-protect-input`` | routing protection, input PPCA owners (not default) | growing | none |
+| ``peer-grow-online`` | task-free growth (``NoveltyTrigger``), old frozen | growing | budget |
+
+On ``online`` streams the other PEER strategies see the task boundaries (Avalanche then
+adapts the model to each base experience, so ``peer-grow`` grows once per base
+experience); ``peer-grow-online`` sees none and grows when its novelty signal says so
+(room for ``2·T`` segments).
 
 On task-incremental streams the ``peer-protect*`` strategies route by task label and
 ``slda`` / ``input-stats`` score only the task's classes, as the multi-head baselines do.
@@ -77,6 +83,7 @@ STRATEGIES: dict[str, str] = {
     "peer-protect": "PEER protect",
     "peer-protect-gate": "PEER protect + gate",
     "peer-protect-input": "PEER protect, input owners",
+    "peer-grow-online": "PEER task-free growth",
 }
 DEFAULT_STRATEGIES: tuple[str, ...] = tuple(STRATEGIES)[:12]
 #: Strategies whose model has no PEER layer (no routing metrics).
@@ -87,6 +94,7 @@ NON_PEER_BASELINES: tuple[str, ...] = ("slda", "input-stats", "peer-protect-mlp"
 #: The head that suits each stream kind (see ``PEERClassifier``).
 HEAD_OF_KIND = {
     "class": "incremental", "task": "multihead", "permuted": "fixed", "rotated": "fixed",
+    "online": "fixed",  # online mini-experiences carry no classes_in_this_experience
 }  # fmt: skip
 
 
@@ -113,7 +121,7 @@ class ZooConfig:
 class StreamInfo:
     """What a model needs to know about a stream."""
 
-    kind: str  # "class", "task", "permuted" or "rotated"
+    kind: str  # "class", "task", "permuted", "rotated" or "online"
     in_features: int
     n_classes: int  # classes over the whole stream
     classes_per_exp: int  # most classes in one experience
@@ -121,20 +129,26 @@ class StreamInfo:
 
 
 def stream_info(bench, kind: str) -> StreamInfo:
-    """:class:`StreamInfo` of an Avalanche benchmark built with ``make_stream(kind=...)``."""
+    """:class:`StreamInfo` of an Avalanche benchmark built with ``make_stream(kind=...)``.
+
+    For ``kind="online"``, ``bench`` is the class-incremental stream that each run cuts
+    into mini-experiences (:mod:`peer_ll.cli.online`).
+    """
     check_choice("kind", kind, HEAD_OF_KIND)
-    train = bench.train_stream
+    train = bench.train_stream  # online: the class stream it is cut from
     per_exp = [len(exp.classes_in_this_experience) for exp in train]
     x = train[0].dataset[0][0]
     n_classes = max(per_exp) if kind == "task" else int(bench.n_classes)
     return StreamInfo(kind, int(x.numel()), n_classes, max(per_exp), len(per_exp))
 
 
-def _model(info: StreamInfo, config: ZooConfig, *, grow: bool) -> PEERClassifier:
-    from peer_ll.strategies import GrowthPolicy, peer_classifier
+def _model(info: StreamInfo, config: ZooConfig, *, grow: bool | str) -> PEERClassifier:
+    from peer_ll.strategies import GrowthPolicy, NoveltyTrigger, peer_classifier
 
     n, t = config.num_keys, info.n_experiences
-    if grow:
+    if grow == "novelty":
+        keys, policy = n, GrowthPolicy(when=NoveltyTrigger(), max_experts=2 * t * n * n)
+    elif grow:
         keys, policy = n, GrowthPolicy(max_experts=t * n * n)
     else:
         keys, policy = round(n * math.sqrt(t)), GrowthPolicy(when="never")
@@ -177,7 +191,8 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
             owner_encoder=key in ("peer-protect-full", "peer-protect-mlp"),
         )  # fmt: skip
     else:
-        model = _model(info, config, grow=key.startswith("peer-grow"))
+        grow = "novelty" if key == "peer-grow-online" else key.startswith("peer-grow")
+        model = _model(info, config, grow=grow)
     common = dict(
         optimizer=make_optimizer(model, lr=config.lr), criterion=nn.CrossEntropyLoss(),
         train_mb_size=config.batch_size, train_epochs=config.epochs,
@@ -192,7 +207,7 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
     if key == "lwf":
         lwf = dict(alpha=config.lwf_alpha, temperature=config.lwf_temperature)
         return peer_grow(model, template=av.LwF, **lwf, **common)
-    if key in ("replay", "peer-grow"):
+    if key in ("replay", "peer-grow", "peer-grow-online"):
         return peer_grow(model, **replay, **common)
     if key == "peer-grow-rd":
         from peer_ll.protect import peer_router_distillation

@@ -204,7 +204,12 @@ def summarize(
             key: _mean_std([r["health"][key] for r in per_seed])[0].tolist()
             for key in per_seed[0]["health"]
         }
-    if all(r.get("routing") for r in per_seed):
+    # Seeds whose pools grew to different owner counts (task-free growth) have routing
+    # tables of different shapes: their mean is left out (per_seed keeps them).
+    shapes = {json.dumps({layer: {k: np.shape(v) for k, v in stats.items()}
+                          for layer, stats in r.get("routing", {}).items()})
+              for r in per_seed}  # fmt: skip
+    if all(r.get("routing") for r in per_seed) and len(shapes) == 1:
         out["routing"] = {
             layer: {
                 key: _mean_std([r["routing"][layer][key] for r in per_seed])[0].tolist()

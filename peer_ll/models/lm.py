@@ -105,7 +105,12 @@ class PEERLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, owners: LMOwners = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        owners: LMOwners = None,
+        confidence: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Next-token logits, and the mean cross-entropy when ``targets`` are given.
 
@@ -116,6 +121,10 @@ class PEERLM(nn.Module):
                 inference; domain 0 is the model before any growth), a (B,) integer
                 tensor (one domain per sequence), or "infer" (the domains' posterior
                 mixture, see :meth:`domain_posterior`).
+            confidence: with ``owners="infer"``, insurance (:meth:`insured_mixture`):
+                every route runs only until the posterior's top domain reaches this
+                probability, then only that domain's route. None (default): every
+                route for every token.
 
         Returns:
             logits (B, T, V) and the loss (a scalar) or None.
@@ -132,7 +141,10 @@ class PEERLM(nn.Module):
             if owners != "infer":
                 raise ValueError(f"owners must be None, 'infer', an owner id or a (B,) "
                                  f"integer tensor, got {owners!r}")
-            logits = self._mixture(idx)[0]  # log-probabilities: valid logits
+            if confidence is None:
+                logits = self._mixture(idx)[0]  # log-probabilities: valid logits
+            else:
+                logits = self.insured_mixture(idx, confidence)[0]
         elif isinstance(owners, torch.Tensor):
             logits = self._per_sequence(idx, owners)
         else:
@@ -193,6 +205,58 @@ class PEERLM(nn.Module):
         """
         with torch.no_grad():
             return self._mixture(idx)[1].exp()
+
+    def insured_mixture(
+        self, idx: torch.Tensor, confidence: float = 0.99, *, probe: int = 8
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mixture only while it is uncertain, then the top domain's route alone.
+
+        Sequence b runs every domain's route (:meth:`domain_posterior`) up to the first
+        position t_b where one domain's posterior reaches ``confidence``; positions up to
+        t_b predict with the mixture, later ones with that domain's route only. A
+        sequence that never gets there keeps the full mixture. The prefix is searched
+        ``probe`` tokens at a time, doubling.
+
+        Args:
+            idx: (B, T) token ids.
+            confidence: posterior probability at which a sequence commits to a domain.
+            probe: first prefix length searched.
+
+        Returns:
+            Log-probabilities (B, T, V), and (B,) routes per token: what a decoder that
+            caches each route's keys and values pays, O routes per token up to t_b and
+            one after.
+        """
+        from peer_ll.experts.checks import check_float, check_int
+
+        check_float("confidence", confidence, minimum=0.0, maximum=1.0)
+        check_int("probe", probe, minimum=1)
+        B, T = idx.shape
+        O = len(self.owners)
+        commit = torch.full((B,), T - 1, dtype=torch.long, device=idx.device)
+        owner = torch.full((B,), -1, dtype=torch.long, device=idx.device)
+        width = min(probe, T)
+        while True:
+            mix, log_post = self._mixture(idx[:, :width])  # (B, W, V), (O, B, W)
+            top, best = log_post.exp().max(0)  # (B, W)
+            sure = top >= confidence
+            first = torch.where(sure.any(1), sure.float().argmax(1), width)  # (B,)
+            done = first < width
+            if bool(done.all()) or width == T:
+                break
+            width = min(2 * width, T)
+        ids = torch.tensor(self.owners, device=idx.device)
+        commit[done] = first[done]
+        owner[done] = ids[best[done, first[done]]]
+        out = torch.empty(B, T, mix.shape[-1], device=mix.device, dtype=mix.dtype)
+        out[:, :width] = mix
+        for d in owner[done & (commit < T - 1)].unique().tolist():
+            rows = (owner == d) & (commit < T - 1)
+            routed = self._logits(idx[rows], d).float().log_softmax(-1)
+            later = torch.arange(T, device=idx.device)[None] > commit[rows, None]  # (b, T)
+            out[rows] = torch.where(later[..., None], routed, out[rows])
+        routes = (O * (commit + 1) + (T - 1 - commit)).float() / T
+        return out, routes
 
     def _mixture(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities (B, T, V) of the posterior mixture, log-posterior (O, B, T)."""

@@ -18,6 +18,7 @@ from peer_ll.strategies.growth import (
     growth_modules,
 )
 from peer_ll.strategies.lm import AvalancheLM, LMDomainGrowth, peer_lm_strategy
+from peer_ll.strategies.novelty import GrowthDecision, NoveltyTrigger
 from peer_ll.strategies.sparse_finetuning import SparseExpertFinetuning
 
 __all__ = [
@@ -25,10 +26,12 @@ __all__ = [
     "AvalancheLM",
     "CarryOptimizerState",
     "DenseExpertGrads",
+    "GrowthDecision",
     "GrowthEvent",
     "GrowthPolicy",
     "LMDomainGrowth",
     "MultiHeadPEERClassifier",
+    "NoveltyTrigger",
     "PEERGrowth",
     "SparseExpertFinetuning",
     "attach_growth",

@@ -28,11 +28,13 @@ from torch import nn
 from peer_ll.experts import PEER, peer_layers
 from peer_ll.experts.checks import check_bool, check_choice, check_int, check_type
 from peer_ll.optim import migrate_state
+from peer_ll.strategies.novelty import GrowthDecision
 
 WHEN = ("always", "new_classes", "new_tasks", "new_classes_or_tasks", "never")
 FREEZE = ("previous", "none")
 
 FreezeRule = str | Callable[[PEER, object], Iterable[int]]
+WhenRule = str | Callable[["PEERGrowth", object], "GrowthDecision | bool"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,11 @@ class GrowthPolicy:
             ``num_keys**2`` experts (default: the layer's own ``num_keys``).
         when: grow on "always" (every experience not yet an owner), "new_classes"
             (the experience brings a class not seen in training before), "new_tasks"
-            (a task label not seen before), "new_classes_or_tasks", or "never".
+            (a task label not seen before), "new_classes_or_tasks", "never", or a
+            callable ``(growth, experience) -> GrowthDecision | bool`` such as
+            :class:`~peer_ll.strategies.NoveltyTrigger` (task-free growth). "always"
+            refuses online mini-experiences (``OnlineCLExperience``): it would grow
+            once per mini-batch; use a callable there.
         freeze: owners to freeze after a growth: "previous" (every owner but the
             new one), "none", or a callable ``(layer, experience) -> owner ids``.
         freeze_keys: also freeze the frozen owners' sub-keys.
@@ -53,13 +59,20 @@ class GrowthPolicy:
             :func:`attach_growth` reserves this room up front, so growth never
             replaces a Parameter and optimizer state survives any strategy.
 
-    New experts are owned by the experience's id (``current_experience``). An
-    experience whose id already owns experts (e.g. the first one, which owns the
-    layer's initial segment when ``owner=0``) never grows the pool again.
+    With a string ``when``, new experts are owned by the experience's id
+    (``current_experience``), and an experience whose id already owns experts (e.g.
+    the first one, which owns the layer's initial segment when ``owner=0``) never
+    grows the pool again. With a callable ``when``, the policy numbers owners itself
+    (:meth:`next_owner`: one more than the largest so far), since task-free
+    experiences say nothing about owners.
+
+    ``freeze="previous"`` freezes only owners whose experts have changed since they
+    were created: a strategy that re-initialises the model each experience (GDumb)
+    leaves segments that never trained free.
     """
 
     num_keys: int | None = None
-    when: str = "always"
+    when: WhenRule = "always"
     freeze: FreezeRule = "previous"
     freeze_keys: bool = True
     freeze_query: bool = False
@@ -68,7 +81,8 @@ class GrowthPolicy:
     def __post_init__(self) -> None:
         if self.num_keys is not None:
             check_int("num_keys", self.num_keys, minimum=1)
-        check_choice("when", self.when, WHEN)
+        if not callable(self.when):
+            check_choice("when", self.when, WHEN)
         if not callable(self.freeze):
             check_choice("freeze", self.freeze, FREEZE)
         check_bool("freeze_keys", self.freeze_keys)
@@ -79,6 +93,10 @@ class GrowthPolicy:
     def keys_per_growth(self, layer: PEER) -> int:
         """Sub-keys per side that one growth of ``layer`` adds."""
         return layer.num_keys if self.num_keys is None else self.num_keys
+
+    def next_owner(self, layer: PEER) -> int:
+        """The owner id of the next growth of ``layer`` under a callable ``when``."""
+        return int(layer.segment_owner.max()) + 1 if layer.num_segments else 0
 
     def reservation(self, layer: PEER) -> tuple[int, int]:
         """(capacity, key_capacity) that holds every growth ``max_experts`` allows.
@@ -96,12 +114,18 @@ class GrowthPolicy:
 
 
 class GrowthEvent(NamedTuple):
-    """One decision of a :class:`PEERGrowth`: ``grew`` and why, and the pool size after."""
+    """One decision of a :class:`PEERGrowth`: ``grew`` and why, and the pool size after.
+
+    ``signal`` is the value a callable ``when`` decided on (None for string rules) and
+    ``owner`` the new segment's owner id (None without growth).
+    """
 
     experience: int
     grew: bool
     reason: str
     num_experts: int
+    signal: float | None = None
+    owner: int | None = None
 
 
 class PEERGrowth(DynamicModule):
@@ -131,6 +155,7 @@ class PEERGrowth(DynamicModule):
         self.seen_tasks: set[int] = set()
         self.events: list[GrowthEvent] = []
         self.carries_optimizer_state = False
+        self.fingerprints: dict[int, float] = {}
 
     def adaptation(self, experience) -> None:
         """Grow (and freeze) the layer for a training ``experience``; no-op in eval mode."""
@@ -150,10 +175,43 @@ class PEERGrowth(DynamicModule):
         new_classes, new_tasks = bool(classes - self.seen_classes), bool(tasks - self.seen_tasks)
         self.seen_classes |= classes
         self.seen_tasks |= tasks
+        self._note_fingerprints()
+        if callable(policy.when):
+            self._adapt_task_free(eid, experience)
+            return
+        _refuse_online(policy.when, experience)
         grow, reason = self._decide(eid, new_classes, new_tasks)
         if grow:
             self._grow(eid, experience)
-        self.events.append(GrowthEvent(eid, grow, reason, layer.num_experts))
+        self.events.append(GrowthEvent(eid, grow, reason, layer.num_experts,
+                                       owner=eid if grow else None))  # fmt: skip
+
+    def _adapt_task_free(self, eid: int, experience) -> None:
+        layer, policy = self.layer, self.policy
+        decision = policy.when(self, experience)
+        if not isinstance(decision, GrowthDecision):
+            decision = GrowthDecision(bool(decision))
+        grow, reason = decision.grow, decision.reason
+        n = policy.keys_per_growth(layer)
+        if grow and policy.max_experts is not None and (
+            layer.num_experts + n * n > policy.max_experts
+        ):
+            grow, reason = False, f"{reason}; max_experts={policy.max_experts}"
+        owner = policy.next_owner(layer) if grow else None
+        if grow:
+            self._grow(owner, experience)
+        self.events.append(
+            GrowthEvent(eid, grow, reason, layer.num_experts, decision.signal, owner)
+        )
+
+    def _note_fingerprints(self) -> None:
+        """Records each owner's expert fingerprint the first time it is seen."""
+        for owner in set(self.layer.segment_owner.tolist()) - set(self.fingerprints):
+            self.fingerprints[owner] = _fingerprint(self.layer, owner)
+
+    def trained_owners(self) -> set[int]:
+        """Owners whose experts changed since this module first saw them."""
+        return {o for o, f in self.fingerprints.items() if _fingerprint(self.layer, o) != f}
 
     def _decide(self, eid: int, new_classes: bool, new_tasks: bool) -> tuple[bool, str]:
         layer, policy = self.layer, self.policy
@@ -176,7 +234,9 @@ class PEERGrowth(DynamicModule):
     def _grow(self, eid: int, experience) -> None:
         layer, policy = self.layer, self.policy
         capacity, key_capacity = layer.capacity, layer.key_capacity
+        trained = self.trained_owners()
         layer.grow(policy.keys_per_growth(layer), owner=eid)
+        self._note_fingerprints()
         if (layer.capacity, layer.key_capacity) != (capacity, key_capacity) and not (
             self.carries_optimizer_state
         ):
@@ -189,7 +249,7 @@ class PEERGrowth(DynamicModule):
         if policy.freeze == "none":
             return
         if policy.freeze == "previous":
-            owners = sorted(set(layer.segment_owner.tolist()) - {eid})
+            owners = sorted((set(layer.segment_owner.tolist()) - {eid}) & trained)
         else:
             owners = sorted({int(o) for o in policy.freeze(layer, experience)})
         if owners:
@@ -201,7 +261,8 @@ class PEERGrowth(DynamicModule):
     def get_extra_state(self) -> dict:
         """What decides the next growth (in the state_dict as ``..growth._extra_state``)."""
         return {"seen_classes": sorted(self.seen_classes), "seen_tasks": sorted(self.seen_tasks),
-                "events": [list(e) for e in self.events]}
+                "events": [list(e) for e in self.events],
+                "fingerprints": {str(o): f for o, f in self.fingerprints.items()}}
 
     def set_extra_state(self, state: dict) -> None:
         """Restore :meth:`get_extra_state`'s dict; a malformed one raises ValueError."""
@@ -216,10 +277,14 @@ class PEERGrowth(DynamicModule):
                 raise ValueError(f"growth state {name} must be a list of ints >= 0, "
                                  f"got {values!r}"[:200])
             seen[name] = set(values)
-        events = [GrowthEvent(int(e[0]), bool(e[1]), str(e[2]), int(e[3]))
+        events = [GrowthEvent(int(e[0]), bool(e[1]), str(e[2]), int(e[3]), *e[4:6])
                   for e in state.get("events", [])]
+        prints = state.get("fingerprints", {})  # which owners have trained (freeze="previous")
+        if not isinstance(prints, dict):
+            raise ValueError(f"growth state fingerprints must be a dict, got {prints!r}"[:200])
         self.seen_classes, self.seen_tasks, self.events = (
             seen["seen_classes"], seen["seen_tasks"], events)
+        self.fingerprints = {int(o): float(f) for o, f in prints.items()}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())  # older files
@@ -227,6 +292,27 @@ class PEERGrowth(DynamicModule):
 
     def extra_repr(self) -> str:
         return f"policy={self.policy}"
+
+
+def _fingerprint(layer: PEER, owner: int) -> float:
+    """A number that changes when any expert row of ``owner`` changes."""
+    rows = (layer.pool.expert_owner == owner).nonzero().flatten()
+    down, up = layer.down[rows].detach().double(), layer.up[rows].detach().double()
+    weight = torch.arange(1, down.shape[1] + 1, dtype=torch.float64, device=down.device)
+    return float((down * weight).sum() + up.sum() * 0.5 + up.pow(2).sum())
+
+
+def _refuse_online(when: str, experience) -> None:
+    """Raises for ``when="always"`` on an online mini-experience."""
+    from avalanche.benchmarks.scenarios.online import OnlineCLExperience
+
+    if when == "always" and isinstance(experience, OnlineCLExperience):
+        raise ValueError(
+            "GrowthPolicy(when='always') grows once per experience, got an online "
+            "mini-experience (OnlineCLExperience): it would grow once per mini-batch. Use "
+            "GrowthPolicy(when=peer_ll.strategies.NoveltyTrigger(...)) for task-free "
+            "growth, or when='new_classes' / 'never'"
+        )
 
 
 def attach_growth(

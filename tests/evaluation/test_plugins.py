@@ -163,7 +163,7 @@ def test_plasticity_health_errors():
     with pytest.raises(ValueError, match="module must name a submodule.*'nope'"):
         PlasticityHealth("nope").features_module(model)
     assert PlasticityHealth("0").features_module(model)[0] == "0"
-    with pytest.raises(ValueError, match="max_samples must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="max_samples must be an int >= 1, got 0"):
         PlasticityHealth(max_samples=0)
     with pytest.raises(TypeError, match=r"max_samples must be an int, got float \(2.5\)"):
         PlasticityHealth(max_samples=2.5)

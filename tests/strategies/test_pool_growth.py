@@ -103,11 +103,25 @@ def test_always_grows_once_per_new_experience_and_freezes_previous(small_peer):
     layer, growth = _grower(small_peer)
     growth.adaptation(_exp(0))  # owns the initial segment already
     assert layer.num_experts == 16
+    with torch.no_grad():
+        layer.up[:16] += 0.1  # owner 0 trains on experience 0
     growth.adaptation(_exp(1))
     growth.adaptation(_exp(1))  # the same experience again: no second segment
     assert layer.num_experts == 32 and layer.segment_owner.tolist() == [0, 1]
     assert layer.frozen[:16].all() and not layer.frozen[16:].any()
     assert [e.grew for e in growth.events] == [False, True, False]
+
+
+def test_previous_owners_that_never_trained_stay_free(small_peer):
+    """GDumb re-initialises the model each experience: its segments never train."""
+    layer, growth = _grower(small_peer)
+    growth.adaptation(_exp(0))
+    growth.adaptation(_exp(1))
+    assert layer.segment_owner.tolist() == [0, 1] and not layer.frozen.any()
+    with torch.no_grad():
+        layer.down[16:32] -= 0.1  # owner 1 trains
+    growth.adaptation(_exp(2))
+    assert layer.frozen.tolist() == [False] * 16 + [True] * 16 + [False] * 16
 
 
 @pytest.mark.parametrize(
@@ -200,3 +214,21 @@ class _ClassNet(nn.Module):
     def forward(self, x):
         h = self.enc(x)
         return self.head(h + self.peer(h))
+
+
+def test_growth_state_keeps_which_owners_trained():
+    """freeze="previous" freezes only owners that trained; a reload must remember which."""
+    from peer_ll.strategies.growth import GrowthEvent
+
+    layer = PEER(8, num_keys=4, heads=1, topk=2, dim_key=4, capacity=64)
+    model = nn.Sequential(layer)
+    attach_growth(model, GrowthPolicy())
+    growth = growth_modules(model)[0]
+    growth.fingerprints[0] = -1.0  # as if owner 0's experts changed since first seen
+    growth.events.append(GrowthEvent(0, True, "novel inputs", 32, 0.5, 1))
+    copy = nn.Sequential(PEER(8, num_keys=4, heads=1, topk=2, dim_key=4, capacity=64))
+    attach_growth(copy, GrowthPolicy())
+    copy.load_state_dict(model.state_dict())
+    restored = growth_modules(copy)[0]
+    assert restored.fingerprints == growth.fingerprints
+    assert restored.events == growth.events

@@ -1,0 +1,111 @@
+"""Retrieval insurance on class-incremental Split-Fashion-MNIST, after routing protection.
+
+Trains ``peer-protect`` (grow-and-freeze, owners inferred from query likelihood) on
+the class-incremental stream, then evaluates the whole test set twice: the plain
+argmax-owner route, and :func:`peer_ll.protect.insurance.insured_forward` with the
+threshold at the 10th percentile of the owner posterior's confidence (so the least
+certain 10 % pay for ``--top`` routes). Reported: error on that bottom 10 % with and
+without insurance, accuracy on the whole test set, routes per input and wall time.
+
+    PYTHONPATH=. python benchmarks/insurance.py --seeds 3 --max-train-per-exp 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from peer_ll.cli.results import environment_line, write_section
+from peer_ll.cli.strategies_zoo import ZooConfig, build_strategy, stream_info
+from peer_ll.data import make_stream
+from peer_ll.protect.insurance import insured_forward, owner_posterior
+
+
+def test_set(bench) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for exp in bench.test_stream:
+        for i in range(len(exp.dataset)):
+            x, y = exp.dataset[i][:2]
+            xs.append(torch.as_tensor(x).flatten())
+            ys.append(int(y))
+    return torch.stack(xs).float(), torch.tensor(ys)
+
+
+def one_seed(seed: int, args) -> dict:
+    torch.manual_seed(seed)
+    bench = make_stream("fashion-mnist", kind="class", seed=seed,
+                        max_train_per_exp=args.max_train_per_exp,
+                        max_test_per_exp=args.max_test_per_exp)  # fmt: skip
+    info = stream_info(bench, "class")
+    strategy = build_strategy("peer-protect", info, ZooConfig(epochs=args.epochs))
+    for exp in bench.train_stream:
+        strategy.train(exp)
+    routed = strategy.model.eval()
+    x, y = test_set(bench)
+    _, post = owner_posterior(routed, x)
+    conf = post.max(1).values
+    threshold = float(conf.quantile(0.10))
+    low = conf < threshold
+    start = time.perf_counter()
+    plain, _ = insured_forward(routed, x, threshold=0.0)
+    t_plain = time.perf_counter() - start
+    start = time.perf_counter()
+    insured, report = insured_forward(routed, x, threshold=threshold, top=args.top,
+                                      mode=args.mode)  # fmt: skip
+    t_insured = time.perf_counter() - start
+    wrong_plain, wrong_ins = plain.argmax(1) != y, insured.argmax(1) != y
+    return dict(
+        seed=seed, share=report.share, routes=report.routes_per_input,
+        err_low_plain=float(wrong_plain[low].float().mean()),
+        err_low_ins=float(wrong_ins[low].float().mean()),
+        acc_plain=1 - float(wrong_plain.float().mean()),
+        acc_ins=1 - float(wrong_ins.float().mean()), time_ratio=t_insured / t_plain,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--max-train-per-exp", type=int, default=1000)
+    parser.add_argument("--max-test-per-exp", type=int, default=500)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--top", type=int, default=2)
+    parser.add_argument("--mode", default="mix", choices=("mix", "wide"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = [one_seed(s, args) for s in range(args.seeds)]
+    lines = ["| seed | share paying | routes/input | bottom-10 % error, plain → insured | "
+             "relative fall | test acc plain → insured | wall time insured/plain |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        fall = 1 - r["err_low_ins"] / max(r["err_low_plain"], 1e-12)
+        lines.append(
+            f"| {r['seed']} | {100 * r['share']:.1f} % | {r['routes']:.2f} | "
+            f"{100 * r['err_low_plain']:.1f} → {100 * r['err_low_ins']:.1f} % | "
+            f"{100 * fall:.0f} % | {100 * r['acc_plain']:.1f} → {100 * r['acc_ins']:.1f} % | "
+            f"{r['time_ratio']:.2f} |"
+        )
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "seed"}
+    fall = 1 - mean["err_low_ins"] / max(mean["err_low_plain"], 1e-12)
+    summary = (
+        f"Mean over {len(rows)} seeds: bottom-10 % error {100 * mean['err_low_plain']:.1f} → "
+        f"{100 * mean['err_low_ins']:.1f} % ({100 * fall:.0f} % relative fall; goal: at least "
+        f"20 %), {mean['routes']:.2f} routes per input (goal: at most 1.20), wall time "
+        f"×{mean['time_ratio']:.2f}."
+    )
+    text = "\n".join([
+        f"Command: `PYTHONPATH=. python benchmarks/insurance.py --seeds {args.seeds} "
+        f"--max-train-per-exp {args.max_train_per_exp} --max-test-per-exp "
+        f"{args.max_test_per_exp} --epochs {args.epochs} --top {args.top} --mode {args.mode}` "
+        "(peer-protect, "
+        "query-likelihood owners, Split-Fashion-MNIST class-incremental, 5 × 2 classes)",
+        environment_line(), "", summary, "", *lines,
+    ])  # fmt: skip
+    print(text)
+    write_section("benchmarks/RESULTS.md", "## Retrieval insurance (classification)", text)
+
+
+if __name__ == "__main__":
+    main()
