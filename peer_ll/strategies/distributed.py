@@ -31,9 +31,10 @@ import torch.distributed as dist
 from avalanche.core import SupervisedPlugin
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from peer_ll.experts import peer_layers
-from peer_ll.experts.checks import check_type
+from peer_ll.experts.checks import check_bool, check_type
 from peer_ll.experts.pool import TABLES
 
 #: Backends whose ``all_reduce`` takes sparse COO tensors.
@@ -133,7 +134,7 @@ def _dense_all_reduce(grad: torch.Tensor, world: int, group) -> torch.Tensor:
     dist.all_reduce(touched, group=group)
     rows = touched.nonzero().flatten()
     return torch.sparse_coo_tensor(rows[None], dense[rows] / world, grad.shape,
-                                   is_coalesced=True)
+                                   is_coalesced=True, check_invariants=False)
 
 
 def sync_expert_grads_before_step(optimizer: torch.optim.Optimizer, model: nn.Module, *,
@@ -161,12 +162,19 @@ class DistributedPEER(SupervisedPlugin, supports_distributed=True):
     bare model in ``strategy.model`` for evaluation and checkpoints. Under a single
     process it does nothing.
 
+    Avalanche's data loaders split evaluation data across ranks too, and its metrics
+    are not gathered, so each rank would report the accuracy of its own share. With
+    ``full_eval`` (default) every rank evaluates the whole experience instead, and
+    all ranks report the same accuracy matrix.
+
     Args:
+        full_eval: evaluate every sample on every rank.
         **ddp_kwargs: passed to ``DistributedDataParallel`` (e.g. ``device_ids``).
     """
 
-    def __init__(self, **ddp_kwargs) -> None:
+    def __init__(self, *, full_eval: bool = True, **ddp_kwargs) -> None:
         super().__init__()
+        self.full_eval = check_bool("full_eval", full_eval)
         self.ddp_kwargs = ddp_kwargs
 
     @staticmethod
@@ -184,6 +192,12 @@ class DistributedPEER(SupervisedPlugin, supports_distributed=True):
     def after_training_exp(self, strategy, **kwargs) -> None:
         strategy.model = unwrap(strategy.model)
 
+    def before_eval_exp(self, strategy, **kwargs) -> None:
+        if self.full_eval and self._active():  # the loader was built just before this
+            data = strategy.adapted_dataset
+            strategy.dataloader = DataLoader(data, batch_size=strategy.eval_mb_size,
+                                             collate_fn=getattr(data, "collate_fn", None))
+
 
 def ranks_equal(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bool:
     """Whether parameters, buffers (and optimizer state) are bit-identical on every rank.
@@ -194,8 +208,8 @@ def ranks_equal(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
     model = unwrap(model)
     tensors = [t for _, t in sorted(model.state_dict().items())]
     if optimizer is not None:
-        index = {p: i for i, p in enumerate(model.parameters())}
-        for p, state in sorted(optimizer.state.items(), key=lambda kv: index.get(kv[0], -1)):
+        for p in model.parameters():  # model order: the same on every rank
+            state = optimizer.state.get(p, {})
             tensors += [state[k] for k in sorted(state) if isinstance(state[k], torch.Tensor)]
     same = True
     for tensor in tensors:

@@ -3,7 +3,16 @@
 import pytest
 import torch
 from spawn import spawn
-from workers import avalanche_run, grads_of_halves, layer_and_batch, train_through_growth
+from workers import everything, layer_and_batch
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Output folder of one 2-rank gloo run of every scenario in ``workers.everything``."""
+    out = tmp_path_factory.mktemp("ddp")
+    (out / "dense").mkdir()
+    spawn(everything, str(out))
+    return out
 
 
 def _full_batch_grads():
@@ -14,8 +23,8 @@ def _full_batch_grads():
 
 
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse-gloo", "dense-nccl-path"])
-def test_two_ranks_average_the_gradient_of_the_whole_batch(tmp_path, sparse):
-    spawn(grads_of_halves, str(tmp_path), sparse)
+def test_two_ranks_average_the_gradient_of_the_whole_batch(runs, sparse):
+    tmp_path = runs if sparse else runs / "dense"
     ranks = [torch.load(tmp_path / f"grads{r}.pt") for r in range(2)]
     reference = _full_batch_grads()
     assert set(ranks[0]) == set(reference) >= {"pool.down", "pool.up", "pool.sub_keys"}
@@ -26,8 +35,8 @@ def test_two_ranks_average_the_gradient_of_the_whole_batch(tmp_path, sparse):
     assert not ranks[0]["pool.down"][:16].any(), "frozen owner 0 got a gradient"
 
 
-def test_ranks_stay_identical_through_growth_past_capacity(tmp_path):
-    spawn(train_through_growth, str(tmp_path))
+def test_ranks_stay_identical_through_growth_past_capacity(runs):
+    tmp_path = runs
     states = [torch.load(tmp_path / f"state{r}.pt") for r in range(2)]
     assert states[0]["capacities"] == states[1]["capacities"]
     assert states[0]["capacities"][1] > 48, "the second growth should pass the capacity"
@@ -35,10 +44,13 @@ def test_ranks_stay_identical_through_growth_past_capacity(tmp_path):
         assert torch.equal(value, states[1]["state"][name]), name
 
 
-def test_avalanche_strategy_under_distributed_helper(tmp_path):
-    spawn(avalanche_run, str(tmp_path))
+def test_avalanche_strategy_under_distributed_helper(runs):
+    tmp_path = runs
     runs = [torch.load(tmp_path / f"aval{r}.pt") for r in range(2)]
     assert runs[0] == runs[1]
     assert runs[0]["world"] == 2
     (n0, _, owners0), (n1, _, owners1) = runs[0]["sizes"]
     assert n1 == n0 + 16 and owners1 == [*owners0, 1]
+    assert len(runs[0]["accuracy"][1]) == 2 and runs[0]["accuracy"][1][0][1] > 0
+    # Every rank evaluates the whole of each experience (not its DistributedSampler share).
+    assert runs[0]["eval_samples"] == runs[0]["test_samples"]

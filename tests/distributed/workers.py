@@ -81,15 +81,40 @@ def avalanche_run(rank: int, out: str) -> None:
     DistributedHelper.set_random_seeds(0)
     model = peer_classifier(64, 3, hidden=16, blocks=1, peer=SMALL,
                             growth=GrowthPolicy(num_keys=4))
-    strategy = peer_grow(model, plugins=[DistributedPEER()], train_mb_size=16,
-                         train_epochs=1, eval_mb_size=64, device="cpu", evaluator=None)
-    sizes = []
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+
+    evaluation = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
+    from avalanche.core import SupervisedPlugin
+
+    class CountEval(SupervisedPlugin):
+        seen = 0
+
+        def after_eval_iteration(self, strategy, **kwargs):
+            self.seen += len(strategy.mb_x)
+
+    count = CountEval()
+    strategy = peer_grow(model, plugins=[DistributedPEER(), count], train_mb_size=16,
+                         train_epochs=1, eval_mb_size=64, device="cpu", evaluator=evaluation)
+    sizes, accuracy = [], []
     for experience in stream.train_stream[:2]:
         strategy.train(experience, num_workers=0)
         assert ranks_equal(strategy.model, strategy.optimizer), "ranks differ"
         layer = strategy.model.blocks[0].peer
         sizes.append((layer.num_experts, layer.capacity, layer.owners.unique().tolist()))
-    torch.save({"sizes": sizes, "world": dist.get_world_size()}, f"{out}/aval{rank}.pt")
+        values = strategy.eval(stream.test_stream[:2])
+        accuracy.append(sorted((k, v) for k, v in values.items() if k.startswith("Top1_Acc_Exp")))
+    test_samples = 2 * sum(len(e.dataset) for e in stream.test_stream[:2])  # 2 evaluations
+    torch.save({"sizes": sizes, "accuracy": accuracy, "world": dist.get_world_size(),
+                "eval_samples": count.seen, "test_samples": test_samples}, f"{out}/aval{rank}.pt")
+
+
+def everything(rank: int, out: str) -> None:
+    """Every scenario in one pair of processes (starting them costs most of the time)."""
+    grads_of_halves(rank, out, True)
+    grads_of_halves(rank, out + "/dense", False)
+    train_through_growth(rank, out)
+    avalanche_run(rank, out)
 
 
 def digits_stream():
