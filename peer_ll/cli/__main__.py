@@ -1,0 +1,7 @@
+"""``python -m peer_ll.cli`` (what ``torchrun -m peer_ll.cli run ...`` starts)."""
+
+import sys
+
+from peer_ll.cli import main
+
+sys.exit(main())
