@@ -54,3 +54,16 @@ def test_avalanche_strategy_under_distributed_helper(runs):
     assert len(runs[0]["accuracy"][1]) == 2 and runs[0]["accuracy"][1][0][1] > 0
     # Every rank evaluates the whole of each experience (not its DistributedSampler share).
     assert runs[0]["eval_samples"] == runs[0]["test_samples"]
+
+
+def test_checkpoint_of_two_ranks_loads_in_one_process(runs):
+    from peer_ll.strategies.distributed import load_checkpoint
+
+    saved = torch.load(runs / "state0.pt")["state"]
+    layer, _ = layer_and_batch(capacity=48)  # 2 segments; the checkpoint holds 4, past 48 rows
+    load_checkpoint(layer, str(runs / "dcp"))
+    assert layer.num_segments == 4 and layer.capacity == saved["pool.down"].shape[0]
+    for name, value in layer.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    x = torch.randn(5, 16)
+    assert layer(x).shape == (5, 16)

@@ -10,6 +10,7 @@ from peer_ll.optim import make_optimizer, migrate_state
 from peer_ll.strategies.distributed import (
     all_reduce_expert_grads,
     ranks_equal,
+    save_checkpoint,
     sync_expert_grads_before_step,
     wrap_ddp,
 )
@@ -64,6 +65,7 @@ def train_through_growth(rank: int, out: str) -> None:
         optimizer.zero_grad()
     assert ranks_equal(layer, optimizer), "ranks differ after growth past capacity"
     assert torch.equal(layer.down.detach()[:16], frozen_before), "frozen rows changed"
+    save_checkpoint(model, f"{out}/dcp")
     torch.save({"capacities": counts, "state": layer.state_dict()}, f"{out}/state{rank}.pt")
 
 
