@@ -46,8 +46,7 @@ def _step_worker(rank: int, world: int, port: int, out: str) -> None:
         start = time.perf_counter()
         model(x).square().mean().backward()
         if step == 0:
-            sparse_bytes = sum(p.grad.coalesce().values().nbytes + p.grad.coalesce().indices()
-                               .nbytes for p in expert_tables(layer))
+            sparse_bytes = sum(_grad_bytes(p.grad) for p in expert_tables(layer))
         all_reduce_expert_grads(model)
         optimizer.step()
         optimizer.zero_grad()
@@ -61,6 +60,14 @@ def _step_worker(rank: int, world: int, port: int, out: str) -> None:
                                              sparse_bytes=sparse_bytes, dense_bytes=dense,
                                              table_bytes=table)))
     dist.destroy_process_group()
+
+
+def _grad_bytes(grad: torch.Tensor) -> int:
+    """Bytes an all-reduce of ``grad`` contributes: COO indices and values, or the tensor."""
+    if not grad.is_sparse:
+        return grad.nbytes
+    grad = grad.coalesce()
+    return grad.values().nbytes + grad.indices().nbytes
 
 
 def step_figures(world: int) -> dict:
@@ -107,10 +114,10 @@ so they agree within run-to-run noise, not exactly; the 2 ranks of one run are b
 One PEER step (D={DIM}, {LAYER['num_keys']}² experts, h={LAYER['heads']}, k={LAYER['topk']},
 {TOKENS} tokens per rank, 1 thread per rank, median of {STEPS}): 1 rank {1e3 * s1['step_s']:.0f}
 ms, 2 gloo ranks {1e3 * s2['step_s']:.0f} ms (same work per rank, so the difference is the
-all-reduce and DDP). Each rank sends per step: sparse expert gradients
-{s2['sparse_bytes'] * mb:.2f} MiB (COO rows touched) and dense parameters
-{s2['dense_bytes'] * mb:.2f} MiB; the dense (NCCL) fallback would send the whole tables,
-{s2['table_bytes'] * mb:.1f} MiB.
+all-reduce and DDP). Each rank sends per step: expert gradients
+{s2['sparse_bytes'] * mb:.2f} MiB (COO rows touched of `down`/`up`, dense `sub_keys`)
+and dense parameters {s2['dense_bytes'] * mb:.2f} MiB; the dense (NCCL) fallback would send the
+whole tables, {s2['table_bytes'] * mb:.1f} MiB.
 
 Estimate for P ranks (not measured). Gloo's sparse all-reduce gathers every rank's rows, so
 each rank receives (P-1) × {s2['sparse_bytes'] * mb:.2f} MiB per step: {7 * s2['sparse_bytes']
