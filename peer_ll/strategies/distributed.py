@@ -104,10 +104,13 @@ def all_reduce_expert_grads(model: nn.Module, *, group=None, sparse: bool | None
     if world == 1:
         return
     sparse_backend = dist.get_backend(group) in SPARSE_BACKENDS if sparse is None else sparse
+    layers = peer_layers(unwrap(model))
+    modes = {id(getattr(layer.pool, t)): layer.sparse_grad for layer in layers.values()
+             for t in TABLES}
     for table in expert_tables(model):
         grad = table.grad
-        if grad is None:  # nothing retrieved here (or frozen): join with zeros
-            grad = _empty_sparse(table)
+        if grad is None:  # nothing retrieved here: join with zeros of the layer's layout
+            grad = _empty_sparse(table) if modes[id(table)] else torch.zeros_like(table)
         if not grad.is_sparse:
             dist.all_reduce(grad, group=group)
             table.grad = grad.div_(world)
