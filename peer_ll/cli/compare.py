@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from peer_ll.cli import distributed
 from peer_ll.cli.harness import cpu_threads, evaluator, log_file, quiet_avalanche, run_stream
 from peer_ll.cli.results import environment
 from peer_ll.cli.strategies_zoo import (
@@ -81,6 +82,7 @@ def run_strategy(key: str, bench, info, config: ZooConfig, *, seed: int, log=Non
     peer = key not in NO_PEER
     strategy = build_strategy(key, info, config,
                               evaluator=evaluator(log, routing=peer, plasticity=peer))  # fmt: skip
+    distributed.prepare(strategy)  # DDP under torchrun; nothing in a single process
     start = time.perf_counter()
     if info.kind == "online" and key != "joint":
         from peer_ll.cli.online import run_online
@@ -206,6 +208,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="subsample each training experience to this many samples")
     parser.add_argument("--max-test-per-exp", type=int, default=None,
                         help="subsample each test experience to this many samples")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes (data parallel, torchrun on this machine; gloo on the "
+                             "CPU, NCCL on CUDA); or start the run with torchrun (default 1)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: tiny models run fastest so)")
     for f in fields(ZooConfig):
@@ -246,12 +251,27 @@ def main(args: argparse.Namespace) -> int:
         return 2
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.out) if args.out else Path("runs") / stamp
+    if args.nproc < 1:
+        print(f"peer-ll run: error: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
+        return 2
+    if args.nproc > 1 and distributed.world_size() == 1:  # start the ranks, same options
+        options = {**vars(args), "out": str(run_dir)}
+        return distributed.launch(args.nproc, [
+            item for key, value in options.items() if value is not None and key != "nproc"
+            for item in (f"--{key.replace('_', '-')}", str(value))])
+    distributed.init(seeds[0], args.device)
+    config = ZooConfig(**{**asdict(config), "device": distributed.local_device(config.device)})
+    main_rank = distributed.is_main()
     with cpu_threads(args.threads):
         results = run_comparison(
             args.stream, strategies=strategies, seeds=seeds, config=config,
             n_experiences=args.experiences, max_train_per_exp=args.max_train_per_exp,
-            max_test_per_exp=args.max_test_per_exp, log_dir=run_dir / "logs", data=data,
+            max_test_per_exp=args.max_test_per_exp, data=data,
+            log_dir=run_dir / "logs" if main_rank else None, progress=main_rank,
         )  # fmt: skip
+    if not main_rank:
+        return 0
+    results["config"]["processes"] = distributed.world_size()
     write_results(run_dir, results)
     table = results_table(results)
     (run_dir / "table.txt").write_text(table + "\n")

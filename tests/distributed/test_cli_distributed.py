@@ -1,0 +1,47 @@
+"""``peer-ll run --nproc``: options handed to torchrun, rank settings from its environment."""
+
+import json
+
+import pytest
+
+from peer_ll.cli import distributed, main
+
+
+def test_without_nproc_drops_both_spellings():
+    argv = ["--seeds", "1", "--nproc", "2", "--nproc=3", "--out", "x"]
+    assert distributed.without_nproc(argv) == ["--seeds", "1", "--out", "x"]
+
+
+def test_single_process_settings(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.init(0, "cpu") is False
+    assert distributed.local_device("cuda") == "cuda"
+
+
+def test_torchrun_settings(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.world_size() == 4 and not distributed.is_main()
+    assert distributed.local_device("cuda") == "cuda:1"
+    assert distributed.local_device("cpu") == "cpu"
+
+
+def test_nproc_below_one_is_refused(capsys):
+    assert main(["run", "--nproc", "0", "--strategies", "naive"]) == 2
+    assert "--nproc must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_run_writes_one_run_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = tmp_path / "run"
+    code = main(["run", "--nproc", "2", "--strategies", "peer-grow-noreplay", "--seeds", "1",
+                 "--epochs", "1", "--experiences", "2", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["processes"] == 2
+    (summary,) = results["strategies"].values()
+    assert len(summary["accuracy_matrix"]) == 2
