@@ -45,7 +45,7 @@ def test_run_rejects_bad_arguments(tmp_path, capsys, extra, message):
     out = tmp_path / "run"
     assert cli(["run", *extra, "--out", str(out)]) == 2
     captured = capsys.readouterr()
-    assert f"peer-ll run: error: " in captured.err and message in captured.err
+    assert "peer-ll run: error: " in captured.err and message in captured.err
     assert captured.out == "" and not out.exists()
 
 
