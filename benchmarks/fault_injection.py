@@ -1,10 +1,10 @@
 """Fault injection: ``peer-ll run`` killed with SIGKILL at random moments, then resumed.
 
 One uninterrupted run sets the reference. A second run of the same settings is killed
-with SIGKILL ``--kills`` times, each at a moment drawn uniformly from 5 % to 100 %
-of the reference run's training time after the process has started (written its
-``run.json``), and resumed with ``--resume`` after each kill, then once more to the
-end. The script checks that
+with SIGKILL ``--kills`` times, each at a random moment: after a random number (1 to 4)
+of checkpoint or record writes of that process, plus a random delay of 0 to 1.5 s (so
+kills land mid-experience, mid-stream and between strategies), and resumed with
+``--resume`` after each kill, then once more to the end. The script checks that
 
 - no finished (strategy, seed) record is ever lost: the records present before a kill
   are all present, unchanged, after the resume;
@@ -67,6 +67,23 @@ def _started(proc: subprocess.Popen, run: Path, stamp: float) -> None:
         time.sleep(0.05)
 
 
+def _progress(proc: subprocess.Popen, run: Path, events: int) -> None:
+    """Waits until ``events`` checkpoints or records have been written (or the run ended)."""
+    def stamps() -> dict[str, float]:
+        files = [*run.glob("checkpoints/*.pkl"), *run.glob("records/*.json")]
+        return {str(p): p.stat().st_mtime for p in files if p.exists()}
+
+    seen, count = stamps(), 0
+    while count < events and proc.poll() is None:
+        time.sleep(0.05)
+        try:
+            now = stamps()
+        except FileNotFoundError:  # a checkpoint removed as its run finished
+            continue
+        count += sum(now.get(k) != v for k, v in now.items() if seen.get(k) != v)
+        seen = now
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=5, help="SIGKILLs (5)")
@@ -88,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         reference = _per_seed(tmp / "whole")
         run, lost, moments, kept = tmp / "killed", 0, [], []
         for i in range(args.kills):
-            moment = rng.uniform(0.05, 1.0) * train_seconds
+            events, extra_wait = rng.randint(1, 4), rng.uniform(0.0, 1.5)
             extra = ("--resume",) if i else ()
             before = _records(run)
             marker = run / "run.json"
@@ -96,13 +113,16 @@ def main(argv: list[str] | None = None) -> int:
             proc = subprocess.Popen(_command(run, *extra), env=_env(),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             _started(proc, run, stamp)
+            begun = time.perf_counter()
+            _progress(proc, run, events)
             try:
-                proc.wait(timeout=moment)
+                proc.wait(timeout=extra_wait)
                 finished_early = True
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 finished_early = False
+            moment = time.perf_counter() - begun
             after = _records(run)
             lost += sum(after.get(name) != text for name, text in before.items())
             moments.append(round(moment, 1))
@@ -127,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             f"`python benchmarks/fault_injection.py --kills {args.kills} --seed {args.seed}`: "
             f"`peer-ll run {' '.join(SETTINGS)}` ({total} strategy × seed runs, "
             f"{whole_seconds:.0f} s uninterrupted, {train_seconds:.0f} s after start-up), "
-            f"killed with SIGKILL at {moments} s after each start-up "
+            f"killed with SIGKILL at {moments} s after each start-up (1 to 4 checkpoint writes "
+            "and 0 to 1.5 s later) "
             "and resumed with `--resume` after each kill.",
             "",
             "| kills | finished runs + mid-stream checkpoints after each kill | records lost | "

@@ -212,32 +212,26 @@ def _run(args: argparse.Namespace) -> int:
     tests = {n: b["test"] for n, b in blocks.items()}
     atomic_write(out / "eval_blocks.pt", lambda handle: torch.save(tests, handle))
 
-    base_path = out / "checkpoints" / f"base-0-{names[0]}.pt"
-    done = load_progress(out / "records" / "base.json")
-    if done is not None:
-        base = PEERLM.load(base_path)
-        first_row, first_seconds = done["first_row"], done["first_seconds"]
-    else:
-        base = PEERLM(config)
-        start = time.perf_counter()
-        train_lm(base, blocks[names[0]]["train"], steps=args.steps_first,
-                 batch_size=args.batch_size, lr=args.lr_first, seed=args.seed,
-                 desc=f"train on {names[0]}", progress=not args.no_progress)  # fmt: skip
-        first_seconds = time.perf_counter() - start
-        first_row = [perplexity(base, blocks[n]["test"]) for n in names]
-        base.save(base_path)
-        save_progress(out / "records" / "base.json",
-                      dict(first_row=first_row, first_seconds=first_seconds))  # fmt: skip
+    # The base is trained anew on --resume too (deterministic, and its query statistics,
+    # which owners="infer" needs, are not in a checkpoint).
+    base = PEERLM(config)
+    start = time.perf_counter()
+    train_lm(base, blocks[names[0]]["train"], steps=args.steps_first, batch_size=args.batch_size,
+             lr=args.lr_first, seed=args.seed, desc=f"train on {names[0]}",
+             progress=not args.no_progress)
+    first_seconds = time.perf_counter() - start
+    first_row = [perplexity(base, blocks[n]["test"]) for n in names]
+    base.save(out / "checkpoints" / f"base-0-{names[0]}.pt")
 
     records = {}
     for method in args.methods:
         path = out / "records" / f"{method}.json"
         rec = load_progress(path)
-        if rec is not None:
-            rec["model"] = PEERLM.load(out / rec["checkpoints"][-1])
-        else:
+        if rec is None:
             rec = run_method(method, copy.deepcopy(base), names, blocks, args, settings_, out)
-            save_progress(path, {k: v for k, v in rec.items() if k != "model"})
+            rec["samples"] = lm_report.samples({method: rec}, blocks, names)
+            del rec["model"]
+            save_progress(path, rec)
         records[method] = rec
     results = lm_report.summarize(names, first_row, first_seconds, records,
                                   base_params=count_parameters(base))
@@ -245,7 +239,7 @@ def _run(args: argparse.Namespace) -> int:
                          "args": {k: v for k, v in vars(args).items()
                                   if k not in ("func", "run_dir")}}  # fmt: skip
     results["environment"] = environment()
-    results["samples"] = lm_report.samples(records, blocks, names)
+    results["samples"] = "\n".join(r["samples"][:-1] for r in records.values()) + "\n"
     if not args.no_reload_check:
         results["reload"] = reload_check(out, records, first_row)
     text = lm_report.tables(results)

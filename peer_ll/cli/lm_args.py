@@ -1,11 +1,12 @@
 """The checks of ``peer-ll lm``'s arguments, and its run folder's saved progress.
 
 :func:`check_arguments` runs before any data is read or folder made. The run folder
-keeps ``records/base.json`` (the first domain's perplexities) and
-``records/METHOD.json`` (a method's finished record) beside the checkpoints, each
-written atomically with the torch random state at that point; ``--resume`` takes
-them up and reruns only the methods that had not finished, so the results equal an
-uninterrupted run's. A method killed halfway is rerun from its start.
+keeps ``records/METHOD.json`` (a method's finished record and its text samples)
+beside the checkpoints, written atomically with the torch random state at that
+point; ``--resume`` trains the first domain's model anew (deterministic, and its
+query statistics are not in a checkpoint), takes up the finished methods and reruns
+only the others, so the results equal an uninterrupted run's. A method killed
+halfway is rerun from its start.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from peer_ll.cli.files import atomic_write_text
 from peer_ll.cli.run_folder import check_run_folder
 
 #: Arguments that do not change a run's results (left out of ``run.json``).
-NOT_SETTINGS = ("out", "resume", "force", "no_progress", "threads", "run_dir", "func")
+NOT_SETTINGS = ("out", "resume", "force", "no_progress", "no_reload_check", "threads", "run_dir",
+                "func")
 #: API argument names in library messages -> the flags that set them.
 FLAGS = {"max_bytes_per_domain": "--max-bytes", "block_size": "--block-size",
          "source": "--domains NAME=PATH"}  # fmt: skip
