@@ -80,7 +80,7 @@ def _progress(proc: subprocess.Popen, run: Path, events: int) -> None:
             now = stamps()
         except FileNotFoundError:  # a checkpoint removed as its run finished
             continue
-        count += sum(now.get(k) != v for k, v in now.items() if seen.get(k) != v)
+        count += sum(1 for k, v in now.items() if seen.get(k) != v)
         seen = now
 
 
