@@ -58,6 +58,12 @@ class SparseAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.expert_state_dtype = expert_state_dtype
 
+    def __getstate__(self):  # torch's keeps defaults, state and groups only
+        return {**super().__getstate__(), "expert_state_dtype": self.expert_state_dtype}
+
+    def __setstate__(self, state):
+        super().__setstate__({"expert_state_dtype": None, **state})
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

@@ -124,3 +124,23 @@ def test_a_non_finite_loss_stops_one_strategy_and_keeps_the_others(tmp_path, mon
     assert results["failures"][0]["strategy"] == "naive" and results["complete"] is True
     assert "experience 1, epoch 1, iteration 1" in results["failures"][0]["error"]
     assert "PEER growth" in (run / "table.txt").read_text()
+
+
+def test_the_peer_optimizer_survives_a_checkpoint_pickle():
+    import io
+
+    import dill
+
+    from peer_ll.optim import SparseAdamW
+
+    layer = torch.nn.Linear(3, 2)
+    optimizer = SparseAdamW(layer.parameters(), lr=0.1, expert_state_dtype=torch.bfloat16)
+    buffer = io.BytesIO()
+    torch.save(optimizer, buffer, pickle_module=dill)
+    buffer.seek(0)
+    loaded = torch.load(buffer, pickle_module=dill, weights_only=False)
+    assert loaded.expert_state_dtype == torch.bfloat16
+    layer.weight.grad = torch.ones_like(layer.weight)
+    loaded.param_groups[0]["params"] = [layer.weight]
+    loaded.step()  # raised AttributeError before the optimizer kept its own attributes
+    assert loaded.state[layer.weight]["exp_avg"].dtype in (torch.bfloat16, torch.float32)
