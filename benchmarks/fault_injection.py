@@ -1,9 +1,11 @@
 """Fault injection: ``peer-ll run`` killed with SIGKILL at random moments, then resumed.
 
 One uninterrupted run sets the reference. A second run of the same settings is killed
-with SIGKILL ``--kills`` times, each at a random moment: after a random number (1 to 4)
-of checkpoint or record writes of that process, plus a random delay of 0 to 1.5 s (so
-kills land mid-experience, mid-stream and between strategies), and resumed with
+with SIGKILL ``--kills`` times, each at a random moment after the process has started
+(written its ``run.json``): after a random number (1 to 4) of checkpoint or record
+writes or a random 25 % to 60 % of the reference run's training time, whichever comes
+first, plus a random delay of 0 to 1.5 s (so kills land mid-experience, mid-stream and
+between strategies), and resumed with
 ``--resume`` after each kill, then once more to the end. The script checks that
 
 - no finished (strategy, seed) record is ever lost: the records present before a kill
@@ -67,14 +69,16 @@ def _started(proc: subprocess.Popen, run: Path, stamp: float) -> None:
         time.sleep(0.05)
 
 
-def _progress(proc: subprocess.Popen, run: Path, events: int) -> None:
-    """Waits until ``events`` checkpoints or records have been written (or the run ended)."""
+def _progress(proc: subprocess.Popen, run: Path, events: int, seconds: float) -> None:
+    """Waits until ``events`` checkpoints or records have been written, ``seconds`` have
+    passed or the run ended, whichever comes first."""
+    deadline = time.perf_counter() + seconds
     def stamps() -> dict[str, float]:
         files = [*run.glob("checkpoints/*.pkl"), *run.glob("records/*.json")]
         return {str(p): p.stat().st_mtime for p in files if p.exists()}
 
     seen, count = stamps(), 0
-    while count < events and proc.poll() is None:
+    while count < events and proc.poll() is None and time.perf_counter() < deadline:
         time.sleep(0.05)
         try:
             now = stamps()
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             _started(proc, run, stamp)
             begun = time.perf_counter()
-            _progress(proc, run, events)
+            _progress(proc, run, events, rng.uniform(0.25, 0.6) * train_seconds)
             try:
                 proc.wait(timeout=extra_wait)
                 finished_early = True
@@ -147,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             f"`python benchmarks/fault_injection.py --kills {args.kills} --seed {args.seed}`: "
             f"`peer-ll run {' '.join(SETTINGS)}` ({total} strategy × seed runs, "
             f"{whole_seconds:.0f} s uninterrupted, {train_seconds:.0f} s after start-up), "
-            f"killed with SIGKILL at {moments} s after each start-up (1 to 4 checkpoint writes "
-            "and 0 to 1.5 s later) "
+            f"killed with SIGKILL at {moments} s after each start-up "
             "and resumed with `--resume` after each kill.",
             "",
             "| kills | finished runs + mid-stream checkpoints after each kill | records lost | "
