@@ -32,7 +32,7 @@ FLAGS = {"max_bytes_per_domain": "--max-bytes", "block_size": "--block-size",
 TINY = dict(dim=32, layers=2, attn_heads=2, block_size=32, peer_num_keys=8, peer_heads=2,
             peer_topk=4, peer_dim_key=16, adapter_rank=4, attention_adapter_rank=4)
 #: ``--tiny``: a smoke run of well under a minute on 2 CPU cores.
-TINY_LIMITS = dict(max_bytes=60_000, eval_blocks=8, steps_first=40, steps=15, grow_keys=8,
+TINY_LIMITS = dict(max_bytes=30_000, eval_blocks=4, steps_first=30, steps=10, grow_keys=8,
                    top_t=16)  # fmt: skip
 
 
