@@ -1,6 +1,9 @@
 """The ``peer-ll`` command and the experiment harness behind it.
 
-Each subcommand lives in a module with ``add_arguments(parser)`` and ``main(args) -> int``;
+Each subcommand lives in a module with ``add_arguments(parser)``, an optional
+``check_arguments(args)`` (raises ValueError naming the flag; run before anything is
+read, made or removed: ``peer-ll CMD: error: ...`` on stderr, status 2) and
+``main(args) -> int``;
 only the module of the chosen subcommand is imported, so ``peer-ll --help`` is instant.
 
 Modules:
@@ -56,4 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"peer-ll {name}", description=text)
     module.add_arguments(parser)
-    return int(module.main(parser.parse_args(rest)) or 0)
+    try:
+        args = parser.parse_args(rest)
+    except SystemExit as stop:  # argparse's errors (status 2) and --help (status 0)
+        return int(stop.code or 0)
+    try:  # every argument is checked before anything is read, made or removed
+        getattr(module, "check_arguments", lambda args: None)(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    return int(module.main(args) or 0)

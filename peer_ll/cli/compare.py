@@ -1,22 +1,33 @@
 """``peer-ll run``: compare continual-learning strategies on a task stream.
 
 With no arguments: Split-Digits (scikit-learn's bundled digits, class-incremental,
-5 experiences × 2 classes), 2 seeds, the twelve strategies of
+5 experiences × 2 classes), 2 seeds, the nine strategies of
 ``peer_ll.cli.strategies_zoo.DEFAULT_STRATEGIES``. The run loop and metrics are
 :mod:`peer_ll.cli.harness`'s: after each training experience every strategy is
 evaluated on the whole test stream, which fills its accuracy matrix R[i][j]. Joint
 training trains once on everything; its matrix repeats that one evaluation in every
 row, and its last row is the reference for intransigence.
 
-The run folder holds ``results.json`` (see ``peer_ll.evaluation.report``),
-``table.txt``, the PNG plots (``peer_ll.evaluation.plots``) and Avalanche text logs
-under ``logs/``.
+The run folder holds ``run.json`` (the settings), ``results.json`` (see
+``peer_ll.evaluation.report``), ``table.txt``, the PNG plots (``peer_ll.evaluation.plots``)
+and Avalanche text logs under ``logs/``. Each finished (strategy, seed) is written at
+once, atomically, to ``records/``, and ``results.json`` is rewritten from the records so
+far (``"complete": false`` until the last); after each experience the strategy is saved
+with Avalanche's ``save_checkpoint`` to ``checkpoints/`` (see
+:mod:`peer_ll.cli.checkpoints`). ``--resume`` continues a killed run from there, bit for
+bit; an existing run folder is refused unless ``--resume`` or ``--force`` is given.
+
+A strategy whose training loss turns NaN or infinite stops with
+:class:`~peer_ll.cli.harness.NonFiniteLoss`; its error goes to ``results.json``
+(``"failures"``), the other strategies run on, and the command exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -28,9 +39,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from peer_ll.cli import args as argtypes
 from peer_ll.cli import distributed
-from peer_ll.cli.harness import cpu_threads, evaluator, log_file, quiet_avalanche, run_stream
+from peer_ll.cli.files import atomic_write_json, atomic_write_text
+from peer_ll.cli.harness import (
+    NonFiniteLoss,
+    cpu_threads,
+    evaluator,
+    finite_loss_plugin,
+    log_file,
+    quiet_avalanche,
+    run_stream,
+)
 from peer_ll.cli.results import environment
+from peer_ll.cli.run_folder import check_run_folder, open_run_folder
 from peer_ll.cli.strategies_zoo import (
     DEFAULT_STRATEGIES,
     NO_PEER,
@@ -41,14 +63,12 @@ from peer_ll.cli.strategies_zoo import (
     stream_info,
 )
 from peer_ll.evaluation.plots import draw_run_plots, slug
-from peer_ll.evaluation.report import (
-    results_table,
-    summarize,
-    write_results,
-)
+from peer_ll.evaluation.report import results_table, summarize
 
 DATASETS = ("digits", "fashion-mnist", "mnist")
 KINDS = ("class", "task", "permuted", "rotated", "online")
+logger = logging.getLogger(__name__)
+
 HELP = {
     "lr": "Adam learning rate, constant, every strategy",
     "batch_size": "training mini-batch",
@@ -74,14 +94,23 @@ def parse_stream(stream: str) -> tuple[str, str]:
 
 
 def run_strategy(key: str, bench, info, config: ZooConfig, *, seed: int, log=None,
-                 progress: bool = False) -> dict:  # fmt: skip
-    """Trains one strategy on ``bench`` and returns its seed record (``log``: a text file)."""
+                 progress: bool = False, checkpoint: str | Path | None = None) -> dict:  # fmt: skip
+    """Trains one strategy on ``bench`` and returns its seed record.
+
+    Args:
+        log: an open text file for Avalanche's text logger.
+        checkpoint: a file for mid-stream checkpoints (see ``harness.run_stream``).
+
+    Raises:
+        NonFiniteLoss: the training loss became NaN or infinite.
+    """
     torch.manual_seed(seed)
     np.random.seed(seed)
     t = info.n_experiences
     peer = key not in NO_PEER
     strategy = build_strategy(key, info, config,
                               evaluator=evaluator(log, routing=peer, plasticity=peer))  # fmt: skip
+    strategy.plugins.append(finite_loss_plugin())
     distributed.prepare(strategy)  # DDP under torchrun; nothing in a single process
     start = time.perf_counter()
     if info.kind == "online" and key != "joint":
@@ -92,7 +121,7 @@ def run_strategy(key: str, bench, info, config: ZooConfig, *, seed: int, log=Non
                                    seed=seed, boundaries=boundaries)  # fmt: skip
     else:
         evals, values = run_stream(strategy, bench, joint=key == "joint", progress=progress,
-                                   desc=STRATEGIES[key])  # fmt: skip
+                                   desc=STRATEGIES[key], checkpoint=checkpoint)  # fmt: skip
     seconds = time.perf_counter() - start
     total, active = parameter_counts(strategy.model)
     record = dict(seed=seed, accuracy_matrix=[e["accuracy"] for e in evals],
@@ -120,6 +149,8 @@ def run_comparison(
     max_train_per_exp: int | None = None,
     max_test_per_exp: int | None = None,
     log_dir: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    data_root: str | Path | None = None,
     progress: bool = True,
     data: str | Path | None = None,
 ) -> dict[str, Any]:
@@ -133,7 +164,12 @@ def run_comparison(
         config: shared training settings (default ``ZooConfig()``).
         n_experiences: experiences (default: 5; 10 for permuted streams).
         max_train_per_exp, max_test_per_exp: subsample each experience.
-        log_dir: where to write one Avalanche text log per strategy and seed.
+        log_dir: where to write one Avalanche text log per strategy and seed (default:
+            ``run_dir/logs`` with a ``run_dir``).
+        run_dir: a run folder made by ``open_run_folder``: each finished (strategy, seed)
+            goes to ``records/`` and ``results.json`` at once; records and checkpoints
+            found there are taken up (resume).
+        data_root: folder of the IDX files (``make_stream``'s ``root``).
         progress: show progress bars.
         data: a user's ``.npz`` (``X``, ``y``[, ``task``]) or ``.csv`` file
             (``peer_ll.data.load_arrays``); ``stream`` then gives the KIND
@@ -149,6 +185,7 @@ def run_comparison(
         if kind not in KINDS:
             raise ValueError(f"stream must be a KIND among {list(KINDS)} with data, got {kind!r}")
         stream = f"{Path(data).stem}-{kind}"
+        data_root = None
     config = config or ZooConfig()
     if kind == "online":  # one pass over the stream
         config = replace(config, epochs=1)
@@ -157,33 +194,74 @@ def run_comparison(
         raise ValueError(f"strategies must be among {list(STRATEGIES)}, got {list(strategies)}")
     if not seeds:
         raise ValueError("seeds must hold at least one seed, got none")
+    run_dir = None if run_dir is None else Path(run_dir)
+    if log_dir is None and run_dir is not None:
+        log_dir = run_dir / "logs"
     records: dict[str, list[dict]] = {key: [] for key in strategies}
+    failures: list[dict] = []
+    settings = dict(stream=stream, n_experiences=n_experiences, seeds=list(seeds),
+                    strategies=list(strategies), max_train_per_exp=max_train_per_exp,
+                    max_test_per_exp=max_test_per_exp, **asdict(config))  # fmt: skip
+    results: dict[str, Any] = {}
     bar = tqdm(total=len(seeds) * len(strategies), desc="runs", unit="run", disable=not progress)
     with bar, quiet_avalanche():
         for seed in seeds:
-            sizes = dict(n_experiences=n_experiences, max_train_per_exp=max_train_per_exp,
-                         max_test_per_exp=max_test_per_exp)  # fmt: skip
             # online: the class stream, cut into mini-experiences by each run
             base_kind = "class" if kind == "online" else kind
-            bench = make_stream(name, kind=base_kind, seed=seed, **sizes)
+            roots = {} if data_root is None else {"root": data_root}
+            bench = make_stream(name, kind=base_kind, n_experiences=n_experiences, seed=seed,
+                                max_train_per_exp=max_train_per_exp,
+                                max_test_per_exp=max_test_per_exp, **roots)  # fmt: skip
             info = stream_info(bench, kind)
+            settings["n_experiences"] = info.n_experiences
             for key in strategies:
                 bar.set_postfix_str(f"{STRATEGIES[key]}, seed {seed}")
-                with log_file(log_dir, f"{slug(key)}-seed{seed}.log") as log:
-                    record = run_strategy(key, bench, info, config, seed=seed, log=log,
-                                          progress=progress)  # fmt: skip
-                records[key].append(record)
+                record = _run_or_resume(key, seed, bench, info, config, run_dir, log_dir,
+                                        progress)  # fmt: skip
+                if "error" in record:
+                    failures.append(record)
+                else:
+                    records[key].append(record)
                 bar.update()
+                results = _results(records, failures, settings, config,
+                                   complete=bar.n == bar.total)  # fmt: skip
+                if run_dir is not None:
+                    atomic_write_json(run_dir / "results.json", results)
+    return results
+
+
+def _run_or_resume(key, seed, bench, info, config, run_dir, log_dir, progress) -> dict:
+    """The seed record of (key, seed): read from ``run_dir/records`` or run (and saved)."""
+    stem = f"{slug(key)}-seed{seed}"
+    done = None if run_dir is None else run_dir / "records" / f"{stem}.json"
+    if done is not None and done.is_file():
+        return json.loads(done.read_text())
+    checkpoint = None if run_dir is None else run_dir / "checkpoints" / f"{stem}.pkl"
+    resuming = checkpoint is not None and checkpoint.is_file()
+    with log_file(log_dir, f"{stem}.log", append=resuming) as log:
+        try:
+            record = run_strategy(key, bench, info, config, seed=seed, log=log,
+                                  progress=progress, checkpoint=checkpoint)  # fmt: skip
+        except NonFiniteLoss as err:
+            logger.error("%s, seed %d: %s", STRATEGIES[key], seed, err)
+            record = dict(strategy=key, seed=seed, error=f"NonFiniteLoss: {err}")
+    if done is not None:
+        atomic_write_json(done, record)
+        checkpoint.unlink(missing_ok=True)
+    return record
+
+
+def _results(records, failures, settings, config, *, complete: bool) -> dict[str, Any]:
     joint = {r["seed"]: r["accuracy_matrix"][-1] for r in records.get("joint", [])}
-    summaries = {STRATEGIES[k]: summarize(recs, joint_rows=joint) for k, recs in records.items()}
-    settings = dict(stream=stream, n_experiences=info.n_experiences, seeds=list(seeds),
-                    strategies=list(strategies), max_train_per_exp=max_train_per_exp,
-                    max_test_per_exp=max_test_per_exp, **asdict(config))  # fmt: skip
-    return {"config": settings, "environment": environment(config.device),
-            "strategies": summaries}  # fmt: skip
+    summaries = {STRATEGIES[k]: summarize(recs, joint_rows=joint)
+                 for k, recs in records.items() if recs}  # fmt: skip
+    return {"config": dict(settings), "environment": environment(config.device),
+            "strategies": summaries, "failures": list(failures),
+            "complete": complete}  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    pos = argtypes.positive_int
     parser.add_argument("--stream", default="digits-class",
                         help="DATASET-KIND: DATASET in digits, fashion-mnist, mnist; KIND in "
                              "class, task, permuted, rotated, online (class-incremental, "
@@ -194,92 +272,133 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the KIND (class, task, permuted, rotated; default class)")
     parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
                         help=f"comma-separated, among {', '.join(STRATEGIES)} (default: the "
-                             "first twelve)")
-    parser.add_argument("--epochs", type=int, default=ZooConfig.epochs,
+                             f"first {len(DEFAULT_STRATEGIES)})")
+    parser.add_argument("--epochs", type=pos, default=ZooConfig.epochs,
                         help=f"epochs per experience, every strategy (default {ZooConfig.epochs})")
-    parser.add_argument("--seeds", default="2",
+    parser.add_argument("--seeds", type=argtypes.seed_list, default=[0, 1],
                         help="a count N (seeds 0..N-1) or a comma-separated list (default 2)")
     parser.add_argument("--out", default=None,
                         help="run folder (default runs/YYYYmmdd-HHMMSS)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out (same arguments) where it stopped")
+    parser.add_argument("--force", action="store_true",
+                        help="remove the run in --out first and start anew")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--experiences", type=int, default=None,
+    parser.add_argument("--data-root", default=None,
+                        help="folder of the IDX files of fashion-mnist or mnist (default: "
+                             "see 'peer-ll data fetch')")
+    parser.add_argument("--experiences", type=pos, default=None,
                         help="number of experiences (default 5; 10 for permuted)")
-    parser.add_argument("--max-train-per-exp", type=int, default=None,
+    parser.add_argument("--max-train-per-exp", type=pos, default=None,
                         help="subsample each training experience to this many samples")
-    parser.add_argument("--max-test-per-exp", type=int, default=None,
+    parser.add_argument("--max-test-per-exp", type=pos, default=None,
                         help="subsample each test experience to this many samples")
-    parser.add_argument("--nproc", type=int, default=1,
+    parser.add_argument("--nproc", type=pos, default=1,
                         help="processes (data parallel, torchrun on this machine; gloo on the "
                              "CPU, NCCL on CUDA); or start the run with torchrun (default 1)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=pos, default=1,
                         help="torch CPU threads (default 1: tiny models run fastest so)")
+    kinds = {int: pos, float: argtypes.non_negative_float}
+    positive = ("lr", "lwf_temperature")
     for f in fields(ZooConfig):
         if f.name not in ("epochs", "device"):
+            kind = argtypes.positive_float if f.name in positive else kinds[type(f.default)]
             text = f"{HELP[f.name]} (default {f.default})"
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default),
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind,
                                 default=f.default, help=text)  # fmt: skip
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"3"`` -> [0, 1, 2]; ``"4,7"`` -> [4, 7]."""
+    """``"3"`` -> [0, 1, 2]; ``"4,7"`` -> [4, 7] (distinct seeds >= 0)."""
     try:
-        if "," in text:
-            return [int(s) for s in text.split(",") if s.strip()]
-        count = int(text)
-    except ValueError as err:
-        raise ValueError(f"--seeds must be a count or a list like 0,1, got {text!r}") from err
-    if count < 1:
-        raise ValueError(f"--seeds must be a count >= 1, got {count}")
-    return list(range(count))
+        return argtypes.seed_list(text)
+    except argparse.ArgumentTypeError as err:
+        raise ValueError(f"--seeds: {err}") from None
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    config = ZooConfig(**{f.name: getattr(args, f.name) for f in fields(ZooConfig)})
+    return dict(stream=args.stream, n_experiences=args.experiences, seeds=list(args.seeds),
+                strategies=_strategies(args), max_train_per_exp=args.max_train_per_exp,
+                max_test_per_exp=args.max_test_per_exp, data_root=args.data_root,
+                data=getattr(args, "data", None), **asdict(config))  # fmt: skip
+
+
+def _strategies(args: argparse.Namespace) -> list[str]:
+    return [s.strip() for s in args.strategies.split(",") if s.strip()]
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Checks every argument of ``peer-ll run``; ValueError naming the flag."""
+    from peer_ll.data.images import _not_found_message, find_image_dataset
+
+    data = getattr(args, "data", None)
+    if data is None:
+        try:
+            name, kind = parse_stream(args.stream)
+        except ValueError as err:
+            raise ValueError(f"--{err}") from None
+    else:
+        name, kind = None, args.stream.rpartition("-")[2]
+        if kind not in KINDS:
+            raise ValueError(f"--stream must be a KIND among {list(KINDS)} with --data, "
+                             f"got {args.stream!r}")  # fmt: skip
+        if not Path(data).is_file():
+            raise ValueError(f"--data must be an existing .npz or .csv file, got {data!r}")
+    strategies = _strategies(args)
+    if not strategies or set(strategies) - set(STRATEGIES):
+        raise ValueError(f"--strategies must be among {list(STRATEGIES)}, got {strategies}")
+    if kind in ("class", "task") and args.experiences is not None and args.experiences > 10:
+        raise ValueError(f"--experiences must be in [1, 10] for a {kind}-incremental stream "
+                         f"of 10 classes, got {args.experiences}")  # fmt: skip
+    argtypes.check_device(args.device)
+    if name not in (None, "digits") and find_image_dataset(name, args.data_root) is None:
+        message = _not_found_message(name, args.data_root).replace("root=", "--data-root")
+        raise ValueError(f"--stream {args.stream}: {message}")
+    args.run_dir = Path(args.out) if args.out else Path("runs") / dt.datetime.now().strftime(
+        "%Y%m%d-%H%M%S")
+    check_run_folder(args.run_dir, _settings(args), resume=args.resume, force=args.force)
 
 
 def main(args: argparse.Namespace) -> int:
+    if not hasattr(args, "run_dir"):
+        check_arguments(args)
     config = ZooConfig(**{f.name: getattr(args, f.name) for f in fields(ZooConfig)})
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    data = getattr(args, "data", None)
-    try:
-        if data is None:
-            parse_stream(args.stream)
-        elif args.stream.rpartition("-")[2] not in KINDS:
-            raise ValueError(f"--stream must be a KIND among {list(KINDS)} with --data, "
-                             f"got {args.stream!r}")  # fmt: skip
-        seeds = parse_seeds(args.seeds)
-        if not strategies or set(strategies) - set(STRATEGIES):
-            raise ValueError(f"--strategies must be among {list(STRATEGIES)}, got {strategies}")
-    except ValueError as err:
-        print(f"peer-ll run: error: {err}", file=sys.stderr)
-        return 2
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(args.out) if args.out else Path("runs") / stamp
-    if args.nproc < 1:
-        print(f"peer-ll run: error: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
-        return 2
     if args.nproc > 1 and distributed.world_size() == 1:  # start the ranks, same options
-        options = {**vars(args), "out": str(run_dir)}
-        return distributed.launch(args.nproc, [
-            item for key, value in options.items() if value is not None and key != "nproc"
-            for item in (f"--{key.replace('_', '-')}", str(value))])
-    distributed.init(seeds[0], args.device)
+        options = {**vars(args), "out": str(args.run_dir)}
+        flags = [item for key, value in options.items()
+                 if value is not None and value is not False
+                 and key not in ("nproc", "run_dir", "command", "func", "seeds")
+                 for item in ((f"--{key.replace('_', '-')}",) if value is True
+                              else (f"--{key.replace('_', '-')}", str(value)))]
+        return distributed.launch(args.nproc, [*flags, "--seeds", ",".join(map(str, args.seeds))])
+    distributed.init(args.seeds[0], args.device)
     config = ZooConfig(**{**asdict(config), "device": distributed.local_device(config.device)})
     main_rank = distributed.is_main()
+    run_dir = (open_run_folder(args.run_dir, _settings(args), resume=args.resume,
+                               force=args.force) if main_rank else None)  # fmt: skip
     with cpu_threads(args.threads):
         results = run_comparison(
-            args.stream, strategies=strategies, seeds=seeds, config=config,
+            args.stream, strategies=_strategies(args), seeds=args.seeds, config=config,
             n_experiences=args.experiences, max_train_per_exp=args.max_train_per_exp,
-            max_test_per_exp=args.max_test_per_exp, data=data,
-            log_dir=run_dir / "logs" if main_rank else None, progress=main_rank,
+            max_test_per_exp=args.max_test_per_exp, run_dir=run_dir,
+            data_root=args.data_root, data=getattr(args, "data", None), progress=main_rank,
         )  # fmt: skip
     if not main_rank:
         return 0
     results["config"]["processes"] = distributed.world_size()
-    write_results(run_dir, results)
-    table = results_table(results)
-    (run_dir / "table.txt").write_text(table + "\n")
-    draw_run_plots(results, run_dir)
+    atomic_write_json(run_dir / "results.json", results)
     cfg = results["config"]
     print(f"\n{cfg['stream']}: {cfg['n_experiences']} experiences, seeds {cfg['seeds']}, "
-          f"{cfg['epochs']} epochs, replay budget {config.replay_budget}; "
+          f"{config.epochs} epochs, replay budget {config.replay_budget}; "
           "accuracy in %, mean ± std over seeds")  # fmt: skip
-    print(table)
+    if results["strategies"]:
+        table = results_table(results)
+        atomic_write_text(run_dir / "table.txt", table + "\n")
+        draw_run_plots(results, run_dir)
+        print(table)
+    for failure in results["failures"]:
+        print(f"peer-ll run: error: {STRATEGIES[failure['strategy']]}, seed {failure['seed']}: "
+              f"{failure['error']}", file=sys.stderr)
     print(f"\nrun folder: {run_dir}")
-    return 0
+    return 1 if results["failures"] else 0

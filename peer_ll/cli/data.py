@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 FETCHABLE = ("fashion-mnist", "mnist")
 
@@ -13,6 +14,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fetch = sub.add_parser("fetch", help="make a data set's IDX files available locally")
     fetch.add_argument("name", choices=FETCHABLE)
     fetch.add_argument("--root", default=None, help="folder that holds (or will hold) the files")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """``--root`` must be a folder (or not exist yet)."""
+    if args.root is not None and Path(args.root).exists() and not Path(args.root).is_dir():
+        raise ValueError(f"--root must be a folder, got the file {args.root}")
 
 
 def main(args: argparse.Namespace) -> int:

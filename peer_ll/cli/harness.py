@@ -22,6 +22,7 @@ from typing import IO, Any
 import torch
 from tqdm import tqdm
 
+from peer_ll.cli.checkpoints import load_stream_checkpoint, save_stream_checkpoint
 from peer_ll.evaluation.report import evaluation_values
 from peer_ll.experts.checks import check_choice
 
@@ -66,6 +67,7 @@ def run_stream(
     evaluate: str = "all",
     progress: bool = False,
     desc: str = "train",
+    checkpoint: str | Path | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Trains ``strategy`` on ``bench.train_stream``, evaluating after each experience.
 
@@ -80,6 +82,10 @@ def run_stream(
             triangle, NaN above).
         progress: show a progress bar over the experiences.
         desc: the progress bar's label.
+        checkpoint: a file for Avalanche's ``save_checkpoint`` (see
+            :mod:`peer_ll.cli.checkpoints`), written atomically after each experience
+            with the rows so far and the random states; a run that finds it continues
+            after its last finished experience, bit for bit. Ignored with ``joint``.
 
     Returns:
         ``(rows, values)``: T rows of ``evaluation_values`` (row i: after training
@@ -92,13 +98,20 @@ def run_stream(
         strategy.train(train)
         values = strategy.eval(test)
         return [evaluation_values(values, t)] * t, values
-    rows = []
-    for i, exp in enumerate(tqdm(train, desc=desc, leave=False, disable=not progress)):
+    rows: list[dict[str, Any]] = []
+    values: dict[str, Any] = {}
+    if checkpoint is not None:
+        rows, values = load_stream_checkpoint(strategy, checkpoint)
+    todo = train[len(rows):] if rows else train
+    bar = tqdm(todo, desc=desc, leave=False, disable=not progress, initial=len(rows), total=t)
+    for i, exp in enumerate(bar, start=len(rows)):
         strategy.train(exp)
         values = strategy.eval(test if evaluate == "all" else test[: i + 1])
         rows.append(evaluation_values(values, t))
         logger.info("%s: experience %d/%d, accuracy %s", desc, i + 1, t,
                     [round(a, 4) for a in rows[-1]["accuracy"]])
+        if checkpoint is not None:
+            save_stream_checkpoint(strategy, checkpoint, rows, values)
     return rows, values
 
 
@@ -117,14 +130,16 @@ def quiet_avalanche() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def log_file(log_dir: str | Path | None, name: str) -> Iterator[IO[str] | None]:
-    """``log_dir/name`` opened for writing (folders made), or None without ``log_dir``."""
+def log_file(log_dir: str | Path | None, name: str, *,
+             append: bool = False) -> Iterator[IO[str] | None]:  # fmt: skip
+    """``log_dir/name`` opened for writing or ``append`` (folders made), or None without
+    ``log_dir``."""
     if log_dir is None:
         yield None
         return
     path = Path(log_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
+    with path.open("a" if append else "w") as handle:
         yield handle
 
 
@@ -136,3 +151,26 @@ def cpu_threads(threads: int):
     except ImportError:  # pragma: no cover
         return contextlib.nullcontext()
     return threadpool_limits(max(1, threads))
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A training loss was NaN or infinite: the strategy's run is stopped."""
+
+
+def finite_loss_plugin():
+    """An Avalanche plugin that stops training with :class:`NonFiniteLoss` before a
+    backward pass on a NaN or infinite loss (nothing non-finite reaches the weights)."""
+    from avalanche.core import SupervisedPlugin
+
+    class FiniteLoss(SupervisedPlugin):
+        def before_backward(self, strategy, **kwargs):
+            loss = strategy.loss
+            if not torch.isfinite(loss).all():
+                clock = strategy.clock
+                raise NonFiniteLoss(
+                    f"the training loss is {loss.item()} at experience "
+                    f"{clock.train_exp_counter + 1}, epoch {clock.train_exp_epochs + 1}, "
+                    f"iteration {clock.train_epoch_iterations + 1}: lower --lr or check the data"
+                )
+
+    return FiniteLoss()

@@ -139,7 +139,8 @@ def summarize(names, first_row, first_seconds, records, args) -> dict:
             }
     return {"domains": names, "first_row": first_row, "first_seconds": first_seconds,
             "lora_rank": records["lora"]["method"].rank, "rows": rows,
-            "args": {k: v for k, v in vars(args).items() if k != "func"}}
+            "args": {k: str(v) if isinstance(v, Path) else v
+                     for k, v in vars(args).items() if k != "func"}}
 
 
 RELOAD = """

@@ -15,7 +15,10 @@ The defaults are the settings of ``benchmarks/lm_domains.py`` (1,000 steps on th
 domain, 250 on each later one, 1 MB of text per domain): a run takes about 10 minutes on
 2 quiet CPU cores. Shorter budgets learn the later domains less well with everything old
 frozen (600/150 steps: 79 % of full finetuning's gain, see ``benchmarks/RESULTS.md``);
-``--tiny`` is a smoke run of seconds.
+``--tiny`` is a smoke run of well under a minute.
+
+The run folder is refused if it exists, unless ``--resume`` (take up the finished
+methods, see :mod:`peer_ll.cli.lm_args`) or ``--force`` (remove the old run first).
 
 The run folder holds ``results.json`` (R matrices, forgetting, gains, parameters
 touched, seconds), ``table.txt``, ``samples.txt``, ``checkpoints/`` and
@@ -27,16 +30,24 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime as dt
 import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from peer_ll.cli import lm_report
+from peer_ll.cli.args import non_negative_int, positive_float, positive_int
+from peer_ll.cli.files import atomic_write, atomic_write_text
+from peer_ll.cli.lm_args import (
+    TINY,
+    check_arguments,
+    flag_message,
+    load_progress,
+    save_progress,
+    settings,
+)
 from peer_ll.cli.lm_methods import (
     EVALUATIONS,
     METHODS,
@@ -57,48 +68,51 @@ from peer_ll.cli.lm_train import (
     train_lm,
 )
 from peer_ll.cli.results import environment
-from peer_ll.experts.checks import check_int
+from peer_ll.cli.run_folder import open_run_folder
 from peer_ll.models.lm import PEERLM
 from peer_ll.models.transformer import LMConfig
 
 DEFAULT_DOMAINS = ("python-stdlib", "pydoc-topics", "unicode-names")
-TINY = dict(dim=32, layers=2, attn_heads=2, block_size=32, peer_num_keys=8, peer_heads=2,
-            peer_topk=4, peer_dim_key=16, adapter_rank=4, attention_adapter_rank=4)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
+    pos, count, rate = positive_int, non_negative_int, positive_float
     add("--domains", nargs="+", default=list(DEFAULT_DOMAINS), metavar="DOMAIN",
         help="domains in stream order: built-in names (python-stdlib, pydoc-topics, "
              "unicode-names) or NAME=PATH for a folder or file of text (default: the three "
              "built-ins)")
-    add("--steps-first", type=int, default=1000,
+    add("--steps-first", type=count, default=1000,
         help="training steps on the first domain (1000)")
-    add("--steps", type=int, default=250, help="training steps on each later domain (250)")
-    add("--lr-first", type=float, default=3e-3, help="peak learning rate, first domain (3e-3)")
-    add("--lr", type=float, default=6e-3, help="peak learning rate, later domains (6e-3)")
-    add("--batch-size", type=int, default=16, help="blocks per step (16)")
-    add("--block-size", type=int, default=128, help="context length T (128)")
-    add("--max-bytes", type=int, default=1_000_000,
+    add("--steps", type=count, default=250, help="training steps on each later domain (250)")
+    add("--lr-first", type=rate, default=3e-3, help="peak learning rate, first domain (3e-3)")
+    add("--lr", type=rate, default=6e-3, help="peak learning rate, later domains (6e-3)")
+    add("--batch-size", type=pos, default=16, help="blocks per step (16)")
+    add("--block-size", type=pos, default=128, help="context length T (128)")
+    add("--max-bytes", type=pos, default=1_000_000,
         help="bytes of text per domain (1000000)")
-    add("--eval-blocks", type=int, default=96, help="test blocks per domain (96)")
+    add("--eval-blocks", type=pos, default=96, help="test blocks per domain (96)")
     add("--methods", nargs="+", default=list(METHODS), choices=METHODS,
         help="methods for the later domains (default: all)")
-    add("--grow-keys", type=int, default=32, help="sub-keys per side of a grown segment (32)")
-    add("--top-t", type=int, default=256, help="sparse finetuning: rows per layer and step (256)")
-    add("--dim", type=int, default=128, help="model width (128)")
-    add("--layers", type=int, default=4, help="transformer blocks (4); PEER in the middle one")
+    add("--grow-keys", type=pos, default=32, help="sub-keys per side of a grown segment (32)")
+    add("--top-t", type=pos, default=256, help="sparse finetuning: rows per layer and step (256)")
+    add("--dim", type=pos, default=128, help="model width (128)")
+    add("--layers", type=pos, default=4, help="transformer blocks (4); PEER in the middle one")
     add("--experts-only", action="store_true",
         help="grow-and-freeze grows only PEER experts and sub-keys in the PEER blocks (the "
              "method in its plainest form): no expert layers beside dense MLPs, no query or "
              "attention adapters")
-    add("--tiny", action="store_true", help="a tiny model and data, for a smoke run")
+    add("--tiny", action="store_true",
+        help="a tiny model, data and step count: a smoke run of well under a minute")
     add("--base", choices=("peerlm", "hf-gpt2"), default="peerlm",
         help="peerlm: the methods above on a PEERLM; hf-gpt2: PEER experts vs LoRA vs full "
              "finetuning on a Hugging Face GPT-2 (peer_ll.cli.hf_lm)")
-    add("--seed", type=int, default=0, help="random seed (0)")
-    add("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add("--seed", type=count, default=0, help="random seed (0)")
+    add("--threads", type=count, default=0, help="torch threads (0: torch's default)")
     add("--out", default=None, help="run folder (default: runs/lm-<time>)")
+    add("--resume", action="store_true",
+        help="continue the run in --out (same arguments): finished methods are kept")
+    add("--force", action="store_true", help="remove the run in --out first and start anew")
     add("--no-reload-check", action="store_true", help="skip loading checkpoints anew")
     add("--no-progress", action="store_true", help="no progress bars")
 
@@ -158,9 +172,11 @@ def main(args: argparse.Namespace) -> int:
             from peer_ll.cli import hf_lm
 
             return hf_lm.main(args)
+        if not hasattr(args, "run_dir"):
+            check_arguments(args)
         return _run(args)
     except (ValueError, FileNotFoundError) as err:  # bad arguments or data: no traceback
-        print(f"peer-ll lm: error: {err}", file=sys.stderr)
+        print(f"peer-ll lm: error: {flag_message(err)}", file=sys.stderr)
         return 2
 
 
@@ -168,32 +184,26 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    if args.tiny:
-        args.max_bytes, args.eval_blocks = min(args.max_bytes, 60_000), min(args.eval_blocks, 8)
-        args.block_size = TINY["block_size"]
-    if len(args.domains) < 2:
-        raise ValueError(f"--domains must name at least 2 domains, got {args.domains}")
-    minimum = dict(steps_first=0, steps=0, batch_size=1, grow_keys=1, top_t=1, eval_blocks=1)
-    for name, least in minimum.items():
-        check_int(f"--{name.replace('_', '-')}", getattr(args, name), minimum=least)
     shape = TINY if args.tiny else dict(dim=args.dim, layers=args.layers,
                                         block_size=args.block_size)
     if args.experts_only:
         shape = dict(shape, grow_dense_blocks=False, adapter_rank=0, adapter_affine=False,
                      attention_adapter_rank=0)
     config = LMConfig(**shape)  # checks the model's shape before any data or folder
-    settings = MethodSettings(grow_keys=args.grow_keys, top_t=args.top_t)
+    settings_ = MethodSettings(grow_keys=args.grow_keys, top_t=args.top_t)
     if args.tiny:
-        settings = dataclasses.replace(settings, grow_keys=min(args.grow_keys, 8),
-                                       top_t=min(args.top_t, 16), background_batches=4)
+        settings_ = dataclasses.replace(settings_, background_batches=4)
     blocks = load_blocks(args)
     names = list(blocks)
     if len(names) < 2:
         raise ValueError(f"--domains must name at least 2 distinct domains, got {names}")
-    out = Path(args.out or f"runs/lm-{dt.datetime.now():%Y%m%d-%H%M%S}")
+    out = open_run_folder(args.run_dir, settings(args), resume=args.resume, force=args.force)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    torch.save({n: b["test"] for n, b in blocks.items()}, out / "eval_blocks.pt")
+    tests = {n: b["test"] for n, b in blocks.items()}
+    atomic_write(out / "eval_blocks.pt", lambda handle: torch.save(tests, handle))
 
+    # The base is trained anew on --resume too (deterministic, and its query statistics,
+    # which owners="infer" needs, are not in a checkpoint).
     base = PEERLM(config)
     start = time.perf_counter()
     train_lm(base, blocks[names[0]]["train"], steps=args.steps_first, batch_size=args.batch_size,
@@ -205,21 +215,27 @@ def _run(args: argparse.Namespace) -> int:
 
     records = {}
     for method in args.methods:
-        records[method] = run_method(method, copy.deepcopy(base), names, blocks, args,
-                                     settings, out)
+        path = out / "records" / f"{method}.json"
+        rec = load_progress(path)
+        if rec is None:
+            rec = run_method(method, copy.deepcopy(base), names, blocks, args, settings_, out)
+            rec["samples"] = lm_report.samples({method: rec}, blocks, names)
+            del rec["model"]
+            save_progress(path, rec)
+        records[method] = rec
     results = lm_report.summarize(names, first_row, first_seconds, records,
                                   base_params=count_parameters(base))
-    results["config"] = {"model": config.to_dict(), "methods": dataclasses.asdict(settings),
-                         "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    results["config"] = {"model": config.to_dict(), "methods": dataclasses.asdict(settings_),
+                         "args": {k: v for k, v in vars(args).items()
+                                  if k not in ("func", "run_dir")}}  # fmt: skip
     results["environment"] = environment()
-    results["samples"] = lm_report.samples(records, blocks, names)
+    results["samples"] = "\n".join(r["samples"][:-1] for r in records.values()) + "\n"
     if not args.no_reload_check:
         results["reload"] = reload_check(out, records, first_row)
     text = lm_report.tables(results)
     print(text)
-    (out / "table.txt").write_text(text + "\n")
-    (out / "samples.txt").write_text(results["samples"])
-    with open(out / "results.json", "w") as f:
-        json.dump(results, f, indent=1)
+    atomic_write_text(out / "table.txt", text + "\n")
+    atomic_write_text(out / "samples.txt", results["samples"])
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     print(f"run folder: {os.fspath(out)}")
     return 0 if results.get("reload", {}).get("identical", True) else 1

@@ -31,6 +31,7 @@ import os
 import sys
 import sysconfig
 import unicodedata
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +59,32 @@ class TextDomain:
     read: Callable[[str], str]
 
 
+class NotUTF8Warning(UserWarning):
+    """A text file held bytes that are not UTF-8; they were read as U+FFFD."""
+
+
 def _read_utf8(path: Path) -> str:
-    # Undecodable bytes become U+FFFD, so a stray Latin-1 file cannot stop a run.
-    return path.read_bytes().decode("utf-8", errors="replace")
+    """The text of ``path``, read as UTF-8.
+
+    Undecodable bytes become U+FFFD, with a :class:`NotUTF8Warning` that gives their
+    share of the file's characters (a Latin-1 file, say). A file with NUL bytes is
+    binary, not text: ValueError.
+    """
+    raw = path.read_bytes()
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise ValueError(f"source: expected text files, got the binary file {str(path)!r} "
+                         f"(NUL byte at offset {nul})")  # fmt: skip
+    text = raw.decode("utf-8", errors="replace")
+    replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
+    if replaced:
+        warnings.warn(
+            f"{str(path)!r} is not UTF-8: {replaced} of {len(text)} characters "
+            f"({100 * replaced / len(text):.1f} %) were replaced by U+FFFD; convert it "
+            "(e.g. iconv -f latin1 -t utf-8) to train on its text",
+            NotUTF8Warning, stacklevel=2,
+        )  # fmt: skip
+    return text
 
 
 def _stdlib_domain(include_tests: bool) -> TextDomain:
@@ -155,7 +179,9 @@ def text_domain(
     """Makes a domain from local text files or a saved HF ``datasets`` folder.
 
     Each file (or each row of a saved dataset) is one document. Files are
-    read as UTF-8; undecodable bytes become U+FFFD.
+    read as UTF-8 when their documents are read; undecodable bytes become U+FFFD
+    with a ``NotUTF8Warning`` giving their share, and a binary file (NUL bytes)
+    raises ValueError.
 
     Args:
         name: The domain's name.

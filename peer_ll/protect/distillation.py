@@ -103,6 +103,7 @@ class _RoutingTeacher(SupervisedPlugin):
         self.last_loss: float = float("nan")
 
     def before_training_exp(self, strategy, **kwargs) -> None:
+        _check_task_labels(strategy, type(self).__name__)
         if strategy.clock.train_exp_counter == 0:
             return
         teacher = copy.deepcopy(strategy.model)
@@ -165,6 +166,21 @@ class _RoutingTeacher(SupervisedPlugin):
 
     def _layer_loss(self, s_layer, x_s, owners_s, t_layer, x_t, owners_t) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _check_task_labels(strategy, plugin: str) -> None:
+    """ValueError, before any training, if the experience's samples carry no task label
+    (the teacher is called with each mini-batch's task labels, ``(x, y, task)``)."""
+    dataset = strategy.experience.dataset
+    try:
+        dataset.targets_task_labels  # noqa: B018 (Avalanche raises if the field is absent)
+    except (AttributeError, KeyError):
+        raise ValueError(
+            f"{plugin} needs task labels: the samples of experience "
+            f"{strategy.experience.current_experience} have none (a benchmark built without "
+            "task labels). Build the stream with peer_ll.data.make_stream, or give each "
+            "sample a task label (Avalanche's TaskLabels / as_classification_dataset)"
+        ) from None
 
 
 class RouterDistillation(_RoutingTeacher):

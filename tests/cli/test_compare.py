@@ -129,7 +129,7 @@ def test_domain_stream_and_argument_errors(tmp_path, capsys):
     assert not (tmp_path / "results.json").exists()
     assert parse_stream("fashion-mnist-task") == ("fashion-mnist", "task")
     assert parse_seeds("3") == [0, 1, 2] and parse_seeds("4,7") == [4, 7]
-    with pytest.raises(ValueError, match="--seeds must be a count >= 1, got 0"):
+    with pytest.raises(ValueError, match="--seeds: expected a count N >= 1"):
         parse_seeds("0")
 
 

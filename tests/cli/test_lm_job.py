@@ -107,7 +107,7 @@ def test_cli_rejects_bad_arguments_with_a_message(tmp_path, capsys):
                 "a=" + str(tmp_path / "missing"), "pydoc-topics"]) == 2
     assert "missing" in capsys.readouterr().err
     assert cli(["lm", "--steps", "-1", "--out", str(tmp_path / "run")]) == 2
-    assert "--steps must be an int >= 0, got -1" in capsys.readouterr().err
+    assert "argument --steps: expected an integer >= 0, got -1" in capsys.readouterr().err
     assert not (tmp_path / "run").exists() and not (tmp_path / "checkpoints").exists()
 
 

@@ -31,7 +31,7 @@ def test_torchrun_settings(monkeypatch):
 
 def test_nproc_below_one_is_refused(capsys):
     assert main(["run", "--nproc", "0", "--strategies", "naive"]) == 2
-    assert "--nproc must be >= 1, got 0" in capsys.readouterr().err
+    assert "--nproc: expected an integer >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
