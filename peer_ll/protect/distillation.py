@@ -102,8 +102,11 @@ class _RoutingTeacher(SupervisedPlugin):
         self._teacher: PEERInputs | None = None
         self.last_loss: float = float("nan")
 
-    def before_training_exp(self, strategy, **kwargs) -> None:
+    def before_train_dataset_adaptation(self, strategy, **kwargs) -> None:
+        # Before the model adapts (grows) to the experience: a refusal changes nothing.
         _check_task_labels(strategy, type(self).__name__)
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
         if strategy.clock.train_exp_counter == 0:
             return
         teacher = copy.deepcopy(strategy.model)
