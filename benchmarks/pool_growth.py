@@ -150,7 +150,14 @@ def main(argv=None):
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--out", default="benchmarks/records/pool_growth.jsonl")
     ap.add_argument("--results", default=None, help="RESULTS.md to write a section into")
+    ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="override PoolGrowthConfig fields of every variant that uses them")
     args = ap.parse_args(argv)
+    for item in args.set:
+        name, value = item.split("=", 1)
+        for cfg in VARIANTS.values():
+            if cfg is not None and cfg.get(name, 1) != 0 and cfg.get(name) is not False:
+                cfg[name] = type(getattr(PoolGrowthConfig(), name))(value)
     records = []
     for seed in args.seeds:
         exps = stream(args.experiences, args.train, args.test, seed)

@@ -10,8 +10,9 @@ experts starve) or, trained freely, win the old domains' queries too (they steal
   query halves (:func:`peer_ll.experts.segment_init.kmeans_sub_keys`), at the old
   sub-keys' norm times ``key_scale``;
 - ``calibrate``: the new owner gets a per-dimension query scale and shift used only for
-  its own sub-keys (:class:`peer_ll.experts.OwnerQueryAdapters`, rank 0), learned on the
-  new data; old owners have none, so old scores stay fixed. Not in the paper;
+  its own sub-keys (:class:`peer_ll.experts.OwnerQueryAdapters`, with a low-rank
+  residual if ``calibration_rank``), learned on the new data; old owners have none, so
+  old scores stay fixed. Not in the paper;
 - a retrieval-level regulariser on the current data only (no replay), :meth:`loss`:
   ``win``: the new segment's top-k scores beat the old top-1 by ``margin`` on current
   queries; ``keep``: on pseudo-queries drawn from Gaussians of each old owner's queries
@@ -40,6 +41,7 @@ class PoolGrowthConfig:
     kmeans: bool = True  # new sub-keys at k-means centroids of the new queries' halves
     key_scale: float = 1.0  # new sub-key norm / old sub-key mean norm
     calibrate: bool = True  # per-owner query scale and shift for the new sub-keys
+    calibration_rank: int = 0  # and a rank-r residual on that query (0: scale and shift)
     win_weight: float = 1.0  # regulariser: new top-k over old top-1 on current queries
     keep_weight: float = 1.0  # regulariser: new top-1 under old k-th on pseudo-queries
     margin: float = 0.5  # score margin of both terms
@@ -53,6 +55,7 @@ class PoolGrowthConfig:
         check_float("keep_weight", self.keep_weight, minimum=0.0)
         check_float("margin", self.margin, minimum=0.0)
         check_int("pseudo_queries", self.pseudo_queries, minimum=1)
+        check_int("calibration_rank", self.calibration_rank, minimum=0)
 
     @property
     def regularised(self) -> bool:
@@ -130,10 +133,10 @@ class PoolGrowth:
             old = layer.sub_keys.detach()[: int(layer.segments[-1, 0])]
             norm = float(old.norm(dim=-1).mean()) * self.config.key_scale if len(old) else None
             kmeans_sub_keys(layer, queries, owner=owner, norm=norm)
-        if self.config.calibrate:
-            if layer.query_adapter is None:
-                layer.attach_query_adapter(OwnerQueryAdapters(
-                    layer.heads, layer.dim_key, rank=0, affine=True))
+        if self.config.calibrate and layer.query_adapter is None:
+            layer.attach_query_adapter(OwnerQueryAdapters(
+                layer.heads, layer.dim_key, rank=self.config.calibration_rank, affine=True))
+        if isinstance(layer.query_adapter, OwnerQueryAdapters):  # as models' grow_peer
             layer.query_adapter.add(owner)
         return ids
 
