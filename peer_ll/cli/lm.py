@@ -159,7 +159,7 @@ def run_method(method, base, names, blocks, args, settings, out) -> dict:
 
 
 def _diagnostics(model: PEERLM, method: str, tests: list[torch.Tensor]) -> dict:
-    if method in ("grow-only", "grow-pool"):  # routing drift: router mass each domain puts on each owner
+    if method in ("grow-only", "grow-pool"):  # routing drift: router mass per domain and owner
         return {"routing_share": [routing_shares(model, t) for t in tests]}
     if method == "grow-and-freeze":
         owners = model.owners
