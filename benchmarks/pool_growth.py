@@ -41,6 +41,7 @@ VARIANTS = {
     "k-means + calibration": {**OFF, "kmeans": True, "calibrate": True},
     "k-means + regulariser": {**OFF, "kmeans": True, "win_weight": 1.0, "keep_weight": 1.0},
     "k-means + calibration + regulariser": {},
+    "k-means + calibration + regulariser, keep ×2": {"keep_weight": 2.0},
     "owner-restricted (task known)": None,
 }
 
@@ -152,6 +153,8 @@ def main(argv=None):
     ap.add_argument("--results", default=None, help="RESULTS.md to write a section into")
     ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
                     help="override PoolGrowthConfig fields of every variant that uses them")
+    ap.add_argument("--report", action="store_true",
+                    help="only read --out and write the table (and --results)")
     args = ap.parse_args(argv)
     for item in args.set:
         name, value = item.split("=", 1)
@@ -159,7 +162,10 @@ def main(argv=None):
             if cfg is not None and cfg.get(name, 1) != 0 and cfg.get(name) is not False:
                 cfg[name] = type(getattr(PoolGrowthConfig(), name))(value)
     records = []
-    for seed in args.seeds:
+    if args.report:
+        with open(args.out) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    for seed in [] if args.report else args.seeds:
         exps = stream(args.experiences, args.train, args.test, seed)
         for v in args.variants:
             start = time.time()

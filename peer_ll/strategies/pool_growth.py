@@ -41,10 +41,10 @@ class PoolGrowthConfig:
     kmeans: bool = True  # new sub-keys at k-means centroids of the new queries' halves
     key_scale: float = 1.0  # new sub-key norm / old sub-key mean norm
     calibrate: bool = True  # per-owner query scale and shift for the new sub-keys
-    calibration_rank: int = 0  # and a rank-r residual on that query (0: scale and shift)
+    calibration_rank: int = 8  # and a rank-r residual on that query (0: scale and shift)
     win_weight: float = 1.0  # regulariser: new top-k over old top-1 on current queries
     keep_weight: float = 1.0  # regulariser: new top-1 under old k-th on pseudo-queries
-    margin: float = 0.5  # score margin of both terms
+    margin: float = 1.0  # score margin of both terms
     pseudo_queries: int = 256  # pseudo-queries per old owner and step
 
     def __post_init__(self) -> None:
@@ -129,6 +129,12 @@ class PoolGrowth:
             raise ValueError("layer.query_adapter must be None or OwnerQueryAdapters with "
                              f"calibrate=True, got {type(layer.query_adapter).__name__}")
         ids = layer.grow(num_keys, owner=owner)
+        self.init_grown(layer, owner=owner, queries=queries)
+        return ids
+
+    def init_grown(self, layer: PEER, *, owner: int, queries: torch.Tensor) -> None:
+        """Set up ``owner``'s segment, just grown by anything: k-means keys, calibration."""
+        check_type("layer", layer, PEER)
         if self.config.kmeans:
             old = layer.sub_keys.detach()[: int(layer.segments[-1, 0])]
             norm = float(old.norm(dim=-1).mean()) * self.config.key_scale if len(old) else None
@@ -138,7 +144,6 @@ class PoolGrowth:
                 layer.heads, layer.dim_key, rank=self.config.calibration_rank, affine=True))
         if isinstance(layer.query_adapter, OwnerQueryAdapters):  # as models' grow_peer
             layer.query_adapter.add(owner)
-        return ids
 
     def record(self, layer: PEER, owner: int, queries: torch.Tensor) -> None:
         """Store ``owner``'s query statistics (call when it has finished training)."""
