@@ -142,6 +142,27 @@ def table(records):
     return "\n".join(lines)
 
 
+def plot(records, path):
+    """Own-segment share of each experience's test queries after the last one, per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for v in VARIANTS:
+        rs = [r for r in records if r["variant"] == v]
+        if rs:
+            share = 100 * np.mean([r["own_share"] for r in rs], axis=0)
+            ax.plot(range(len(share)), share, marker="o", label=v)
+    ax.set(xlabel="experience (test queries)", ylabel="top-k slots on its own segment (%)",
+           title="Permuted Fashion-MNIST, after the last experience", ylim=(0, 105))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -178,10 +199,13 @@ def main(argv=None):
                 f.write(json.dumps(rec) + "\n")
     text = table(records)
     print(text)
+    plot(records, "benchmarks/figures/pool_growth_share.png")
     if args.results:
         cmd = "python benchmarks/pool_growth.py " + " ".join(argv or [])
         write_section(args.results, "## Growth into one pool (Permuted Fashion-MNIST)",
-                      f"{environment_line()}  \nCommand: `{cmd}`\n\n{text}", replace=True)
+                      f"{environment_line()}  \nCommand: `{cmd}`\n\n{text}\n\n"
+                      "![own-segment share](figures/pool_growth_share.png)",
+                      replace=True, keep_from="NOTES")
 
 
 if __name__ == "__main__":
