@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -201,7 +202,7 @@ def main(argv=None):
     print(text)
     plot(records, "benchmarks/figures/pool_growth_share.png")
     if args.results:
-        cmd = "python benchmarks/pool_growth.py " + " ".join(argv or [])
+        cmd = "python benchmarks/pool_growth.py " + " ".join(sys.argv[1:] if argv is None else argv)
         write_section(args.results, "## Growth into one pool (Permuted Fashion-MNIST)",
                       f"{environment_line()}  \nCommand: `{cmd}`\n\n{text}\n\n"
                       "![own-segment share](figures/pool_growth_share.png)",
