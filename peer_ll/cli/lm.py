@@ -49,6 +49,7 @@ from peer_ll.cli.lm_args import (
     settings,
 )
 from peer_ll.cli.lm_methods import (
+    DEFAULT_METHODS,
     EVALUATIONS,
     METHODS,
     MethodSettings,
@@ -92,8 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-bytes", type=pos, default=1_000_000,
         help="bytes of text per domain (1000000)")
     add("--eval-blocks", type=pos, default=96, help="test blocks per domain (96)")
-    add("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-        help="methods for the later domains (default: all)")
+    add("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS,
+        help="methods for the later domains (default: all but grow-pool)")
     add("--grow-keys", type=pos, default=32, help="sub-keys per side of a grown segment (32)")
     add("--top-t", type=pos, default=256, help="sparse finetuning: rows per layer and step (256)")
     add("--dim", type=pos, default=128, help="model width (128)")
@@ -137,7 +138,8 @@ def run_method(method, base, names, blocks, args, settings, out) -> dict:
         before = {k: v.clone() for k, v in model.state_dict().items()}
         start = time.perf_counter()
         hook = prepare(method, model, owner=t, settings=settings,
-                       background=[blocks[n]["train"] for n in names[:t]])
+                       background=[blocks[n]["train"] for n in names[:t]],
+                       new_blocks=blocks[names[t]]["train"])
         rec["trainable"].append(count_parameters(model, trainable_only=True))
         train_lm(model, blocks[names[t]]["train"], steps=args.steps, batch_size=args.batch_size,
                  lr=args.lr, seed=args.seed + t, domain=train_domain(method, t), grad_hook=hook,
@@ -157,7 +159,7 @@ def run_method(method, base, names, blocks, args, settings, out) -> dict:
 
 
 def _diagnostics(model: PEERLM, method: str, tests: list[torch.Tensor]) -> dict:
-    if method == "grow-only":  # routing drift: router mass each domain puts on each owner
+    if method in ("grow-only", "grow-pool"):  # routing drift: router mass per domain and owner
         return {"routing_share": [routing_shares(model, t) for t in tests]}
     if method == "grow-and-freeze":
         owners = model.owners
@@ -190,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
         shape = dict(shape, grow_dense_blocks=False, adapter_rank=0, adapter_affine=False,
                      attention_adapter_rank=0)
     config = LMConfig(**shape)  # checks the model's shape before any data or folder
-    settings_ = MethodSettings(grow_keys=args.grow_keys, top_t=args.top_t)
+    settings_ = MethodSettings(grow_keys=args.grow_keys, top_t=args.top_t, steps=args.steps)
     if args.tiny:
         settings_ = dataclasses.replace(settings_, background_batches=4)
     blocks = load_blocks(args)

@@ -14,6 +14,10 @@
   experts and summed with the base one, starting as a no-op), and at test time
   each token's domain is inferred from the context (``domain="infer"``), so an
   old domain's text keeps exactly its old route.
+- ``grow-pool``: grow-only whose new segment wins exactly the new domain's tokens
+  (k-means sub-keys, per-owner query calibration, retrieval regulariser): one
+  retrieval per token and no domain inference (:mod:`peer_ll.cli.lm_pool`). Not in
+  the default ``--methods``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from peer_ll.experts.checks import check_choice, check_int
 from peer_ll.models.lm import PEERLM
 from peer_ll.models.lm import LMOwners as Domain
 
-METHODS = ("full", "sparse", "grow-only", "grow-and-freeze")
+METHODS = ("full", "sparse", "grow-only", "grow-and-freeze", "grow-pool")
+DEFAULT_METHODS = METHODS[:4]
 
 
 @dataclass
@@ -36,6 +41,7 @@ class MethodSettings:
 
     grow_keys: int = 32  # sub-keys per side of a grown segment: grow_keys² new experts
     top_t: int = 256  # sparse: expert rows trained per layer and step (Lin et al.: t)
+    steps: int = 250  # grow-pool: training steps (its regulariser hook counts them)
     background_batches: int = 32  # sparse: batches of each earlier domain for the IDF
 
 
@@ -112,6 +118,7 @@ def prepare(
     owner: int,
     settings: MethodSettings,
     background: list[torch.Tensor],
+    new_blocks: torch.Tensor | None = None,
 ) -> GradHook | None:
     """Set ``model`` up to learn domain ``owner`` with ``method``; returns a gradient hook.
 
@@ -121,11 +128,17 @@ def prepare(
         owner: the new domain's owner id (its index in the stream).
         settings: the methods' knobs.
         background: earlier domains' training blocks (for ``sparse``'s IDF).
+        new_blocks: the new domain's training blocks (for ``grow-pool``'s k-means).
     """
     check_choice("method", method, METHODS)
     model.unfreeze_all()
     if method == "full":
         return None
+    if method == "grow-pool":
+        from peer_ll.cli.lm_pool import prepare_pool
+
+        return prepare_pool(model, owner=owner, grow_keys=settings.grow_keys,
+                            steps=settings.steps, new_blocks=new_blocks, old_blocks=background)
     if method in ("grow-only", "grow-and-freeze"):
         expected = "pool" if method == "grow-only" else "branch"
         if model.config.growth != expected:
@@ -148,12 +161,12 @@ def prepare(
 
 def growth_of(method: str) -> str:
     """The ``LMConfig.growth`` a method's model needs."""
-    return "pool" if method == "grow-only" else "branch"
+    return "pool" if method in ("grow-only", "grow-pool") else "branch"
 
 
 def train_domain(method: str, owner: int) -> Domain:
     """The route a method trains domain ``owner`` through."""
-    return owner if method in ("grow-only", "grow-and-freeze") else None
+    return owner if method in ("grow-only", "grow-and-freeze", "grow-pool") else None
 
 
 # Reported rows: label -> (method, evaluation domain: None, "infer" or "known").
@@ -164,6 +177,7 @@ EVALUATIONS = {
     "grow-and-freeze": ("grow-and-freeze", "infer"),
     "grow-and-freeze, domain known": ("grow-and-freeze", "known"),
     "grow-and-freeze, all branches": ("grow-and-freeze", None),
+    "grow-pool (one retrieval)": ("grow-pool", None),
 }
 
 

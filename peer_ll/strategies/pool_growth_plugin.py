@@ -1,0 +1,103 @@
+"""Growth into one pool in an Avalanche strategy: one retrieval, no task label.
+
+:class:`PoolGrowthPlugin` completes :func:`peer_ll.strategies.attach_growth` (which grows
+every PEER layer in ``adaptation``, before the optimizer is updated) with
+:class:`peer_ll.strategies.pool_growth.PoolGrowth`:
+
+- ``before_training_exp``: once a layer holds a new segment of the experience, its
+  sub-keys are set to k-means centroids of the experience's queries, the new owner gets
+  its calibration adapter (the optimizer is then updated by the strategy's own
+  ``make_optimizer``), and everything old is frozen: every parameter of the model but the
+  PEER tables and the new owner's adapter, old experts and sub-keys, query networks;
+- ``before_backward``: the retrieval regulariser joins the loss;
+- ``after_training_exp``: the experience's query statistics are stored (pseudo-queries).
+
+Evaluation is the paper's layer: one top-k over the whole pool, no owners.
+"""
+
+from __future__ import annotations
+
+import torch
+from avalanche.core import SupervisedPlugin
+
+from peer_ll.experts import peer_layers
+from peer_ll.experts.checks import check_int, check_type
+from peer_ll.strategies.capture import PEERInputs, recompute_query
+from peer_ll.strategies.pool_growth import PoolGrowth
+
+
+class PoolGrowthPlugin(SupervisedPlugin):
+    """One-pool growth for the PEER layers of ``strategy.model`` (see the module docstring).
+
+    Args:
+        growth: a :class:`PoolGrowth` (default: its full method).
+        query_samples: inputs of an experience used for k-means and statistics.
+
+    Attributes:
+        last_loss: the regulariser's value at the last training step (a float).
+    """
+
+    def __init__(self, growth: PoolGrowth | None = None, *, query_samples: int = 2048) -> None:
+        super().__init__()
+        self.growth = PoolGrowth() if growth is None else check_type("growth", growth,
+                                                                      PoolGrowth)
+        self.query_samples = check_int("query_samples", query_samples, minimum=2)
+        self.watch: PEERInputs | None = None
+        self.owner: int | None = None
+        self.last_loss = 0.0
+
+    def _queries(self, strategy) -> dict:
+        """{layer: (N, H, d)} queries of up to ``query_samples`` inputs of the experience."""
+        data = strategy.experience.dataset.eval()
+        loader = torch.utils.data.DataLoader(data, batch_size=self.query_samples, shuffle=True)
+        x = next(iter(loader))[0].to(strategy.device)
+        watch = PEERInputs(strategy.model)
+        was_training = strategy.model.training
+        strategy.model.eval()
+        try:
+            with torch.no_grad(), watch.recording():
+                strategy.model(x)
+            return {layer: recompute_query(layer, xl) for layer, (xl, _) in watch.inputs.items()}
+        finally:
+            watch.remove()
+            strategy.model.train(was_training)
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        t = int(strategy.experience.current_experience)
+        layers = list(peer_layers(strategy.model).values())
+        self.owner = t
+        grown = [layer for layer in layers
+                 if layer.num_segments > 1 and int(layer.segment_owner[-1]) == t]
+        if grown:
+            queries = self._queries(strategy)
+            for layer in grown:
+                self.growth.init_grown(layer, owner=t, queries=queries[layer])
+            for p in strategy.model.parameters():
+                p.requires_grad_(False)
+            for layer in grown:
+                old = [o for o in set(layer.segment_owner.tolist()) if o != t]
+                layer.freeze(old, keys=True, query=True)
+                layer.unfreeze(t, keys=True, query=False)
+                for p in (layer.down, layer.up, layer.sub_keys):
+                    p.requires_grad_(True)
+            strategy.make_optimizer()  # the new adapters join the optimizer
+        self.watch = PEERInputs(strategy.model)
+        self.watch.active = True
+
+    def before_backward(self, strategy, **kwargs) -> None:
+        if self.watch is None or not self.growth.config.regularised:
+            return
+        total = None
+        for layer, (x, _) in self.watch.inputs.items():
+            loss = self.growth.loss(layer, recompute_query(layer, x), owner=self.owner)
+            total = loss if total is None else total + loss
+        if total is not None:
+            strategy.loss = strategy.loss + total
+            self.last_loss = float(total.detach())
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        if self.watch is not None:
+            self.watch.remove()
+            self.watch = None
+        for layer, q in self._queries(strategy).items():
+            self.growth.record(layer, self.owner, q)

@@ -1,0 +1,34 @@
+"""``peer-ll lm --methods grow-pool``: growth into one pool, everything old frozen."""
+
+import argparse
+import json
+
+import pytest
+
+from peer_ll.cli import lm
+from peer_ll.cli.lm_pool import prepare_pool
+from peer_ll.models.lm import PEERLM
+from peer_ll.models.transformer import LMConfig
+
+
+def test_grow_pool_touches_nothing_old_and_reloads_identically(tmp_path):
+    parser = argparse.ArgumentParser()
+    lm.add_arguments(parser)
+    args = parser.parse_args(["--tiny", "--steps-first", "30", "--steps", "15", "--no-progress",
+                              "--methods", "grow-pool", "--out", str(tmp_path)])
+    assert lm.main(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    row = results["methods"]["grow-pool (one retrieval)"]
+    assert row["changed_old_params"] == [0, 0]
+    assert all(n > 0 for n in row["new_params"])
+    assert len(row["R"]) == 3 and all(len(r) == 3 for r in row["R"])
+    assert results["reload"]["identical"]
+    shares = row["diagnostics"][-1]["routing_share"]  # router mass per domain and owner
+    assert len(shares) == 3
+
+
+def test_prepare_pool_needs_pool_growth():
+    model = PEERLM(LMConfig(dim=32, layers=2, attn_heads=2, block_size=32, peer_num_keys=8,
+                            peer_heads=2, peer_topk=4, peer_dim_key=16))
+    with pytest.raises(ValueError, match="config.growth='pool'"):
+        prepare_pool(model, owner=1, grow_keys=4, steps=1, new_blocks=None, old_blocks=[])
