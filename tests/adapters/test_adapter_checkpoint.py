@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from adapter_training import two_domains
-from conftest import BUILDERS, tiny_gpt2
+from hf_tiny import BUILDERS, tiny_gpt2
 from safetensors import safe_open
 
 from peer_ll.adapters import ADAPTER_FILE, ExpertBranch, ExpertsModel
@@ -58,7 +58,7 @@ def test_bad_checkpoints_raise_and_leave_the_model_unchanged(tokens, tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="directory"):
         ExpertsModel.from_pretrained(tiny_gpt2(), tmp_path / "missing")
-    from conftest import tiny_llama
+    from hf_tiny import tiny_llama
 
     llama = tiny_llama()
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):

@@ -42,8 +42,9 @@ def test_only_the_new_domain_trains(base, tokens):
         if old.shape == new.shape and not torch.equal(old, new):
             changed.add(name)
     # Owner 1's rows, the query networks and the whole base model are untouched;
-    # only the bookkeeping buffers (frozen masks) changed.
-    assert all(n.endswith(("expert_frozen", "key_frozen")) for n in changed), changed
+    # only the bookkeeping buffers (frozen masks, the query network's frozen flag) changed.
+    bookkeeping = ("expert_frozen", "key_frozen", "frozen_query")
+    assert all(n.endswith(bookkeeping) for n in changed), changed
     for branch in model.branches().values():
         layer = branch.experts
         new_rows = layer.owners == 2
@@ -166,7 +167,7 @@ def test_parameter_counts_and_trainable_line(base):
 
 
 def test_gradient_checkpointing_is_refused(tokens):
-    from conftest import tiny_gpt2
+    from hf_tiny import tiny_gpt2
 
     gpt2 = tiny_gpt2()
     model = add_experts(gpt2, SMALL, num_keys=3, owner=1)

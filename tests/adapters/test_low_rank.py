@@ -3,7 +3,7 @@
 import pytest
 import torch
 from adapter_training import ADAPTED, train, two_domains
-from conftest import BUILDERS
+from hf_tiny import BUILDERS
 
 from peer_ll.adapters import ExpertsConfig, ExpertsModel, add_experts
 from peer_ll.adapters.lowrank import OwnerLowRank
@@ -22,7 +22,7 @@ def test_deltas_sit_on_attention_and_keep_the_base_route_bit_identical(base, tok
 
 
 def test_only_the_newest_domains_delta_trains(tokens):
-    from conftest import tiny_gpt2
+    from hf_tiny import tiny_gpt2
 
     model = add_experts(tiny_gpt2(), ADAPTED, num_keys=3, owner=1)
     train(model, tokens, 1)
@@ -41,7 +41,7 @@ def test_only_the_newest_domains_delta_trains(tokens):
 
 
 def test_per_input_owners_apply_each_inputs_delta(tokens):
-    from conftest import tiny_llama
+    from hf_tiny import tiny_llama
 
     model = two_domains(tiny_llama(), tokens, ADAPTED)
     owners = torch.tensor([2, 0, 1])
@@ -68,7 +68,7 @@ def test_deltas_save_and_reload_identical(arch, tokens, tmp_path):
 
 
 def test_adapter_modules_must_match(tokens):
-    from conftest import tiny_gpt2
+    from hf_tiny import tiny_gpt2
 
     gpt2 = tiny_gpt2()
     config = ExpertsConfig(heads=2, topk=3, dim_key=8, adapter_rank=2, adapter_modules=["nope"])
