@@ -143,14 +143,22 @@ def mix_bench(T, D, H, K, N, copy_bw, bench) -> list[tuple[str, str, float, str]
     floor_ms = floor_bytes / copy_bw / 1e6
     rows = [("mix forward", "bandwidth floor", floor_ms, f"{floor_bytes / 1e9:.2f} GB moved")]
     for backend in ("triton", "torch"):
+
         def fwd(backend=backend):
             with torch.no_grad():
                 return expert_mix(x, ids, gates, down, up, backend=backend)
 
         ms = bench(fwd)
-        rows.append(("mix forward", backend, ms,
-                     f"{floor_bytes / ms / 1e6:.0f} GB/s, {ms / floor_ms:.2f}x floor"))
+        rows.append(
+            (
+                "mix forward",
+                backend,
+                ms,
+                f"{floor_bytes / ms / 1e6:.0f} GB/s, {ms / floor_ms:.2f}x floor",
+            )
+        )
     for backend, det in (("triton", True), ("triton", False), ("torch", True)):
+
         def fwd_bwd(backend=backend, det=det):
             out = expert_mix(x, ids, gates, down, up, backend=backend, deterministic=det)
             torch.autograd.grad(out, (x, gates, down, up), dy)
@@ -241,8 +249,14 @@ def _peer_ll_layer(x, dy, H, K, dk, n, bench):
             layer(x).backward(dy)
             opt.step()
 
-        rows.append(("layer train step", backend, bench(step),
-                     f"SparseAdamW ({opt.backend} rows), {_peak(dev)}"))
+        rows.append(
+            (
+                "layer train step",
+                backend,
+                bench(step),
+                f"SparseAdamW ({opt.backend} rows), {_peak(dev)}",
+            )
+        )
         del opt
         if dev == "cuda":
             torch.cuda.empty_cache()
@@ -257,8 +271,14 @@ def _lucid_layer(x, dy, H, K, dk, n, bench):
     # peer-pytorch with the paper's semantics: softmax over 16 experts per head; its
     # dim_key is the size of one half, so 64 here matches dim_key = 128.
     with torch.device(dev):
-        lucid = LucidPEER(D, heads=H, num_experts=n * n, num_experts_per_head=K,
-                          dim_key=dk // 2, non_competing_scores=False).to(x.dtype)
+        lucid = LucidPEER(
+            D,
+            heads=H,
+            num_experts=n * n,
+            num_experts_per_head=K,
+            dim_key=dk // 2,
+            non_competing_scores=False,
+        ).to(x.dtype)
     x3, dy3 = x.detach().view(1, T, D).requires_grad_(), dy.view(1, T, D)
 
     def lucid_fb():
@@ -266,8 +286,7 @@ def _lucid_layer(x, dy, H, K, dk, n, bench):
         x3.grad = None
         lucid(x3).backward(dy3)
 
-    rows = [("layer fwd+bwd", "peer-pytorch", bench(lucid_fb),
-             f"dense table grads, {_peak(dev)}")]
+    rows = [("layer fwd+bwd", "peer-pytorch", bench(lucid_fb), f"dense table grads, {_peak(dev)}")]
     lucid_opt = torch.optim.Adam(lucid.parameters(), lr=1e-4)
 
     def lucid_step():
@@ -275,8 +294,9 @@ def _lucid_layer(x, dy, H, K, dk, n, bench):
         lucid(x3).backward(dy3)
         lucid_opt.step()
 
-    rows.append(("layer train step", "peer-pytorch", bench(lucid_step),
-                 f"torch.optim.Adam, {_peak(dev)}"))
+    rows.append(
+        ("layer train step", "peer-pytorch", bench(lucid_step), f"torch.optim.Adam, {_peak(dev)}")
+    )
     return rows
 
 
@@ -285,8 +305,10 @@ def gpu_table(rows) -> str:
     for what, provider, ms, _ in rows:
         if provider in ("torch", "torch reference", "peer-pytorch"):
             base.setdefault(what, {})[provider] = ms
-    lines = ["| what | provider | median ms | vs torch | vs peer-pytorch | note |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| what | provider | median ms | vs torch | vs peer-pytorch | note |",
+        "|---|---|---|---|---|---|",
+    ]
     for what, provider, ms, note in rows:
         b = base.get(what, {})
         torch_ms = b.get("torch", b.get("torch reference"))
@@ -305,8 +327,11 @@ def main() -> None:
     parser.add_argument("--label", default="", help="CPU setting: a name for this code state")
     parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
-    parser.add_argument("--smoke", action="store_true",
-                        help="check this script: tiny GPU setting on CPU (TRITON_INTERPRET=1)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check this script: tiny GPU setting on CPU (TRITON_INTERPRET=1)",
+    )
     args = parser.parse_args()
     if args.smoke:  # before anything imports Triton
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -317,8 +342,10 @@ def main() -> None:
         rows = cpu_bench(args.repeats)
         label = args.label or "this tree"
         load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-        lines = [f"CPU layer (dim 256, 256² experts, 2048 tokens, torch path), {label} "
-                 f"(load average {load} after the run):"]
+        lines = [
+            f"CPU layer (dim 256, 256² experts, 2048 tokens, torch path), {label} "
+            f"(load average {load} after the run):"
+        ]
         lines += [f"- {name}: {ms:.0f} ms (median of {args.repeats})" for name, ms in rows]
         record(stamp + "\n\n" + "\n".join(lines), args.out, not args.no_write)
         return
@@ -330,8 +357,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA device (or pass --cpu)")
     rows = gpu_bench(args.tokens)
-    setting = (f"GPU setting: N = 1024², dim 1024, bf16, heads 8, topk 16, dim_key 128, "
-               f"{args.tokens} tokens; do_bench medians.")
+    setting = (
+        f"GPU setting: N = 1024², dim 1024, bf16, heads 8, topk 16, dim_key 128, "
+        f"{args.tokens} tokens; do_bench medians."
+    )
     record(stamp + " " + setting + "\n\n" + gpu_table(rows), args.out, not args.no_write)
 
 

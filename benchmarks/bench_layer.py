@@ -67,8 +67,12 @@ def _build(provider: str, keys: int):
     from PEER_pytorch import PEER as LucidPEER
 
     model = LucidPEER(
-        DIM, heads=HEADS, num_experts=keys * keys, num_experts_per_head=TOPK,
-        dim_key=DIM_KEY, non_competing_scores=False,
+        DIM,
+        heads=HEADS,
+        num_experts=keys * keys,
+        num_experts_per_head=TOPK,
+        dim_key=DIM_KEY,
+        non_competing_scores=False,
     )
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
@@ -129,8 +133,19 @@ def worker(provider: str, keys: int, tokens: int, threads: int, repeats: int) ->
 
 
 def run(provider: str, keys: int, tokens: int, threads: int, repeats: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", provider, str(threads), "--keys", str(keys),
-           "--tokens", str(tokens), "--repeats", str(repeats)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        provider,
+        str(threads),
+        "--keys",
+        str(keys),
+        "--tokens",
+        str(tokens),
+        "--repeats",
+        str(repeats),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         return {"provider": provider, "threads": threads, "error": out.stderr[-300:]}
@@ -153,10 +168,11 @@ def table(rows: list[dict]) -> str:
             if r is None:
                 continue
             if "error" in r:
-                lines.append(f"| {threads} | {provider} | failed: {r['error'][-80:]!r} |"
-                             " | | | | | |")
+                lines.append(
+                    f"| {threads} | {provider} | failed: {r['error'][-80:]!r} | | | | | | |"
+                )
                 continue
-            ratio = (lambda a, b, f: f.format(a / b) if a and b else "—")  # noqa: E731
+            ratio = lambda a, b, f: f.format(a / b) if a and b else "—"  # noqa: E731
             lines.append(
                 f"| {threads} | {provider} | {r['step_s'] * 1e3:.0f} "
                 f"| {ratio(r['step_s'], floor, '{:.2f}×')} "
@@ -189,8 +205,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
-    parser.add_argument("--worker", nargs=2, metavar=("PROVIDER", "THREADS"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", nargs=2, metavar=("PROVIDER", "THREADS"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.worker:
         row = worker(args.worker[0], args.keys, args.tokens, int(args.worker[1]), args.repeats)

@@ -46,8 +46,10 @@ def main() -> None:
                 start = time.perf_counter()
                 lazy_adamw.lazy_adamw_(p, m, v, grad, rows, backend=backend, **HYPER)
                 times.append(time.perf_counter() - start)
-            print(f"round {rnd + 1}, {args.threads} thread(s): {name}: "
-                  f"{statistics.median(times) * 1e3:.0f} ms")
+            print(
+                f"round {rnd + 1}, {args.threads} thread(s): {name}: "
+                f"{statistics.median(times) * 1e3:.0f} ms"
+            )
     lazy_adamw._CHUNK_BYTES = default
 
 

@@ -61,12 +61,16 @@ def main() -> None:
     def ms(values):
         return statistics.median(values) * 1e3
 
-    print(f"{args.threads} thread(s), {args.keys}² experts, {args.tokens} tokens, medians of "
-          f"{args.steps} steps: A = {A:,}, R = {R:,}, copy bandwidth {bw / 1e9:.1f} GB/s, "
-          f"floor {floor * 1e3:.0f} ms; forward+backward {ms(forward_backward):.0f} ms")
+    print(
+        f"{args.threads} thread(s), {args.keys}² experts, {args.tokens} tokens, medians of "
+        f"{args.steps} steps: A = {A:,}, R = {R:,}, copy bandwidth {bw / 1e9:.1f} GB/s, "
+        f"floor {floor * 1e3:.0f} ms; forward+backward {ms(forward_backward):.0f} ms"
+    )
     for backend, name in (("auto", "in-place C kernel"), ("torch", "torch gather/scatter")):
-        print(f"- {name}: step {ms(step[backend]):.0f} ms ({ms(step[backend]) / floor / 1e3:.2f}"
-              f"x the floor), optimizer step {ms(update[backend]):.0f} ms")
+        print(
+            f"- {name}: step {ms(step[backend]):.0f} ms ({ms(step[backend]) / floor / 1e3:.2f}"
+            f"x the floor), optimizer step {ms(update[backend]):.0f} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,16 @@ STREAMS = {
     "fashion-mnist-task": "Split-Fashion-MNIST, task-incremental, 5 × 2 classes",
     "fashion-mnist-permuted": "Permuted Fashion-MNIST, domain-incremental, 10 experiences",
 }
-PEER = ("PEER growth", "PEER growth + RD", "PEER sparse FT", "PEER growth, no replay",
-        "PEER protect (full)", "PEER protect", "PEER protect + gate", "PEER protect, input owners")
+PEER = (
+    "PEER growth",
+    "PEER growth + RD",
+    "PEER sparse FT",
+    "PEER growth, no replay",
+    "PEER protect (full)",
+    "PEER protect",
+    "PEER protect + gate",
+    "PEER protect, input owners",
+)
 BASELINES = ("Naive", "EWC", "LwF", "Replay", "Joint")
 #: Replay-free baselines without a PEER pool (peer_ll.cli.strategies_zoo.NON_PEER_BASELINES).
 NON_PEER = tuple(STRATEGIES[k] for k in NON_PEER_BASELINES)
@@ -113,11 +121,21 @@ def section(all_results: dict[str, dict], command: str) -> str:
     ]  # fmt: skip
     for stream, results in all_results.items():
         gaps = gaps_table(results)
-        out += ["", f"### {STREAMS.get(stream, stream)}", "", pool_gain(results), "",
-                results_table(results, markdown=True)]
+        out += [
+            "",
+            f"### {STREAMS.get(stream, stream)}",
+            "",
+            pool_gain(results),
+            "",
+            results_table(results, markdown=True),
+        ]
         if gaps:
-            out += ["", "PEER strategies minus baselines (points; Δforg < 0 is less "
-                    "forgetting):", "", gaps]
+            out += [
+                "",
+                "PEER strategies minus baselines (points; Δforg < 0 is less forgetting):",
+                "",
+                gaps,
+            ]
         out += ["",
                 "Routing of the inputs of experiences 0..T-2 after the last experience "
                 "(share of router mass, mean over those experiences and seeds):", "",

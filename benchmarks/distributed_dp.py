@@ -53,12 +53,20 @@ def _step_worker(rank: int, world: int, port: int, out: str) -> None:
         if step >= 3:
             times.append(time.perf_counter() - start)
     dense = sum(p.numel() * 4 for p in layer.parameters()) - sum(
-        p.numel() * 4 for p in expert_tables(layer))
+        p.numel() * 4 for p in expert_tables(layer)
+    )
     table = sum(p.numel() * p.element_size() for p in expert_tables(layer))
     if rank == 0:
-        Path(out).write_text(json.dumps(dict(step_s=sorted(times)[len(times) // 2],
-                                             sparse_bytes=sparse_bytes, dense_bytes=dense,
-                                             table_bytes=table)))
+        Path(out).write_text(
+            json.dumps(
+                dict(
+                    step_s=sorted(times)[len(times) // 2],
+                    sparse_bytes=sparse_bytes,
+                    dense_bytes=dense,
+                    table_bytes=table,
+                )
+            )
+        )
     dist.destroy_process_group()
 
 
@@ -83,9 +91,24 @@ def step_figures(world: int) -> dict:
 
 def run_cli(nproc: int, folder: Path) -> tuple[list, float]:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "peer_ll.cli", "run", "--strategies", STRATEGIES,
-                    "--seeds", "1", "--nproc", str(nproc), "--out", str(folder)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "peer_ll.cli",
+            "run",
+            "--strategies",
+            STRATEGIES,
+            "--seeds",
+            "1",
+            "--nproc",
+            str(nproc),
+            "--out",
+            str(folder),
+        ],
+        check=True,
+        capture_output=True,
+    )
     results = json.loads((folder / "results.json").read_text())
     (summary,) = results["strategies"].values()
     return summary["accuracy_matrix"], time.perf_counter() - start
@@ -103,8 +126,9 @@ def main(figures: str | None = None) -> None:
         two, t2 = run_cli(2, tmp / "two")
         s1, s2 = step_figures(1), step_figures(2)
         print(json.dumps(dict(one=one, two=two, s1=s1, s2=s2, t1=t1, t2=t2), indent=1))
-    diff = max(abs(a - b) for ra, rb in zip(one, two, strict=True)
-               for a, b in zip(ra, rb, strict=True))
+    diff = max(
+        abs(a - b) for ra, rb in zip(one, two, strict=True) for a, b in zip(ra, rb, strict=True)
+    )
     avg1, avg2 = (100 * sum(m[-1]) / len(m[-1]) for m in (one, two))
     mb = 1 / 2**20
     last1, last2 = [round(100 * a, 1) for a in one[-1]], [round(100 * a, 1) for a in two[-1]]
@@ -120,28 +144,33 @@ whether the gap lies within seed noise is not measured here. The 2 ranks of one 
 bit-identical (asserted by `tests/distributed`). The machine was shared (load average
 about 15 on 2 cores), so the times below are inflated and noisy.
 
-One PEER step (D={DIM}, {LAYER['num_keys']}² experts, h={LAYER['heads']}, k={LAYER['topk']},
-{TOKENS} tokens per rank, 1 thread per rank, median of {STEPS}): 1 rank {1e3 * s1['step_s']:.0f}
-ms, 2 gloo ranks {1e3 * s2['step_s']:.0f} ms (same work per rank, so the difference is the
+One PEER step (D={DIM}, {LAYER["num_keys"]}² experts, h={LAYER["heads"]}, k={LAYER["topk"]},
+{TOKENS} tokens per rank, 1 thread per rank, median of {STEPS}): 1 rank {1e3 * s1["step_s"]:.0f}
+ms, 2 gloo ranks {1e3 * s2["step_s"]:.0f} ms (same work per rank, so the difference is the
 all-reduce and DDP). Each rank sends per step: expert gradients
-{s2['sparse_bytes'] * mb:.2f} MiB (COO rows touched of `down`/`up`, dense `sub_keys`)
-and dense parameters {s2['dense_bytes'] * mb:.2f} MiB; the dense (NCCL) fallback would send the
-whole tables, {s2['table_bytes'] * mb:.1f} MiB.
+{s2["sparse_bytes"] * mb:.2f} MiB (COO rows touched of `down`/`up`, dense `sub_keys`)
+and dense parameters {s2["dense_bytes"] * mb:.2f} MiB; the dense (NCCL) fallback would send the
+whole tables, {s2["table_bytes"] * mb:.1f} MiB.
 
 Estimate for P ranks (not measured). Gloo's sparse all-reduce gathers every rank's rows, so
-each rank receives (P-1) × {s2['sparse_bytes'] * mb:.2f} MiB per step: {7 * s2['sparse_bytes']
-* mb:.1f} MiB at P=8, {63 * s2['sparse_bytes'] * mb:.0f} MiB at P=64. NCCL's ring all-reduce of
-the densified tables moves 2(P-1)/P × {s2['table_bytes'] * mb:.1f} MiB, about twice the table
+each rank receives (P-1) × {s2["sparse_bytes"] * mb:.2f} MiB per step: {
+        7 * s2["sparse_bytes"] * mb:.1f} MiB at P=8, {
+        63 * s2["sparse_bytes"] * mb:.0f} MiB at P=64. NCCL's ring all-reduce of
+the densified tables moves 2(P-1)/P × {s2["table_bytes"] * mb:.1f} MiB, about twice the table
 whatever P. Sparse traffic wins while (P-1) × rows touched < 2 × capacity, i.e. while the
 tokens of all ranks together touch fewer rows than twice the pool. Throughput grows as P × the
 one-rank rate until communication time passes the step's compute: at 25 GB/s per link the
-dense path of this pool costs {2 * s2['table_bytes'] / 25e9 * 1e3:.2f} ms a step. Data
+dense path of this pool costs {2 * s2["table_bytes"] / 25e9 * 1e3:.2f} ms a step. Data
 parallelism keeps one whole pool per rank, so the pool size stays what one device holds
 (4 copies of each table with Adam: value, 2 moments, gradient); pools past one device need
 sharded tables, which peer_ll does not have yet.
 """
-    write_section(Path(__file__).parent / "RESULTS.md", "## Data-parallel PEER (torch.distributed)",
-                  text, replace=True)
+    write_section(
+        Path(__file__).parent / "RESULTS.md",
+        "## Data-parallel PEER (torch.distributed)",
+        text,
+        replace=True,
+    )
 
 
 if __name__ == "__main__":

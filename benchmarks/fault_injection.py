@@ -73,6 +73,7 @@ def _progress(proc: subprocess.Popen, run: Path, events: int, seconds: float) ->
     """Waits until ``events`` checkpoints or records have been written, ``seconds`` have
     passed or the run ended, whichever comes first."""
     deadline = time.perf_counter() + seconds
+
     def stamps() -> dict[str, float]:
         files = [*run.glob("checkpoints/*.pkl"), *run.glob("records/*.json")]
         return {str(p): p.stat().st_mtime for p in files if p.exists()}
@@ -114,8 +115,12 @@ def main(argv: list[str] | None = None) -> int:
             before = _records(run)
             marker = run / "run.json"
             stamp = marker.stat().st_mtime if marker.exists() else 0.0
-            proc = subprocess.Popen(_command(run, *extra), env=_env(),
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                _command(run, *extra),
+                env=_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             _started(proc, run, stamp)
             begun = time.perf_counter()
             _progress(proc, run, events, rng.uniform(0.25, 0.6) * train_seconds)
@@ -132,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             moments.append(round(moment, 1))
             mid = len(list((run / "checkpoints").glob("*.pkl")))
             kept.append(f"{len(after)}+{mid}")
-            print(f"kill {i + 1}: {moment:.1f} s after start"
-                  f"{' (run had finished)' if finished_early else ''}, "
-                  f"{len(after)} finished runs kept, {mid} mid-stream checkpoint(s)")
+            print(
+                f"kill {i + 1}: {moment:.1f} s after start"
+                f"{' (run had finished)' if finished_early else ''}, "
+                f"{len(after)} finished runs kept, {mid} mid-stream checkpoint(s)"
+            )
         before = _records(run)
         subprocess.run(_command(run, "--resume"), env=_env(), check=True, capture_output=True)
         after = _records(run)

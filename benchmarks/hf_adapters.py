@@ -29,9 +29,28 @@ from peer_ll.cli import hf_lm, lm
 
 HEADING = "## Hugging Face GPT-2: PEER experts vs LoRA (benchmarks/hf_adapters.py)"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-SETTINGS = ["--base", "hf-gpt2", "--steps-first", "800", "--steps", "200", "--block-size", "64",
-            "--max-bytes", "1000000", "--eval-blocks", "64", "--lr-first", "3e-3", "--lr", "6e-3",
-            "--grow-keys", "16", "--threads", "1"]
+SETTINGS = [
+    "--base",
+    "hf-gpt2",
+    "--steps-first",
+    "800",
+    "--steps",
+    "200",
+    "--block-size",
+    "64",
+    "--max-bytes",
+    "1000000",
+    "--eval-blocks",
+    "64",
+    "--lr-first",
+    "3e-3",
+    "--lr",
+    "6e-3",
+    "--grow-keys",
+    "16",
+    "--threads",
+    "1",
+]
 
 
 def main() -> int:
@@ -55,8 +74,11 @@ def append(results: dict, args: argparse.Namespace, load_before: float) -> None:
     table = (Path(args.out) / "table.txt").read_text().rstrip()
     command = "python benchmarks/hf_adapters.py " + shlex.join(sys.argv[1:])
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    shape = hf_lm.TINY if args.tiny else dict(dim=args.dim, layers=args.layers,
-                                              block_size=args.block_size)
+    shape = (
+        hf_lm.TINY
+        if args.tiny
+        else dict(dim=args.dim, layers=args.layers, block_size=args.block_size)
+    )
     text = [
         f"\n### Run of {datetime.date.today()}\n",
         f"Command: `{command.strip()}` (settings: `{' '.join(SETTINGS)}`).",

@@ -57,11 +57,14 @@ def one_seed(seed: int, args) -> dict:
     t_insured = time.perf_counter() - start
     wrong_plain, wrong_ins = plain.argmax(1) != y, insured.argmax(1) != y
     return dict(
-        seed=seed, share=report.share, routes=report.routes_per_input,
+        seed=seed,
+        share=report.share,
+        routes=report.routes_per_input,
         err_low_plain=float(wrong_plain[low].float().mean()),
         err_low_ins=float(wrong_ins[low].float().mean()),
         acc_plain=1 - float(wrong_plain.float().mean()),
-        acc_ins=1 - float(wrong_ins.float().mean()), time_ratio=t_insured / t_plain,
+        acc_ins=1 - float(wrong_ins.float().mean()),
+        time_ratio=t_insured / t_plain,
     )
 
 

@@ -26,8 +26,22 @@ from peer_ll.cli.results import environment_line, write_section
 
 HEADING = "## Language model: adding experts for new text domains (benchmarks/lm_domains.py)"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-SETTINGS = ["--steps-first", "1000", "--steps", "250", "--max-bytes", "1000000",
-            "--eval-blocks", "96", "--lr-first", "3e-3", "--lr", "6e-3", "--grow-keys", "32"]
+SETTINGS = [
+    "--steps-first",
+    "1000",
+    "--steps",
+    "250",
+    "--max-bytes",
+    "1000000",
+    "--eval-blocks",
+    "96",
+    "--lr-first",
+    "3e-3",
+    "--lr",
+    "6e-3",
+    "--grow-keys",
+    "32",
+]
 
 
 def main() -> int:

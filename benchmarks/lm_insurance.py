@@ -76,8 +76,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--bytes", type=int, default=200_000)
     parser.add_argument("--test-blocks", type=int, default=64)
-    parser.add_argument("--confidence", default="0.99",
-                        help="comma-separated confidences, each evaluated on the same models")
+    parser.add_argument(
+        "--confidence",
+        default="0.99",
+        help="comma-separated confidences, each evaluated on the same models",
+    )
     args = parser.parse_args()
     text_confidence = args.confidence
     args.confidence = [float(c) for c in args.confidence.split(",")]

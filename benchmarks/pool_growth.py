@@ -50,8 +50,16 @@ VARIANTS = {
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.peer = PEER(784, dim_out=128, num_keys=16, heads=4, topk=8, dim_key=32,
-                         query_norm="layer", backend="torch")
+        self.peer = PEER(
+            784,
+            dim_out=128,
+            num_keys=16,
+            heads=4,
+            topk=8,
+            dim_key=32,
+            query_norm="layer",
+            backend="torch",
+        )
         self.peer.sparse_grad = False  # a stock optimizer trains it
         self.head = nn.Linear(128, 10)
 
@@ -101,7 +109,7 @@ def run(variant, exps, seed, *, epochs=1, batch=64, lr=1e-3):
         for _ in range(epochs):
             order = torch.randperm(len(x), generator=gen)
             for i in range(0, len(x), batch):
-                idx = order[i:i + batch]
+                idx = order[i : i + batch]
                 loss = F.cross_entropy(net(x[idx], owners), y[idx])
                 if t > 0 and growth.config.regularised and not oracle:
                     q = net.peer.query(x[idx])
@@ -120,17 +128,26 @@ def run(variant, exps, seed, *, epochs=1, batch=64, lr=1e-3):
         for j in range(T):
             _, ids = net.peer.retrieve(exps[j][2], j if oracle else None)
             shares.append(own_segment_share(net.peer.owners[ids], j)["slots"])
-    return {"variant": variant, "seed": seed, "R": R.tolist(), "acc": average_accuracy(R),
-            "forgetting": forgetting(R), "learning": learning_accuracy(R),
-            "own_share": shares}
+    return {
+        "variant": variant,
+        "seed": seed,
+        "R": R.tolist(),
+        "acc": average_accuracy(R),
+        "forgetting": forgetting(R),
+        "learning": learning_accuracy(R),
+        "own_share": shares,
+    }
 
 
 def table(records):
     by = {}
     for r in records:
         by.setdefault(r["variant"], []).append(r)
-    lines = ["| variant | final acc | forgetting | learning acc | own-segment share "
-             "(exp 0 … 4, final) | seeds |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | final acc | forgetting | learning acc | own-segment share "
+        "(exp 0 … 4, final) | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
     for v in VARIANTS:
         rs = by.get(v)
         if not rs:
@@ -138,9 +155,12 @@ def table(records):
         m = {k: np.mean([r[k] for r in rs]) for k in ("acc", "forgetting", "learning")}
         s = {k: np.std([r[k] for r in rs]) for k in ("acc", "forgetting", "learning")}
         share = np.mean([r["own_share"] for r in rs], axis=0)
-        lines.append(f"| {v} | {m['acc']:.1f} ± {s['acc']:.1f} | {m['forgetting']:.1f} ± "
-                     f"{s['forgetting']:.1f} | {m['learning']:.1f} ± {s['learning']:.1f} | "
-                     + " ".join(f"{100 * x:.0f}" for x in share) + f" | {len(rs)} |")
+        lines.append(
+            f"| {v} | {m['acc']:.1f} ± {s['acc']:.1f} | {m['forgetting']:.1f} ± "
+            f"{s['forgetting']:.1f} | {m['learning']:.1f} ± {s['learning']:.1f} | "
+            + " ".join(f"{100 * x:.0f}" for x in share)
+            + f" | {len(rs)} |"
+        )
     return "\n".join(lines)
 
 
@@ -157,8 +177,12 @@ def plot(records, path):
         if rs:
             share = 100 * np.mean([r["own_share"] for r in rs], axis=0)
             ax.plot(range(len(share)), share, marker="o", label=v)
-    ax.set(xlabel="experience (test queries)", ylabel="top-k slots on its own segment (%)",
-           title="Permuted Fashion-MNIST, after the last experience", ylim=(0, 105))
+    ax.set(
+        xlabel="experience (test queries)",
+        ylabel="top-k slots on its own segment (%)",
+        title="Permuted Fashion-MNIST, after the last experience",
+        ylim=(0, 105),
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -174,10 +198,16 @@ def main(argv=None):
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--out", default="benchmarks/records/pool_growth.jsonl")
     ap.add_argument("--results", default=None, help="RESULTS.md to write a section into")
-    ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
-                    help="override PoolGrowthConfig fields of every variant that uses them")
-    ap.add_argument("--report", action="store_true",
-                    help="only read --out and write the table (and --results)")
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override PoolGrowthConfig fields of every variant that uses them",
+    )
+    ap.add_argument(
+        "--report", action="store_true", help="only read --out and write the table (and --results)"
+    )
     args = ap.parse_args(argv)
     for item in args.set:
         name, value = item.split("=", 1)
@@ -195,8 +225,22 @@ def main(argv=None):
             rec = run(v, exps, seed)
             rec["seconds"] = round(time.time() - start, 1)
             records.append(rec)
-            print(json.dumps({k: rec[k] for k in ("variant", "seed", "acc", "forgetting",
-                                                  "learning", "own_share", "seconds")}))
+            print(
+                json.dumps(
+                    {
+                        k: rec[k]
+                        for k in (
+                            "variant",
+                            "seed",
+                            "acc",
+                            "forgetting",
+                            "learning",
+                            "own_share",
+                            "seconds",
+                        )
+                    }
+                )
+            )
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
     text = table(records)
@@ -204,10 +248,14 @@ def main(argv=None):
     plot(records, "benchmarks/figures/pool_growth_share.png")
     if args.results:
         cmd = "python benchmarks/pool_growth.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_section(args.results, "## Growth into one pool (Permuted Fashion-MNIST)",
-                      f"{environment_line()}  \nCommand: `{cmd}`\n\n{text}\n\n"
-                      "![own-segment share](figures/pool_growth_share.png)",
-                      replace=True, keep_from="NOTES")
+        write_section(
+            args.results,
+            "## Growth into one pool (Permuted Fashion-MNIST)",
+            f"{environment_line()}  \nCommand: `{cmd}`\n\n{text}\n\n"
+            "![own-segment share](figures/pool_growth_share.png)",
+            replace=True,
+            keep_from="NOTES",
+        )
 
 
 if __name__ == "__main__":

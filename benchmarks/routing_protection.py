@@ -59,32 +59,46 @@ import torch
 HERE = Path(__file__).parent
 STREAMS = {
     "digits-class": ("digits", "class", "Split-Digits, class-incremental, 5 × 2 classes"),
-    "fmnist-permuted": ("fashion-mnist", "permuted",
-                        "Permuted Fashion-MNIST, domain-incremental, 5 experiences"),
-    "fmnist-task": ("fashion-mnist", "task",
-                    "Split-Fashion-MNIST, task-incremental, 5 × 2 classes"),
-    "fmnist-class": ("fashion-mnist", "class",
-                     "Split-Fashion-MNIST, class-incremental, 5 × 2 classes"),
+    "fmnist-permuted": (
+        "fashion-mnist",
+        "permuted",
+        "Permuted Fashion-MNIST, domain-incremental, 5 experiences",
+    ),
+    "fmnist-task": (
+        "fashion-mnist",
+        "task",
+        "Split-Fashion-MNIST, task-incremental, 5 × 2 classes",
+    ),
+    "fmnist-class": (
+        "fashion-mnist",
+        "class",
+        "Split-Fashion-MNIST, class-incremental, 5 × 2 classes",
+    ),
 }
 BASELINES = ("Naive", "EWC", "LwF", f"Replay({200})")
 PROTECT = {  # name: peer_protect keyword arguments
     "Protect-LL": dict(inference="likelihood"),
     "Protect-Soft": dict(inference="soft", inference_options=dict(top=2)),
     "Protect-Input": dict(inference="input", inference_options=dict(rank=20)),
-    "Protect-Input+Enc": dict(inference="input", inference_options=dict(rank=20),
-                              _owner_encoder=True),
-    "Protect-Input+Enc+Norm": dict(inference="input", inference_options=dict(rank=20),
-                                   _owner_encoder=True, _owner_norms=True),
-    "Protect-Input+Enc, soft": dict(inference="input", _owner_encoder=True,
-                                    inference_options=dict(rank=20, soft=True, top=2)),
-    "Protect-Input+Enc, 4 comp.": dict(inference="input", _owner_encoder=True,
-                                       inference_options=dict(rank=20, components=4)),
+    "Protect-Input+Enc": dict(
+        inference="input", inference_options=dict(rank=20), _owner_encoder=True
+    ),
+    "Protect-Input+Enc+Norm": dict(
+        inference="input", inference_options=dict(rank=20), _owner_encoder=True, _owner_norms=True
+    ),
+    "Protect-Input+Enc, soft": dict(
+        inference="input", _owner_encoder=True, inference_options=dict(rank=20, soft=True, top=2)
+    ),
+    "Protect-Input+Enc, 4 comp.": dict(
+        inference="input", _owner_encoder=True, inference_options=dict(rank=20, components=4)
+    ),
     "Protect-Gate(200)": dict(inference="gate", mem_size=200),
     "Protect-Oracle": dict(inference="oracle"),
     "Protect-Oracle+Enc": dict(inference="oracle", _owner_encoder=True),
 }
-PROTECT["Protect-Input+Enc, task label"] = dict(inference="input", _owner_encoder=True,
-                                                task_labels=None)
+PROTECT["Protect-Input+Enc, task label"] = dict(
+    inference="input", _owner_encoder=True, task_labels=None
+)
 NO_POOL = ("StreamingLDA", "Input-statistics", "Protect-Input+Enc, MLP pool")
 ABLATIONS = {  # fmnist-permuted, fewer seeds
     "Protect-LL, shared head": dict(inference="likelihood", _owner_head=False),
@@ -103,20 +117,46 @@ REMOVED = {
     "Protect-Margin+KM": dict(inference="margin", key_margin=1.0),
     "Protect-LL, trunk trains": dict(inference="likelihood", freeze_trunk=False),
     "Protect-All+KM(λ=10)": dict(inference="all", restrict_training=False, key_margin=10.0),
-    "Protect-All+KM(m=1)": dict(inference="all", restrict_training=False, key_margin=1.0,
-                                margin=1.0),
-    "Protect-All+KM(rank=1)": dict(inference="all", restrict_training=False, key_margin=1.0,
-                                   margin_rank=1),
+    "Protect-All+KM(m=1)": dict(
+        inference="all", restrict_training=False, key_margin=1.0, margin=1.0
+    ),
+    "Protect-All+KM(rank=1)": dict(
+        inference="all", restrict_training=False, key_margin=1.0, margin_rank=1
+    ),
 }
-CFG = dict(hidden=128, epochs=2, batch=32, lr=1e-3, train_per_exp=2000, test_per_exp=1000,
-           n_exp=5, mem_size=200, ewc_lambda=100.0, lwf_alpha=1.0, lwf_temperature=2.0)
+CFG = dict(
+    hidden=128,
+    epochs=2,
+    batch=32,
+    lr=1e-3,
+    train_per_exp=2000,
+    test_per_exp=1000,
+    n_exp=5,
+    mem_size=200,
+    ewc_lambda=100.0,
+    lwf_alpha=1.0,
+    lwf_temperature=2.0,
+)
 JOINT = "Joint, no task labels"
 JOINTS = {JOINT: CFG["epochs"], f"{JOINT}, 10 epochs": 10}  # name: epochs
 METHODS = (*BASELINES, "Grow", *PROTECT, *NO_POOL, *JOINTS)
 #: Row order of the tables and plots, removed methods where they stood.
-ORDER = (*BASELINES, "Grow", "Protect-LL", "Protect-Soft", "Protect-Margin", "Protect-All",
-         "Protect-All+KM", *list(PROTECT)[2:], *JOINTS, "Protect-MarginZ", "Protect-Margin+KM",
-         *ABLATIONS, *list(REMOVED)[5:], *NO_POOL)
+ORDER = (
+    *BASELINES,
+    "Grow",
+    "Protect-LL",
+    "Protect-Soft",
+    "Protect-Margin",
+    "Protect-All",
+    "Protect-All+KM",
+    *list(PROTECT)[2:],
+    *JOINTS,
+    "Protect-MarginZ",
+    "Protect-Margin+KM",
+    *ABLATIONS,
+    *list(REMOVED)[5:],
+    *NO_POOL,
+)
 NOTES = "Notes (hand-written; `report` keeps them"
 HEADING = "## Routing protection: peer_protect against baselines (benchmarks/routing_protection.py)"
 PEER = dict(heads=4, topk=8, dim_key=32, query_norm="layer")
@@ -139,29 +179,44 @@ def build(method: str, stream: str, n_classes: int, in_features: int, evaluator=
     from peer_ll.strategies import GrowthPolicy, attach_growth, peer_classifier, peer_grow
 
     kind = STREAMS[stream][1]
-    common = dict(train_mb_size=CFG["batch"], train_epochs=CFG["epochs"], eval_mb_size=500,
-                  evaluator=evaluator)
+    common = dict(
+        train_mb_size=CFG["batch"],
+        train_epochs=CFG["epochs"],
+        eval_mb_size=500,
+        evaluator=evaluator,
+    )
     if method in JOINTS:  # every experience at once, one label-free head: a ceiling
         from avalanche.training import JointTraining
 
         common["train_epochs"] = JOINTS[method]
-        model = peer_classifier(in_features, n_classes if kind != "task" else 2,
-                                hidden=CFG["hidden"], head="fixed",
-                                peer=dict(PEER, num_keys=36), growth=GrowthPolicy(when="never"))
+        model = peer_classifier(
+            in_features,
+            n_classes if kind != "task" else 2,
+            hidden=CFG["hidden"],
+            head="fixed",
+            peer=dict(PEER, num_keys=36),
+            growth=GrowthPolicy(when="never"),
+        )
         opt = make_optimizer(model, lr=CFG["lr"])
         return model, JointTraining(model, opt, torch.nn.CrossEntropyLoss(), **common)
     if method in BASELINES or method == "Grow":
         head = {"class": "incremental", "task": "multihead", "permuted": "fixed"}[kind]
         grow = method == "Grow"
-        model = peer_classifier(in_features, n_classes, hidden=CFG["hidden"], head=head,
-                                peer=dict(PEER, num_keys=16 if grow else 36),
-                                growth=GrowthPolicy() if grow else GrowthPolicy(when="never"))
+        model = peer_classifier(
+            in_features,
+            n_classes,
+            hidden=CFG["hidden"],
+            head=head,
+            peer=dict(PEER, num_keys=16 if grow else 36),
+            growth=GrowthPolicy() if grow else GrowthPolicy(when="never"),
+        )
         opt = make_optimizer(model, lr=CFG["lr"])
-        template, extra = {"Naive": (SupervisedTemplate, {}), "Grow": (SupervisedTemplate, {}),
-                           "EWC": (EWC, dict(ewc_lambda=CFG["ewc_lambda"])),
-                           "LwF": (LwF, dict(alpha=CFG["lwf_alpha"],
-                                             temperature=CFG["lwf_temperature"])),
-                           }.get(method, (Replay, dict(mem_size=CFG["mem_size"])))
+        template, extra = {
+            "Naive": (SupervisedTemplate, {}),
+            "Grow": (SupervisedTemplate, {}),
+            "EWC": (EWC, dict(ewc_lambda=CFG["ewc_lambda"])),
+            "LwF": (LwF, dict(alpha=CFG["lwf_alpha"], temperature=CFG["lwf_temperature"])),
+        }.get(method, (Replay, dict(mem_size=CFG["mem_size"])))
         return model, peer_grow(model, opt, template=template, **extra, **common)
     if method in ("StreamingLDA", "Input-statistics"):
         from peer_ll.protect.stats_classifier import input_stats_classifier
@@ -170,24 +225,40 @@ def build(method: str, stream: str, n_classes: int, in_features: int, evaluator=
         classes, task = (n_classes if kind != "task" else 2), kind == "task"
         lean = dict(eval_mb_size=500, evaluator=evaluator)
         if method == "StreamingLDA":
-            return None, streaming_lda(in_features, classes, n_tasks=CFG["n_exp"] if task
-                                       else None, **lean)
+            return None, streaming_lda(
+                in_features, classes, n_tasks=CFG["n_exp"] if task else None, **lean
+            )
         return None, input_stats_classifier(in_features, classes, task_labels=task, **lean)
     if method == "Protect-Input+Enc, MLP pool":
         from peer_ll.protect.mlp_ablation import owner_mlp_classifier
 
-        model = owner_mlp_classifier(in_features, n_classes if kind != "task" else 2,
-                                     experiences=CFG["n_exp"], hidden=CFG["hidden"],
-                                     num_keys=16, owner_encoder=True,
-                                     peer={k: v for k, v in PEER.items()})
+        model = owner_mlp_classifier(
+            in_features,
+            n_classes if kind != "task" else 2,
+            experiences=CFG["n_exp"],
+            hidden=CFG["hidden"],
+            num_keys=16,
+            owner_encoder=True,
+            peer={k: v for k, v in PEER.items()},
+        )
         opt = make_optimizer(model, lr=CFG["lr"])
-        return model, peer_protect(model, opt, inference="input", task_labels=False,
-                                   inference_options=dict(rank=20), **common)
+        return model, peer_protect(
+            model,
+            opt,
+            inference="input",
+            task_labels=False,
+            inference_options=dict(rank=20),
+            **common,
+        )
     kwargs = dict({**PROTECT, **ABLATIONS}[method])
     kwargs.setdefault("task_labels", False)  # the recorded Protect-* rows saw no task labels
     adapter = kwargs.pop("_adapter", True)
-    model = PEERClassifier(in_features, n_classes if kind != "task" else 2,
-                           hidden=CFG["hidden"], peer=dict(PEER, num_keys=16))
+    model = PEERClassifier(
+        in_features,
+        n_classes if kind != "task" else 2,
+        hidden=CFG["hidden"],
+        peer=dict(PEER, num_keys=16),
+    )
     attach_growth(model, GrowthPolicy())
     if adapter:
         with_query_adapters(model, rank=4, affine=True)
@@ -214,14 +285,22 @@ def run_one(stream: str, method: str, seed: int) -> dict:
 
     torch.manual_seed(seed)
     name, kind, _ = STREAMS[stream]
-    limits = {} if name == "digits" else dict(max_train_per_exp=CFG["train_per_exp"],
-                                              max_test_per_exp=CFG["test_per_exp"])
+    limits = (
+        {}
+        if name == "digits"
+        else dict(max_train_per_exp=CFG["train_per_exp"], max_test_per_exp=CFG["test_per_exp"])
+    )
     bm = make_stream(name, kind=kind, n_experiences=CFG["n_exp"], seed=seed, **limits)
     n_classes = 10
     in_features = int(np.prod(bm.train_stream[0].dataset[0][0].shape))
     pool = method not in NO_POOL
-    model, strategy = build(method, stream, n_classes, in_features,
-                            evaluator(confidence=False, plasticity=False, routing=pool))
+    model, strategy = build(
+        method,
+        stream,
+        n_classes,
+        in_features,
+        evaluator(confidence=False, plasticity=False, routing=pool),
+    )
     start = time.perf_counter()
     rows, _ = run_stream(strategy, bm, joint=method in JOINTS, evaluate="seen")
     routing = [p for p in strategy.plugins if isinstance(p, OwnerRouting)]
@@ -230,10 +309,17 @@ def run_one(stream: str, method: str, seed: int) -> dict:
         inferred = {int(j): float(v) for j, v in routing[0].inference_accuracy.items()}
     layers = list(rows[-1].get("routing") or {})
     share = rows[-1]["routing"][layers[-1]]["share"] if layers else None
-    return dict(stream=stream, method=method, seed=seed, date=datetime.date.today().isoformat(),
-                R=[r["accuracy"] for r in rows], inferred=inferred, share=share,
-                seconds=time.perf_counter() - start,
-                params=sum(p.numel() for p in strategy.model.parameters()))
+    return dict(
+        stream=stream,
+        method=method,
+        seed=seed,
+        date=datetime.date.today().isoformat(),
+        R=[r["accuracy"] for r in rows],
+        inferred=inferred,
+        share=share,
+        seconds=time.perf_counter() - start,
+        params=sum(p.numel() for p in strategy.model.parameters()),
+    )
 
 
 def cmd_run(args) -> None:
@@ -245,9 +331,14 @@ def cmd_run(args) -> None:
     methods = args.methods or list(METHODS)
     unknown = [m for m in methods if m not in (*METHODS, *ABLATIONS)]
     if unknown:
-        raise SystemExit(f"--methods must be among {[*METHODS, *ABLATIONS]}, got {unknown}"
-                         + (f" (removed from the library; measured at {REMOVED_AT})"
-                            if set(unknown) <= set(REMOVED) else ""))
+        raise SystemExit(
+            f"--methods must be among {[*METHODS, *ABLATIONS]}, got {unknown}"
+            + (
+                f" (removed from the library; measured at {REMOVED_AT})"
+                if set(unknown) <= set(REMOVED)
+                else ""
+            )
+        )
     for stream in args.streams:
         for seed in args.seeds:
             for method in methods:
@@ -259,8 +350,11 @@ def cmd_run(args) -> None:
                 with out.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
                 R = np.asarray(rec["R"])
-                print(f"{stream:16s} {method:28s} seed {seed}: acc {100 * R[-1].mean():5.1f} "
-                      f"learn {100 * np.diag(R).mean():5.1f} ({rec['seconds']:.0f} s)", flush=True)
+                print(
+                    f"{stream:16s} {method:28s} seed {seed}: acc {100 * R[-1].mean():5.1f} "
+                    f"learn {100 * np.diag(R).mean():5.1f} ({rec['seconds']:.0f} s)",
+                    flush=True,
+                )
 
 
 def summary(records: list[dict]) -> dict:
@@ -277,10 +371,16 @@ def summary(records: list[dict]) -> dict:
         rows["learn"].append(100 * learning_accuracy(R))
         if r["inferred"]:
             rows["owner"].append(100 * np.mean(list(r["inferred"].values())))
-    out = {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
-           for k, v in rows.items() if v}
-    per_exp = [[r["inferred"].get(str(j), np.nan) for j in range(len(r["R"]))]
-               for r in records if r["inferred"]]
+    out = {
+        k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+        for k, v in rows.items()
+        if v
+    }
+    per_exp = [
+        [r["inferred"].get(str(j), np.nan) for j in range(len(r["R"]))]
+        for r in records
+        if r["inferred"]
+    ]
     if per_exp:
         out["owner_per_exp"] = (100 * np.nanmean(per_exp, axis=0)).round(0).astype(int).tolist()
     out["seeds"] = len(records)
@@ -295,13 +395,19 @@ def tables(records: list[dict]) -> str:
         mine = [r for r in records if r["stream"] == stream]
         if not mine:
             continue
-        out += [f"### {title}", "",
-                "| method | seeds | avg acc % | forgetting | learning acc | owner inference % "
-                "| per experience |", "|---|---|---|---|---|---|---|"]
+        out += [
+            f"### {title}",
+            "",
+            "| method | seeds | avg acc % | forgetting | learning acc | owner inference % "
+            "| per experience |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for method in sorted({r["method"] for r in mine}, key=order.index):
             s = summary([r for r in mine if r["method"] == method])
-            cells = [f"{s[k][0]:.1f} ± {s[k][1]:.1f}" if k in s else "—"
-                     for k in ("acc", "forg", "learn", "owner")]
+            cells = [
+                f"{s[k][0]:.1f} ± {s[k][1]:.1f}" if k in s else "—"
+                for k in ("acc", "forg", "learn", "owner")
+            ]
             per = " / ".join(map(str, s.get("owner_per_exp", []))) or "—"
             name = f"{method} (removed, measured at {REMOVED_AT})" if method in REMOVED else method
             out.append(f"| {name} | {s['seeds']} | " + " | ".join(cells) + f" | {per} |")
@@ -311,6 +417,7 @@ def tables(records: list[dict]) -> str:
 
 def goals(records: list[dict]) -> str:
     """Markdown: the goals, each with the two figures it compares and a verdict."""
+
     def get(stream, method):
         mine = [r for r in records if r["stream"] == stream and r["method"] == method]
         return summary(mine) if mine else None
@@ -323,8 +430,9 @@ def goals(records: list[dict]) -> str:
             return
         x, y = a[key][0], b[key][0]
         ok = better(x, y)
-        rows.append(f"| {goal} | {stream} | {ours} {x:.1f} | {base} {y:.1f} | "
-                    f"{'yes' if ok else '**no**'} |")
+        rows.append(
+            f"| {goal} | {stream} | {ours} {x:.1f} | {base} {y:.1f} | {'yes' if ok else '**no**'} |"
+        )
 
     for stream in ("fmnist-permuted", "fmnist-task"):
         for base in ("EWC", "LwF"):
@@ -332,20 +440,50 @@ def goals(records: list[dict]) -> str:
                 add("no replay: higher final acc", stream, ours, base, "acc", float.__gt__)
                 add("no replay: less forgetting", stream, ours, base, "forg", float.__lt__)
     for stream in STREAMS:
-        add("same replay budget: higher final acc", stream, "Protect-Gate(200)",
-            BASELINES[-1], "acc", float.__gt__)
+        add(
+            "same replay budget: higher final acc",
+            stream,
+            "Protect-Gate(200)",
+            BASELINES[-1],
+            "acc",
+            float.__gt__,
+        )
         for ours in ("Protect-Input", "Protect-Input+Enc"):  # a budget of 0 <= Replay's
-            add("no replay at all: higher final acc than Replay", stream, ours,
-                BASELINES[-1], "acc", float.__gt__)
+            add(
+                "no replay at all: higher final acc than Replay",
+                stream,
+                ours,
+                BASELINES[-1],
+                "acc",
+                float.__gt__,
+            )
         for ours in ("Protect-LL", "Protect-Input", "Protect-Input+Enc", "Protect-Gate(200)"):
-            add("learning acc within 3 points of Naive", stream, ours, "Naive", "learn",
-                lambda x, y: x >= y - 3.0)
+            add(
+                "learning acc within 3 points of Naive",
+                stream,
+                ours,
+                "Naive",
+                "learn",
+                lambda x, y: x >= y - 3.0,
+            )
         # not goals: what the owner-known function can learn, and the label-free ceiling
         for ours in ("Protect-Oracle", "Protect-Oracle+Enc"):
-            add("(plasticity, owner known) learning acc within 3 points of Naive", stream,
-                ours, "Naive", "learn", lambda x, y: x >= y - 3.0)
-        add("(ceiling) final acc at least label-free joint training's", stream,
-            "Protect-Input+Enc", JOINT, "acc", float.__ge__)
+            add(
+                "(plasticity, owner known) learning acc within 3 points of Naive",
+                stream,
+                ours,
+                "Naive",
+                "learn",
+                lambda x, y: x >= y - 3.0,
+            )
+        add(
+            "(ceiling) final acc at least label-free joint training's",
+            stream,
+            "Protect-Input+Enc",
+            JOINT,
+            "acc",
+            float.__ge__,
+        )
     return "\n".join(rows)
 
 
@@ -368,7 +506,7 @@ def plot_shares(records: list[dict], folder: Path) -> list[Path]:
         cols = min(7, len(names))
         rows = -(-len(names) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.6 * rows), squeeze=False)
-        for ax in axes.flat[len(names):]:
+        for ax in axes.flat[len(names) :]:
             ax.axis("off")
         for ax, name in zip(axes.flat, names, strict=False):  # spare axes stay off
             image = ax.imshow(100 * np.mean(by[name], axis=0), vmin=0, vmax=100, cmap="viridis")
@@ -396,22 +534,30 @@ def cmd_report(args) -> None:
     figures = plot_shares(records, HERE / "figures")
     if args.no_append:
         return
-    section = "\n".join([
-        f"Command: `{' '.join(args.command)}` then `python "
-        "benchmarks/routing_protection.py report` (runs may be split over processes with "
-        "`--streams`, `--methods` and `--seeds`; the ablations ran with `--streams "
-        "fmnist-permuted --seeds 0 --methods ...`; every run is one line of "
-        "`benchmarks/records/routing_protection.jsonl`, which `report` reads)  ",
-        environment_line(date=run_dates(records)) + " Runs: 1 torch thread each.  ",
-        f"Settings: {CFG}; PEER {PEER}. Fashion-MNIST subsampled to {CFG['train_per_exp']} "
-        f"training and {CFG['test_per_exp']} test images per experience (balanced), 5 "
-        "experiences (permuted: 5, not 10), to fit a shared 2-core CPU; Split-Digits uses all "
-        "of scikit-learn's digits. Accuracy, forgetting (Chaudhry's max) and learning accuracy "
-        "(R[i][i]) in %, mean ± sample std over seeds; owner inference: share of test inputs "
-        "of experience j whose top inferred owner is j, after the last experience.", "",
-        "Goals, checked on the means above:", "", goals(records), "",
-        body, "Routing-share plots: " + ", ".join(f"`benchmarks/figures/{p.name}`"
-                                               for p in figures), ""])
+    section = "\n".join(
+        [
+            f"Command: `{' '.join(args.command)}` then `python "
+            "benchmarks/routing_protection.py report` (runs may be split over processes with "
+            "`--streams`, `--methods` and `--seeds`; the ablations ran with `--streams "
+            "fmnist-permuted --seeds 0 --methods ...`; every run is one line of "
+            "`benchmarks/records/routing_protection.jsonl`, which `report` reads)  ",
+            environment_line(date=run_dates(records)) + " Runs: 1 torch thread each.  ",
+            f"Settings: {CFG}; PEER {PEER}. Fashion-MNIST subsampled to {CFG['train_per_exp']} "
+            f"training and {CFG['test_per_exp']} test images per experience (balanced), 5 "
+            "experiences (permuted: 5, not 10), to fit a shared 2-core CPU; Split-Digits uses all "
+            "of scikit-learn's digits. Accuracy, forgetting (Chaudhry's max) and learning accuracy "
+            "(R[i][i]) in %, mean ± sample std over seeds; owner inference: share of test inputs "
+            "of experience j whose top inferred owner is j, after the last experience.",
+            "",
+            "Goals, checked on the means above:",
+            "",
+            goals(records),
+            "",
+            body,
+            "Routing-share plots: " + ", ".join(f"`benchmarks/figures/{p.name}`" for p in figures),
+            "",
+        ]
+    )
     # replace this script's own section, keep its hand-written notes
     write_section(HERE / "RESULTS.md", HEADING, section, replace=True, keep_from=NOTES)
 
@@ -422,8 +568,9 @@ def run_dates(records: list[dict]) -> str:
     undated = len(records) - len(dates)
     text = f"runs of {dates[0]} to {dates[-1]}" if dates else ""
     if undated:
-        text += (", and " if text else "") + (f"{undated} runs recorded without a date (see "
-                                              "the commits of the records file)")
+        text += (", and " if text else "") + (
+            f"{undated} runs recorded without a date (see the commits of the records file)"
+        )
     return text
 
 
@@ -444,10 +591,15 @@ if __name__ == "__main__":
     run.add_argument("--out", default=str(HERE / "records" / "routing_protection.jsonl"))
     run.set_defaults(func=cmd_run)
     report = sub.add_parser("report", help="tables, routing-share plots, RESULTS.md section")
-    report.add_argument("--inputs", nargs="+", default=[str(HERE / "records" /
-                                                          "routing_protection.jsonl")])
-    report.add_argument("--command", nargs="+", default=["python",
-                        "benchmarks/routing_protection.py", "run"], help="command to cite")
+    report.add_argument(
+        "--inputs", nargs="+", default=[str(HERE / "records" / "routing_protection.jsonl")]
+    )
+    report.add_argument(
+        "--command",
+        nargs="+",
+        default=["python", "benchmarks/routing_protection.py", "run"],
+        help="command to cite",
+    )
     report.add_argument("--no-append", action="store_true", help="leave RESULTS.md alone")
     report.set_defaults(func=cmd_report)
     args = parser.parse_args()

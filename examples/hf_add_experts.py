@@ -29,11 +29,13 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--tiny", action="store_true", help="tiny model and data (smoke run)")
 args = parser.parse_args()
 torch.manual_seed(0)
-dim, layers, block, steps, data_bytes = (32, 2, 32, 30, 60_000) if args.tiny else (
-    96, 3, 64, 250, 300_000)
+dim, layers, block, steps, data_bytes = (
+    (32, 2, 32, 30, 60_000) if args.tiny else (96, 3, 64, 250, 300_000)
+)
 
-stream = text_domain_stream(("python-stdlib", "pydoc-topics"), block_size=block,
-                            max_bytes_per_domain=data_bytes)
+stream = text_domain_stream(
+    ("python-stdlib", "pydoc-topics"), block_size=block, max_bytes_per_domain=data_bytes
+)
 A, B = ({s: stream.get_split(n, s) for s in ("train", "test")} for n in stream.domain_names)
 
 
@@ -57,9 +59,18 @@ def perplexity(model, blocks, **route):
 
 
 # 1. The existing model: a GPT-2 trained on domain A.
-config = GPT2Config(vocab_size=TEXT_VOCAB_SIZE, n_positions=block, n_embd=dim, n_layer=layers,
-                    n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                    bos_token_id=256, eos_token_id=257)
+config = GPT2Config(
+    vocab_size=TEXT_VOCAB_SIZE,
+    n_positions=block,
+    n_embd=dim,
+    n_layer=layers,
+    n_head=2,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+    bos_token_id=256,
+    eos_token_id=257,
+)
 gpt2 = GPT2LMHeadModel(config)
 train(gpt2, A["train"])
 a_before, b_before = perplexity(gpt2, A["test"]), perplexity(gpt2, B["test"])
@@ -76,18 +87,25 @@ train(model, B["train"], owners=1)
 
 same = torch.equal(model(input_ids=A["test"][:8, :-1], owners=0).logits, old_logits)
 print(f"A, base domain selected: logits bit-identical to the old model: {same}")
-print(f"A perplexity: before {a_before:.2f}, "
-      f"base domain {perplexity(model, A['test'], owners=0):.2f}, "
-      f"domain inferred {perplexity(model, A['test'], owners='infer'):.2f}")
-print(f"B perplexity: before {b_before:.2f}, "
-      f"B's experts {perplexity(model, B['test'], owners=1):.2f}, "
-      f"domain inferred {perplexity(model, B['test'], owners='infer'):.2f}")
+print(
+    f"A perplexity: before {a_before:.2f}, "
+    f"base domain {perplexity(model, A['test'], owners=0):.2f}, "
+    f"domain inferred {perplexity(model, A['test'], owners='infer'):.2f}"
+)
+print(
+    f"B perplexity: before {b_before:.2f}, "
+    f"B's experts {perplexity(model, B['test'], owners=1):.2f}, "
+    f"domain inferred {perplexity(model, B['test'], owners='infer'):.2f}"
+)
 
 # 3. Save only the experts; load them into a fresh copy of the base model.
 model.save_pretrained(folder / "experts")
 size = (folder / "experts" / "adapter_model.safetensors").stat().st_size
-loaded = ExpertsModel.from_pretrained(GPT2LMHeadModel.from_pretrained(folder / "base"),
-                                      folder / "experts")
+loaded = ExpertsModel.from_pretrained(
+    GPT2LMHeadModel.from_pretrained(folder / "base"), folder / "experts"
+)
 x = B["test"][:8, :-1]
-print(f"experts-only checkpoint: {size:,} bytes; reloaded logits identical: "
-      f"{torch.equal(loaded(input_ids=x, owners=1).logits, model(input_ids=x, owners=1).logits)}")
+print(
+    f"experts-only checkpoint: {size:,} bytes; reloaded logits identical: "
+    f"{torch.equal(loaded(input_ids=x, owners=1).logits, model(input_ids=x, owners=1).logits)}"
+)

@@ -53,18 +53,23 @@ model = MyNet()
 # survives), the sparse-aware optimizer and the Avalanche template. Batches of more
 # than one sample: BatchNorm queries need batch statistics in training.
 strategy = peer_grow(
-    model, policy=GrowthPolicy(max_experts=64 * args.experiences),
-    train_mb_size=32, train_epochs=args.epochs, eval_mb_size=256,
+    model,
+    policy=GrowthPolicy(max_experts=64 * args.experiences),
+    train_mb_size=32,
+    train_epochs=args.epochs,
+    eval_mb_size=256,
     evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]),
 )
 for experience in stream.train_stream:
     strategy.train(experience)
     results = strategy.eval(stream.test_stream[: experience.current_experience + 1])
     acc = [v for k, v in results.items() if k.startswith("Top1_Acc_Exp/")]
-    print(f"after experience {experience.current_experience}: "
-          f"{model.peer.num_experts} experts, owners {model.peer.segment_owner.tolist()}, "
-          f"frozen {int(model.peer.frozen.sum())}, accuracy per experience "
-          f"{[round(a, 3) for a in acc]}")
+    print(
+        f"after experience {experience.current_experience}: "
+        f"{model.peer.num_experts} experts, owners {model.peer.segment_owner.tolist()}, "
+        f"frozen {int(model.peer.frozen.sum())}, accuracy per experience "
+        f"{[round(a, 3) for a in acc]}"
+    )
 
 # Retrieval restricted to one owner's experts, e.g. with the task label at test time.
 x, y, _ = next(iter(torch.utils.data.DataLoader(stream.test_stream[0].dataset, batch_size=10_000)))

@@ -69,8 +69,10 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
         dtype = expert_state_dtype
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"expert_state_dtype must be a floating torch.dtype or None, "
-                            f"got {expert_state_dtype!r}")
+            raise TypeError(
+                f"expert_state_dtype must be a floating torch.dtype or None, "
+                f"got {expert_state_dtype!r}"
+            )
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.expert_state_dtype = expert_state_dtype
         self.backend = backend
@@ -78,8 +80,11 @@ class SparseAdamW(torch.optim.Optimizer):
     def __getstate__(self) -> dict:
         # torch.optim.Optimizer pickles only defaults, state and param_groups; keep our
         # settings too (Avalanche's checkpoints pickle the optimizer).
-        return {**super().__getstate__(), "expert_state_dtype": self.expert_state_dtype,
-                "backend": self.backend}
+        return {
+            **super().__getstate__(),
+            "expert_state_dtype": self.expert_state_dtype,
+            "backend": self.backend,
+        }
 
     def __setstate__(self, state: dict) -> None:
         state = {"expert_state_dtype": None, "backend": "auto", **state}
@@ -117,9 +122,19 @@ class SparseAdamW(torch.optim.Optimizer):
     def _update(self, p, rows, grad, state, group, *, grad_by_row: bool = False) -> None:
         beta1, beta2 = group["betas"]
         lazy_adamw_(
-            p, state["exp_avg"], state["exp_avg_sq"], grad, rows, step=float(state["step"]),
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], grad_by_row=grad_by_row, backend=self.backend,
+            p,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            grad,
+            rows,
+            step=float(state["step"]),
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            grad_by_row=grad_by_row,
+            backend=self.backend,
         )
 
     def _sparse_update(self, p, grad, state, group, frozen) -> None:
@@ -155,7 +170,8 @@ def _check_current(p: torch.Tensor) -> None:
             f"optimizer must hold the PEER layer's current tables, got a {tuple(p.shape)} "
             "table that the layer replaced when it grew past capacity: call "
             "peer_ll.optim.migrate_state(optimizer, layer) after growing (or reserve "
-            "capacity beforehand)")
+            "capacity beforehand)"
+        )
 
 
 def _coalesced(grad: torch.Tensor) -> torch.Tensor:
@@ -191,8 +207,13 @@ def make_optimizer(
     ``backend``: see :class:`SparseAdamW`.
     """
     return SparseAdamW(
-        model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-        expert_state_dtype=expert_state_dtype, backend=backend,
+        model.parameters(),
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        expert_state_dtype=expert_state_dtype,
+        backend=backend,
     )
 
 
@@ -208,8 +229,9 @@ def migrate_state(optimizer: torch.optim.Optimizer, layer: nn.Module) -> int:
         The number of parameters migrated.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
-                        f"{type(optimizer).__name__}")
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
     replaced = getattr(layer, "replaced_parameters", None)
     if replaced is None:
         raise TypeError(f"layer must be a PEER layer, got {type(layer).__name__}")
@@ -234,4 +256,3 @@ def _resized(value, old: torch.Tensor, new: torch.Tensor):
     rows = min(old.shape[0], new.shape[0])
     out[:rows] = value[:rows]
     return out
-

@@ -98,7 +98,8 @@ def test_every_module_imports(name):
 def test_no_module_imports_a_higher_layer(name):
     mine = _place(name)
     upward = sorted(
-        target for target in IMPORTS[name]
+        target
+        for target in IMPORTS[name]
         if target.split(".")[0] == "peer_ll" and RANK[_place(target)] > RANK[mine]
     )
     assert not upward, f"{name} ({mine}) imports higher layers: {upward}"
@@ -118,7 +119,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return [*path[path.index(nxt):], nxt]
+                return [*path[path.index(nxt) :], nxt]
             if nxt not in state and (found := visit(nxt, [*path, nxt])):
                 return found
         state[node] = 2

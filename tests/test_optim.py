@@ -112,8 +112,9 @@ def _train_with_growth(backend, moments):
     layer = PEER(16, num_keys=8, heads=2, topk=4, dim_key=8, capacity=64)
     layer.grow(5, owner=1)  # past capacity: the tables are reallocated
     layer.freeze(0)
-    opt = make_optimizer(layer, lr=1e-2, weight_decay=0.1, expert_state_dtype=moments,
-                         backend=backend)
+    opt = make_optimizer(
+        layer, lr=1e-2, weight_decay=0.1, expert_state_dtype=moments, backend=backend
+    )
     frozen_rows = layer.down.detach()[:64].clone()
     x = torch.randn(24, 16)
     for step in range(6):

@@ -79,8 +79,7 @@ def load_adapter(cls, model, directory: str | os.PathLike, *, is_trainable: bool
     metadata, tensors = read_adapter(directory)
     if metadata["base_model"] != type(model).__name__:
         raise ValueError(
-            f"model must be a {metadata['base_model']} (the saved base), "
-            f"got {type(model).__name__}"
+            f"model must be a {metadata['base_model']} (the saved base), got {type(model).__name__}"
         )
     config = ExpertsConfig.from_dict(metadata["config"])
     domains = config.domains
@@ -97,11 +96,11 @@ def load_adapter(cls, model, directory: str | os.PathLike, *, is_trainable: bool
             wrapped.add_experts(num_keys, owner=owner)
         for name, branch in wrapped.branches().items():
             prefix = name + ".experts."
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             branch.experts.load_state_dict(state, strict=True)
         for name, delta in wrapped.low_rank().items():
             own = {k: p for k, p in delta.named_parameters() if not k.startswith("base.")}
-            saved = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            saved = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
             if saved.keys() != own.keys():
                 raise ValueError(f"{name} must have tensors {sorted(own)}, got {sorted(saved)}")
             with torch.no_grad():

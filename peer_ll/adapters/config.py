@@ -11,8 +11,14 @@ from peer_ll.experts.checks import check_choice, check_int, check_owner
 from peer_ll.experts.peer import ACTIVATIONS, QUERY_NORMS
 
 # GPT-2's and Llama's attention projections (module name suffixes).
-ATTENTION_PROJECTIONS = ("attn.c_attn", "attn.c_proj", "self_attn.q_proj", "self_attn.k_proj",
-                         "self_attn.v_proj", "self_attn.o_proj")
+ATTENTION_PROJECTIONS = (
+    "attn.c_attn",
+    "attn.c_proj",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+)
 
 
 @dataclass
@@ -87,8 +93,9 @@ class ExpertsConfig:
         self.adapter_modules = list(modules)
         if not isinstance(self.sparse_grad, bool):
             raise TypeError(f"sparse_grad must be a bool, got {self.sparse_grad!r}")
-        self.domains = [[check_owner("owner", o), check_int("num_keys", n, minimum=1)]
-                        for o, n in self.domains]
+        self.domains = [
+            [check_owner("owner", o), check_int("num_keys", n, minimum=1)] for o, n in self.domains
+        ]
 
     def matches(self, name: str) -> bool:
         """Whether the module called ``name`` is a target."""
@@ -99,7 +106,8 @@ class ExpertsConfig:
     def adapts(self, name: str) -> bool:
         """Whether the module called ``name`` gets per-domain low-rank deltas."""
         return self.adapter_rank > 0 and any(
-            name == m or name.endswith("." + m) for m in self.adapter_modules)
+            name == m or name.endswith("." + m) for m in self.adapter_modules
+        )
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict; :meth:`from_dict` inverts it."""

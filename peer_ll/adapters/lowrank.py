@@ -39,8 +39,10 @@ class OwnerLowRank(nn.Module):
     def __init__(self, base: nn.Module, dim: int, dim_out: int) -> None:
         super().__init__()
         self.base = base
-        self.dim, self.dim_out = check_int("dim", dim, minimum=1), check_int("dim_out", dim_out,
-                                                                              minimum=1)
+        self.dim, self.dim_out = (
+            check_int("dim", dim, minimum=1),
+            check_int("dim_out", dim_out, minimum=1),
+        )
         self.down = nn.ParameterDict()  # owner -> (D, r)
         self.up = nn.ParameterDict()  # owner -> (r, E), zero at first
 
@@ -70,8 +72,10 @@ class OwnerLowRank(nn.Module):
         if owners is None:
             owners = scoped_owners()
         if isinstance(owners, str | bool | float):
-            raise TypeError(f"owners must be None, an owner id, a sequence of owner ids or an "
-                            f"int tensor, got {owners!r}")
+            raise TypeError(
+                f"owners must be None, an owner id, a sequence of owner ids or an "
+                f"int tensor, got {owners!r}"
+            )
         out = self.base(x)
         if owners is None:
             return out

@@ -60,8 +60,11 @@ class ExpertsModel(nn.Module):
                 f"got {config.target_modules!r}"
             )
         inside = tuple(t + "." for t in self.targets)
-        self.adapted = [n for n, m in model.named_modules()
-                        if n and config.adapts(n) and not n.startswith(inside)]
+        self.adapted = [
+            n
+            for n, m in model.named_modules()
+            if n and config.adapts(n) and not n.startswith(inside)
+        ]
         if config.adapter_rank and not self.adapted:
             raise ValueError(
                 f"adapter_modules must match a module of {type(model).__name__}, "
@@ -120,8 +123,14 @@ class ExpertsModel(nn.Module):
             dim, dim_out = projection_widths(block, name)
             first = next(block.parameters(), None)
             layer = PEER(
-                dim, dim_out=dim_out, num_keys=num_keys, heads=cfg.heads, topk=cfg.topk,
-                dim_key=cfg.dim_key, query_norm=cfg.query_norm, activation=cfg.activation,
+                dim,
+                dim_out=dim_out,
+                num_keys=num_keys,
+                heads=cfg.heads,
+                topk=cfg.topk,
+                dim_key=cfg.dim_key,
+                query_norm=cfg.query_norm,
+                activation=cfg.activation,
                 owner=owner,
             )
             layer.sparse_grad = cfg.sparse_grad
@@ -240,14 +249,15 @@ class ExpertsModel(nn.Module):
     # -------------------------------------------------------------- parameters
     def parameter_counts(self) -> dict[str, int]:
         """{"trainable", "added", "total"}: see :func:`peer_ll.adapters.counts.parameter_counts`."""
-        return parameter_counts(self.base_model, self.branches().values(),
-                                self.low_rank().values())
+        return parameter_counts(self.base_model, self.branches().values(), self.low_rank().values())
 
     def print_trainable_parameters(self) -> str:
         """PEFT's summary line, logged at INFO and returned (library code does not print)."""
         c = self.parameter_counts()
-        line = (f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || "
-                f"trainable%: {100 * c['trainable'] / max(c['total'], 1):.4f}")
+        line = (
+            f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || "
+            f"trainable%: {100 * c['trainable'] / max(c['total'], 1):.4f}"
+        )
         logger.info(line)
         return line
 

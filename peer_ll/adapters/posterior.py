@@ -48,6 +48,4 @@ def shifted_nll(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         log_probs: (B, T, V).
         labels: (B, T); -100 entries are ignored.
     """
-    return F.nll_loss(
-        log_probs[:, :-1].flatten(0, 1), labels[:, 1:].reshape(-1), ignore_index=-100
-    )
+    return F.nll_loss(log_probs[:, :-1].flatten(0, 1), labels[:, 1:].reshape(-1), ignore_index=-100)

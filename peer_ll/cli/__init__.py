@@ -41,9 +41,11 @@ def _top_parser() -> argparse.ArgumentParser:
         epilog="Run 'peer-ll COMMAND --help' for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {peer_ll.__version__}")
-    parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(
-        f"{name}: {text}" for name, (_, text) in COMMANDS.items()
-    ))
+    parser.add_argument(
+        "command",
+        choices=sorted(COMMANDS),
+        help="; ".join(f"{name}: {text}" for name, (_, text) in COMMANDS.items()),
+    )
     return parser
 
 

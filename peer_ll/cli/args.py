@@ -33,7 +33,8 @@ def _int(text: str, *, minimum: int) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected an integer >= {minimum}, got {text!r}") from None
+            f"expected an integer >= {minimum}, got {text!r}"
+        ) from None
     if value < minimum:
         raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
     return value
@@ -84,7 +85,8 @@ def check_device(device: str, flag: str = "--device") -> str:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
         raise ValueError(
-            f"{flag} must be a torch device like cpu or cuda:0, got {device!r}") from None
+            f"{flag} must be a torch device like cpu or cuda:0, got {device!r}"
+        ) from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (dev.index or 0) >= count:

@@ -262,42 +262,86 @@ def _results(records, failures, settings, config, *, complete: bool) -> dict[str
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     pos = argtypes.positive_int
-    parser.add_argument("--stream", default="digits-class",
-                        help="DATASET-KIND: DATASET in digits, fashion-mnist, mnist; KIND in "
-                             "class, task, permuted, rotated, online (class-incremental, "
-                             "one pass in mini-experiences of --batch-size) (default "
-                             "digits-class)")
-    parser.add_argument("--data", default=None, metavar="FILE",
-                        help="a .npz (X, y[, task]) or .csv file of your own; --stream is then "
-                             "the KIND (class, task, permuted, rotated; default class)")
-    parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
-                        help=f"comma-separated, among {', '.join(STRATEGIES)} (default: the "
-                             f"first {len(DEFAULT_STRATEGIES)})")
-    parser.add_argument("--epochs", type=pos, default=ZooConfig.epochs,
-                        help=f"epochs per experience, every strategy (default {ZooConfig.epochs})")
-    parser.add_argument("--seeds", type=argtypes.seed_list, default=[0, 1],
-                        help="a count N (seeds 0..N-1) or a comma-separated list (default 2)")
-    parser.add_argument("--out", default=None,
-                        help="run folder (default runs/YYYYmmdd-HHMMSS)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out (same arguments) where it stopped")
-    parser.add_argument("--force", action="store_true",
-                        help="remove the run in --out first and start anew")
+    parser.add_argument(
+        "--stream",
+        default="digits-class",
+        help="DATASET-KIND: DATASET in digits, fashion-mnist, mnist; KIND in "
+        "class, task, permuted, rotated, online (class-incremental, "
+        "one pass in mini-experiences of --batch-size) (default "
+        "digits-class)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        metavar="FILE",
+        help="a .npz (X, y[, task]) or .csv file of your own; --stream is then "
+        "the KIND (class, task, permuted, rotated; default class)",
+    )
+    parser.add_argument(
+        "--strategies",
+        default=",".join(DEFAULT_STRATEGIES),
+        help=f"comma-separated, among {', '.join(STRATEGIES)} (default: the "
+        f"first {len(DEFAULT_STRATEGIES)})",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=pos,
+        default=ZooConfig.epochs,
+        help=f"epochs per experience, every strategy (default {ZooConfig.epochs})",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=argtypes.seed_list,
+        default=[0, 1],
+        help="a count N (seeds 0..N-1) or a comma-separated list (default 2)",
+    )
+    parser.add_argument("--out", default=None, help="run folder (default runs/YYYYmmdd-HHMMSS)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out (same arguments) where it stopped",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="remove the run in --out first and start anew"
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--data-root", default=None,
-                        help="folder of the IDX files of fashion-mnist or mnist (default: "
-                             "see 'peer-ll data fetch')")
-    parser.add_argument("--experiences", type=pos, default=None,
-                        help="number of experiences (default 5; 10 for permuted)")
-    parser.add_argument("--max-train-per-exp", type=pos, default=None,
-                        help="subsample each training experience to this many samples")
-    parser.add_argument("--max-test-per-exp", type=pos, default=None,
-                        help="subsample each test experience to this many samples")
-    parser.add_argument("--nproc", type=pos, default=1,
-                        help="processes (data parallel, torchrun on this machine; gloo on the "
-                             "CPU, NCCL on CUDA); or start the run with torchrun (default 1)")
-    parser.add_argument("--threads", type=pos, default=1,
-                        help="torch CPU threads (default 1: tiny models run fastest so)")
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="folder of the IDX files of fashion-mnist or mnist (default: "
+        "see 'peer-ll data fetch')",
+    )
+    parser.add_argument(
+        "--experiences",
+        type=pos,
+        default=None,
+        help="number of experiences (default 5; 10 for permuted)",
+    )
+    parser.add_argument(
+        "--max-train-per-exp",
+        type=pos,
+        default=None,
+        help="subsample each training experience to this many samples",
+    )
+    parser.add_argument(
+        "--max-test-per-exp",
+        type=pos,
+        default=None,
+        help="subsample each test experience to this many samples",
+    )
+    parser.add_argument(
+        "--nproc",
+        type=pos,
+        default=1,
+        help="processes (data parallel, torchrun on this machine; gloo on the "
+        "CPU, NCCL on CUDA); or start the run with torchrun (default 1)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=pos,
+        default=1,
+        help="torch CPU threads (default 1: tiny models run fastest so)",
+    )
     kinds = {int: pos, float: argtypes.non_negative_float}
     positive = ("lr", "lwf_temperature")
     for f in fields(ZooConfig):
@@ -355,8 +399,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     if name not in (None, "digits") and find_image_dataset(name, args.data_root) is None:
         message = _not_found_message(name, args.data_root).replace("root=", "--data-root")
         raise ValueError(f"--stream {args.stream}: {message}")
-    args.run_dir = Path(args.out) if args.out else Path("runs") / dt.datetime.now().strftime(
-        "%Y%m%d-%H%M%S")
+    args.run_dir = (
+        Path(args.out) if args.out else Path("runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    )
     check_run_folder(args.run_dir, _settings(args), resume=args.resume, force=args.force)
 
 
@@ -366,11 +411,18 @@ def main(args: argparse.Namespace) -> int:
     config = ZooConfig(**{f.name: getattr(args, f.name) for f in fields(ZooConfig)})
     if args.nproc > 1 and distributed.world_size() == 1:  # start the ranks, same options
         options = {**vars(args), "out": str(args.run_dir)}
-        flags = [item for key, value in options.items()
-                 if value is not None and value is not False
-                 and key not in ("nproc", "run_dir", "command", "func", "seeds")
-                 for item in ((f"--{key.replace('_', '-')}",) if value is True
-                              else (f"--{key.replace('_', '-')}", str(value)))]
+        flags = [
+            item
+            for key, value in options.items()
+            if value is not None
+            and value is not False
+            and key not in ("nproc", "run_dir", "command", "func", "seeds")
+            for item in (
+                (f"--{key.replace('_', '-')}",)
+                if value is True
+                else (f"--{key.replace('_', '-')}", str(value))
+            )
+        ]
         return distributed.launch(args.nproc, [*flags, "--seeds", ",".join(map(str, args.seeds))])
     distributed.init(args.seeds[0], args.device)
     config = ZooConfig(**{**asdict(config), "device": distributed.local_device(config.device)})
@@ -398,7 +450,10 @@ def main(args: argparse.Namespace) -> int:
         draw_run_plots(results, run_dir)
         print(table)
     for failure in results["failures"]:
-        print(f"peer-ll run: error: {STRATEGIES[failure['strategy']]}, seed {failure['seed']}: "
-              f"{failure['error']}", file=sys.stderr)
+        print(
+            f"peer-ll run: error: {STRATEGIES[failure['strategy']]}, seed {failure['seed']}: "
+            f"{failure['error']}",
+            file=sys.stderr,
+        )
     print(f"\nrun folder: {run_dir}")
     return 1 if results["failures"] else 0

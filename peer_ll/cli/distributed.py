@@ -47,8 +47,9 @@ def init(seed: int, device: str) -> bool:
 
     if not dist.is_initialized():
         DistributedHelper.init_distributed(seed, use_cuda=str(device).startswith("cuda"))
-    logger.info("rank %d of %d, backend %s", dist.get_rank(), dist.get_world_size(),
-                dist.get_backend())
+    logger.info(
+        "rank %d of %d, backend %s", dist.get_rank(), dist.get_world_size(), dist.get_backend()
+    )
     return True
 
 
@@ -72,8 +73,18 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     """Run ``peer-ll run argv`` on ``nproc`` local processes with torchrun; its exit status."""
     from torch.distributed.run import main as torchrun
 
-    args = ["--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-            "--master_port", str(_free_port()), "-m", "peer_ll.cli", "run", *argv]
+    args = [
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "peer_ll.cli",
+        "run",
+        *argv,
+    ]
     logger.info("torchrun %s", " ".join(args))
     try:
         torchrun(args)

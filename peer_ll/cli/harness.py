@@ -102,14 +102,19 @@ def run_stream(
     values: dict[str, Any] = {}
     if checkpoint is not None:
         rows, values = load_stream_checkpoint(strategy, checkpoint)
-    todo = train[len(rows):] if rows else train
+    todo = train[len(rows) :] if rows else train
     bar = tqdm(todo, desc=desc, leave=False, disable=not progress, initial=len(rows), total=t)
     for i, exp in enumerate(bar, start=len(rows)):
         strategy.train(exp)
         values = strategy.eval(test if evaluate == "all" else test[: i + 1])
         rows.append(evaluation_values(values, t))
-        logger.info("%s: experience %d/%d, accuracy %s", desc, i + 1, t,
-                    [round(a, 4) for a in rows[-1]["accuracy"]])
+        logger.info(
+            "%s: experience %d/%d, accuracy %s",
+            desc,
+            i + 1,
+            t,
+            [round(a, 4) for a in rows[-1]["accuracy"]],
+        )
         if checkpoint is not None:
             save_stream_checkpoint(strategy, checkpoint, rows, values)
     return rows, values

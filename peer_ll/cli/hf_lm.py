@@ -38,10 +38,18 @@ def gpt2(vocab_size: int, *, dim: int, layers: int, block_size: int):
     """A GPT-2 built from a config (no hub), without dropout."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=dim,
-                        n_layer=layers, n_head=max(1, dim // 32), resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=vocab_size - 2,
-                        eos_token_id=vocab_size - 1)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=block_size,
+        n_embd=dim,
+        n_layer=layers,
+        n_head=max(1, dim // 32),
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -62,8 +70,9 @@ def main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    shape = TINY if args.tiny else dict(dim=args.dim, layers=args.layers,
-                                        block_size=args.block_size)
+    shape = (
+        TINY if args.tiny else dict(dim=args.dim, layers=args.layers, block_size=args.block_size)
+    )
     if args.tiny:
         args.max_bytes, args.eval_blocks = min(args.max_bytes, 60_000), min(args.eval_blocks, 8)
         args.block_size, args.grow_keys = TINY["block_size"], min(args.grow_keys, 8)
@@ -76,8 +85,14 @@ def main(args) -> int:
     base = gpt2(TEXT_VOCAB_SIZE, **shape)
     base.requires_grad_(True)
     first_seconds = hm.train_route(
-        base, lambda x: base(input_ids=x).logits, blocks[names[0]]["train"],
-        steps=args.steps_first, batch_size=args.batch_size, lr=args.lr_first, seed=args.seed)
+        base,
+        lambda x: base(input_ids=x).logits,
+        blocks[names[0]]["train"],
+        steps=args.steps_first,
+        batch_size=args.batch_size,
+        lr=args.lr_first,
+        seed=args.seed,
+    )
     first_row = [hm.perplexity(lambda x: base(input_ids=x).logits, t) for t in tests]
 
     settings = {"num_keys": args.grow_keys}
@@ -86,13 +101,15 @@ def main(args) -> int:
         if key == "lora":
             peer_counts = records["peer"]["trainable"]
             settings["lora_rank"] = lora_rank(base, sum(peer_counts) / len(peer_counts))
-        records[key] = run_method(hm.METHODS[key](base, settings), names, blocks, tests,
-                                  first_row, args)
+        records[key] = run_method(
+            hm.METHODS[key](base, settings), names, blocks, tests, first_row, args
+        )
     peer = records["peer"]["method"]
     with torch.no_grad():
         x = tests[0][:, :-1]
-        bit_identical = torch.equal(peer.model(input_ids=x, owners=0).logits,
-                                    base(input_ids=x).logits)
+        bit_identical = torch.equal(
+            peer.model(input_ids=x, owners=0).logits, base(input_ids=x).logits
+        )
     results = summarize(names, first_row, first_seconds, records, args)
     results["base_bit_identical"] = bit_identical
     results["reload"] = reload_check(peer, base, tests, records["peer"]["R"], out)
@@ -110,16 +127,31 @@ def run_method(method, names, blocks, tests, first_row, args) -> dict:
     R = {mode: [list(first_row)] for mode in method.modes}
     seconds, tokens = 0.0, 0
     for t in range(1, len(names)):
+
         def train(model, route, t=t):
-            return hm.train_route(model, route, blocks[names[t]]["train"], steps=args.steps,
-                                  batch_size=args.batch_size, lr=args.lr, seed=args.seed + t)
+            return hm.train_route(
+                model,
+                route,
+                blocks[names[t]]["train"],
+                steps=args.steps,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                seed=args.seed + t,
+            )
+
         seconds += method.learn(t, blocks[names[t]]["train"], train)
         tokens += args.steps * args.batch_size * args.block_size
         for mode in method.modes:
-            R[mode].append([hm.perplexity(method.routes(mode, j), test)
-                            for j, test in enumerate(tests)])
-    return {"method": method, "R": R, "trainable": method.trainable, "added": method.added,
-            "tokens_per_s": tokens / seconds if seconds else float("nan")}
+            R[mode].append(
+                [hm.perplexity(method.routes(mode, j), test) for j, test in enumerate(tests)]
+            )
+    return {
+        "method": method,
+        "R": R,
+        "trainable": method.trainable,
+        "added": method.added,
+        "tokens_per_s": tokens / seconds if seconds else float("nan"),
+    }
 
 
 def summarize(names, first_row, first_seconds, records, args) -> dict:
@@ -131,16 +163,25 @@ def summarize(names, first_row, first_seconds, records, args) -> dict:
         for mode, R in rec["R"].items():
             gain = [first_row[t] - R[t][t] for t in range(1, len(names))]
             rows[mode] = {
-                "R": R, "base_change": R[-1][0] / first_row[0] - 1,
-                "gain_vs_full": [g / f if f > 0 else float("nan")
-                                 for g, f in zip(gain, full_gain, strict=True)],
-                "trainable_per_domain": rec["trainable"], "added": rec["added"],
+                "R": R,
+                "base_change": R[-1][0] / first_row[0] - 1,
+                "gain_vs_full": [
+                    g / f if f > 0 else float("nan") for g, f in zip(gain, full_gain, strict=True)
+                ],
+                "trainable_per_domain": rec["trainable"],
+                "added": rec["added"],
                 "tokens_per_s": rec["tokens_per_s"],
             }
-    return {"domains": names, "first_row": first_row, "first_seconds": first_seconds,
-            "lora_rank": records["lora"]["method"].rank, "rows": rows,
-            "args": {k: str(v) if isinstance(v, Path) else v
-                     for k, v in vars(args).items() if k != "func"}}
+    return {
+        "domains": names,
+        "first_row": first_row,
+        "first_seconds": first_seconds,
+        "lora_rank": records["lora"]["method"].rank,
+        "rows": rows,
+        "args": {
+            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"
+        },
+    }
 
 
 RELOAD = """
@@ -168,13 +209,22 @@ def reload_check(peer, base, tests, R, out: Path) -> dict:
     torch.save(tests, folder / "tests.pt")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     threads = str(torch.get_num_threads())
-    done = subprocess.run([sys.executable, "-c", RELOAD, os.fspath(folder), threads], env=env,
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", RELOAD, os.fspath(folder), threads],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     got = json.loads(done.stdout.strip().splitlines()[-1])
     known, infer = peer.modes
     want = {"known": R[known][-1], "infer": R[infer][-1]}
-    return {"identical": got == want, "reloaded": got, "expected": want,
-            "adapter_bytes": (folder / "experts" / "adapter_model.safetensors").stat().st_size}
+    return {
+        "identical": got == want,
+        "reloaded": got,
+        "expected": want,
+        "adapter_bytes": (folder / "experts" / "adapter_model.safetensors").stat().st_size,
+    }
 
 
 def table(results: dict) -> str:
@@ -187,11 +237,16 @@ def table(results: dict) -> str:
         R = row["R"]
         cells = [mode, f"{R[-1][0]:.3f} ({100 * row['base_change']:+.1f}%)"]
         for t in range(1, len(names)):
-            cells.append(f"{results['first_row'][t]:.3f}→{R[t][t]:.3f} "
-                         f"({100 * row['gain_vs_full'][t - 1]:.0f}%)")
+            cells.append(
+                f"{results['first_row'][t]:.3f}→{R[t][t]:.3f} "
+                f"({100 * row['gain_vs_full'][t - 1]:.0f}%)"
+            )
         per = row["trainable_per_domain"]
-        cells += [f"{round(sum(per) / len(per)):,}", f"{row['added']:,}",
-                  f"{row['tokens_per_s']:,.0f}"]
+        cells += [
+            f"{round(sum(per) / len(per)):,}",
+            f"{row['added']:,}",
+            f"{row['tokens_per_s']:,.0f}",
+        ]
         lines.append(cells)
     widths = [max(len(r[i]) for r in [head, *lines]) for i in range(len(head))]
     fmt = " | ".join(f"{{:{w}}}" for w in widths)

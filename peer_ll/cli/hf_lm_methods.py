@@ -45,8 +45,9 @@ def train_route(model, route, blocks, *, steps, batch_size, lr, seed, warmup=20)
     opt = make_optimizer(model, lr=lr)
     model.train()
     start = time.perf_counter()
-    for step, batch in enumerate(sample_batches(blocks, batch_size=batch_size, steps=steps,
-                                                seed=seed)):
+    for step, batch in enumerate(
+        sample_batches(blocks, batch_size=batch_size, steps=steps, seed=seed)
+    ):
         scale = min(1.0, (step + 1) / max(1, warmup))
         scale *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
         for group in opt.param_groups:
@@ -66,16 +67,19 @@ def perplexity(route, blocks: torch.Tensor, *, batch_size: int = 32) -> float:
     total, count = 0.0, 0
     for batch in blocks.split(batch_size):
         logits = route(batch[:, :-1])
-        nll = F.cross_entropy(logits.flatten(0, 1).double(), batch[:, 1:].reshape(-1),
-                              reduction="sum")
+        nll = F.cross_entropy(
+            logits.flatten(0, 1).double(), batch[:, 1:].reshape(-1), reduction="sum"
+        )
         total, count = total + float(nll), count + batch[:, 1:].numel()
     return math.exp(total / count)
 
 
 def inferred(routes):
     """The causal posterior mixture of ``routes`` (a list of routes) as one route."""
+
     def route(x):
         return posterior_mixture(torch.stack([r(x) for r in routes]), x)[0]
+
     return route
 
 
@@ -107,13 +111,21 @@ class LoRA:
         from peft import LoraConfig, get_peft_model
 
         self.rank = settings["lora_rank"]
-        self.lora = LoraConfig(r=self.rank, lora_alpha=self.rank, lora_dropout=0.0,
-                               target_modules=LORA_TARGETS, fan_in_fan_out=True)
+        self.lora = LoraConfig(
+            r=self.rank,
+            lora_alpha=self.rank,
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS,
+            fan_in_fan_out=True,
+        )
         self.model = get_peft_model(copy.deepcopy(base), self.lora, adapter_name="d1")
         self.names = []
         name = f"LoRA r={self.rank}"
-        self.modes = (f"{name}, domain known", f"{name}, domain inferred",
-                      f"{name}, last adapter on")
+        self.modes = (
+            f"{name}, domain known",
+            f"{name}, domain inferred",
+            f"{name}, last adapter on",
+        )
         self.trainable, self.added = [], 0
 
     def learn(self, t: int, blocks, train) -> float:
@@ -135,6 +147,7 @@ class LoRA:
                     return self.model(input_ids=x).logits
             self.model.set_adapter(self.names[j - 1])
             return self.model(input_ids=x).logits
+
         return run
 
     def routes(self, mode: str, j: int):
@@ -158,8 +171,7 @@ class PEERExperts:
     def learn(self, t: int, blocks, train) -> float:
         if self.model is None:
             config = ExpertsConfig(**PEER_SHAPE, adapter_rank=self.adapter_rank)
-            self.model = add_experts(self.base, config,
-                                     num_keys=self.num_keys, owner=t)
+            self.model = add_experts(self.base, config, num_keys=self.num_keys, owner=t)
         else:
             add_experts(self.model, num_keys=self.num_keys, owner=t)
         counts = self.model.parameter_counts()
@@ -169,8 +181,13 @@ class PEERExperts:
 
     def route(self, j: int):
         known = j if self.model is not None and j in self.model.owners else 0
-        return lambda x: (self.model(input_ids=x, owners=known) if self.model is not None
-                          else self.base(input_ids=x)).logits
+        return lambda x: (
+            (
+                self.model(input_ids=x, owners=known)
+                if self.model is not None
+                else self.base(input_ids=x)
+            ).logits
+        )
 
     def routes(self, mode: str, j: int):
         if mode.endswith("domain known") or self.model is None:
@@ -183,5 +200,9 @@ class PEERExpertsOnly(PEERExperts):
     name = "PEER experts only"
 
 
-METHODS = {"full": FullFinetuning, "lora": LoRA, "peer": PEERExperts,
-           "peer-experts-only": PEERExpertsOnly}
+METHODS = {
+    "full": FullFinetuning,
+    "lora": LoRA,
+    "peer": PEERExperts,
+    "peer-experts-only": PEERExpertsOnly,
+}

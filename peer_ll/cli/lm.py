@@ -79,40 +79,61 @@ DEFAULT_DOMAINS = ("python-stdlib", "pydoc-topics", "unicode-names")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     pos, count, rate = positive_int, non_negative_int, positive_float
-    add("--domains", nargs="+", default=list(DEFAULT_DOMAINS), metavar="DOMAIN",
+    add(
+        "--domains",
+        nargs="+",
+        default=list(DEFAULT_DOMAINS),
+        metavar="DOMAIN",
         help="domains in stream order: built-in names (python-stdlib, pydoc-topics, "
-             "unicode-names) or NAME=PATH for a folder or file of text (default: the three "
-             "built-ins)")
-    add("--steps-first", type=count, default=1000,
-        help="training steps on the first domain (1000)")
+        "unicode-names) or NAME=PATH for a folder or file of text (default: the three "
+        "built-ins)",
+    )
+    add("--steps-first", type=count, default=1000, help="training steps on the first domain (1000)")
     add("--steps", type=count, default=250, help="training steps on each later domain (250)")
     add("--lr-first", type=rate, default=3e-3, help="peak learning rate, first domain (3e-3)")
     add("--lr", type=rate, default=6e-3, help="peak learning rate, later domains (6e-3)")
     add("--batch-size", type=pos, default=16, help="blocks per step (16)")
     add("--block-size", type=pos, default=128, help="context length T (128)")
-    add("--max-bytes", type=pos, default=1_000_000,
-        help="bytes of text per domain (1000000)")
+    add("--max-bytes", type=pos, default=1_000_000, help="bytes of text per domain (1000000)")
     add("--eval-blocks", type=pos, default=96, help="test blocks per domain (96)")
-    add("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS,
-        help="methods for the later domains (default: all but grow-pool)")
+    add(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        choices=METHODS,
+        help="methods for the later domains (default: all but grow-pool)",
+    )
     add("--grow-keys", type=pos, default=32, help="sub-keys per side of a grown segment (32)")
     add("--top-t", type=pos, default=256, help="sparse finetuning: rows per layer and step (256)")
     add("--dim", type=pos, default=128, help="model width (128)")
     add("--layers", type=pos, default=4, help="transformer blocks (4); PEER in the middle one")
-    add("--experts-only", action="store_true",
+    add(
+        "--experts-only",
+        action="store_true",
         help="grow-and-freeze grows only PEER experts and sub-keys in the PEER blocks (the "
-             "method in its plainest form): no expert layers beside dense MLPs, no query or "
-             "attention adapters")
-    add("--tiny", action="store_true",
-        help="a tiny model, data and step count: a smoke run of well under a minute")
-    add("--base", choices=("peerlm", "hf-gpt2"), default="peerlm",
+        "method in its plainest form): no expert layers beside dense MLPs, no query or "
+        "attention adapters",
+    )
+    add(
+        "--tiny",
+        action="store_true",
+        help="a tiny model, data and step count: a smoke run of well under a minute",
+    )
+    add(
+        "--base",
+        choices=("peerlm", "hf-gpt2"),
+        default="peerlm",
         help="peerlm: the methods above on a PEERLM; hf-gpt2: PEER experts vs LoRA vs full "
-             "finetuning on a Hugging Face GPT-2 (peer_ll.cli.hf_lm)")
+        "finetuning on a Hugging Face GPT-2 (peer_ll.cli.hf_lm)",
+    )
     add("--seed", type=count, default=0, help="random seed (0)")
     add("--threads", type=count, default=0, help="torch threads (0: torch's default)")
     add("--out", default=None, help="run folder (default: runs/lm-<time>)")
-    add("--resume", action="store_true",
-        help="continue the run in --out (same arguments): finished methods are kept")
+    add(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out (same arguments): finished methods are kept",
+    )
     add("--force", action="store_true", help="remove the run in --out first and start anew")
     add("--no-reload-check", action="store_true", help="skip loading checkpoints anew")
     add("--no-progress", action="store_true", help="no progress bars")
@@ -121,9 +142,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def evaluate(model: PEERLM, method: str, tests: list[torch.Tensor]) -> dict[str, list[float]]:
     """{row label: [perplexity on each domain's test blocks]} for a method's labels."""
     return {
-        label: [perplexity(model, t, domain=eval_domain(mode, j, model))
-                for j, t in enumerate(tests)]
-        for label, (m, mode) in EVALUATIONS.items() if m == method
+        label: [
+            perplexity(model, t, domain=eval_domain(mode, j, model)) for j, t in enumerate(tests)
+        ]
+        for label, (m, mode) in EVALUATIONS.items()
+        if m == method
     }
 
 
@@ -132,18 +155,39 @@ def run_method(method, base, names, blocks, args, settings, out) -> dict:
     model = PEERLM(dataclasses.replace(base.config, growth=growth_of(method)))
     model.load_state_dict(base.state_dict())
     tests = [blocks[n]["test"] for n in names]
-    rec = {"seconds": [], "new_params": [], "changed_old_params": [], "trainable": [],
-           "rows": {}, "checkpoints": [], "extra": []}
+    rec = {
+        "seconds": [],
+        "new_params": [],
+        "changed_old_params": [],
+        "trainable": [],
+        "rows": {},
+        "checkpoints": [],
+        "extra": [],
+    }
     for t in range(1, len(names)):
         before = {k: v.clone() for k, v in model.state_dict().items()}
         start = time.perf_counter()
-        hook = prepare(method, model, owner=t, settings=settings,
-                       background=[blocks[n]["train"] for n in names[:t]],
-                       new_blocks=blocks[names[t]]["train"])
+        hook = prepare(
+            method,
+            model,
+            owner=t,
+            settings=settings,
+            background=[blocks[n]["train"] for n in names[:t]],
+            new_blocks=blocks[names[t]]["train"],
+        )
         rec["trainable"].append(count_parameters(model, trainable_only=True))
-        train_lm(model, blocks[names[t]]["train"], steps=args.steps, batch_size=args.batch_size,
-                 lr=args.lr, seed=args.seed + t, domain=train_domain(method, t), grad_hook=hook,
-                 desc=f"{method} on {names[t]}", progress=not args.no_progress)
+        train_lm(
+            model,
+            blocks[names[t]]["train"],
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed + t,
+            domain=train_domain(method, t),
+            grad_hook=hook,
+            desc=f"{method} on {names[t]}",
+            progress=not args.no_progress,
+        )
         rec["seconds"].append(time.perf_counter() - start)
         changed, new = touched_entries(before, model)
         rec["new_params"].append(new)
@@ -163,8 +207,11 @@ def _diagnostics(model: PEERLM, method: str, tests: list[torch.Tensor]) -> dict:
         return {"routing_share": [routing_shares(model, t) for t in tests]}
     if method == "grow-and-freeze":
         owners = model.owners
-        return {"domain_accuracy": [domain_accuracy(model, t, j) if j in owners else None
-                                    for j, t in enumerate(tests)]}
+        return {
+            "domain_accuracy": [
+                domain_accuracy(model, t, j) if j in owners else None for j, t in enumerate(tests)
+            ]
+        }
     return {}
 
 
@@ -186,11 +233,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    shape = TINY if args.tiny else dict(dim=args.dim, layers=args.layers,
-                                        block_size=args.block_size)
+    shape = (
+        TINY if args.tiny else dict(dim=args.dim, layers=args.layers, block_size=args.block_size)
+    )
     if args.experts_only:
-        shape = dict(shape, grow_dense_blocks=False, adapter_rank=0, adapter_affine=False,
-                     attention_adapter_rank=0)
+        shape = dict(
+            shape,
+            grow_dense_blocks=False,
+            adapter_rank=0,
+            adapter_affine=False,
+            attention_adapter_rank=0,
+        )
     config = LMConfig(**shape)  # checks the model's shape before any data or folder
     settings_ = MethodSettings(grow_keys=args.grow_keys, top_t=args.top_t, steps=args.steps)
     if args.tiny:
@@ -208,9 +261,16 @@ def _run(args: argparse.Namespace) -> int:
     # which owners="infer" needs, are not in a checkpoint).
     base = PEERLM(config)
     start = time.perf_counter()
-    train_lm(base, blocks[names[0]]["train"], steps=args.steps_first, batch_size=args.batch_size,
-             lr=args.lr_first, seed=args.seed, desc=f"train on {names[0]}",
-             progress=not args.no_progress)
+    train_lm(
+        base,
+        blocks[names[0]]["train"],
+        steps=args.steps_first,
+        batch_size=args.batch_size,
+        lr=args.lr_first,
+        seed=args.seed,
+        desc=f"train on {names[0]}",
+        progress=not args.no_progress,
+    )
     first_seconds = time.perf_counter() - start
     first_row = [perplexity(base, blocks[n]["test"]) for n in names]
     base.save(out / "checkpoints" / f"base-0-{names[0]}.pt")
@@ -225,8 +285,9 @@ def _run(args: argparse.Namespace) -> int:
             del rec["model"]
             save_progress(path, rec)
         records[method] = rec
-    results = lm_report.summarize(names, first_row, first_seconds, records,
-                                  base_params=count_parameters(base))
+    results = lm_report.summarize(
+        names, first_row, first_seconds, records, base_params=count_parameters(base)
+    )
     results["config"] = {"model": config.to_dict(), "methods": dataclasses.asdict(settings_),
                          "args": {k: v for k, v in vars(args).items()
                                   if k not in ("func", "run_dir")}}  # fmt: skip

@@ -23,14 +23,32 @@ from peer_ll.cli.files import atomic_write_text
 from peer_ll.cli.run_folder import check_run_folder
 
 #: Arguments that do not change a run's results (left out of ``run.json``).
-NOT_SETTINGS = ("out", "resume", "force", "no_progress", "no_reload_check", "threads", "run_dir",
-                "func")
+NOT_SETTINGS = (
+    "out",
+    "resume",
+    "force",
+    "no_progress",
+    "no_reload_check",
+    "threads",
+    "run_dir",
+    "func",
+)
 #: API argument names in library messages -> the flags that set them.
 FLAGS = {"max_bytes_per_domain": "--max-bytes", "block_size": "--block-size",
          "source": "--domains NAME=PATH"}  # fmt: skip
 #: ``--tiny``'s model.
-TINY = dict(dim=32, layers=2, attn_heads=2, block_size=32, peer_num_keys=8, peer_heads=2,
-            peer_topk=4, peer_dim_key=16, adapter_rank=4, attention_adapter_rank=4)
+TINY = dict(
+    dim=32,
+    layers=2,
+    attn_heads=2,
+    block_size=32,
+    peer_num_keys=8,
+    peer_heads=2,
+    peer_topk=4,
+    peer_dim_key=16,
+    adapter_rank=4,
+    attention_adapter_rank=4,
+)
 #: ``--tiny``: a smoke run of well under a minute on 2 CPU cores.
 TINY_LIMITS = dict(max_bytes=30_000, eval_blocks=4, steps_first=30, steps=10, grow_keys=8,
                    top_t=16)  # fmt: skip

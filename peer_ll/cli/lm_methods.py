@@ -64,8 +64,15 @@ class TfidfRows:
         batch_size: blocks per background batch.
     """
 
-    def __init__(self, model: PEERLM, background: list[torch.Tensor], *, top_t: int,
-                 batches: int = 32, batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        model: PEERLM,
+        background: list[torch.Tensor],
+        *,
+        top_t: int,
+        batches: int = 32,
+        batch_size: int = 16,
+    ) -> None:
         self.top_t = check_int("top_t", top_t, minimum=1)
         layers = model.peer_layers
         df = [torch.zeros(layer.num_experts) for layer in layers]
@@ -106,7 +113,10 @@ def _keep_rows(grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     rows = grad.indices()[0]
     sel = keep[rows]
     return torch.sparse_coo_tensor(
-        rows[sel][None], grad.values()[sel], grad.shape, is_coalesced=True,
+        rows[sel][None],
+        grad.values()[sel],
+        grad.shape,
+        is_coalesced=True,
         check_invariants=False,
     )
 
@@ -137,8 +147,14 @@ def prepare(
     if method == "grow-pool":
         from peer_ll.cli.lm_pool import prepare_pool
 
-        return prepare_pool(model, owner=owner, grow_keys=settings.grow_keys,
-                            steps=settings.steps, new_blocks=new_blocks, old_blocks=background)
+        return prepare_pool(
+            model,
+            owner=owner,
+            grow_keys=settings.grow_keys,
+            steps=settings.steps,
+            new_blocks=new_blocks,
+            old_blocks=background,
+        )
     if method in ("grow-only", "grow-and-freeze"):
         expected = "pool" if method == "grow-only" else "branch"
         if model.config.growth != expected:
@@ -154,9 +170,7 @@ def prepare(
     for layer in model.peer_layers:
         layer.down.requires_grad_(True)
         layer.up.requires_grad_(True)
-    return TfidfRows(
-        model, background, top_t=settings.top_t, batches=settings.background_batches
-    )
+    return TfidfRows(model, background, top_t=settings.top_t, batches=settings.background_batches)
 
 
 def growth_of(method: str) -> str:
@@ -189,4 +203,3 @@ def eval_domain(mode: Domain, domain: int, model: PEERLM) -> Domain:
     if mode != "known":
         return mode
     return domain if domain in model.owners else None
-

@@ -26,8 +26,9 @@ from peer_ll.strategies.capture import PEERInputs, recompute_query
 from peer_ll.strategies.pool_growth import PoolGrowth, PoolGrowthConfig
 
 
-def layer_queries(model: PEERLM, blocks: torch.Tensor, *, batches: int = 8,
-                  batch_size: int = 16) -> dict:
+def layer_queries(
+    model: PEERLM, blocks: torch.Tensor, *, batches: int = 8, batch_size: int = 16
+) -> dict:
     """{PEER layer: (N, H, d) queries} of the model's tokens on ``blocks``."""
     watch = PEERInputs(model)
     out: dict = {}
@@ -61,8 +62,9 @@ class PoolRegulariser:
     def __call__(self, model: PEERLM) -> None:
         total = None
         for layer, (x, _) in self.watch.inputs.items():
-            loss = self.growth.loss(layer, recompute_query(layer, x.detach()),
-                                    owner=self.owner, generator=self.gen)
+            loss = self.growth.loss(
+                layer, recompute_query(layer, x.detach()), owner=self.owner, generator=self.gen
+            )
             total = loss if total is None else total + loss
         if total is not None and total.requires_grad:
             total.backward()
@@ -72,13 +74,22 @@ class PoolRegulariser:
             self.watch.remove()
 
 
-def prepare_pool(model: PEERLM, *, owner: int, grow_keys: int, steps: int,
-                 new_blocks: torch.Tensor, old_blocks: list[torch.Tensor],
-                 config: PoolGrowthConfig | None = None) -> PoolRegulariser:
+def prepare_pool(
+    model: PEERLM,
+    *,
+    owner: int,
+    grow_keys: int,
+    steps: int,
+    new_blocks: torch.Tensor,
+    old_blocks: list[torch.Tensor],
+    config: PoolGrowthConfig | None = None,
+) -> PoolRegulariser:
     """Grow ``model`` into one pool for domain ``owner``; returns the regulariser hook."""
     if model.config.growth != "pool":
-        raise ValueError(f"model must have config.growth='pool' for method 'grow-pool', "
-                         f"got {model.config.growth!r}")
+        raise ValueError(
+            f"model must have config.growth='pool' for method 'grow-pool', "
+            f"got {model.config.growth!r}"
+        )
     growth = PoolGrowth(config or PoolGrowthConfig(calibrate=False))  # the model's adapters
     for j, blocks in enumerate(old_blocks):
         for layer, q in layer_queries(model, blocks).items():

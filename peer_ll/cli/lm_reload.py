@@ -35,8 +35,10 @@ def recompute(spec: dict) -> list[dict[str, list[float]]]:
         rows = {}
         for label in item["expected"]:
             mode = None if label == BASE_LABEL else EVALUATIONS[label][1]
-            rows[label] = [perplexity(model, t, domain=eval_domain(mode, j, model))
-                           for j, t in enumerate(tests)]
+            rows[label] = [
+                perplexity(model, t, domain=eval_domain(mode, j, model))
+                for j, t in enumerate(tests)
+            ]
         out.append(rows)
     return out
 
@@ -59,18 +61,25 @@ def reload_check(folder: Path, records: dict, first_row: list[float]) -> dict:
             expected = {label: rows[t] for label, rows in rec["rows"].items()}
             items.append({"path": path, "expected": expected})
     spec_path = folder / "reload_spec.json"
-    spec = {"folder": os.fspath(folder.resolve()), "threads": torch.get_num_threads(),
-            "checkpoints": items}
+    spec = {
+        "folder": os.fspath(folder.resolve()),
+        "threads": torch.get_num_threads(),
+        "checkpoints": items,
+    }
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(peer_ll.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    subprocess.run([sys.executable, "-m", "peer_ll.cli.lm_reload", os.fspath(spec_path)],
-                   env=env, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "peer_ll.cli.lm_reload", os.fspath(spec_path)], env=env, check=True
+    )
     got = json.loads(spec_path.with_suffix(".out.json").read_text())
-    diffs = [abs(a - b) for item, rows in zip(items, got, strict=True)
-             for label, want in item["expected"].items()
-             for a, b in zip(want, rows[label], strict=True)]
+    diffs = [
+        abs(a - b)
+        for item, rows in zip(items, got, strict=True)
+        for label, want in item["expected"].items()
+        for a, b in zip(want, rows[label], strict=True)
+    ]
     return {"identical": max(diffs) == 0.0, "checked": len(diffs), "max_abs_diff": max(diffs)}
 
 

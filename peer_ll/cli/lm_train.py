@@ -83,8 +83,9 @@ def train_lm(
     losses: list[float] = []
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
-    for step, batch in enumerate(sample_batches(blocks, batch_size=batch_size, steps=steps,
-                                                seed=seed)):
+    for step, batch in enumerate(
+        sample_batches(blocks, batch_size=batch_size, steps=steps, seed=seed)
+    ):
         scale = min(1.0, (step + 1) / max(1, warmup))
         scale *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
         for group in opt.param_groups:
@@ -201,10 +202,13 @@ def load_blocks(args: argparse.Namespace) -> dict[str, dict[str, torch.Tensor]]:
     for spec in args.domains:
         name, sep, path = spec.partition("=")
         domains.append(text_domain(name, path) if sep else spec)
-    stream = text_domain_stream(domains, block_size=args.block_size,
-                                max_bytes_per_domain=args.max_bytes, seed=args.seed)
+    stream = text_domain_stream(
+        domains, block_size=args.block_size, max_bytes_per_domain=args.max_bytes, seed=args.seed
+    )
     return {
-        name: {"train": stream.get_split(name, "train"),
-               "test": stream.get_split(name, "test")[: args.eval_blocks]}
+        name: {
+            "train": stream.get_split(name, "train"),
+            "test": stream.get_split(name, "test")[: args.eval_blocks],
+        }
         for name in stream.domain_names
     }

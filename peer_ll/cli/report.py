@@ -15,8 +15,9 @@ from peer_ll.evaluation.report import SCALARS, results_table
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run folder of 'peer-ll run' (or its results.json)")
-    parser.add_argument("--plots", default=None,
-                        help="folder for the redrawn plots (default: the run folder)")
+    parser.add_argument(
+        "--plots", default=None, help="folder for the redrawn plots (default: the run folder)"
+    )
     parser.add_argument("--no-plots", action="store_true", help="print the table only")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
 
@@ -49,10 +50,18 @@ def check_results(results: Any, where: str) -> dict[str, Any]:
                                      f"or null, got {summary[k]!r}")  # fmt: skip
         matrix = summary.get("accuracy_matrix")
         rows = matrix if isinstance(matrix, list) else None
-        if (rows is None or not rows or any(not isinstance(r, list) or len(r) != len(rows)
-                                            or not all(map(_number, r)) for r in rows)):
-            raise ValueError(f"{where}: strategies[{name!r}]['accuracy_matrix'] must be a "
-                             f"square list of rows of numbers, got {str(matrix)[:80]}")
+        if (
+            rows is None
+            or not rows
+            or any(
+                not isinstance(r, list) or len(r) != len(rows) or not all(map(_number, r))
+                for r in rows
+            )
+        ):
+            raise ValueError(
+                f"{where}: strategies[{name!r}]['accuracy_matrix'] must be a "
+                f"square list of rows of numbers, got {str(matrix)[:80]}"
+            )
     if not isinstance(results.get("config", {}), dict):
         raise ValueError(f"{where}: 'config' must be an object")
     return results
@@ -81,9 +90,11 @@ def main(args: argparse.Namespace) -> int:
     results = args.results
     cfg = results.get("config", {})
     if cfg:
-        print(f"{cfg.get('stream')}: {cfg.get('n_experiences')} experiences, "
-              f"seeds {cfg.get('seeds')}, {cfg.get('epochs')} epochs, "
-              f"replay budget {cfg.get('replay_budget')}; accuracy in %, mean ± std over seeds")
+        print(
+            f"{cfg.get('stream')}: {cfg.get('n_experiences')} experiences, "
+            f"seeds {cfg.get('seeds')}, {cfg.get('epochs')} epochs, "
+            f"replay budget {cfg.get('replay_budget')}; accuracy in %, mean ± std over seeds"
+        )
     if results.get("complete") is False:
         print("(an unfinished run: the strategies and seeds finished so far)")
     print(results_table(results, markdown=args.markdown))

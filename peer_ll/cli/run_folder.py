@@ -42,18 +42,27 @@ def check_run_folder(path: str | Path, settings: dict[str, Any], *, resume: bool
             raise ValueError(f"--resume: {path / MARKER} cannot be read: {err}") from err
         new = json_ready(settings)
         if not isinstance(old, dict) or old != new:
-            keys = sorted(k for k in set(new) | set(old if isinstance(old, dict) else {})
-                          if not isinstance(old, dict) or old.get(k) != new.get(k))
-            raise ValueError(f"--resume: {path} was started with other settings ({keys}); "
-                             "resume with the same arguments or pass --force")
+            keys = sorted(
+                k
+                for k in set(new) | set(old if isinstance(old, dict) else {})
+                if not isinstance(old, dict) or old.get(k) != new.get(k)
+            )
+            raise ValueError(
+                f"--resume: {path} was started with other settings ({keys}); "
+                "resume with the same arguments or pass --force"
+            )
         return path
     if force:
         if not marked:
-            raise ValueError(f"--force: {path} is not a run folder (no {MARKER} or "
-                             "results.json); refusing to remove its files")
+            raise ValueError(
+                f"--force: {path} is not a run folder (no {MARKER} or "
+                "results.json); refusing to remove its files"
+            )
         return path
-    raise ValueError(f"--out {path} holds files already: pass --resume to continue the run "
-                     "there or --force to replace it")
+    raise ValueError(
+        f"--out {path} holds files already: pass --resume to continue the run "
+        "there or --force to replace it"
+    )
 
 
 def open_run_folder(path: str | Path, settings: dict[str, Any], *, resume: bool,

@@ -46,6 +46,7 @@ __all__ = [
 #: Module types whose output counts as post-activation features by default.
 ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Softplus)
 
+
 class _PerExperienceMetric(PluginMetric[dict]):
     """Collects during one evaluation experience and emits after it."""
 
@@ -251,4 +252,3 @@ def peer_metrics(
     if plasticity:
         metrics.append(PlasticityHealth(module))
     return metrics
-

@@ -18,8 +18,10 @@ import numpy as np
 def _as_owner_array(retrieved: Any, name: str) -> np.ndarray:
     arr = np.asarray(retrieved.cpu() if hasattr(retrieved, "cpu") else retrieved)
     if arr.ndim < 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must be a non-empty integer array (..., k) of owners, "
-                         f"got dtype {arr.dtype} shape {arr.shape}")
+        raise ValueError(
+            f"{name} must be a non-empty integer array (..., k) of owners, "
+            f"got dtype {arr.dtype} shape {arr.shape}"
+        )
     return arr.reshape(-1, arr.shape[-1])
 
 
@@ -39,8 +41,11 @@ def own_segment_share(retrieved_owners: Any, owner: int) -> dict[str, float]:
     """
     arr = _as_owner_array(retrieved_owners, "retrieved_owners")
     own = arr == owner  # (Q, k)
-    return {"slots": float(own.mean()), "all": float(own.all(1).mean()),
-            "any": float(own.any(1).mean())}
+    return {
+        "slots": float(own.mean()),
+        "all": float(own.all(1).mean()),
+        "any": float(own.any(1).mean()),
+    }
 
 
 def segment_share_matrix(
@@ -58,8 +63,10 @@ def segment_share_matrix(
         holds every owner retrieved).
     """
     if not isinstance(retrieved, Mapping) or not retrieved:
-        raise ValueError(f"retrieved must be a non-empty mapping domain -> owners, "
-                         f"got {type(retrieved).__name__}")
+        raise ValueError(
+            f"retrieved must be a non-empty mapping domain -> owners, "
+            f"got {type(retrieved).__name__}"
+        )
     arrays = {d: _as_owner_array(a, f"retrieved[{d!r}]") for d, a in retrieved.items()}
     if owners is None:
         owners = sorted({int(o) for a in arrays.values() for o in np.unique(a)})

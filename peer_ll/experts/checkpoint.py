@@ -17,8 +17,16 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 #: Pool entries of a PEER state dict.
-POOL_KEYS = ("down", "up", "sub_keys", "segments", "segment_owner", "expert_owner",
-             "expert_frozen", "key_frozen")
+POOL_KEYS = (
+    "down",
+    "up",
+    "sub_keys",
+    "segments",
+    "segment_owner",
+    "expert_owner",
+    "expert_frozen",
+    "key_frozen",
+)
 
 
 def check_checkpoint(pool, state_dict: dict, prefix: str) -> None:
@@ -39,11 +47,22 @@ def check_checkpoint(pool, state_dict: dict, prefix: str) -> None:
     for name, value in entry.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{prefix}{name} must be a torch.Tensor, got {type(value).__name__}")
-        want = {"segments": "int", "segment_owner": "int", "expert_owner": "int",
-                "expert_frozen": "bool", "key_frozen": "bool"}.get(name, "float")
-        kind = ("bool" if value.dtype == torch.bool else
-                "float" if value.is_floating_point() else "complex" if value.is_complex()
-                else "int")
+        want = {
+            "segments": "int",
+            "segment_owner": "int",
+            "expert_owner": "int",
+            "expert_frozen": "bool",
+            "key_frozen": "bool",
+        }.get(name, "float")
+        kind = (
+            "bool"
+            if value.dtype == torch.bool
+            else "float"
+            if value.is_floating_point()
+            else "complex"
+            if value.is_complex()
+            else "int"
+        )
         if kind != want:
             raise ValueError(f"{prefix}{name} must have a {want} dtype, got {value.dtype}")
     rows, keys = _check_tables(pool, entry, prefix)
@@ -62,19 +81,31 @@ def check_checkpoint(pool, state_dict: dict, prefix: str) -> None:
 
 def _check_tables(pool, entry: dict, prefix: str) -> tuple[int, int]:
     """(expert rows, sub-key rows) of a checkpoint's tables, after checking their shapes."""
-    shapes = {"down": (None, pool.dim), "up": (None, pool.dim_out),
-              "sub_keys": (None, *pool.sub_keys.shape[1:]), "expert_owner": (None,),
-              "expert_frozen": (None,), "key_frozen": (None,), "segments": (None, 4),
-              "segment_owner": (None,)}
+    shapes = {
+        "down": (None, pool.dim),
+        "up": (None, pool.dim_out),
+        "sub_keys": (None, *pool.sub_keys.shape[1:]),
+        "expert_owner": (None,),
+        "expert_frozen": (None,),
+        "key_frozen": (None,),
+        "segments": (None, 4),
+        "segment_owner": (None,),
+    }
     for name, shape in shapes.items():
         got = tuple(entry[name].shape)
         if len(got) != len(shape) or any(
-                w is not None and g != w for g, w in zip(got, shape, strict=False)):
+            w is not None and g != w for g, w in zip(got, shape, strict=False)
+        ):
             want = ", ".join("rows" if w is None else str(w) for w in shape)
             raise ValueError(f"{prefix}{name} must have shape ({want}), got {got}")
     rows, keys = entry["down"].shape[0], entry["sub_keys"].shape[0]
-    for name, size in (("up", rows), ("expert_owner", rows), ("expert_frozen", rows),
-                       ("key_frozen", keys), ("segment_owner", len(entry["segments"]))):
+    for name, size in (
+        ("up", rows),
+        ("expert_owner", rows),
+        ("expert_frozen", rows),
+        ("key_frozen", keys),
+        ("segment_owner", len(entry["segments"])),
+    ):
         if entry[name].shape[0] != size:
             raise ValueError(f"{prefix}{name} must have {size} rows, got {entry[name].shape[0]}")
     return rows, keys
@@ -88,20 +119,30 @@ def _check_segments(entry: dict, prefix: str, rows: int, keys: int) -> None:
     key_off, n_left, n_right, start = seg.unbind(1)
     sizes = n_left * n_right
     expected = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
-    if (key_off < 0).any() or (n_left < 1).any() or (n_right < 1).any() or not torch.equal(
-            start, expected):
-        raise ValueError(f"{prefix}segments must be [key_offset >= 0, n_left >= 1, n_right >= 1,"
-                         f" expert_offset] rows that tile the experts, got {seg.tolist()}")
+    if (
+        (key_off < 0).any()
+        or (n_left < 1).any()
+        or (n_right < 1).any()
+        or not torch.equal(start, expected)
+    ):
+        raise ValueError(
+            f"{prefix}segments must be [key_offset >= 0, n_left >= 1, n_right >= 1,"
+            f" expert_offset] rows that tile the experts, got {seg.tolist()}"
+        )
     used, key_end = int(sizes.sum()), int((key_off + torch.maximum(n_left, n_right)).max())
     if used > rows or key_end > keys:
-        raise ValueError(f"{prefix}segments must lie inside the tables ({rows} expert rows, "
-                         f"{keys} sub-key rows), got segments using {used} and {key_end}")
+        raise ValueError(
+            f"{prefix}segments must lie inside the tables ({rows} expert rows, "
+            f"{keys} sub-key rows), got segments using {used} and {key_end}"
+        )
     owner = entry["segment_owner"].cpu()
     if (owner < 0).any():
         raise ValueError(f"{prefix}segment_owner must be >= 0, got {owner.tolist()}")
     if not torch.equal(entry["expert_owner"].cpu()[:used], owner.repeat_interleave(sizes)):
-        raise ValueError(f"{prefix}expert_owner must give each expert its segment's owner "
-                         f"{owner.tolist()}, got other owners")
+        raise ValueError(
+            f"{prefix}expert_owner must give each expert its segment's owner "
+            f"{owner.tolist()}, got other owners"
+        )
 
 
 def prepare_checkpoint(layer: nn.Module, state_dict: dict, prefix: str, strict: bool) -> None:
@@ -117,12 +158,16 @@ def prepare_checkpoint(layer: nn.Module, state_dict: dict, prefix: str, strict: 
     upgrade_checkpoint(state_dict, prefix, adapter=layer.query_adapter)
     check_checkpoint(layer.pool, state_dict, prefix + "pool.")
     if strict:
-        own = [prefix + k for k in layer.state_dict()
-               if k.startswith(("to_query.", "query_norm.", "pool.", "frozen_query"))]
+        own = [
+            prefix + k
+            for k in layer.state_dict()
+            if k.startswith(("to_query.", "query_norm.", "pool.", "frozen_query"))
+        ]
         missing = [k for k in own if k not in state_dict]
         if missing:
-            raise ValueError(f"state_dict must hold every entry of the layer, got none "
-                             f"for {missing}")
+            raise ValueError(
+                f"state_dict must hold every entry of the layer, got none for {missing}"
+            )
 
 
 def load_or_restore(module: nn.Module, load: Callable[[], object]) -> object:
@@ -133,10 +178,16 @@ def load_or_restore(module: nn.Module, load: Callable[[], object]) -> object:
     the state until the load ends). A torch ``RuntimeError`` (missing or unexpected
     keys, size mismatches) becomes a ValueError.
     """
-    mods = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
-            for m in module.modules()]
-    tensors = {id(t): t for m, *_ in mods for t in [*m._parameters.values(),
-                                                   *m._buffers.values()] if t is not None}
+    mods = [
+        (m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+        for m in module.modules()
+    ]
+    tensors = {
+        id(t): t
+        for m, *_ in mods
+        for t in [*m._parameters.values(), *m._buffers.values()]
+        if t is not None
+    }
     values = [(t, t.detach().clone(), t.requires_grad) for t in tensors.values()]
     try:
         return load()
@@ -167,16 +218,16 @@ def upgrade_checkpoint(state_dict: dict, prefix: str, *, adapter: object = None)
     """
     adapter_owners: set[int] = set()
     for name in list(state_dict):
-        rest = name[len(prefix):] if name.startswith(prefix) else None
+        rest = name[len(prefix) :] if name.startswith(prefix) else None
         if rest is None:
             continue
         if rest in POOL_KEYS:
             state_dict[prefix + "pool." + rest] = state_dict.pop(name)
         elif rest.startswith("query_adapters."):
-            owner = rest[len("query_adapters."):].split(".", 1)[0]
+            owner = rest[len("query_adapters.") :].split(".", 1)[0]
             if owner.isdigit():
                 adapter_owners.add(int(owner))
-            new = prefix + "query_adapter.copies." + rest[len("query_adapters."):]
+            new = prefix + "query_adapter.copies." + rest[len("query_adapters.") :]
             state_dict[new] = state_dict.pop(name)
         elif rest.startswith("query_stats."):
             logger.info("ignoring %s: a PEER layer keeps no query statistics", name)
@@ -186,5 +237,7 @@ def upgrade_checkpoint(state_dict: dict, prefix: str, *, adapter: object = None)
         state_dict[prefix + "query_adapter.owner_ids"] = torch.tensor(ids, dtype=torch.long)
         state_dict[prefix + "query_adapter.class_mask"] = torch.ones(len(ids), 0, dtype=torch.bool)
     if adapter is None and any(k.startswith(prefix + "query_adapter.") for k in state_dict):
-        raise ValueError(f"{prefix}query_adapter must be attached to load the checkpoint's "
-                         "query adapters (PEER.attach_query_adapter), got None")
+        raise ValueError(
+            f"{prefix}query_adapter must be attached to load the checkpoint's "
+            "query adapters (PEER.attach_query_adapter), got None"
+        )

@@ -44,8 +44,10 @@ def check_float(
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _fail(TypeError, name, f"a float{bounds}", value)
     value = float(value)
-    if value != value or (minimum is not None and value < minimum) or (
-        maximum is not None and value > maximum
+    if (
+        value != value
+        or (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
     ):
         raise _fail(ValueError, name, f"a float{bounds}", value)
     return value
@@ -76,8 +78,10 @@ def check_type(name: str, value: object, kind: type | tuple[type, ...]) -> objec
 
 def check_owner(name: str, value: object) -> int:
     """Owners are non-negative ints (task or experience ids); a 1-element int tensor is one."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not (
-        value.is_floating_point() or value.dtype == torch.bool
+    if (
+        isinstance(value, torch.Tensor)
+        and value.numel() == 1
+        and not (value.is_floating_point() or value.dtype == torch.bool)
     ):
         value = int(value.item())
     return check_int(name, value, minimum=0)
@@ -130,7 +134,9 @@ def check_allocation(name: str, nbytes: int, device: torch.device | str | None =
     """Raise ValueError if allocating ``nbytes`` on ``device`` cannot fit in its memory."""
     limit = memory_limit(device)
     if nbytes > limit:
-        raise ValueError(f"{name} must fit in the {limit / 2**30:.1f} GiB of "
-                         f"{torch.device('cpu' if device is None else device)} memory, got a "
-                         f"request for {nbytes / 2**30:.1f} GiB")
+        raise ValueError(
+            f"{name} must fit in the {limit / 2**30:.1f} GiB of "
+            f"{torch.device('cpu' if device is None else device)} memory, got a "
+            f"request for {nbytes / 2**30:.1f} GiB"
+        )
     return nbytes

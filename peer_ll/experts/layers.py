@@ -18,6 +18,7 @@ def peer_layers(model: nn.Module) -> dict[str, PEER]:
     check_type("model", model, nn.Module)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, PEER)}
     if not layers:
-        raise ValueError(f"model must contain PEER layers, got a {type(model).__name__} "
-                         "without any")
+        raise ValueError(
+            f"model must contain PEER layers, got a {type(model).__name__} without any"
+        )
     return layers

@@ -57,15 +57,20 @@ def mix_owners(fn: Callable[[torch.Tensor], torch.Tensor], mix: OwnerMix) -> tor
         raise TypeError(f"mix must be an OwnerMix, got {type(mix).__name__}")
     ids, weights = mix
     if ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
-        raise ValueError(f"mix.ids must be an integer tensor (B, M), got {ids.dtype} "
-                         f"{tuple(ids.shape)}")
+        raise ValueError(
+            f"mix.ids must be an integer tensor (B, M), got {ids.dtype} {tuple(ids.shape)}"
+        )
     if not weights.is_floating_point() or tuple(weights.shape[:2]) != tuple(ids.shape):
-        raise ValueError(f"mix.weights must be a float tensor ({ids.shape[0]}, {ids.shape[1]}, "
-                         f"...), got {weights.dtype} {tuple(weights.shape)}")
+        raise ValueError(
+            f"mix.weights must be a float tensor ({ids.shape[0]}, {ids.shape[1]}, "
+            f"...), got {weights.dtype} {tuple(weights.shape)}"
+        )
     total = weights.sum(1)
     if not torch.allclose(total, torch.ones_like(total), atol=1e-4):
-        raise ValueError(f"mix.weights must sum to 1 over M, got sums between "
-                         f"{float(total.min()):.4g} and {float(total.max()):.4g}")
+        raise ValueError(
+            f"mix.weights must sum to 1 over M, got sums between "
+            f"{float(total.min()):.4g} and {float(total.max()):.4g}"
+        )
     out = None
     for m in range(ids.shape[1]):
         y = fn(ids[:, m])
@@ -87,8 +92,12 @@ def call_with_owners(module: nn.Module, x: torch.Tensor, owners: object = None) 
 
 
 def select_segments(
-    owners: object, segments: torch.Tensor, segment_owner: torch.Tensor,
-    lead: tuple[int, ...], *, need: int,
+    owners: object,
+    segments: torch.Tensor,
+    segment_owner: torch.Tensor,
+    lead: tuple[int, ...],
+    *,
+    need: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The segments ``owners`` may search; checks ``owners`` and changes nothing.
 
@@ -112,8 +121,9 @@ def select_segments(
     else:
         held = int((mask * sizes[None, :]).sum(dim=1).min()) if len(mask) else need
     if held < need:
-        raise ValueError(f"owners must hold at least topk={need} experts, got owners "
-                         f"{owners!r} holding {held}")
+        raise ValueError(
+            f"owners must hold at least topk={need} experts, got owners {owners!r} holding {held}"
+        )
     return (segments if keep is None else segments[keep]), mask
 
 
@@ -124,8 +134,9 @@ def _selection(owners, segment_owner, lead):
         if owners.is_floating_point() or owners.is_complex() or owners.dtype == torch.bool:
             raise TypeError(f"owners must be an integer tensor, got {owners.dtype}")
         if tuple(owners.shape) != tuple(lead):
-            raise ValueError(f"owners must have shape {tuple(lead)} (one per input), "
-                             f"got {tuple(owners.shape)}")
+            raise ValueError(
+                f"owners must have shape {tuple(lead)} (one per input), got {tuple(owners.shape)}"
+            )
         flat = owners.reshape(-1).to(segment_owner.device)
         _check_present(set(flat.unique().tolist()), present)
         return None, flat[:, None] == segment_owner[None, :]
@@ -134,16 +145,17 @@ def _selection(owners, segment_owner, lead):
     elif isinstance(owners, Sequence) and not isinstance(owners, str | bytes):
         wanted = {check_owner("owners", o) for o in owners}
     else:
-        raise TypeError(f"owners must be {_EXPECTED.format(tuple(lead))}, "
-                        f"got {type(owners).__name__}")
+        raise TypeError(
+            f"owners must be {_EXPECTED.format(tuple(lead))}, got {type(owners).__name__}"
+        )
     _check_present(wanted, present)
-    keep = torch.tensor([o in wanted for o in segment_owner.tolist()], dtype=torch.bool,
-                        device=segment_owner.device)
+    keep = torch.tensor(
+        [o in wanted for o in segment_owner.tolist()], dtype=torch.bool, device=segment_owner.device
+    )
     return keep, None
 
 
 def _check_present(wanted: set[int], present: set[int]) -> None:
     missing = wanted - present
     if missing or not wanted:
-        raise ValueError(f"owners must be among {sorted(present)}, "
-                         f"got {sorted(wanted)}")
+        raise ValueError(f"owners must be among {sorted(present)}, got {sorted(wanted)}")

@@ -103,16 +103,25 @@ class PEER(nn.Module):
         check_int("dim_key", dim_key, minimum=2)
         if dim_key % 2:
             raise ValueError(f"dim_key must be even (it splits into two halves), got {dim_key}")
-        for name, value, choices in (("query_norm", query_norm, QUERY_NORMS), ("gate", gate, GATES),
-                                     ("activation", activation, ACTIVATIONS),
-                                     ("backend", backend, BACKENDS)):
+        for name, value, choices in (
+            ("query_norm", query_norm, QUERY_NORMS),
+            ("gate", gate, GATES),
+            ("activation", activation, ACTIVATIONS),
+            ("backend", backend, BACKENDS),
+        ):
             check_choice(name, value, choices)
         owner = check_owner("owner", owner)
         first = num_keys * num_keys
         capacity = first if capacity is None else check_int("capacity", capacity, minimum=first)
 
         self.dim, self.dim_out, self.heads, self.topk, self.dim_key, self.num_keys = (
-            dim, dim_out, heads, topk, dim_key, num_keys)
+            dim,
+            dim_out,
+            heads,
+            topk,
+            dim_key,
+            num_keys,
+        )
         self.query_norm_kind, self.gate, self.activation = query_norm, gate, activation
         self.sparse_grad, self.backend = True, backend
         self.query_frozen = False  # mirrored in the buffer frozen_query (state_dict)
@@ -125,8 +134,9 @@ class PEER(nn.Module):
         }[query_norm]()
         spare = math.isqrt(capacity - first - 1) + 1 if capacity > first else 0  # ⌈√spare rows⌉
         key_capacity = max(math.ceil(capacity / num_keys), num_keys + spare)  # or num_keys² each
-        self.pool = ExpertPool(dim, dim_out, dim_key, heads=heads, capacity=capacity,
-                               key_capacity=key_capacity)
+        self.pool = ExpertPool(
+            dim, dim_out, dim_key, heads=heads, capacity=capacity, key_capacity=key_capacity
+        )
         self.stats = RoutingStats(capacity)
         self.query_adapter: nn.Module | None = None
         self.pool.grow(num_keys, owner=owner)
@@ -156,9 +166,15 @@ class PEER(nn.Module):
             self.stats.record(ids, gates.detach())
         self.pool.tag()  # a .to(device) replaces the masks' buffers
         out = expert_mix(
-            x.reshape(-1, self.dim), ids, gates, self.pool.down, self.pool.up,
-            activation=self.activation, frozen=self.pool.expert_frozen,
-            sparse_grad=self.sparse_grad, backend=self.backend,
+            x.reshape(-1, self.dim),
+            ids,
+            gates,
+            self.pool.down,
+            self.pool.up,
+            activation=self.activation,
+            frozen=self.pool.expert_frozen,
+            sparse_grad=self.sparse_grad,
+            backend=self.backend,
         )  # (T, E)
         return out.view(*x.shape[:-1], self.dim_out)
 
@@ -184,8 +200,16 @@ class PEER(nn.Module):
                     "(BatchNorm needs batch statistics), got 1: use a larger batch (e.g. "
                     "Avalanche's train_mb_size > 1) or PEER(..., query_norm='layer')"
                 )
-            q = F.batch_norm(q, bn.running_mean, bn.running_var, bn.weight, bn.bias, training,
-                             bn.momentum, bn.eps)
+            q = F.batch_norm(
+                q,
+                bn.running_mean,
+                bn.running_var,
+                bn.weight,
+                bn.bias,
+                training,
+                bn.momentum,
+                bn.eps,
+            )
         q = q.view(-1, self.heads, self.dim_key)  # (T, H, d)
         if self.query_norm_kind == "layer":
             q = self.query_norm(q)
@@ -201,8 +225,9 @@ class PEER(nn.Module):
         """
         k = self.topk if k is None else check_int("k", k, minimum=1)
         if not pad and owners is None and k > self.num_experts:
-            raise ValueError(f"k must be <= the {self.num_experts} experts in the pool "
-                             f"(or pad=True), got {k}")
+            raise ValueError(
+                f"k must be <= the {self.num_experts} experts in the pool (or pad=True), got {k}"
+            )
         segments, mask = self._searched(x, owners, need=min(k, self.topk) if pad else k)
         q = self.query(x)
         lead = q.shape[:-2]
@@ -213,23 +238,30 @@ class PEER(nn.Module):
     def _searched(self, x, owners: Owners, need: int | None = None):
         """Segments that ``owners`` may search and an optional (T, S) mask; checks both."""
         check_input(x, self.dim)
-        return select_segments(owners, self.pool.segments, self.pool.segment_owner,
-                               tuple(x.shape[:-1]), need=self.topk if need is None else need)
+        return select_segments(
+            owners,
+            self.pool.segments,
+            self.pool.segment_owner,
+            tuple(x.shape[:-1]),
+            need=self.topk if need is None else need,
+        )
 
     def _search(self, q, segments, mask, k) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k (T, H, k) of q (T, H, d) over ``segments``, per-owner query if adapted."""
         if self.query_adapter is not None:
             return adapted_topk(self.query_adapter, q, self.pool, segments, mask, k, self.backend)
-        return product_topk(q, self.pool.sub_keys, segments, k, segment_mask=mask,
-                            backend=self.backend)
+        return product_topk(
+            q, self.pool.sub_keys, segments, k, segment_mask=mask, backend=self.backend
+        )
 
     def _scores(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Differentiable scores (T, H, K) of ``ids``; gradients reach q and unfrozen keys."""
         if self.query_adapter is not None:
             return adapted_scores(self.query_adapter, q, ids, self.pool, self.backend)
         left, right = self.pool.key_rows(ids)  # (T, H, K) each
-        return selected_scores(q, self.pool.sub_keys, left, right, frozen=self.pool.key_frozen,
-                               backend=self.backend)
+        return selected_scores(
+            q, self.pool.sub_keys, left, right, frozen=self.pool.key_frozen, backend=self.backend
+        )
 
     def attach_query_adapter(self, module: nn.Module) -> None:
         """Score owner o's sub-keys with ``module(q, o)``: q (T, H, d) -> (T, H, d).
@@ -239,8 +271,10 @@ class PEER(nn.Module):
         """
         check_type("module", module, nn.Module)
         if self.query_adapter is not None:
-            raise ValueError("query_adapter must be unset to attach one, got "
-                             f"{type(self.query_adapter).__name__} already attached")
+            raise ValueError(
+                "query_adapter must be unset to attach one, got "
+                f"{type(self.query_adapter).__name__} already attached"
+            )
         weight = self.to_query.weight
         self.query_adapter = module.to(device=weight.device, dtype=weight.dtype)
         sync_adapter(self.query_adapter, self.pool)
@@ -297,10 +331,11 @@ class PEER(nn.Module):
     frozen = property(lambda self: self.pool.expert_frozen[: self.num_experts])
     expert_mass = property(lambda self: self.stats.mass[: self.num_experts])
     num_experts, num_segments, capacity, key_capacity, num_sub_keys = map(
-        view, ("num_experts", "num_segments", "capacity", "key_capacity", "num_sub_keys"))
+        view, ("num_experts", "num_segments", "capacity", "key_capacity", "num_sub_keys")
+    )
     segments, segment_owner, down, up, sub_keys, expert_frozen, key_frozen = map(
-        view, ("segments", "segment_owner", "down", "up", "sub_keys", "expert_frozen",
-                "key_frozen"))
+        view, ("segments", "segment_owner", "down", "up", "sub_keys", "expert_frozen", "key_frozen")
+    )
     replaced_parameters = view("replaced_parameters", settable=True)
     router_mass = view("mass", "stats")
     track_routing = view("track", "stats", settable=True)
@@ -323,8 +358,10 @@ class PEER(nn.Module):
         The whole checkpoint is checked first; any failure raises ValueError or
         TypeError and leaves the layer exactly as it was (see ``load_or_restore``).
         """
-        return load_or_restore(self, lambda: super(PEER, self).load_state_dict(
-            state_dict, strict=strict, assign=assign))
+        return load_or_restore(
+            self,
+            lambda: super(PEER, self).load_state_dict(state_dict, strict=strict, assign=assign),
+        )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args):
         prepare_checkpoint(self, state_dict, prefix, strict)  # checks all before any change
@@ -337,7 +374,9 @@ class PEER(nn.Module):
         sync_adapter(self.query_adapter, self.pool)
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, dim_out={self.dim_out}, heads={self.heads}, topk={self.topk}, "
-                f"dim_key={self.dim_key}, num_experts={self.num_experts}, segments="
-                f"{self.num_segments}, capacity={self.capacity}, query_norm="
-                f"{self.query_norm_kind!r}, gate={self.gate!r}, activation={self.activation!r}")
+        return (
+            f"dim={self.dim}, dim_out={self.dim_out}, heads={self.heads}, topk={self.topk}, "
+            f"dim_key={self.dim_key}, num_experts={self.num_experts}, segments="
+            f"{self.num_segments}, capacity={self.capacity}, query_norm="
+            f"{self.query_norm_kind!r}, gate={self.gate!r}, activation={self.activation!r}"
+        )

@@ -39,7 +39,13 @@ class ExpertPool(nn.Module):
     """
 
     def __init__(
-        self, dim: int, dim_out: int, dim_key: int, *, heads: int, capacity: int,
+        self,
+        dim: int,
+        dim_out: int,
+        dim_key: int,
+        *,
+        heads: int,
+        capacity: int,
         key_capacity: int,
     ) -> None:
         super().__init__()
@@ -113,15 +119,20 @@ class ExpertPool(nn.Module):
         need_rows = start + num_keys * n_right
         need_keys = self.num_sub_keys + max(num_keys, n_right)
         grows = need_rows > self.capacity or need_keys > self.key_capacity
-        self.check_room(max(need_rows, self.capacity * 3 // 2) if grows else 0,
-                        max(need_keys, self.key_capacity * 3 // 2) if grows else 0,
-                        "grow", extra_rows=2 * num_keys * n_right)  # + the new rows' temporaries
+        self.check_room(
+            max(need_rows, self.capacity * 3 // 2) if grows else 0,
+            max(need_keys, self.key_capacity * 3 // 2) if grows else 0,
+            "grow",
+            extra_rows=2 * num_keys * n_right,
+        )  # + the new rows' temporaries
         saved = {name: getattr(self, name) for name in _STORAGE}
         saved_replaced = self.replaced_parameters
         try:
             if grows:
-                self._reallocate(max(need_rows, self.capacity * 3 // 2),
-                                 max(need_keys, self.key_capacity * 3 // 2))
+                self._reallocate(
+                    max(need_rows, self.capacity * 3 // 2),
+                    max(need_keys, self.key_capacity * 3 // 2),
+                )
             self._append_segment(num_keys, owner, n_right)
         except BaseException:  # the old tensors were never written: put them back
             for name, value in saved.items():
@@ -141,20 +152,22 @@ class ExpertPool(nn.Module):
         key_capacity = self.key_capacity if key_capacity is None else key_capacity
         check_int("key_capacity", key_capacity, minimum=1)
         if capacity > self.capacity or key_capacity > self.key_capacity:
-            capacity, key_capacity = max(capacity, self.capacity), max(key_capacity,
-                                                                        self.key_capacity)
+            capacity, key_capacity = (
+                max(capacity, self.capacity),
+                max(key_capacity, self.key_capacity),
+            )
             self.check_room(capacity, key_capacity, "reserve")
             self._reallocate(capacity, key_capacity)
 
-    def check_room(self, capacity: int, key_capacity: int, name: str, extra_rows: int = 0
-                   ) -> None:
+    def check_room(self, capacity: int, key_capacity: int, name: str, extra_rows: int = 0) -> None:
         """Raise ValueError, before allocating, if new tables of this size (and
         ``extra_rows`` temporary rows) cannot fit in the memory available."""
         size = self.down.element_size()
         row = (self.dim + self.dim_out) * size + 9  # + owner (8 bytes) and frozen flag
         nbytes = (capacity + extra_rows) * row + key_capacity * (self.dim_key * size + 1)
-        check_allocation(f"{name} (capacity={capacity}, key_capacity={key_capacity})", nbytes,
-                         self.down.device)
+        check_allocation(
+            f"{name} (capacity={capacity}, key_capacity={key_capacity})", nbytes, self.down.device
+        )
 
     def _append_segment(self, n_left: int, owner: int, n_right: int) -> None:
         rows, key_off = self.num_experts, self.num_sub_keys
@@ -237,7 +250,6 @@ class ExpertPool(nn.Module):
         self.down.peer_frozen_rows = self.expert_frozen
         self.up.peer_frozen_rows = self.expert_frozen
         self.sub_keys.peer_frozen_rows = self.key_frozen
-
 
     # -------------------------------------------------------------- introspection
     def key_rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

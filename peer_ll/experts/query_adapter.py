@@ -63,9 +63,14 @@ def adapted_topk(adapter, q, pool, segments, mask, k, backend):
     scores, ids = [], []
     for owner in seg_owner.unique().tolist():  # a loop over owners, not tokens
         keep = seg_owner == owner
-        s, i = product_topk(adapter(q, owner), pool.sub_keys, segments[keep], k,
-                            segment_mask=None if mask is None else mask[:, keep],
-                            backend=backend)
+        s, i = product_topk(
+            adapter(q, owner),
+            pool.sub_keys,
+            segments[keep],
+            k,
+            segment_mask=None if mask is None else mask[:, keep],
+            backend=backend,
+        )
         scores.append(s)
         ids.append(i)
     scores, pick = torch.cat(scores, dim=-1).topk(k, dim=-1)
@@ -78,8 +83,9 @@ def adapted_scores(adapter, q, ids, pool, backend):
     owner_of = pool.expert_owner[ids.clamp(min=0)]
     out = None
     for owner in owner_of.unique().tolist():
-        s = selected_scores(adapter(q, owner), pool.sub_keys, left, right,
-                            frozen=pool.key_frozen, backend=backend)
+        s = selected_scores(
+            adapter(q, owner), pool.sub_keys, left, right, frozen=pool.key_frozen, backend=backend
+        )
         out = s if out is None else torch.where(owner_of == owner, s, out)
     return out
 

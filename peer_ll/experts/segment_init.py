@@ -56,8 +56,13 @@ def kmeans(points: torch.Tensor, n: int, *, iters: int = 20, seed: int = 0) -> t
 
 @torch.no_grad()
 def kmeans_sub_keys(
-    layer: PEER, queries: torch.Tensor, *, owner: int, norm: float | None = None,
-    iters: int = 20, seed: int = 0,
+    layer: PEER,
+    queries: torch.Tensor,
+    *,
+    owner: int,
+    norm: float | None = None,
+    iters: int = 20,
+    seed: int = 0,
 ) -> None:
     """Set the sub-keys of ``owner``'s newest segment to k-means centroids of ``queries``.
 
@@ -79,8 +84,10 @@ def kmeans_sub_keys(
         raise ValueError(f"owner must own the layer's last segment ({last}), got {owner}")
     check_type("queries", queries, torch.Tensor)
     if queries.dim() < 2 or tuple(queries.shape[-2:]) != (layer.heads, layer.dim_key):
-        raise ValueError(f"queries must have shape (..., {layer.heads}, {layer.dim_key}), "
-                         f"got {tuple(queries.shape)}")
+        raise ValueError(
+            f"queries must have shape (..., {layer.heads}, {layer.dim_key}), "
+            f"got {tuple(queries.shape)}"
+        )
     if norm is not None:
         check_float("norm", norm, minimum=0.0)
     key_off, n_left, n_right, _ = layer.segments[-1].tolist()
@@ -90,10 +97,10 @@ def kmeans_sub_keys(
         norm = float(layer.sub_keys.detach()[:key_off].norm(dim=-1).mean())
     new = layer.sub_keys.detach().clone()
     for side, n in ((0, n_left), (1, n_right)):
-        cent = kmeans(q[:, side * half:(side + 1) * half], n, iters=iters, seed=seed + side)
+        cent = kmeans(q[:, side * half : (side + 1) * half], n, iters=iters, seed=seed + side)
         if norm is not None:
             cent = cent / cent.norm(dim=-1, keepdim=True).clamp_min(1e-12) * norm
-        new[key_off:key_off + n, side] = cent.to(new.dtype)
+        new[key_off : key_off + n, side] = cent.to(new.dtype)
     layer.sub_keys.data.copy_(new)
 
 
@@ -114,10 +121,12 @@ def search_queries(
     check_type("layer", layer, PEER)
     k = layer.topk if k is None else check_int("k", k, minimum=1)
     if q.dim() != 3 or tuple(q.shape[1:]) != (layer.heads, layer.dim_key):
-        raise ValueError(f"q must have shape (T, {layer.heads}, {layer.dim_key}), "
-                         f"got {tuple(q.shape)}")
-    segments, mask = select_segments(owners, layer.segments, layer.segment_owner,
-                                     tuple(q.shape[:1]), need=k)
+        raise ValueError(
+            f"q must have shape (T, {layer.heads}, {layer.dim_key}), got {tuple(q.shape)}"
+        )
+    segments, mask = select_segments(
+        owners, layer.segments, layer.segment_owner, tuple(q.shape[:1]), need=k
+    )
     with torch.no_grad():
         return layer._search(q.detach(), segments, mask, k)
 

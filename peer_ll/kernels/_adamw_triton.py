@@ -17,10 +17,24 @@ BLOCK_R, BLOCK_C = 8, 128
 
 @triton.jit
 def _lazy_adamw_kernel(
-    p_ptr, m_ptr, v_ptr, g_ptr, rows_ptr,
-    R, C, G_BY_ROW,
-    decay, beta1, c1, beta2, c2, step_size, bc2_sqrt, eps,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    p_ptr,
+    m_ptr,
+    v_ptr,
+    g_ptr,
+    rows_ptr,
+    R,
+    C,
+    G_BY_ROW,
+    decay,
+    beta1,
+    c1,
+    beta2,
+    c2,
+    step_size,
+    bc2_sqrt,
+    eps,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     i = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -47,6 +61,15 @@ def lazy_adamw_triton(param, exp_avg, exp_avg_sq, grad, rows, grad_by_row, scala
         return
     grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(C, BLOCK_C))
     _lazy_adamw_kernel[grid](
-        param, exp_avg, exp_avg_sq, grad, rows.to(torch.int64), R, C, int(grad_by_row),
-        *scalars, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        param,
+        exp_avg,
+        exp_avg_sq,
+        grad,
+        rows.to(torch.int64),
+        R,
+        C,
+        int(grad_by_row),
+        *scalars,
+        BLOCK_R=BLOCK_R,
+        BLOCK_C=BLOCK_C,
     )

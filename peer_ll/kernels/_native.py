@@ -150,7 +150,9 @@ def _build(compiler: str) -> Path:
         src.write_text(_SOURCE)
         subprocess.run(
             [compiler, *_FLAGS, str(src), "-o", str(lib), "-lm"],
-            check=True, capture_output=True, timeout=60,
+            check=True,
+            capture_output=True,
+            timeout=60,
         )
         os.replace(lib, target)
     return target

@@ -17,9 +17,17 @@ import triton.language as tl
 
 @triton.jit
 def _row_grad_sorted_kernel(
-    order_ptr, offsets_ptr, coef_ptr, rhs_ptr, out_ptr,
-    C, M, stride_rhs, stride_out,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    order_ptr,
+    offsets_ptr,
+    coef_ptr,
+    rhs_ptr,
+    out_ptr,
+    C,
+    M,
+    stride_rhs,
+    stride_out,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     u = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -32,17 +40,28 @@ def _row_grad_sorted_kernel(
         ok = j < stop
         place = tl.load(order_ptr + j, mask=ok, other=0)
         coef = tl.load(coef_ptr + place, mask=ok, other=0.0).to(tl.float32)
-        rows = tl.load(rhs_ptr + (place // M)[:, None] * stride_rhs + cols[None, :],
-                       mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        rows = tl.load(
+            rhs_ptr + (place // M)[:, None] * stride_rhs + cols[None, :],
+            mask=ok[:, None] & col_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc += tl.sum(coef[:, None] * rows, axis=0)
     tl.store(out_ptr + u * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
 def _row_grad_atomic_kernel(
-    order_ptr, slots_ptr, coef_ptr, rhs_ptr, out_ptr,
-    P, C, M, stride_rhs,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    order_ptr,
+    slots_ptr,
+    coef_ptr,
+    rhs_ptr,
+    out_ptr,
+    P,
+    C,
+    M,
+    stride_rhs,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     j = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -51,8 +70,9 @@ def _row_grad_atomic_kernel(
     place = tl.load(order_ptr + j, mask=ok, other=0)
     slot = tl.load(slots_ptr + j, mask=ok, other=0)
     coef = tl.load(coef_ptr + place, mask=ok, other=0.0).to(tl.float32)
-    rows = tl.load(rhs_ptr + (place // M)[:, None] * stride_rhs + cols[None, :], mask=both,
-                   other=0.0).to(tl.float32)
+    rows = tl.load(
+        rhs_ptr + (place // M)[:, None] * stride_rhs + cols[None, :], mask=both, other=0.0
+    ).to(tl.float32)
     tl.atomic_add(out_ptr + slot[:, None] * C + cols[None, :], coef[:, None] * rows, mask=both)
 
 
@@ -77,8 +97,17 @@ def aggregate_rows_triton(
         if U:
             grid = (U, triton.cdiv(C, BLOCK_C))
             _row_grad_sorted_kernel[grid](
-                plan.order, plan.offsets, coef, rhs, out, C, plan.width, rhs.stride(0),
-                out.stride(0), BLOCK_P=16, BLOCK_C=BLOCK_C,
+                plan.order,
+                plan.offsets,
+                coef,
+                rhs,
+                out,
+                C,
+                plan.width,
+                rhs.stride(0),
+                out.stride(0),
+                BLOCK_P=16,
+                BLOCK_C=BLOCK_C,
             )
         return out
     out = torch.zeros(U, C, dtype=torch.float32, device=rhs.device)
@@ -87,7 +116,16 @@ def aggregate_rows_triton(
         BLOCK_P = 32
         grid = (triton.cdiv(P, BLOCK_P), triton.cdiv(C, BLOCK_C))
         _row_grad_atomic_kernel[grid](
-            plan.order, plan.slots, coef, rhs, out, P, C, plan.width, rhs.stride(0),
-            BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
+            plan.order,
+            plan.slots,
+            coef,
+            rhs,
+            out,
+            P,
+            C,
+            plan.width,
+            rhs.stride(0),
+            BLOCK_P=BLOCK_P,
+            BLOCK_C=BLOCK_C,
         )
     return out.to(rhs.dtype)

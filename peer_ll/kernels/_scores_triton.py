@@ -16,8 +16,16 @@ import triton.language as tl
 
 @triton.jit
 def _selected_scores_fwd_kernel(
-    q_ptr, keys_ptr, left_ptr, right_ptr, out_ptr, K, DH, stride_kr,
-    BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr,
+    q_ptr,
+    keys_ptr,
+    left_ptr,
+    right_ptr,
+    out_ptr,
+    K,
+    DH,
+    stride_kr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     kk = tl.arange(0, BLOCK_K)
@@ -31,16 +39,23 @@ def _selected_scores_fwd_kernel(
         q_l = tl.load(q_ptr + row * 2 * DH + c, mask=c < DH, other=0.0).to(tl.float32)
         q_r = tl.load(q_ptr + row * 2 * DH + DH + c, mask=c < DH, other=0.0).to(tl.float32)
         c_l = tl.load(keys_ptr + left[:, None] * stride_kr + c[None, :], mask=both, other=0.0)
-        c_r = tl.load(keys_ptr + right[:, None] * stride_kr + DH + c[None, :], mask=both,
-                      other=0.0)
+        c_r = tl.load(keys_ptr + right[:, None] * stride_kr + DH + c[None, :], mask=both, other=0.0)
         acc += tl.sum(c_l.to(tl.float32) * q_l[None, :] + c_r.to(tl.float32) * q_r[None, :], 1)
     tl.store(out_ptr + row * K + kk, acc.to(out_ptr.dtype.element_ty), mask=k_ok)
 
 
 @triton.jit
 def _selected_scores_bwd_kernel(
-    g_ptr, keys_ptr, left_ptr, right_ptr, dq_ptr, K, DH, stride_kr,
-    BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr,
+    g_ptr,
+    keys_ptr,
+    left_ptr,
+    right_ptr,
+    dq_ptr,
+    K,
+    DH,
+    stride_kr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     kk = tl.arange(0, BLOCK_K)
@@ -52,8 +67,7 @@ def _selected_scores_bwd_kernel(
         c = c0 + tl.arange(0, BLOCK_DH)
         both = k_ok[:, None] & (c < DH)[None, :]
         c_l = tl.load(keys_ptr + left[:, None] * stride_kr + c[None, :], mask=both, other=0.0)
-        c_r = tl.load(keys_ptr + right[:, None] * stride_kr + DH + c[None, :], mask=both,
-                      other=0.0)
+        c_r = tl.load(keys_ptr + right[:, None] * stride_kr + DH + c[None, :], mask=both, other=0.0)
         dq_l = tl.sum(g[:, None] * c_l.to(tl.float32), axis=0)
         dq_r = tl.sum(g[:, None] * c_r.to(tl.float32), axis=0)
         dtype = dq_ptr.dtype.element_ty
@@ -75,8 +89,16 @@ def scores_forward(q_rows, keys, left, right):
     out = torch.empty(TH, K, dtype=q_rows.dtype, device=q_rows.device)
     if TH:
         _selected_scores_fwd_kernel[(TH,)](
-            q_rows, keys, left, right, out, K, DH, keys.stride(0),
-            BLOCK_K=block_k, BLOCK_DH=block_dh,
+            q_rows,
+            keys,
+            left,
+            right,
+            out,
+            K,
+            DH,
+            keys.stride(0),
+            BLOCK_K=block_k,
+            BLOCK_DH=block_dh,
         )
     return out
 
@@ -89,7 +111,15 @@ def scores_backward(grad, keys, left, right, q_dtype):
     dq = torch.empty(TH, 2 * DH, dtype=q_dtype, device=grad.device)
     if TH:
         _selected_scores_bwd_kernel[(TH,)](
-            grad, keys, left, right, dq, K, DH, keys.stride(0),
-            BLOCK_K=block_k, BLOCK_DH=block_dh,
+            grad,
+            keys,
+            left,
+            right,
+            dq,
+            K,
+            DH,
+            keys.stride(0),
+            BLOCK_K=block_k,
+            BLOCK_DH=block_dh,
         )
     return dq

@@ -29,11 +29,13 @@ def _pack(score, idx):
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving int32 of the float
     return (key.to(tl.int64) << 32) | idx.to(tl.uint32).to(tl.int64)  # id zero-extended
 
+
 @triton.jit
 def _unpack(packed):
     key = (packed >> 32).to(tl.int32)
     bits = key ^ ((key >> 31) & 0x7FFFFFFF)
     return bits.to(tl.float32, bitcast=True), packed.to(tl.int32)
+
 
 @triton.jit
 def _select(x, K: tl.constexpr, SELECT: tl.constexpr):
@@ -62,10 +64,24 @@ def _merge(best, cand, K: tl.constexpr, BLOCK_Q: tl.constexpr, SELECT: tl.conste
     both = tl.reshape(tl.join(best, cand), (BLOCK_Q, 2 * K))
     return _select(both, K, SELECT)
 
+
 @triton.jit
-def _half_topk(q, keys_ptr, stride_kr, key_off, n, side, DH, empty,
-               K: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
-               BLOCK_DH: tl.constexpr, IEEE: tl.constexpr, SELECT: tl.constexpr):
+def _half_topk(
+    q,
+    keys_ptr,
+    stride_kr,
+    key_off,
+    n,
+    side,
+    DH,
+    empty,
+    K: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+    IEEE: tl.constexpr,
+    SELECT: tl.constexpr,
+):
     """Running top-K over ``n`` sub-keys of one side; packed (score, local index)."""
     dh = tl.arange(0, BLOCK_DH)
     best = empty
@@ -85,6 +101,7 @@ def _half_topk(q, keys_ptr, stride_kr, key_off, n, side, DH, empty,
         best = _merge(best, packed, K, BLOCK_Q, SELECT)
     return best
 
+
 @triton.jit
 def _chunk(x, c, K: tl.constexpr, CL: tl.constexpr, BLOCK_Q: tl.constexpr):
     """Columns [c·CL, (c+1)·CL) of a packed (BLOCK_Q, K) tensor."""
@@ -92,20 +109,37 @@ def _chunk(x, c, K: tl.constexpr, CL: tl.constexpr, BLOCK_Q: tl.constexpr):
     pick = tl.arange(0, K // CL)[None, :, None] == c
     return tl.sum(tl.where(pick, groups, 0), axis=1)  # exactly one group is picked
 
+
 @triton.jit
 def _product_topk_fwd_kernel(
-    q_ptr, keys_ptr, seg_ptr, mask_ptr, scores_ptr, ids_ptr,
-    n_rows, S, heads, k, DH, stride_kr, stride_mt,
-    K: tl.constexpr, CL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_DH: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr, SELECT: tl.constexpr,
+    q_ptr,
+    keys_ptr,
+    seg_ptr,
+    mask_ptr,
+    scores_ptr,
+    ids_ptr,
+    n_rows,
+    S,
+    heads,
+    k,
+    DH,
+    stride_kr,
+    stride_mt,
+    K: tl.constexpr,
+    CL: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    IEEE: tl.constexpr,
+    SELECT: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     row_ok = rows < n_rows
     dh = tl.arange(0, BLOCK_DH)
     q_mask = row_ok[:, None] & (dh[None, :] < DH)
     q_left = tl.load(q_ptr + rows[:, None] * (2 * DH) + dh[None, :], mask=q_mask, other=0.0)
-    q_right = tl.load(q_ptr + rows[:, None] * (2 * DH) + DH + dh[None, :], mask=q_mask,
-                      other=0.0)
+    q_right = tl.load(q_ptr + rows[:, None] * (2 * DH) + DH + dh[None, :], mask=q_mask, other=0.0)
     empty = tl.full((BLOCK_Q, K), EMPTY, tl.int64)
     best = empty
     rank = tl.arange(0, K)
@@ -118,10 +152,38 @@ def _product_topk_fwd_kernel(
         if HAS_MASK:
             seg_on = tl.load(mask_ptr + (rows // heads) * stride_mt + s, mask=row_ok, other=0)
             allowed = allowed & (seg_on != 0)
-        left = _half_topk(q_left, keys_ptr, stride_kr, key_off, n_left, 0, DH, empty,
-                          K, BLOCK_Q, BLOCK_R, BLOCK_DH, IEEE, SELECT)
-        right = _half_topk(q_right, keys_ptr, stride_kr, key_off, n_right, 1, DH, empty,
-                           K, BLOCK_Q, BLOCK_R, BLOCK_DH, IEEE, SELECT)
+        left = _half_topk(
+            q_left,
+            keys_ptr,
+            stride_kr,
+            key_off,
+            n_left,
+            0,
+            DH,
+            empty,
+            K,
+            BLOCK_Q,
+            BLOCK_R,
+            BLOCK_DH,
+            IEEE,
+            SELECT,
+        )
+        right = _half_topk(
+            q_right,
+            keys_ptr,
+            stride_kr,
+            key_off,
+            n_right,
+            1,
+            DH,
+            empty,
+            K,
+            BLOCK_Q,
+            BLOCK_R,
+            BLOCK_DH,
+            IEEE,
+            SELECT,
+        )
         r_score, r_idx = _unpack(right)
         for c in tl.static_range(K // CL):
             l_score, l_idx = _unpack(_chunk(left, c, K, CL, BLOCK_Q))  # (BLOCK_Q, CL)
@@ -140,7 +202,6 @@ def _product_topk_fwd_kernel(
     offs = rows[:, None] * k + rank[None, :]
     tl.store(scores_ptr + offs, score.to(scores_ptr.dtype.element_ty), mask=out_mask)
     tl.store(ids_ptr + offs, idx.to(tl.int64), mask=out_mask)
-
 
 
 def product_topk_triton(
@@ -173,8 +234,10 @@ def product_topk_triton(
     if select not in SELECTS:
         raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
     if select == "extract" and not interpreting():
-        raise ValueError("select='extract' runs in the interpreter only (it does not compile "
-                         "for a GPU); use 'bitonic'")
+        raise ValueError(
+            "select='extract' runs in the interpreter only (it does not compile "
+            "for a GPU); use 'bitonic'"
+        )
     n_rows = T * H
     q = queries.contiguous()
     keys = sub_keys.contiguous()
@@ -194,10 +257,26 @@ def product_topk_triton(
         mask = mask.to(device=q.device, dtype=torch.int8).contiguous()
     grid = (triton.cdiv(n_rows, BLOCK_Q),)
     _product_topk_fwd_kernel[grid](
-        q, keys, segs, mask if mask is not None else segs, scores, ids,
-        n_rows, segs.shape[0], H, k, d // 2, keys.stride(0),
+        q,
+        keys,
+        segs,
+        mask if mask is not None else segs,
+        scores,
+        ids,
+        n_rows,
+        segs.shape[0],
+        H,
+        k,
+        d // 2,
+        keys.stride(0),
         mask.stride(0) if mask is not None else 0,
-        K=K, CL=CL, BLOCK_Q=BLOCK_Q, BLOCK_R=BLOCK_R, BLOCK_DH=BLOCK_DH,
-        HAS_MASK=mask is not None, IEEE=q.dtype == torch.float32, SELECT=select,
+        K=K,
+        CL=CL,
+        BLOCK_Q=BLOCK_Q,
+        BLOCK_R=BLOCK_R,
+        BLOCK_DH=BLOCK_DH,
+        HAS_MASK=mask is not None,
+        IEEE=q.dtype == torch.float32,
+        SELECT=select,
     )
     return scores, ids

@@ -52,51 +52,127 @@ def configurations() -> list[Config]:
             if K > COMPILED_MAX_K:
                 continue
             for mask in (False, True):
-                out.append(Config(
-                    f"product_topk_{dt}_K{K}{'_mask' if mask else ''}",
-                    "_topk_triton", "_product_topk_fwd_kernel",
-                    dict(q_ptr=dt, keys_ptr=dt, seg_ptr="i64", mask_ptr="i8",
-                         scores_ptr=dt, ids_ptr="i64"),
-                    dict(K=K, CL=max(1, min(K, 256 // K)), BLOCK_Q=32 if K <= 8 else 16,
-                         BLOCK_R=64, BLOCK_DH=64, HAS_MASK=mask, IEEE=dt == "fp32",
-                         SELECT="bitonic"),
-                    fast=() if K != 16 or mask else (80,) if dt == "bf16" else (90,),
-                ))
+                out.append(
+                    Config(
+                        f"product_topk_{dt}_K{K}{'_mask' if mask else ''}",
+                        "_topk_triton",
+                        "_product_topk_fwd_kernel",
+                        dict(
+                            q_ptr=dt,
+                            keys_ptr=dt,
+                            seg_ptr="i64",
+                            mask_ptr="i8",
+                            scores_ptr=dt,
+                            ids_ptr="i64",
+                        ),
+                        dict(
+                            K=K,
+                            CL=max(1, min(K, 256 // K)),
+                            BLOCK_Q=32 if K <= 8 else 16,
+                            BLOCK_R=64,
+                            BLOCK_DH=64,
+                            HAS_MASK=mask,
+                            IEEE=dt == "fp32",
+                            SELECT="bitonic",
+                        ),
+                        fast=() if K != 16 or mask else (80,) if dt == "bf16" else (90,),
+                    )
+                )
         for act in ("gelu", "relu"):
             blocks = dict(ACT=act, BLOCK_M=32, BLOCK_D=128, BLOCK_E=128)
             fast = (90,) * (dt == "fp32" and act == "gelu")
-            out.append(Config(
-                f"expert_mix_fwd_{dt}_{act}", "_mix_triton", "_expert_mix_fwd_kernel",
-                dict(x_ptr=dt, ids_ptr="i64", gates_ptr=dt, down_ptr=dt, up_ptr=dt,
-                     a_ptr="fp32", out_ptr=dt), blocks, fast=fast,
-            ))
-            out.append(Config(
-                f"expert_mix_bwd_{dt}_{act}", "_mix_triton", "_expert_mix_bwd_kernel",
-                dict(dy_ptr=dt, ids_ptr="i64", gates_ptr=dt, down_ptr=dt, up_ptr=dt,
-                     a_ptr="fp32", dgates_ptr=dt, da_ptr="fp32", coef_up_ptr="fp32",
-                     dx_ptr=dt), blocks, fast=fast,
-            ))
-        rows = dict(order_ptr="i64", offsets_ptr="i64", slots_ptr="i64", coef_ptr="fp32",
-                    rhs_ptr=dt)
-        out.append(Config(f"row_grad_sorted_{dt}", "_rows_triton", "_row_grad_sorted_kernel",
-                          dict(rows, out_ptr=dt), dict(BLOCK_P=16, BLOCK_C=128),
-                          fast=(90,) * (dt == "fp32")))
-        out.append(Config(f"row_grad_atomic_{dt}", "_rows_triton", "_row_grad_atomic_kernel",
-                          dict(rows, out_ptr="fp32"), dict(BLOCK_P=32, BLOCK_C=128),
-                          ))
+            out.append(
+                Config(
+                    f"expert_mix_fwd_{dt}_{act}",
+                    "_mix_triton",
+                    "_expert_mix_fwd_kernel",
+                    dict(
+                        x_ptr=dt,
+                        ids_ptr="i64",
+                        gates_ptr=dt,
+                        down_ptr=dt,
+                        up_ptr=dt,
+                        a_ptr="fp32",
+                        out_ptr=dt,
+                    ),
+                    blocks,
+                    fast=fast,
+                )
+            )
+            out.append(
+                Config(
+                    f"expert_mix_bwd_{dt}_{act}",
+                    "_mix_triton",
+                    "_expert_mix_bwd_kernel",
+                    dict(
+                        dy_ptr=dt,
+                        ids_ptr="i64",
+                        gates_ptr=dt,
+                        down_ptr=dt,
+                        up_ptr=dt,
+                        a_ptr="fp32",
+                        dgates_ptr=dt,
+                        da_ptr="fp32",
+                        coef_up_ptr="fp32",
+                        dx_ptr=dt,
+                    ),
+                    blocks,
+                    fast=fast,
+                )
+            )
+        rows = dict(
+            order_ptr="i64", offsets_ptr="i64", slots_ptr="i64", coef_ptr="fp32", rhs_ptr=dt
+        )
+        out.append(
+            Config(
+                f"row_grad_sorted_{dt}",
+                "_rows_triton",
+                "_row_grad_sorted_kernel",
+                dict(rows, out_ptr=dt),
+                dict(BLOCK_P=16, BLOCK_C=128),
+                fast=(90,) * (dt == "fp32"),
+            )
+        )
+        out.append(
+            Config(
+                f"row_grad_atomic_{dt}",
+                "_rows_triton",
+                "_row_grad_atomic_kernel",
+                dict(rows, out_ptr="fp32"),
+                dict(BLOCK_P=32, BLOCK_C=128),
+            )
+        )
         scores = dict(keys_ptr=dt, left_ptr="i64", right_ptr="i64")
-        out.append(Config(f"selected_scores_fwd_{dt}", "_scores_triton",
-                          "_selected_scores_fwd_kernel", dict(scores, q_ptr=dt, out_ptr=dt),
-                          dict(BLOCK_K=16, BLOCK_DH=64), fast=(90,) * (dt == "fp32")))
-        out.append(Config(f"selected_scores_bwd_{dt}", "_scores_triton",
-                          "_selected_scores_bwd_kernel", dict(scores, g_ptr=dt, dq_ptr=dt),
-                          dict(BLOCK_K=16, BLOCK_DH=64)))
+        out.append(
+            Config(
+                f"selected_scores_fwd_{dt}",
+                "_scores_triton",
+                "_selected_scores_fwd_kernel",
+                dict(scores, q_ptr=dt, out_ptr=dt),
+                dict(BLOCK_K=16, BLOCK_DH=64),
+                fast=(90,) * (dt == "fp32"),
+            )
+        )
+        out.append(
+            Config(
+                f"selected_scores_bwd_{dt}",
+                "_scores_triton",
+                "_selected_scores_bwd_kernel",
+                dict(scores, g_ptr=dt, dq_ptr=dt),
+                dict(BLOCK_K=16, BLOCK_DH=64),
+            )
+        )
         for mt in ("fp32", "bf16"):
-            out.append(Config(
-                f"lazy_adamw_{dt}_moments_{mt}", "_adamw_triton", "_lazy_adamw_kernel",
-                dict(p_ptr=dt, m_ptr=mt, v_ptr=mt, g_ptr=dt, rows_ptr="i64"),
-                dict(BLOCK_R=8, BLOCK_C=128), fast=(90,) * (dt == mt == "fp32"),
-            ))
+            out.append(
+                Config(
+                    f"lazy_adamw_{dt}_moments_{mt}",
+                    "_adamw_triton",
+                    "_lazy_adamw_kernel",
+                    dict(p_ptr=dt, m_ptr=mt, v_ptr=mt, g_ptr=dt, rows_ptr="i64"),
+                    dict(BLOCK_R=8, BLOCK_C=128),
+                    fast=(90,) * (dt == mt == "fp32"),
+                )
+            )
     return out
 
 
@@ -139,16 +215,23 @@ def main() -> None:
                 continue
             start, cpu = time.perf_counter(), _cpu_seconds()
             kernel = compile_config(config, cc)
-            row = {"name": config.name, "cc": cc, "seconds": time.perf_counter() - start,
-                   "cpu_seconds": _cpu_seconds() - cpu, "ptx_bytes": len(kernel.asm["ptx"]),
-                   "cubin_bytes": len(kernel.asm["cubin"])}
+            row = {
+                "name": config.name,
+                "cc": cc,
+                "seconds": time.perf_counter() - start,
+                "cpu_seconds": _cpu_seconds() - cpu,
+                "ptx_bytes": len(kernel.asm["ptx"]),
+                "cubin_bytes": len(kernel.asm["cubin"]),
+            }
             print(json.dumps(row), flush=True)
 
 
 def _cpu_seconds() -> float:
     """CPU time of this process and its finished children (ptxas runs as one)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
-        resource.RUSAGE_CHILDREN)
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 

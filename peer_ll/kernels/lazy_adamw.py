@@ -83,15 +83,26 @@ def lazy_adamw_(
         param, exp_avg, exp_avg_sq = (t.view(t.shape[0], -1) for t in (param, exp_avg, exp_avg_sq))
         grad = grad.reshape(grad.shape[0], -1)
     if chosen == "native":
-        _native(param, exp_avg, exp_avg_sq, grad, rows, step, lr, beta1, beta2, eps,
-                weight_decay, grad_by_row)
+        _native(
+            param,
+            exp_avg,
+            exp_avg_sq,
+            grad,
+            rows,
+            step,
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            grad_by_row,
+        )
         return
     if chosen == "triton":
         from peer_ll.kernels._adamw_triton import lazy_adamw_triton
 
         scalars = _scalars(step, lr, beta1, beta2, eps, weight_decay)
-        lazy_adamw_triton(param, exp_avg, exp_avg_sq, grad.contiguous(), rows, grad_by_row,
-                          scalars)
+        lazy_adamw_triton(param, exp_avg, exp_avg_sq, grad.contiguous(), rows, grad_by_row, scalars)
         return
     group = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
     step_t = torch.tensor(float(step), dtype=torch.float32)
@@ -118,8 +129,10 @@ def _choose(backend, param, exp_avg, exp_avg_sq, grad) -> str:
             raise RuntimeError("backend='triton' needs contiguous tables and moments")
         return resolve_backend(backend, param, grad)
     fits = (
-        param.device.type == "cpu" and param.dtype == grad.dtype == torch.float32
-        and exp_avg.dtype == exp_avg_sq.dtype and exp_avg.dtype in (torch.float32, torch.bfloat16)
+        param.device.type == "cpu"
+        and param.dtype == grad.dtype == torch.float32
+        and exp_avg.dtype == exp_avg_sq.dtype
+        and exp_avg.dtype in (torch.float32, torch.bfloat16)
         and contiguous
     )
     if backend == "native":
@@ -141,9 +154,22 @@ def _native(param, m, v, grad, rows, step, lr, beta1, beta2, eps, wd, grad_by_ro
     grad = grad.contiguous()
     rows = rows.to(torch.int64).contiguous()
     _native.load().peer_lazy_adamw(
-        param.data_ptr(), m.data_ptr(), v.data_ptr(), grad.data_ptr(), rows.data_ptr(),
-        rows.numel(), param.shape[1], int(grad_by_row), int(m.dtype == torch.bfloat16),
-        torch.get_num_threads(), lr, beta1, beta2, eps, wd, float(step),
+        param.data_ptr(),
+        m.data_ptr(),
+        v.data_ptr(),
+        grad.data_ptr(),
+        rows.data_ptr(),
+        rows.numel(),
+        param.shape[1],
+        int(grad_by_row),
+        int(m.dtype == torch.bfloat16),
+        torch.get_num_threads(),
+        lr,
+        beta1,
+        beta2,
+        eps,
+        wd,
+        float(step),
     )
 
 
@@ -172,8 +198,19 @@ def adamw_(p, grad, m, v, step, group) -> None:
     lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
     if _FUSED:
         torch._fused_adamw_(
-            [p], [grad], [m], [v], [], [step], lr=lr, beta1=beta1, beta2=beta2,
-            weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
+            [p],
+            [grad],
+            [m],
+            [v],
+            [],
+            [step],
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=wd,
+            eps=eps,
+            amsgrad=False,
+            maximize=False,
         )
         return
     t = float(step)  # slow, correct fallback for torch builds without the fused kernel

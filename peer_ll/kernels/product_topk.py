@@ -78,8 +78,5 @@ def product_topk(
         if chosen == "triton":
             from peer_ll.kernels._topk_triton import product_topk_triton
 
-            return product_topk_triton(
-                queries, sub_keys, segments, k, segment_mask, select=select
-            )
+            return product_topk_triton(queries, sub_keys, segments, k, segment_mask, select=select)
         return reference.product_topk(queries, sub_keys, segments, k, segment_mask=segment_mask)
-

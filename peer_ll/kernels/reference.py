@@ -246,13 +246,17 @@ class _SelectedScores(torch.autograd.Function):
         g = grad.reshape(ids_l.shape).to(sub_keys.dtype)  # (T·H, K)
         grad_q = grad_keys = None
         if ctx.needs_input_grad[0]:
-            grad_q = torch.cat(
-                [
-                    F.embedding_bag(ids_l, sub_keys[:, 0], per_sample_weights=g, mode="sum"),
-                    F.embedding_bag(ids_r, sub_keys[:, 1], per_sample_weights=g, mode="sum"),
-                ],
-                dim=-1,
-            ).view(*grad.shape[:2], -1).to(q_rows.dtype)
+            grad_q = (
+                torch.cat(
+                    [
+                        F.embedding_bag(ids_l, sub_keys[:, 0], per_sample_weights=g, mode="sum"),
+                        F.embedding_bag(ids_r, sub_keys[:, 1], per_sample_weights=g, mode="sum"),
+                    ],
+                    dim=-1,
+                )
+                .view(*grad.shape[:2], -1)
+                .to(q_rows.dtype)
+            )
         if ctx.needs_input_grad[1]:
             half = q_rows.shape[-1] // 2
             rhs = q_rows.to(sub_keys.dtype)

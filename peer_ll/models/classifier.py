@@ -78,13 +78,18 @@ class PEERClassifier(nn.Module):
         head: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("num_classes", num_classes),
-                            ("hidden", hidden), ("blocks", blocks)):
+        for name, value in (
+            ("in_features", in_features),
+            ("num_classes", num_classes),
+            ("hidden", hidden),
+            ("blocks", blocks),
+        ):
             check_int(name, value, minimum=1)
         if isinstance(head, str):
             raise TypeError(
                 f"head must be an nn.Module or None, got the string {head!r}: build Avalanche "
-                "heads with peer_ll.strategies.peer_classifier(..., head=...)")
+                "heads with peer_ll.strategies.peer_classifier(..., head=...)"
+            )
         if head is not None:
             check_type("head", head, nn.Module)
         if peer is not None:
@@ -110,8 +115,10 @@ class PEERClassifier(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 2 or x[0].numel() != self.in_features:
-            raise ValueError(f"x must have shape (B, ...) with {self.in_features} values per "
-                             f"sample, got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (B, ...) with {self.in_features} values per "
+                f"sample, got {tuple(x.shape)}"
+            )
         h = x
         for layer in self.encoder:  # an owner-aware layer (e.g. per-owner) gets the owners
             h = call_with_owners(layer, h, owners)

@@ -46,6 +46,7 @@ from peer_ll.models.transformer import Block, LMConfig, Route
 CHECKPOINT_FORMAT = "peer_ll.PEERLM.safetensors/2"
 LMOwners = int | str | torch.Tensor | None
 
+
 class PEERLM(nn.Module):
     """Decoder-only transformer LM with PEER layers in place of some FFNs.
 
@@ -94,11 +95,15 @@ class PEERLM(nn.Module):
         if owner is None:
             return None if self.config.growth == "pool" else [[o] for o in owners]
         if isinstance(owner, bool) or not isinstance(owner, int):
-            raise TypeError(f"owners must be None, 'infer', an int or a (B,) integer tensor, "
-                            f"got {type(owner).__name__} {owner!r}")
+            raise TypeError(
+                f"owners must be None, 'infer', an int or a (B,) integer tensor, "
+                f"got {type(owner).__name__} {owner!r}"
+            )
         if owner not in owners:
-            raise ValueError(f"owners must be None, 'infer', one of {owners} or a (B,) "
-                             f"integer tensor of them, got {owner!r}")
+            raise ValueError(
+                f"owners must be None, 'infer', one of {owners} or a (B,) "
+                f"integer tensor of them, got {owner!r}"
+            )
         if self.config.growth == "pool":
             return [[o for o in owners if o <= owner]]
         return [[owners[0]]] if owner == owners[0] else [[owners[0]], [owner]]
@@ -135,12 +140,16 @@ class PEERLM(nn.Module):
         if not 1 <= T <= self.config.block_size:
             raise ValueError(f"idx must have 1 <= T <= {self.config.block_size}, got T={T}")
         if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < self.config.vocab_size:
-            raise ValueError(f"idx must hold token ids in [0, {self.config.vocab_size}), got "
-                             f"values in [{int(idx.min())}, {int(idx.max())}]")
+            raise ValueError(
+                f"idx must hold token ids in [0, {self.config.vocab_size}), got "
+                f"values in [{int(idx.min())}, {int(idx.max())}]"
+            )
         if isinstance(owners, str):
             if owners != "infer":
-                raise ValueError(f"owners must be None, 'infer', an owner id or a (B,) "
-                                 f"integer tensor, got {owners!r}")
+                raise ValueError(
+                    f"owners must be None, 'infer', an owner id or a (B,) "
+                    f"integer tensor, got {owners!r}"
+                )
             if confidence is None:
                 logits = self._mixture(idx)[0]  # log-probabilities: valid logits
             else:
@@ -161,8 +170,10 @@ class PEERLM(nn.Module):
         if owners.is_floating_point() or owners.dtype == torch.bool:
             raise TypeError(f"owners must be an integer tensor, got {_describe(owners)}")
         if owners.shape != idx.shape[:1]:
-            raise ValueError(f"owners must be an integer tensor of shape ({idx.shape[0]},), "
-                             f"got {_describe(owners)}")
+            raise ValueError(
+                f"owners must be an integer tensor of shape ({idx.shape[0]},), "
+                f"got {_describe(owners)}"
+            )
         owners = owners.to(idx.device)
         out = None
         for owner in owners.unique().tolist():
@@ -325,8 +336,16 @@ class PEERLM(nn.Module):
         0 means greedy decoding; ``owners`` is passed to :meth:`forward`. Decode
         bytes with :func:`peer_ll.data.text.decode`.
         """
-        return sample(self, idx, max_new_tokens, block_size=self.config.block_size,
-                      temperature=temperature, top_k=top_k, owners=owners, generator=generator)
+        return sample(
+            self,
+            idx,
+            max_new_tokens,
+            block_size=self.config.block_size,
+            temperature=temperature,
+            top_k=top_k,
+            owners=owners,
+            generator=generator,
+        )
 
     # ---------------------------------------------------------------- save/load
     def save(self, path: str | os.PathLike) -> None:
@@ -338,15 +357,22 @@ class PEERLM(nn.Module):
         temporary file behind.
         """
         frozen = [n for n, p in self.named_parameters() if not p.requires_grad]
-        save_tensors(self.state_dict(), {"format": CHECKPOINT_FORMAT,
-                                         "config": json.dumps(self.config.to_dict()),
-                                         "frozen": json.dumps(frozen)}, path)
+        save_tensors(
+            self.state_dict(),
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": json.dumps(self.config.to_dict()),
+                "frozen": json.dumps(frozen),
+            },
+            path,
+        )
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load weights; blocks first get the grown layers and adapters the checkpoint has.
 
         A failed load raises ValueError (or TypeError) and changes nothing.
         """
+
         def load():
             for i, block in enumerate(self.blocks):
                 block.match_checkpoint(self.config, state_dict, f"blocks.{i}.")
@@ -366,8 +392,10 @@ class PEERLM(nn.Module):
         """
         meta = read_metadata(path)
         if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"path must hold a PEERLM checkpoint (format "
-                             f"{CHECKPOINT_FORMAT!r}), got format {meta.get('format')!r}")
+            raise ValueError(
+                f"path must hold a PEERLM checkpoint (format "
+                f"{CHECKPOINT_FORMAT!r}), got format {meta.get('format')!r}"
+            )
         config = config_from_header(meta.get("config"))
         model = cls(config)
         model.load_state_dict(load_tensors(path))

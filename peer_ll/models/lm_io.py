@@ -83,8 +83,7 @@ def write_atomically(data: bytes, path: str | os.PathLike) -> None:
         raise
 
 
-def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-                 ) -> str:
+def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
     """SHA-256 over ``metadata`` (but its "sha256") and the names, dtypes, shapes and
     bytes of ``tensors`` (sorted by name)."""
     digest = hashlib.sha256()
@@ -98,8 +97,9 @@ def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | No
     return digest.hexdigest()
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                 path: str | os.PathLike) -> None:
+def save_tensors(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike
+) -> None:
     """Save ``tensors`` with safetensors (no pickle) and a content hash, atomically.
 
     ``metadata`` (str -> str) goes into the file's header beside ``"sha256"``, the
@@ -119,28 +119,34 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     path = os.fspath(path)
     size = os.path.getsize(path)
     if size < 8:
-        raise ValueError(f"path must hold a safetensors checkpoint, got a file of {size} bytes: "
-                         f"{path}")
+        raise ValueError(
+            f"path must hold a safetensors checkpoint, got a file of {size} bytes: {path}"
+        )
     try:
         with safetensors.safe_open(path, "pt") as f:
             return dict(f.metadata() or {})
     except Exception as error:  # safetensors raises its own error types for bad headers
-        raise ValueError(f"path must hold a whole safetensors checkpoint, got {path}: "
-                         f"{error}") from error
+        raise ValueError(
+            f"path must hold a whole safetensors checkpoint, got {path}: {error}"
+        ) from error
 
 
-def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu"
-                 ) -> dict[str, torch.Tensor]:
+def load_tensors(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """The tensors of a :func:`save_tensors` file, after checking its content hash."""
     meta = read_metadata(path)
     try:
         tensors = safetensors.torch.load_file(os.fspath(path), device=str(device))
     except Exception as error:
-        raise ValueError(f"path must hold a whole safetensors checkpoint, got {path}: "
-                         f"{error}") from error
+        raise ValueError(
+            f"path must hold a whole safetensors checkpoint, got {path}: {error}"
+        ) from error
     if meta.get("sha256") != content_hash(tensors, meta):
-        raise ValueError(f"path must hold a checkpoint whose content matches its sha256, "
-                         f"got one that does not (corrupted or edited): {path}")
+        raise ValueError(
+            f"path must hold a checkpoint whose content matches its sha256, "
+            f"got one that does not (corrupted or edited): {path}"
+        )
     return tensors
 
 
@@ -170,7 +176,7 @@ def estimated_bytes(config: LMConfig) -> int:
     """Bytes of a fresh PEERLM's float32 parameters for ``config`` (within a few %)."""
     c, d = config, config.dim
     dense = c.vocab_size * d + c.block_size * d + c.layers * (4 + 2 * c.mlp_ratio) * d * d
-    rows = max(c.peer_capacity or 0, c.peer_num_keys ** 2)
+    rows = max(c.peer_capacity or 0, c.peer_num_keys**2)
     keys = max(rows // c.peer_num_keys + 1, 2 * c.peer_num_keys)
     peer = rows * 2 * d + keys * c.peer_dim_key + c.peer_heads * c.peer_dim_key * d
     return 4 * (dense + len(c.peer_layers) * peer)

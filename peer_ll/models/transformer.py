@@ -181,12 +181,18 @@ def make_peer(config: LMConfig, *, num_keys: int | None = None, owner: int = 0) 
         owner=owner,
     )
     if config.adapter_rank or config.adapter_affine:
-        def adapter() -> QueryAdapter:
-            return QueryAdapter(config.peer_heads, config.peer_dim_key,
-                                rank=config.adapter_rank, affine=config.adapter_affine)
 
-        layer.attach_query_adapter(PerOwner(adapter(), owner=owner, new=adapter,
-                                            unknown="identity"))
+        def adapter() -> QueryAdapter:
+            return QueryAdapter(
+                config.peer_heads,
+                config.peer_dim_key,
+                rank=config.adapter_rank,
+                affine=config.adapter_affine,
+            )
+
+        layer.attach_query_adapter(
+            PerOwner(adapter(), owner=owner, new=adapter, unknown="identity")
+        )
     return layer
 
 
@@ -245,10 +251,12 @@ class Block(nn.Module):
                 owner = name[len(head) :].split(".")[0]
                 if owner not in self.attn.adapters:
                     self.attn.add_adapter(int(owner), value.shape[1])
-        owners = state_dict.get(prefix + "grown.pool.segment_owner",
-                                state_dict.get(prefix + "grown.segment_owner"))  # older layout
-        segments = state_dict.get(prefix + "grown.pool.segments",
-                                  state_dict.get(prefix + "grown.segments"))
+        owners = state_dict.get(
+            prefix + "grown.pool.segment_owner", state_dict.get(prefix + "grown.segment_owner")
+        )  # older layout
+        segments = state_dict.get(
+            prefix + "grown.pool.segments", state_dict.get(prefix + "grown.segments")
+        )
         if owners is not None and segments is not None and self.grown is None:
             self.grow_dense(config, int(segments[0, 1]), owner=int(owners[0]))
 
@@ -268,4 +276,3 @@ class Block(nn.Module):
             for group in route[1:] if self.grown is not None else ():
                 out = out + self.grown(h, owners=group)
         return x + self.drop(out)
-

@@ -138,9 +138,7 @@ def peer_protect(
         route["soft"] = True
     policy = _protect_policy(model, policy)
     routed = OwnerRouted(model, owner_scorer(model, inference, options), **route)
-    routing = OwnerRouting(
-        oracle=inference == "oracle", mem_size=mem_size, task_labels=task_labels
-    )
+    routing = OwnerRouting(oracle=inference == "oracle", mem_size=mem_size, task_labels=task_labels)
     if not any_peer_layers(model):  # an ablation without a pool: nothing grows
         from peer_ll.optim import make_optimizer
 

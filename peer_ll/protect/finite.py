@@ -27,11 +27,15 @@ def finite_rows(stats: nn.Module, rows: torch.Tensor, owner: int) -> torch.Tenso
     skipped = int((~keep).sum())
     if skipped:
         stats.nonfinite_skipped = getattr(stats, "nonfinite_skipped", 0) + skipped
-        logger.info("%s skipped %d non-finite samples of owner %d", type(stats).__name__,
-                    skipped, owner)
+        logger.info(
+            "%s skipped %d non-finite samples of owner %d", type(stats).__name__, skipped, owner
+        )
         if not getattr(stats, "_warned_nonfinite", False):
             stats._warned_nonfinite = True
-            warnings.warn(f"{type(stats).__name__}: skipped {skipped} of {len(rows)} samples of "
-                          f"owner {owner} holding NaN or infinite values; they do not enter the "
-                          "statistics (counted in .nonfinite_skipped; warned once)", stacklevel=3)
+            warnings.warn(
+                f"{type(stats).__name__}: skipped {skipped} of {len(rows)} samples of "
+                f"owner {owner} holding NaN or infinite values; they do not enter the "
+                "statistics (counted in .nonfinite_skipped; warned once)",
+                stacklevel=3,
+            )
     return keep

@@ -48,8 +48,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def expert_table_names(model: nn.Module) -> list[str]:
     """Names (as in ``model.named_parameters()``) of every PEER layer's tables, sorted."""
-    return sorted(f"{name + '.' if name else ''}pool.{table}"
-                  for name in peer_layers(model) for table in TABLES)
+    return sorted(
+        f"{name + '.' if name else ''}pool.{table}"
+        for name in peer_layers(model)
+        for table in TABLES
+    )
 
 
 def expert_tables(model: nn.Module) -> list[nn.Parameter]:
@@ -75,8 +78,10 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs) -> DistributedDataParallel:
     """
     check_type("model", model, nn.Module)
     if not dist.is_initialized():
-        raise ValueError("torch.distributed must be initialized to wrap a model, got "
-                         "no process group (call init_process_group or use torchrun)")
+        raise ValueError(
+            "torch.distributed must be initialized to wrap a model, got "
+            "no process group (call init_process_group or use torchrun)"
+        )
     model = unwrap(model)
     names = expert_table_names(model)
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
@@ -105,8 +110,9 @@ def all_reduce_expert_grads(model: nn.Module, *, group=None, sparse: bool | None
         return
     sparse_backend = dist.get_backend(group) in SPARSE_BACKENDS if sparse is None else sparse
     layers = peer_layers(unwrap(model))
-    modes = {id(getattr(layer.pool, t)): layer.sparse_grad for layer in layers.values()
-             for t in TABLES}
+    modes = {
+        id(getattr(layer.pool, t)): layer.sparse_grad for layer in layers.values() for t in TABLES
+    }
     for table in expert_tables(model):
         grad = table.grad
         if grad is None:  # nothing retrieved here: join with zeros of the layer's layout
@@ -117,7 +123,7 @@ def all_reduce_expert_grads(model: nn.Module, *, group=None, sparse: bool | None
         elif sparse_backend:
             grad = grad.coalesce()
             dist.all_reduce(grad, group=group)
-            table.grad = (grad.coalesce() / world)
+            table.grad = grad.coalesce() / world
         else:
             table.grad = _dense_all_reduce(grad.coalesce(), world, group)
 
@@ -136,12 +142,14 @@ def _dense_all_reduce(grad: torch.Tensor, world: int, group) -> torch.Tensor:
     dist.all_reduce(dense, group=group)
     dist.all_reduce(touched, group=group)
     rows = touched.nonzero().flatten()
-    return torch.sparse_coo_tensor(rows[None], dense[rows] / world, grad.shape,
-                                   is_coalesced=True, check_invariants=False)
+    return torch.sparse_coo_tensor(
+        rows[None], dense[rows] / world, grad.shape, is_coalesced=True, check_invariants=False
+    )
 
 
-def sync_expert_grads_before_step(optimizer: torch.optim.Optimizer, model: nn.Module, *,
-                                  group=None):
+def sync_expert_grads_before_step(
+    optimizer: torch.optim.Optimizer, model: nn.Module, *, group=None
+):
     """Make ``optimizer.step()`` first average ``model``'s expert-table gradients.
 
     For plain loops with :func:`wrap_ddp`. The model is read at every step, so growth
@@ -152,8 +160,7 @@ def sync_expert_grads_before_step(optimizer: torch.optim.Optimizer, model: nn.Mo
     """
     check_type("optimizer", optimizer, torch.optim.Optimizer)
     check_type("model", model, nn.Module)
-    return optimizer.register_step_pre_hook(
-        lambda *_: all_reduce_expert_grads(model, group=group))
+    return optimizer.register_step_pre_hook(lambda *_: all_reduce_expert_grads(model, group=group))
 
 
 class DistributedPEER(SupervisedPlugin, supports_distributed=True):
@@ -198,8 +205,9 @@ class DistributedPEER(SupervisedPlugin, supports_distributed=True):
     def before_eval_exp(self, strategy, **kwargs) -> None:
         if self.full_eval and self._active():  # the loader was built just before this
             data = strategy.adapted_dataset
-            strategy.dataloader = DataLoader(data, batch_size=strategy.eval_mb_size,
-                                             collate_fn=getattr(data, "collate_fn", None))
+            strategy.dataloader = DataLoader(
+                data, batch_size=strategy.eval_mb_size, collate_fn=getattr(data, "collate_fn", None)
+            )
 
 
 def ranks_equal(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bool:
@@ -255,13 +263,18 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     for name, layer in peer_layers(model).items():
         prefix = f"{name + '.' if name else ''}pool."
-        shapes = {key[len(prefix):]: meta[key].size for key in meta if key.startswith(prefix)
-                  and hasattr(meta[key], "size")}
+        shapes = {
+            key[len(prefix) :]: meta[key].size
+            for key in meta
+            if key.startswith(prefix) and hasattr(meta[key], "size")
+        }
         if "segments" not in shapes:
             raise ValueError(f"path must hold PEER layer {name!r}, got no {prefix}segments")
         layer.pool._match_checkpoint(  # storage of the checkpoint's shapes, then read into it
-            {prefix + k: torch.empty(shapes[k]) for k in ("down", "sub_keys")}, prefix,
-            torch.empty(shapes["segments"], dtype=torch.long))
+            {prefix + k: torch.empty(shapes[k]) for k in ("down", "sub_keys")},
+            prefix,
+            torch.empty(shapes["segments"], dtype=torch.long),
+        )
         layer.stats.resize(layer.pool.capacity)
     state = model.state_dict()
     dcp.load(state, checkpoint_id=path)

@@ -193,8 +193,10 @@ class PEERGrowth(DynamicModule):
             decision = GrowthDecision(bool(decision))
         grow, reason = decision.grow, decision.reason
         n = policy.keys_per_growth(layer)
-        if grow and policy.max_experts is not None and (
-            layer.num_experts + n * n > policy.max_experts
+        if (
+            grow
+            and policy.max_experts is not None
+            and (layer.num_experts + n * n > policy.max_experts)
         ):
             grow, reason = False, f"{reason}; max_experts={policy.max_experts}"
         owner = policy.next_owner(layer) if grow else None
@@ -260,30 +262,41 @@ class PEERGrowth(DynamicModule):
     # --------------------------------------------------------------- state_dict
     def get_extra_state(self) -> dict:
         """What decides the next growth (in the state_dict as ``..growth._extra_state``)."""
-        return {"seen_classes": sorted(self.seen_classes), "seen_tasks": sorted(self.seen_tasks),
-                "events": [list(e) for e in self.events],
-                "fingerprints": {str(o): f for o, f in self.fingerprints.items()}}
+        return {
+            "seen_classes": sorted(self.seen_classes),
+            "seen_tasks": sorted(self.seen_tasks),
+            "events": [list(e) for e in self.events],
+            "fingerprints": {str(o): f for o, f in self.fingerprints.items()},
+        }
 
     def set_extra_state(self, state: dict) -> None:
         """Restore :meth:`get_extra_state`'s dict; a malformed one raises ValueError."""
         if not isinstance(state, dict) or not {"seen_classes", "seen_tasks"} <= set(state):
-            raise ValueError(f"growth state must be a dict with seen_classes and seen_tasks, "
-                             f"got {state!r}"[:200])
+            raise ValueError(
+                f"growth state must be a dict with seen_classes and seen_tasks, got {state!r}"[:200]
+            )
         seen = {}
         for name in ("seen_classes", "seen_tasks"):
             values = state[name]
             if not isinstance(values, list | tuple) or not all(
-                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-                raise ValueError(f"growth state {name} must be a list of ints >= 0, "
-                                 f"got {values!r}"[:200])
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+            ):
+                raise ValueError(
+                    f"growth state {name} must be a list of ints >= 0, got {values!r}"[:200]
+                )
             seen[name] = set(values)
-        events = [GrowthEvent(int(e[0]), bool(e[1]), str(e[2]), int(e[3]), *e[4:6])
-                  for e in state.get("events", [])]
+        events = [
+            GrowthEvent(int(e[0]), bool(e[1]), str(e[2]), int(e[3]), *e[4:6])
+            for e in state.get("events", [])
+        ]
         prints = state.get("fingerprints", {})  # which owners have trained (freeze="previous")
         if not isinstance(prints, dict):
             raise ValueError(f"growth state fingerprints must be a dict, got {prints!r}"[:200])
         self.seen_classes, self.seen_tasks, self.events = (
-            seen["seen_classes"], seen["seen_tasks"], events)
+            seen["seen_classes"],
+            seen["seen_tasks"],
+            events,
+        )
         self.fingerprints = {int(o): float(f) for o, f in prints.items()}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -374,8 +387,11 @@ def check_growth(model: nn.Module) -> None:
     A PEER layer grows in an Avalanche strategy only through its ``growth`` child
     (:func:`attach_growth`); without it, training silently keeps the pool fixed.
     """
-    bare = [name or "<model>" for name, layer in peer_layers(model).items()
-            if not isinstance(layer._modules.get("growth"), PEERGrowth)]
+    bare = [
+        name or "<model>"
+        for name, layer in peer_layers(model).items()
+        if not isinstance(layer._modules.get("growth"), PEERGrowth)
+    ]
     if bare:
         raise ValueError(
             f"model's PEER layers must have growth attached, got none on {bare}: call "

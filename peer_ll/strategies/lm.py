@@ -55,12 +55,17 @@ class AvalancheLM(MultiTaskModule):
         if isinstance(task_labels, torch.Tensor) and task_labels.dim() == 0:
             task_labels = int(task_labels)
         if self.training or self.eval_domain == "task":
-            labels = {task_labels} if isinstance(task_labels, int) else (
-                set() if task_labels is None else set(task_labels.tolist()))
+            labels = (
+                {task_labels}
+                if isinstance(task_labels, int)
+                else (set() if task_labels is None else set(task_labels.tolist()))
+            )
             known = bool(labels) and labels <= set(self.lm.owners)
             if self.training and not known:
-                raise ValueError(f"task_labels must be among the model's domains "
-                                 f"{self.lm.owners} in training, got {sorted(labels)}")
+                raise ValueError(
+                    f"task_labels must be among the model's domains "
+                    f"{self.lm.owners} in training, got {sorted(labels)}"
+                )
             return task_labels if known else None
         return None if self.eval_domain == "all" else "infer"
 

@@ -156,4 +156,3 @@ class NoveltyTrigger:
     def __repr__(self) -> str:
         return (f"NoveltyTrigger(window={self.window}, threshold={self.threshold}, "
                 f"cooldown={self.cooldown}, floor={self.floor})")  # fmt: skip
-

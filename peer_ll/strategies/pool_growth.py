@@ -110,12 +110,14 @@ class PoolGrowth:
     """
 
     def __init__(self, config: PoolGrowthConfig | None = None) -> None:
-        self.config = PoolGrowthConfig() if config is None else check_type(
-            "config", config, PoolGrowthConfig)
+        self.config = (
+            PoolGrowthConfig() if config is None else check_type("config", config, PoolGrowthConfig)
+        )
         self.query_stats = QueryStats()
 
-    def grow(self, layer: PEER, num_keys: int, *, owner: int, queries: torch.Tensor
-             ) -> torch.Tensor:
+    def grow(
+        self, layer: PEER, num_keys: int, *, owner: int, queries: torch.Tensor
+    ) -> torch.Tensor:
         """Grow ``layer`` by ``num_keys``² experts of ``owner``; returns their ids.
 
         Args:
@@ -125,10 +127,15 @@ class PoolGrowth:
             queries: (..., H, d) queries of the new data (for k-means).
         """
         check_type("layer", layer, PEER)
-        if self.config.calibrate and layer.query_adapter is not None and not isinstance(
-                layer.query_adapter, PerOwner):
-            raise ValueError("layer.query_adapter must be None or a PerOwner with "
-                             f"calibrate=True, got {type(layer.query_adapter).__name__}")
+        if (
+            self.config.calibrate
+            and layer.query_adapter is not None
+            and not isinstance(layer.query_adapter, PerOwner)
+        ):
+            raise ValueError(
+                "layer.query_adapter must be None or a PerOwner with "
+                f"calibrate=True, got {type(layer.query_adapter).__name__}"
+            )
         ids = layer.grow(num_keys, owner=owner)
         self.init_grown(layer, owner=owner, queries=queries)
         return ids
@@ -141,12 +148,15 @@ class PoolGrowth:
             norm = float(old.norm(dim=-1).mean()) * self.config.key_scale if len(old) else None
             kmeans_sub_keys(layer, queries, owner=owner, norm=norm)
         if self.config.calibrate and layer.query_adapter is None:
-            def adapter() -> QueryAdapter:  # identity at init; old owners have none
-                return QueryAdapter(layer.heads, layer.dim_key,
-                                    rank=self.config.calibration_rank, affine=True)
 
-            layer.attach_query_adapter(PerOwner(adapter(), owner=owner, new=adapter,
-                                                unknown="identity"))
+            def adapter() -> QueryAdapter:  # identity at init; old owners have none
+                return QueryAdapter(
+                    layer.heads, layer.dim_key, rank=self.config.calibration_rank, affine=True
+                )
+
+            layer.attach_query_adapter(
+                PerOwner(adapter(), owner=owner, new=adapter, unknown="identity")
+            )
         elif isinstance(layer.query_adapter, PerOwner):  # as models' grow_peer
             layer.query_adapter.add_owner(owner)
 
@@ -154,8 +164,7 @@ class PoolGrowth:
         """Store ``owner``'s query statistics (call when it has finished training)."""
         self.query_stats.record(layer, owner, queries)
 
-    def loss(self, layer: PEER, q: torch.Tensor, *, owner: int, generator=None
-             ) -> torch.Tensor:
+    def loss(self, layer: PEER, q: torch.Tensor, *, owner: int, generator=None) -> torch.Tensor:
         """Retrieval regulariser of ``owner``'s segment on current queries q (..., H, d).
 
         Returns a scalar: ``win_weight · win + keep_weight · keep`` (see the module
@@ -176,11 +185,13 @@ class PoolGrowth:
             total = total + cfg.win_weight * F.softplus(s_old + cfg.margin - s_new).mean()
         known = [o for o in self.query_stats.owners(layer) if o in old]
         if cfg.keep_weight > 0 and known:
-            p = torch.cat([self.query_stats.sample(layer, o, cfg.pseudo_queries, generator)
-                           for o in known])  # (P, H, d)
+            p = torch.cat(
+                [self.query_stats.sample(layer, o, cfg.pseudo_queries, generator) for o in known]
+            )  # (P, H, d)
             s_old, _ = search_queries(layer, p, owners=old, k=k)
             _, ids = search_queries(layer, p, owners=owner, k=1)
             s_new = scores_of(layer, p, ids)  # (P, H, 1)
-            total = total + cfg.keep_weight * F.softplus(
-                s_new - s_old[..., -1:] + cfg.margin).mean()
+            total = (
+                total + cfg.keep_weight * F.softplus(s_new - s_old[..., -1:] + cfg.margin).mean()
+            )
         return total

@@ -39,8 +39,7 @@ class PoolGrowthPlugin(SupervisedPlugin):
 
     def __init__(self, growth: PoolGrowth | None = None, *, query_samples: int = 2048) -> None:
         super().__init__()
-        self.growth = PoolGrowth() if growth is None else check_type("growth", growth,
-                                                                      PoolGrowth)
+        self.growth = PoolGrowth() if growth is None else check_type("growth", growth, PoolGrowth)
         self.query_samples = check_int("query_samples", query_samples, minimum=2)
         self.watch: PEERInputs | None = None
         self.owner: int | None = None
@@ -66,8 +65,11 @@ class PoolGrowthPlugin(SupervisedPlugin):
         t = int(strategy.experience.current_experience)
         layers = list(peer_layers(strategy.model).values())
         self.owner = t
-        grown = [layer for layer in layers
-                 if layer.num_segments > 1 and int(layer.segment_owner[-1]) == t]
+        grown = [
+            layer
+            for layer in layers
+            if layer.num_segments > 1 and int(layer.segment_owner[-1]) == t
+        ]
         if grown:
             queries = self._queries(strategy)
             for layer in grown:

@@ -98,7 +98,9 @@ def test_reload_in_a_new_process_is_identical(tokens, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), *sys.path])}
     subprocess.run(
         [sys.executable, "-c", RELOAD, str(tmp_path), str(torch.get_num_threads())],
-        check=True, env=env, timeout=300,
+        check=True,
+        env=env,
+        timeout=300,
         capture_output=True,
     )
     reloaded = torch.load(tmp_path / "reloaded.pt")

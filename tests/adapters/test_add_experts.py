@@ -108,8 +108,14 @@ def test_owners_scope_routes_a_plain_torch_model_and_leaves_nothing_behind(token
 
 @pytest.mark.parametrize(
     ("owners", "error"),
-    [(3, ValueError), ("all", ValueError), (torch.tensor([0.0, 1.0, 1.0]), TypeError),
-     (torch.tensor([[0, 1]]), ValueError), (-1, ValueError), (torch.tensor([0, 1, 5]), ValueError)],
+    [
+        (3, ValueError),
+        ("all", ValueError),
+        (torch.tensor([0.0, 1.0, 1.0]), TypeError),
+        (torch.tensor([[0, 1]]), ValueError),
+        (-1, ValueError),
+        (torch.tensor([0, 1, 5]), ValueError),
+    ],
 )
 def test_bad_owners_raise_naming_owners(base, tokens, owners, error):
     model = add_experts(base, SMALL, num_keys=3, owner=1)

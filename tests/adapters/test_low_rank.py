@@ -47,8 +47,9 @@ def test_per_input_owners_apply_each_inputs_delta(tokens):
     owners = torch.tensor([2, 0, 1])
     mixed = model(tokens, owners=owners).logits
     for b, o in enumerate(owners.tolist()):
-        torch.testing.assert_close(mixed[b], model(tokens, owners=o).logits[b],
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            mixed[b], model(tokens, owners=o).logits[b], rtol=1e-5, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("arch", sorted(BUILDERS))

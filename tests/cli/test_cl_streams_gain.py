@@ -15,12 +15,18 @@ def _script():
 
 def test_pool_gain_names_the_best_baseline_and_the_sign():
     script = _script()
-    acc = {"PEER protect (full)": 0.816, "StreamingLDA": 0.803,
-           "Input-statistics classifier": 0.817, "Protect (full), per-owner MLP": 0.8155}
+    acc = {
+        "PEER protect (full)": 0.816,
+        "StreamingLDA": 0.803,
+        "Input-statistics classifier": 0.817,
+        "Protect (full), per-owner MLP": 0.8155,
+    }
     results = {"strategies": {k: {"avg_accuracy": v} for k, v in acc.items()}}
     text = script.pool_gain(results)
-    assert text == ("PEER protect (full) 81.6 %: the PEER pool loses 0.1 points to the best "
-                    "replay-free baseline without a pool, Input-statistics classifier (81.7 %).")
+    assert text == (
+        "PEER protect (full) 81.6 %: the PEER pool loses 0.1 points to the best "
+        "replay-free baseline without a pool, Input-statistics classifier (81.7 %)."
+    )
     results["strategies"]["PEER protect (full)"]["avg_accuracy"] = 0.85
     assert "adds 3.3 points over the best" in script.pool_gain(results)
     assert script.gaps_table(results) == ""  # no Naive/EWC/LwF/Replay/Joint rows

@@ -64,8 +64,13 @@ def test_run_writes_results_and_plots(run_dir, capsys):
     expect = np.mean(np.array(joint["accuracy_matrix"][-1]) - np.diag(naive["accuracy_matrix"]))
     assert naive["intransigence"] == pytest.approx(expect)
     files = {p.name for p in run_dir.iterdir()}
-    assert {"results.json", "table.txt", "accuracy_curves.png",
-            "accuracy_matrix_peer-growth.png", "routing_share_peer-growth.png"} <= files
+    assert {
+        "results.json",
+        "table.txt",
+        "accuracy_curves.png",
+        "accuracy_matrix_peer-growth.png",
+        "routing_share_peer-growth.png",
+    } <= files
     assert "routing_share_naive.png" not in files  # a fixed pool has one owner
     log = (run_dir / "logs" / "peer-grow-seed0.log").read_text()
     assert "PEER_Usage/blocks.0.peer" in log and "CL_Forgetting/eval_phase/test_stream" in log
@@ -148,8 +153,16 @@ def test_parameter_counts_hand_computed():
 def test_parameter_counts_keep_one_copy_of_per_owner_modules_active():
     from peer_ll.protect import protect_classifier
 
-    model = protect_classifier(10, 3, experiences=2, hidden=8, num_keys=2, adapter_rank=1,
-                               owner_encoder=True, peer=dict(heads=1, topk=2))
+    model = protect_classifier(
+        10,
+        3,
+        experiences=2,
+        hidden=8,
+        num_keys=2,
+        adapter_rank=1,
+        owner_encoder=True,
+        peer=dict(heads=1, topk=2),
+    )
     layer = model.peer_layers[0]
     total_1, active_1 = parameter_counts(model)
     rows_1 = layer.num_sub_keys

@@ -1,6 +1,5 @@
 """``peer-ll data fetch`` finds local files and explains what to do otherwise."""
 
-
 from peer_ll.cli import main
 from peer_ll.data.idx import write_mnist_like
 

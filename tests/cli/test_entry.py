@@ -23,8 +23,9 @@ def test_version_flag_prints_the_version(capsys):
 
 
 def test_python_dash_m_runs_the_command():
-    out = subprocess.run([sys.executable, "-m", "peer_ll", "--help"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "peer_ll", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "usage: peer-ll" in out and "run" in out and "--version" in out
 
 

@@ -11,17 +11,36 @@ def test_hf_gpt2_base_runs_every_method_and_checks_identity(tmp_path):
     from peer_ll.cli import main as cli
 
     out = tmp_path / "run"
-    code = cli(["lm", "--base", "hf-gpt2", "--tiny", "--steps-first", "10", "--steps", "4",
-                "--domains", "python-stdlib", "pydoc-topics", "--out", str(out)])
+    code = cli(
+        [
+            "lm",
+            "--base",
+            "hf-gpt2",
+            "--tiny",
+            "--steps-first",
+            "10",
+            "--steps",
+            "4",
+            "--domains",
+            "python-stdlib",
+            "pydoc-topics",
+            "--out",
+            str(out),
+        ]
+    )
     results = json.loads((out / "results.json").read_text())
     assert code == 0 and results["domains"] == ["python-stdlib", "pydoc-topics"]
     rows = results["rows"]
     rank = results["lora_rank"]
     peer = "PEER experts + attention r=16"
     assert set(rows) == {
-        "full finetuning", f"{peer}, domain known", f"{peer}, domain inferred",
-        "PEER experts only, domain known", "PEER experts only, domain inferred",
-        f"LoRA r={rank}, domain known", f"LoRA r={rank}, domain inferred",
+        "full finetuning",
+        f"{peer}, domain known",
+        f"{peer}, domain inferred",
+        "PEER experts only, domain known",
+        "PEER experts only, domain inferred",
+        f"LoRA r={rank}, domain known",
+        f"LoRA r={rank}, domain inferred",
         f"LoRA r={rank}, last adapter on",
     }
     assert results["base_bit_identical"]

@@ -19,8 +19,9 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lm")
     parser = argparse.ArgumentParser()
     lm.add_arguments(parser)
-    args = parser.parse_args(["--tiny", "--steps-first", "30", "--steps", "15", "--no-progress",
-                              "--out", str(out)])
+    args = parser.parse_args(
+        ["--tiny", "--steps-first", "30", "--steps", "15", "--no-progress", "--out", str(out)]
+    )
     code = lm.main(args)
     return code, out, json.loads((out / "results.json").read_text())
 
@@ -32,8 +33,12 @@ def test_job_writes_a_run_folder(run):
     assert "--- grow-and-freeze" in (out / "samples.txt").read_text()
     names = results["domains"]
     assert names == list(lm.DEFAULT_DOMAINS)
-    assert set(results["methods"]) >= {"full finetuning", "sparse finetuning (TF-IDF)",
-                                       "grow-only (all experts)", "grow-and-freeze"}
+    assert set(results["methods"]) >= {
+        "full finetuning",
+        "sparse finetuning (TF-IDF)",
+        "grow-only (all experts)",
+        "grow-and-freeze",
+    }
     for row in results["methods"].values():
         assert len(row["R"]) == 3 and all(len(r) == 3 for r in row["R"])
         assert len(row["seconds"]) == 2 and all(s > 0 for s in row["seconds"])
@@ -61,8 +66,13 @@ def test_checkpoints_reload_identically_in_a_new_process(run):
 
 def test_example_runs_tiny():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "add_domain_experts.py"),
-                          "--tiny"], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "add_domain_experts.py"), "--tiny"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "restricted to A's experts" in out.stdout and "sample:" in out.stdout
 
@@ -71,24 +81,47 @@ def test_cli_runs_user_folders_as_domains(tmp_path):
     """``peer-ll lm --domains NAME=FOLDER ...``: any folder of text files is a domain."""
     from peer_ll.cli import main as cli
 
-    words = {"alpha": "def f(x):\n    return x + {i}\n", "beta": "The {i}th topic reads well. ",
-             "gamma": "LATIN LETTER {i} WITH MARK\n"}
+    words = {
+        "alpha": "def f(x):\n    return x + {i}\n",
+        "beta": "The {i}th topic reads well. ",
+        "gamma": "LATIN LETTER {i} WITH MARK\n",
+    }
     specs = []
     for name, pattern in words.items():
         folder = tmp_path / name
         folder.mkdir()
         for doc in range(12):
-            (folder / f"doc{doc}.txt").write_text("".join(
-                pattern.format(i=doc * 100 + i) for i in range(60)))
+            (folder / f"doc{doc}.txt").write_text(
+                "".join(pattern.format(i=doc * 100 + i) for i in range(60))
+            )
         specs.append(f"{name}={folder}")
     out = tmp_path / "run"
-    code = cli(["lm", "--tiny", "--steps-first", "10", "--steps", "5", "--no-progress",
-                "--methods", "full", "grow-and-freeze", "--out", str(out), "--domains", *specs])
+    code = cli(
+        [
+            "lm",
+            "--tiny",
+            "--steps-first",
+            "10",
+            "--steps",
+            "5",
+            "--no-progress",
+            "--methods",
+            "full",
+            "grow-and-freeze",
+            "--out",
+            str(out),
+            "--domains",
+            *specs,
+        ]
+    )
     results = json.loads((out / "results.json").read_text())
     assert code == 0 and results["domains"] == ["alpha", "beta", "gamma"]
-    assert set(results["methods"]) == {"full finetuning", "grow-and-freeze",
-                                       "grow-and-freeze, domain known",
-                                       "grow-and-freeze, all branches"}
+    assert set(results["methods"]) == {
+        "full finetuning",
+        "grow-and-freeze",
+        "grow-and-freeze, domain known",
+        "grow-and-freeze, all branches",
+    }
     known = results["methods"]["grow-and-freeze, domain known"]["R"]
     assert known[1][0] == known[0][0] == known[2][0]
     assert results["reload"]["identical"]
@@ -97,14 +130,31 @@ def test_cli_runs_user_folders_as_domains(tmp_path):
 def test_cli_rejects_bad_arguments_with_a_message(tmp_path, capsys):
     from peer_ll.cli import main as cli
 
-    assert cli(["lm", "--tiny", "--no-progress", "--out", str(tmp_path), "--domains",
-                "pydoc-topics"]) == 2
+    assert (
+        cli(["lm", "--tiny", "--no-progress", "--out", str(tmp_path), "--domains", "pydoc-topics"])
+        == 2
+    )
     assert "peer-ll lm: error: --domains must name at least 2" in capsys.readouterr().err
-    assert cli(["lm", "--dim", "30", "--max-bytes", "20000", "--no-progress", "--out",
-                str(tmp_path)]) == 2
+    assert (
+        cli(["lm", "--dim", "30", "--max-bytes", "20000", "--no-progress", "--out", str(tmp_path)])
+        == 2
+    )
     assert "dim must be a multiple of attn_heads=4, got 30" in capsys.readouterr().err
-    assert cli(["lm", "--tiny", "--no-progress", "--out", str(tmp_path), "--domains",
-                "a=" + str(tmp_path / "missing"), "pydoc-topics"]) == 2
+    assert (
+        cli(
+            [
+                "lm",
+                "--tiny",
+                "--no-progress",
+                "--out",
+                str(tmp_path),
+                "--domains",
+                "a=" + str(tmp_path / "missing"),
+                "pydoc-topics",
+            ]
+        )
+        == 2
+    )
     assert "missing" in capsys.readouterr().err
     assert cli(["lm", "--steps", "-1", "--out", str(tmp_path / "run")]) == 2
     assert "argument --steps: expected an integer >= 0, got -1" in capsys.readouterr().err
@@ -116,9 +166,22 @@ def test_experts_only_grows_nothing_but_experts(tmp_path):
 
     parser = argparse.ArgumentParser()
     lm.add_arguments(parser)
-    args = parser.parse_args(["--tiny", "--experts-only", "--steps-first", "10", "--steps", "5",
-                              "--no-progress", "--methods", "grow-and-freeze",
-                              "--no-reload-check", "--out", str(tmp_path)])
+    args = parser.parse_args(
+        [
+            "--tiny",
+            "--experts-only",
+            "--steps-first",
+            "10",
+            "--steps",
+            "5",
+            "--no-progress",
+            "--methods",
+            "grow-and-freeze",
+            "--no-reload-check",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert lm.main(args) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     known = results["methods"]["grow-and-freeze, domain known"]["R"]

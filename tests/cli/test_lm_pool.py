@@ -14,8 +14,20 @@ from peer_ll.models.transformer import LMConfig
 def test_grow_pool_touches_nothing_old_and_reloads_identically(tmp_path):
     parser = argparse.ArgumentParser()
     lm.add_arguments(parser)
-    args = parser.parse_args(["--tiny", "--steps-first", "30", "--steps", "15", "--no-progress",
-                              "--methods", "grow-pool", "--out", str(tmp_path)])
+    args = parser.parse_args(
+        [
+            "--tiny",
+            "--steps-first",
+            "30",
+            "--steps",
+            "15",
+            "--no-progress",
+            "--methods",
+            "grow-pool",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert lm.main(args) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     row = results["methods"]["grow-pool (one retrieval)"]
@@ -28,7 +40,17 @@ def test_grow_pool_touches_nothing_old_and_reloads_identically(tmp_path):
 
 
 def test_prepare_pool_needs_pool_growth():
-    model = PEERLM(LMConfig(dim=32, layers=2, attn_heads=2, block_size=32, peer_num_keys=8,
-                            peer_heads=2, peer_topk=4, peer_dim_key=16))
+    model = PEERLM(
+        LMConfig(
+            dim=32,
+            layers=2,
+            attn_heads=2,
+            block_size=32,
+            peer_num_keys=8,
+            peer_heads=2,
+            peer_topk=4,
+            peer_dim_key=16,
+        )
+    )
     with pytest.raises(ValueError, match="config.growth='pool'"):
         prepare_pool(model, owner=1, grow_keys=4, steps=1, new_blocks=None, old_blocks=[])

@@ -12,15 +12,19 @@ SMALL = ["--tiny", "--steps-first", "6", "--steps", "3", "--no-progress", "--no-
          "--methods", "full", "grow-and-freeze"]  # fmt: skip
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
-    (["--lr-first", "0"], "argument --lr-first: expected a finite number > 0, got '0'"),
-    (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
-    (["--max-bytes", "0"], "argument --max-bytes: expected an integer >= 1, got 0"),
-    (["--threads", "-2"], "argument --threads: expected an integer >= 0, got -2"),
-    (["--domains", "pydoc-topics", "klingon"], "'klingon' is neither a built-in domain"),
-    (["--resume", "--force"], "--resume and --force exclude each other"),
-], ids=["lr-nan", "lr-first-0", "batch-0", "max-bytes-0", "threads", "domain", "resume-force"])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
+        (["--lr-first", "0"], "argument --lr-first: expected a finite number > 0, got '0'"),
+        (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
+        (["--max-bytes", "0"], "argument --max-bytes: expected an integer >= 1, got 0"),
+        (["--threads", "-2"], "argument --threads: expected an integer >= 0, got -2"),
+        (["--domains", "pydoc-topics", "klingon"], "'klingon' is neither a built-in domain"),
+        (["--resume", "--force"], "--resume and --force exclude each other"),
+    ],
+    ids=["lr-nan", "lr-first-0", "batch-0", "max-bytes-0", "threads", "domain", "resume-force"],
+)
 def test_lm_rejects_bad_arguments_before_making_anything(tmp_path, capsys, extra, message):
     out = tmp_path / "run"
     assert cli(["lm", *SMALL, *extra, "--out", str(out)]) == 2
@@ -56,5 +60,6 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, capsys):
     (out / "stale.png").write_text("old")
     assert cli([*args, "--force"]) == 0
     assert not (out / "stale.png").exists()
-    assert json.loads((out / "results.json").read_text())["methods"].keys() == whole[
-        "methods"].keys()
+    assert (
+        json.loads((out / "results.json").read_text())["methods"].keys() == whole["methods"].keys()
+    )

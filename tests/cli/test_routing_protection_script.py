@@ -24,8 +24,9 @@ def script():
 
 def _recorded(script, stream, method, seed):
     records = script.load(ROOT / "benchmarks" / "records" / "routing_protection.jsonl")
-    return next(r for r in records if (r["stream"], r["method"], r["seed"]) == (stream, method,
-                                                                               seed))
+    return next(
+        r for r in records if (r["stream"], r["method"], r["seed"]) == (stream, method, seed)
+    )
 
 
 def test_naive_on_split_digits_reproduces_its_record(script):

@@ -5,12 +5,15 @@ import sys
 
 
 def test_package_import_is_lazy():
-    code = ("import sys, peer_ll.data as d; "
-            "print('avalanche' in sys.modules, 'datasets' in sys.modules); "
-            "d.TextDomainBenchmark; print('avalanche' in sys.modules); "
-            "print(d.streams.make_stream is d.make_stream)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.split()
+    code = (
+        "import sys, peer_ll.data as d; "
+        "print('avalanche' in sys.modules, 'datasets' in sys.modules); "
+        "d.TextDomainBenchmark; print('avalanche' in sys.modules); "
+        "print(d.streams.make_stream is d.make_stream)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == ["False", "False", "True", "True"]
 
 

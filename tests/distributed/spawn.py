@@ -22,8 +22,13 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world: int, port: int, fn, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
@@ -34,8 +39,9 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
 
 def spawn(fn, *args, world: int = 2) -> None:
     """Run ``fn(rank, *args)`` on ``world`` processes; re-raises a rank's error."""
-    context = mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world,
-                                 join=False, start_method="spawn")
+    context = mp.start_processes(
+        _entry, args=(world, free_port(), fn, args), nprocs=world, join=False, start_method="spawn"
+    )
     end = time.monotonic() + DEADLINE
     while not context.join(timeout=max(0.1, end - time.monotonic())):
         if time.monotonic() > end:

@@ -38,8 +38,23 @@ def test_nproc_below_one_is_refused(capsys):
 def test_two_process_run_writes_one_run_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "run"
-    code = main(["run", "--nproc", "2", "--strategies", "peer-grow-noreplay", "--seeds", "1",
-                 "--epochs", "1", "--experiences", "2", "--out", str(out)])
+    code = main(
+        [
+            "run",
+            "--nproc",
+            "2",
+            "--strategies",
+            "peer-grow-noreplay",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--experiences",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["processes"] == 2

@@ -18,8 +18,11 @@ def runs(tmp_path_factory):
 def _full_batch_grads():
     layer, x = layer_and_batch()
     layer(x[:6]).square().mean().add(layer(x[6:]).square().mean()).div(2).backward()
-    return {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad)
-            for n, p in layer.named_parameters() if p.grad is not None}
+    return {
+        n: (p.grad.to_dense() if p.grad.is_sparse else p.grad)
+        for n, p in layer.named_parameters()
+        if p.grad is not None
+    }
 
 
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse-gloo", "dense-nccl-path"])

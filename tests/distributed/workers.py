@@ -34,8 +34,11 @@ def grads_of_halves(rank: int, out: str, sparse: bool | None) -> None:
     half = x.shape[0] // 2
     model(x[rank * half : (rank + 1) * half]).square().mean().backward()
     all_reduce_expert_grads(model, sparse=sparse)
-    grads = {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone()
-             for n, p in layer.named_parameters() if p.grad is not None}
+    grads = {
+        n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone()
+        for n, p in layer.named_parameters()
+        if p.grad is not None
+    }
     torch.save(grads, f"{out}/grads{rank}.pt")
 
 
@@ -81,8 +84,7 @@ def avalanche_run(rank: int, out: str) -> None:
     warnings.simplefilter("ignore")
     stream = digits_stream()
     DistributedHelper.set_random_seeds(0)
-    model = peer_classifier(64, 3, hidden=16, blocks=1, peer=SMALL,
-                            growth=GrowthPolicy(num_keys=4))
+    model = peer_classifier(64, 3, hidden=16, blocks=1, peer=SMALL, growth=GrowthPolicy(num_keys=4))
     from avalanche.evaluation.metrics import accuracy_metrics
     from avalanche.training.plugins import EvaluationPlugin
 
@@ -96,8 +98,15 @@ def avalanche_run(rank: int, out: str) -> None:
             self.seen += len(strategy.mb_x)
 
     count = CountEval()
-    strategy = peer_grow(model, plugins=[DistributedPEER(), count], train_mb_size=16,
-                         train_epochs=1, eval_mb_size=64, device="cpu", evaluator=evaluation)
+    strategy = peer_grow(
+        model,
+        plugins=[DistributedPEER(), count],
+        train_mb_size=16,
+        train_epochs=1,
+        eval_mb_size=64,
+        device="cpu",
+        evaluator=evaluation,
+    )
     sizes, accuracy = [], []
     for experience in stream.train_stream[:2]:
         strategy.train(experience, num_workers=0)
@@ -107,8 +116,16 @@ def avalanche_run(rank: int, out: str) -> None:
         values = strategy.eval(stream.test_stream[:2])
         accuracy.append(sorted((k, v) for k, v in values.items() if k.startswith("Top1_Acc_Exp")))
     test_samples = 2 * sum(len(e.dataset) for e in stream.test_stream[:2])  # 2 evaluations
-    torch.save({"sizes": sizes, "accuracy": accuracy, "world": dist.get_world_size(),
-                "eval_samples": count.seen, "test_samples": test_samples}, f"{out}/aval{rank}.pt")
+    torch.save(
+        {
+            "sizes": sizes,
+            "accuracy": accuracy,
+            "world": dist.get_world_size(),
+            "eval_samples": count.seen,
+            "test_samples": test_samples,
+        },
+        f"{out}/aval{rank}.pt",
+    )
 
 
 def everything(rank: int, out: str) -> None:
@@ -129,5 +146,10 @@ def digits_stream():
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target)
     x, y = x[y < 9], y[y < 9]
-    return nc_benchmark(TensorDataset(x[:270], y[:270]), TensorDataset(x[270:405], y[270:405]),
-                        3, task_labels=False, seed=0)
+    return nc_benchmark(
+        TensorDataset(x[:270], y[:270]),
+        TensorDataset(x[270:405], y[270:405]),
+        3,
+        task_labels=False,
+        seed=0,
+    )

@@ -103,7 +103,9 @@ def test_plots_written(tmp_path):
     paths = draw_run_plots({"strategies": {"PEER growth + RD": grow, "Naive": fixed}}, tmp_path)
     names = sorted(p.name for p in paths)
     assert names == [
-        "accuracy_curves.png", "accuracy_matrix_naive.png", "accuracy_matrix_peer-growth-rd.png",
+        "accuracy_curves.png",
+        "accuracy_matrix_naive.png",
+        "accuracy_matrix_peer-growth-rd.png",
         "routing_share_peer-growth-rd.png",
     ]  # fmt: skip  (one owner: no routing plot for Naive)
     for p in paths:

@@ -25,7 +25,8 @@ def grown(**kw):
 
 def _state(layer):
     return {k: v.clone() for k, v in layer.state_dict().items()} | {
-        "mass": layer.expert_mass.clone()}
+        "mass": layer.expert_mass.clone()
+    }
 
 
 @pytest.mark.parametrize(
@@ -83,17 +84,18 @@ def test_mix_owners_is_the_weighted_sum_of_routes():
     ids = torch.tensor([[0, 1], [1, 5], [5, 0], [0, 1]])
     w = torch.tensor([[0.25, 0.75], [1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
     got = mix_owners(lambda o: layer(x, owners=o), OwnerMix(ids, w))
-    want = torch.stack([
-        sum(w[b, m] * layer(x[b : b + 1], owners=int(ids[b, m]))[0] for m in range(2))
-        for b in range(4)
-    ])
+    want = torch.stack(
+        [
+            sum(w[b, m] * layer(x[b : b + 1], owners=int(ids[b, m]))[0] for m in range(2))
+            for b in range(4)
+        ]
+    )
     torch.testing.assert_close(got, want)
     # weights that vary over a trailing axis, e.g. positions: (B, M, T) with outputs (B, T, E)
     w3 = torch.rand(4, 2, 3).softmax(1)
     xs = torch.randn(4, 3, 12)
     got = mix_owners(lambda o: layer(xs, owners=o[:, None].expand(4, 3)), OwnerMix(ids, w3))
-    want = sum(w3[:, m, :, None] * layer(xs, owners=ids[:, m, None].expand(4, 3))
-               for m in range(2))
+    want = sum(w3[:, m, :, None] * layer(xs, owners=ids[:, m, None].expand(4, 3)) for m in range(2))
     torch.testing.assert_close(got, want)
     with pytest.raises(TypeError, match="mix must be an OwnerMix, got tuple"):
         mix_owners(lambda o: o, (ids, w))
@@ -133,13 +135,20 @@ def test_the_paper_layer_has_no_owner_machinery():
     layer = grown()
     assert layer.query_adapter is None
     assert not any("adapter" in k or "stats" in k for k in layer.state_dict())
-    for name in ("eval_owners", "training_owner", "recording_owner", "owner_inference",
-                 "last_inferred_owners", "query_stats"):
+    for name in (
+        "eval_owners",
+        "training_owner",
+        "recording_owner",
+        "owner_inference",
+        "last_inferred_owners",
+        "query_stats",
+    ):
         assert not hasattr(layer, name), name
 
 
 def query_adapters(owners, *, rank=2, affine=True):
     """One identity-at-init QueryAdapter per owner (heads 2, dim_key 8), unknown: identity."""
+
     def new():
         return QueryAdapter(2, 8, rank=rank, affine=affine)
 

@@ -31,8 +31,11 @@ WALL_BOUND = 120.0
 def _compile(tmp_path, args, count):
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
     proc = subprocess.run(
-        [sys.executable, "-m", "peer_ll.kernels.aot", *args], env=env, capture_output=True,
-        text=True, timeout=WALL_BOUND * count,
+        [sys.executable, "-m", "peer_ll.kernels.aot", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WALL_BOUND * count,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

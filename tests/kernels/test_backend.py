@@ -24,8 +24,9 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     x = torch.randn(2, 4)
     ids = torch.zeros(2, 1, 1, dtype=torch.long)
     with pytest.raises(RuntimeError, match="backend='triton' needs CUDA tensors"):
-        expert_mix(x, ids, torch.ones(2, 1, 1), torch.randn(3, 4), torch.randn(3, 4),
-                   backend="triton")
+        expert_mix(
+            x, ids, torch.ones(2, 1, 1), torch.randn(3, 4), torch.randn(3, 4), backend="triton"
+        )
 
 
 def test_importing_the_kernels_imports_no_triton():
@@ -34,6 +35,5 @@ def test_importing_the_kernels_imports_no_triton():
         "peer_ll.kernels.selected_scores, peer_ll.experts; "
         "print('triton' in sys.modules)"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"

@@ -74,8 +74,9 @@ def test_gpu_bf16_large():
     dy = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16)
     got = run("triton", case, dy)
     # Oracle: the same bf16 values in fp32 through the reference.
-    ref_case = tuple(t.detach().float().requires_grad_() if t.is_floating_point() else t
-                     for t in case)
+    ref_case = tuple(
+        t.detach().float().requires_grad_() if t.is_floating_point() else t for t in case
+    )
     want = run("torch", ref_case, dy.float())
     # bf16 outputs: 2^-9 relative rounding per value, plus bf16 storage of the
     # table gradients; 1e-2 relative RMS bounds both with margin.

@@ -14,8 +14,17 @@ TOL = 1e-5
 
 def test_layer_forward_backward_agrees_across_backends():
     torch.manual_seed(0)
-    layer = PEER(24, dim_out=20, num_keys=13, heads=3, topk=5, dim_key=24,
-                 query_norm="layer", backend="torch", capacity=13 * 13 + 25)
+    layer = PEER(
+        24,
+        dim_out=20,
+        num_keys=13,
+        heads=3,
+        topk=5,
+        dim_key=24,
+        query_norm="layer",
+        backend="torch",
+        capacity=13 * 13 + 25,
+    )
     layer.grow(5, owner=1)  # a second, 5×5 segment
     layer.freeze(0)  # the first segment's rows and keys get no gradient
     twin = copy.deepcopy(layer)
@@ -25,8 +34,9 @@ def test_layer_forward_backward_agrees_across_backends():
     for net in (layer, twin):
         out = net(x)
         out.square().sum().backward()
-        results.append([out.detach(), net.down.grad, net.up.grad, net.sub_keys.grad,
-                        net.to_query.weight.grad])
+        results.append(
+            [out.detach(), net.down.grad, net.up.grad, net.sub_keys.grad, net.to_query.weight.grad]
+        )
     names = ["out", "down", "up", "sub_keys", "to_query"]
     for name, got, want in zip(names, results[1], results[0], strict=True):
         assert rel_rms(got, want) <= TOL, name

@@ -33,8 +33,7 @@ def _run(backend, moments, *, grad_by_row=False, steps=3):
     g = torch.Generator().manual_seed(1)
     for t in range(1, steps + 1):
         grad = torch.randn(p.shape if grad_by_row else (len(rows), p.shape[1]), generator=g)
-        lazy_adamw_(p, m, v, grad, rows, step=t, grad_by_row=grad_by_row, backend=backend,
-                    **HYPER)
+        lazy_adamw_(p, m, v, grad, rows, step=t, grad_by_row=grad_by_row, backend=backend, **HYPER)
     return rows, (p, m, v)
 
 
@@ -102,8 +101,16 @@ def test_bad_arguments_change_nothing():
     with pytest.raises(ValueError, match=r"grad \(R, C...\) must agree.*grad \(3, 37\)"):
         lazy_adamw_(p, m, v, torch.ones(3, 37), rows, step=1, **HYPER)
     with pytest.raises(RuntimeError, match="backend='native' needs contiguous fp32"):
-        lazy_adamw_(p.double(), m.double(), v.double(), torch.ones(2, 37).double(), rows,
-                    step=1, backend="native", **HYPER)
+        lazy_adamw_(
+            p.double(),
+            m.double(),
+            v.double(),
+            torch.ones(2, 37).double(),
+            rows,
+            step=1,
+            backend="native",
+            **HYPER,
+        )
     assert torch.equal(p, before)
 
 
@@ -127,9 +134,14 @@ def test_without_the_c_kernel_auto_falls_back_to_torch(monkeypatch, tmp_path, en
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, moments", [(torch.float32, torch.float32),
-                                            (torch.float32, torch.bfloat16),
-                                            (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "dtype, moments",
+    [
+        (torch.float32, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.bfloat16),
+    ],
+)
 def test_gpu_triton_matches_torch_path(dtype, moments):
     """Compiled Triton kernel on large tables, bf16 included (wrong in the interpreter)."""
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -142,8 +154,9 @@ def test_gpu_triton_matches_torch_path(dtype, moments):
         m = (0.1 * torch.randn(N, C, device="cuda")).to(moments)
         v = (0.01 * torch.rand(N, C, device="cuda")).to(moments)
         for t in (1, 2):
-            grad = torch.randn(R, C, device="cuda", generator=torch.Generator(
-                device="cuda").manual_seed(t)).to(dtype)
+            grad = torch.randn(
+                R, C, device="cuda", generator=torch.Generator(device="cuda").manual_seed(t)
+            ).to(dtype)
             lazy_adamw_(p, m, v, grad, rows, step=t, backend=backend, **HYPER)
         tables.append((p, m, v))
     tol = FP32_TOL if dtype == moments == torch.float32 else BF16_TOL

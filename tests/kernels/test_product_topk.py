@@ -96,8 +96,9 @@ def test_gpu_bf16_large(select):
 
 @pytest.mark.gpu
 def test_gpu_fp32_segments_match():
-    q, keys, segs = retrieval_case(T=2048, H=8, d=128, segments=[[0, 300, 257, 0],
-                                                                  [300, 64, 64, 77100]])
+    q, keys, segs = retrieval_case(
+        T=2048, H=8, d=128, segments=[[0, 300, 257, 0], [300, 64, 64, 77100]]
+    )
     q, keys, segs = q.cuda(), keys.cuda(), segs.cuda()
     got = product_topk(q, keys, segs, 16, backend="triton")
     expected = reference.product_topk(q, keys, segs, 16)

@@ -120,6 +120,7 @@ def test_selected_scores_gradient_matches_brute_force_scores():
 def test_segments_constant_matches_case():
     assert retrieval_case()[2].tolist() == SEGMENTS
 
+
 def test_gather_dot_with_more_ids_per_row_than_table_rows():
     """Heads of a tiny pool retrieve the same expert: M > N with repeated ids."""
     from peer_ll.kernels.reference import gather_dot

@@ -12,8 +12,18 @@ from peer_ll.cli.lm_train import perplexity, routing_shares, touched_entries, tr
 from peer_ll.models.lm import PEERLM
 from peer_ll.models.transformer import LMConfig
 
-TINY = dict(dim=32, layers=3, attn_heads=2, block_size=32, peer_num_keys=4, peer_heads=2,
-            peer_topk=4, peer_dim_key=8, adapter_rank=4, attention_adapter_rank=4)
+TINY = dict(
+    dim=32,
+    layers=3,
+    attn_heads=2,
+    block_size=32,
+    peer_num_keys=4,
+    peer_heads=2,
+    peer_topk=4,
+    peer_dim_key=8,
+    adapter_rank=4,
+    attention_adapter_rank=4,
+)
 
 
 def _model(**kwargs) -> PEERLM:
@@ -29,8 +39,9 @@ def domains():
     """Small slices of two built-in domains: python source (A) and pydoc prose (B)."""
     from peer_ll.data.text import text_domain_stream
 
-    stream = text_domain_stream(("python-stdlib", "pydoc-topics"), block_size=32,
-                                max_bytes_per_domain=60_000)
+    stream = text_domain_stream(
+        ("python-stdlib", "pydoc-topics"), block_size=32, max_bytes_per_domain=60_000
+    )
     return [{s: stream.get_split(n, s) for s in ("train", "test")} for n in stream.domain_names]
 
 
@@ -60,7 +71,8 @@ def test_config_rejects_batchnorm_and_bad_values():
         LMConfig(growth="tree")
     assert LMConfig().query_norm == "layer" and LMConfig(layers=4).peer_layers == (2,)
     assert LMConfig.from_dict(LMConfig(peer_layers=(1, 2)).to_dict()) == LMConfig(
-        peer_layers=(1, 2))
+        peer_layers=(1, 2)
+    )
 
 
 def test_forward_shapes_loss_and_argument_errors():
@@ -140,9 +152,7 @@ def test_freeze_old_leaves_only_the_new_domain_trainable():
     model.grow(4, owner=1)
     model.freeze_old(1)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert names and all(
-        n.endswith(("down", "up", "sub_keys")) or ".1." in n for n in names
-    ), names
+    assert names and all(n.endswith(("down", "up", "sub_keys")) or ".1." in n for n in names), names
     assert not any(n.startswith(("tok_emb", "pos_emb", "ln_out")) for n in names)
     assert not any(".attn.qkv." in n or ".attn.proj." in n for n in names)
     assert any("attn.adapters.1" in n for n in names)
@@ -232,8 +242,9 @@ def test_load_in_a_new_process_gives_identical_perplexities(grown, domains, tmp_
     """)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": root}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
     assert eval(out.stdout.strip().splitlines()[-1]) == want
     fresh = PEERLM.load(path)
     assert fresh.owners == [0, 1] and fresh.config == model.config

@@ -5,8 +5,18 @@ import torch
 
 from peer_ll.models import PEERLM, LMConfig
 
-TINY = dict(dim=32, layers=3, attn_heads=2, block_size=32, peer_num_keys=4, peer_heads=2,
-            peer_topk=4, peer_dim_key=8, adapter_rank=4, attention_adapter_rank=4)
+TINY = dict(
+    dim=32,
+    layers=3,
+    attn_heads=2,
+    block_size=32,
+    peer_num_keys=4,
+    peer_heads=2,
+    peer_topk=4,
+    peer_dim_key=8,
+    adapter_rank=4,
+    attention_adapter_rank=4,
+)
 
 
 def _grown() -> PEERLM:

@@ -25,12 +25,17 @@ def test_router_distillation_without_task_labels_raises_before_training():
                             growth=GrowthPolicy(max_experts=64))  # fmt: skip
     strategy = peer_router_distillation(model, make_optimizer(model, lr=1e-3),
                                         torch.nn.CrossEntropyLoss(), train_mb_size=10)  # fmt: skip
-    before = {k: v.clone() if isinstance(v, torch.Tensor) else v
-              for k, v in model.state_dict().items()}  # growth state: a dict
+    before = {
+        k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()
+    }  # growth state: a dict
     with pytest.raises(ValueError, match="RouterDistillation needs task labels: the samples "
                                          "of experience 0 have none"):  # fmt: skip
         strategy.train(bench.train_stream[0])
     after = model.state_dict()
     assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) if isinstance(after[k], torch.Tensor)
-               else before[k] == after[k] for k in before)
+    assert all(
+        torch.equal(before[k], after[k])
+        if isinstance(after[k], torch.Tensor)
+        else before[k] == after[k]
+        for k in before
+    )

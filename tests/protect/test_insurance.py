@@ -29,8 +29,10 @@ def test_sure_inputs_take_one_route_and_unsure_ones_mix_the_top_owners():
     with torch.no_grad():
         hard = model(sure, owners=ids[post[:6].argmax(1)]).log_softmax(-1)
         w, pick = post[6:].topk(2, dim=1)
-        mixed = mix_owners(lambda o: model(unsure, owners=o).softmax(-1),
-                           OwnerMix(ids[pick], w / w.sum(1, keepdim=True))).log()
+        mixed = mix_owners(
+            lambda o: model(unsure, owners=o).softmax(-1),
+            OwnerMix(ids[pick], w / w.sum(1, keepdim=True)),
+        ).log()
     torch.testing.assert_close(out[:6], hard)
     torch.testing.assert_close(out[6:], mixed)
 

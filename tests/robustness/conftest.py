@@ -16,8 +16,9 @@ from peer_ll.experts import PEER
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     t = t.detach().cpu().contiguous()
-    return f"{t.dtype}{tuple(t.shape)}".encode() + (t.view(-1).view(torch.uint8).numpy()
-                                                    .tobytes() if t.numel() else b"")
+    return f"{t.dtype}{tuple(t.shape)}".encode() + (
+        t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    )
 
 
 def state_hash(module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> str:

@@ -18,6 +18,7 @@ def _saved():
 def _set(key, fn):
     def edit(sd):
         sd[key] = fn(sd[key])
+
     return edit
 
 
@@ -28,6 +29,7 @@ def _drop(key):
 def _segment(row, col, value):
     def edit(sd):
         sd["pool.segments"][row, col] = value
+
     return edit
 
 
@@ -37,15 +39,25 @@ BAD = {
     "sub-keys past the table": (_segment(2, 0, 500), "inside the tables"),
     "negative key offset": (_segment(1, 0, -3), "key_offset >= 0"),
     "empty segment": (_segment(1, 2, 0), "n_right >= 1"),
-    "negative owner": (_set("pool.segment_owner", lambda t: torch.tensor([0, -5, 2])),
-                       "segment_owner must be >= 0"),
-    "owner of rows disagrees": (_set("pool.expert_owner", lambda t: t.fill_(0)),
-                                "expert_owner must give each expert"),
+    "negative owner": (
+        _set("pool.segment_owner", lambda t: torch.tensor([0, -5, 2])),
+        "segment_owner must be >= 0",
+    ),
+    "owner of rows disagrees": (
+        _set("pool.expert_owner", lambda t: t.fill_(0)),
+        "expert_owner must give each expert",
+    ),
     "segments of wrong width": (_set("pool.segments", lambda t: t[:, :3]), r"shape \(rows, 4\)"),
     "float segments": (_set("pool.segments", lambda t: t.float()), "int dtype"),
-    "no segments": (lambda sd: sd.update({"pool.segments": sd["pool.segments"][:0],
-                                          "pool.segment_owner": sd["pool.segment_owner"][:0]}),
-                    "at least one segment"),
+    "no segments": (
+        lambda sd: sd.update(
+            {
+                "pool.segments": sd["pool.segments"][:0],
+                "pool.segment_owner": sd["pool.segment_owner"][:0],
+            }
+        ),
+        "at least one segment",
+    ),
     "owners of wrong length": (_set("pool.segment_owner", lambda t: t[:2]), "must have 3 rows"),
     "up shorter than down": (_set("pool.up", lambda t: t[:-1]), "pool.up must have"),
     "down of wrong width": (_set("pool.down", lambda t: t[:, :5]), r"shape \(rows, 8\)"),
@@ -75,8 +87,10 @@ def test_bad_checkpoint_is_refused_and_changes_nothing(hashed, case):
 
 def test_failed_load_into_a_model_is_undone_by_load_or_restore(hashed):
     from peer_ll.experts.checkpoint import load_or_restore
-    model = torch.nn.Sequential(PEER(8, num_keys=4, heads=2, topk=4, dim_key=8),
-                                torch.nn.Linear(8, 2))
+
+    model = torch.nn.Sequential(
+        PEER(8, num_keys=4, heads=2, topk=4, dim_key=8), torch.nn.Linear(8, 2)
+    )
     sd = {"0." + k: v for k, v in _saved().items()}  # no entry for the Linear: strict fails
     before = hashed(model)
     with pytest.raises(ValueError, match="Missing key"):

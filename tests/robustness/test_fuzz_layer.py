@@ -15,8 +15,12 @@ from peer_ll.models.transformer import LMConfig
 
 from .conftest import state_hash
 
-FUZZ = settings(max_examples=25, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 def _layer() -> PEER:
@@ -37,18 +41,28 @@ def _calls_back(layer, call):
 
 ints = st.integers(-3, 4)
 owner_specs = st.one_of(
-    st.none(), ints, st.lists(ints, max_size=3), st.text(max_size=3),
-    st.floats(allow_nan=True), st.booleans(),
-    st.builds(lambda shape, dtype, v: torch.full(shape, v).to(dtype),
-              st.lists(st.integers(0, 7), max_size=2).map(tuple),
-              st.sampled_from([torch.long, torch.int32, torch.float32, torch.bool]), ints),
+    st.none(),
+    ints,
+    st.lists(ints, max_size=3),
+    st.text(max_size=3),
+    st.floats(allow_nan=True),
+    st.booleans(),
+    st.builds(
+        lambda shape, dtype, v: torch.full(shape, v).to(dtype),
+        st.lists(st.integers(0, 7), max_size=2).map(tuple),
+        st.sampled_from([torch.long, torch.int32, torch.float32, torch.bool]),
+        ints,
+    ),
 )
 
 
 @FUZZ
-@given(owners=owner_specs, batch=st.integers(0, 7),
-       dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
-       train=st.booleans())
+@given(
+    owners=owner_specs,
+    batch=st.integers(0, 7),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+    train=st.booleans(),
+)
 def test_forward(owners, batch, dtype, train):
     layer = _layer().train(train)
     x = torch.randn(batch, 8).to(dtype)
@@ -71,9 +85,11 @@ def test_retrieve(k, owners):
 
 
 @FUZZ
-@given(num_keys=st.one_of(st.integers(-1, 6), st.floats(0, 3), st.just(10**8)),
-       owner=st.one_of(ints, st.text(max_size=2)),
-       right=st.one_of(st.none(), st.integers(-1, 5)))
+@given(
+    num_keys=st.one_of(st.integers(-1, 6), st.floats(0, 3), st.just(10**8)),
+    owner=st.one_of(ints, st.text(max_size=2)),
+    right=st.one_of(st.none(), st.integers(-1, 5)),
+)
 def test_grow(num_keys, owner, right):
     layer = _layer()
     n = layer.num_experts
@@ -87,8 +103,11 @@ def test_grow(num_keys, owner, right):
 
 
 @FUZZ
-@given(owners=st.one_of(st.none(), ints, st.lists(ints, max_size=3), st.text(max_size=2)),
-       keys=st.booleans(), query=st.booleans())
+@given(
+    owners=st.one_of(st.none(), ints, st.lists(ints, max_size=3), st.text(max_size=2)),
+    keys=st.booleans(),
+    query=st.booleans(),
+)
 def test_freeze(owners, keys, query):
     layer = _layer()
     _, ok = _calls_back(layer, lambda: layer.freeze(owners, keys=keys, query=query))
@@ -105,13 +124,26 @@ def _source_state():
 
 
 SOURCE = _source_state()
-ENTRIES = ["pool.segments", "pool.segment_owner", "pool.expert_owner", "pool.down", "pool.up",
-           "pool.sub_keys", "pool.expert_frozen", "pool.key_frozen", "to_query.weight"]
+ENTRIES = [
+    "pool.segments",
+    "pool.segment_owner",
+    "pool.expert_owner",
+    "pool.down",
+    "pool.up",
+    "pool.sub_keys",
+    "pool.expert_frozen",
+    "pool.key_frozen",
+    "to_query.weight",
+]
 
 
 @FUZZ
-@given(entry=st.sampled_from(ENTRIES), action=st.sampled_from(["set", "cut", "drop"]),
-       index=st.integers(0, 40), value=st.integers(-20, 20000))
+@given(
+    entry=st.sampled_from(ENTRIES),
+    action=st.sampled_from(["set", "cut", "drop"]),
+    index=st.integers(0, 40),
+    value=st.integers(-20, 20000),
+)
 def test_load_state_dict(entry, action, index, value):
     sd = {k: v.clone() for k, v in SOURCE.items()}
     t = sd[entry]
@@ -133,9 +165,20 @@ def test_load_state_dict(entry, action, index, value):
 @pytest.fixture(scope="module")
 def lm_file(tmp_path_factory):
     torch.manual_seed(0)
-    model = PEERLM(LMConfig(block_size=8, dim=16, layers=2, attn_heads=2, peer_num_keys=4,
-                            peer_heads=2, peer_topk=2, peer_dim_key=8, adapter_rank=2,
-                            attention_adapter_rank=2))
+    model = PEERLM(
+        LMConfig(
+            block_size=8,
+            dim=16,
+            layers=2,
+            attn_heads=2,
+            peer_num_keys=4,
+            peer_heads=2,
+            peer_topk=2,
+            peer_dim_key=8,
+            adapter_rank=2,
+            attention_adapter_rank=2,
+        )
+    )
     model.grow(2, owner=1)
     path = tmp_path_factory.mktemp("lm") / "lm.safetensors"
     model.save(path)
@@ -143,8 +186,10 @@ def lm_file(tmp_path_factory):
 
 
 @FUZZ
-@given(cut=st.one_of(st.none(), st.integers(0, 4000)), flips=st.lists(
-    st.tuples(st.integers(0, 10**6), st.integers(1, 255)), max_size=3))
+@given(
+    cut=st.one_of(st.none(), st.integers(0, 4000)),
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), max_size=3),
+)
 def test_peerlm_load(lm_file, tmp_path_factory, cut, flips):
     model, data = lm_file
     data = bytearray(data if cut is None else data[: cut % len(data)])
@@ -157,6 +202,5 @@ def test_peerlm_load(lm_file, tmp_path_factory, cut, flips):
         loaded = PEERLM.load(path)
     except ValueError:
         return
-    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(),
-                            strict=True):
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # whatever loads is the saved model

@@ -42,10 +42,15 @@ def test_owner_with_too_few_experts_changes_nothing(hashed):
     assert hashed(layer) == before
 
 
-@pytest.mark.parametrize("x,error", [
-    (torch.randn(6, 7), ValueError), (torch.randn(()), ValueError),
-    (torch.ones(6, 8, dtype=torch.long), TypeError), ([[0.0] * 8], TypeError),
-])
+@pytest.mark.parametrize(
+    "x,error",
+    [
+        (torch.randn(6, 7), ValueError),
+        (torch.randn(()), ValueError),
+        (torch.ones(6, 8, dtype=torch.long), TypeError),
+        ([[0.0] * 8], TypeError),
+    ],
+)
 def test_bad_inputs_change_nothing(layer, hashed, x, error):
     before = hashed(layer)
     with pytest.raises(error, match="x must"):
@@ -81,19 +86,22 @@ def test_huge_grow_is_refused_before_allocating(layer, hashed):
     assert hashed(layer) == before
 
 
-@pytest.mark.parametrize("call,error,message", [
-    (lambda m: m.grow(0, owner=2), ValueError, "num_keys must be an int >= 1"),
-    (lambda m: m.grow(2, owner=-1), ValueError, "owner must be an int >= 0"),
-    (lambda m: m.grow(2.0, owner=2), TypeError, "num_keys must be an int"),
-    (lambda m: m.grow(2, owner=2, num_keys_right=0), ValueError, "num_keys_right"),
-    (lambda m: m.freeze([7]), ValueError, "owners must be among"),
-    (lambda m: m.freeze("x"), TypeError, "owners must be an int"),
-    (lambda m: m.freeze([0, -1]), ValueError, "owners must be an int >= 0"),
-    (lambda m: m.unfreeze(3), ValueError, "owners must be among"),
-    (lambda m: m.retrieve(torch.randn(6, 8), k=21), ValueError, "k must be <= the 20 experts"),
-    (lambda m: m.retrieve(torch.randn(6, 8), owners=1, k=5), ValueError, "at least topk=5"),
-    (lambda m: m.retrieve(torch.randn(6, 8), k=0), ValueError, "k must be an int >= 1"),
-])
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (lambda m: m.grow(0, owner=2), ValueError, "num_keys must be an int >= 1"),
+        (lambda m: m.grow(2, owner=-1), ValueError, "owner must be an int >= 0"),
+        (lambda m: m.grow(2.0, owner=2), TypeError, "num_keys must be an int"),
+        (lambda m: m.grow(2, owner=2, num_keys_right=0), ValueError, "num_keys_right"),
+        (lambda m: m.freeze([7]), ValueError, "owners must be among"),
+        (lambda m: m.freeze("x"), TypeError, "owners must be an int"),
+        (lambda m: m.freeze([0, -1]), ValueError, "owners must be an int >= 0"),
+        (lambda m: m.unfreeze(3), ValueError, "owners must be among"),
+        (lambda m: m.retrieve(torch.randn(6, 8), k=21), ValueError, "k must be <= the 20 experts"),
+        (lambda m: m.retrieve(torch.randn(6, 8), owners=1, k=5), ValueError, "at least topk=5"),
+        (lambda m: m.retrieve(torch.randn(6, 8), k=0), ValueError, "k must be an int >= 1"),
+    ],
+)
 def test_failed_calls_change_nothing(layer, hashed, call, error, message):
     before = hashed(layer)
     with pytest.raises(error, match=message):
@@ -108,16 +116,21 @@ def test_retrieve_pads_only_when_asked(layer):
     assert (ids[..., 4:] == -1).all() and torch.isinf(scores[..., 4:]).all()
 
 
-@pytest.mark.parametrize("kwargs,error,name", [
-    (dict(lr=float("nan")), ValueError, "lr"), (dict(lr=-1e-3), ValueError, "lr"),
-    (dict(lr="1e-3"), TypeError, "lr"), (dict(eps=-1.0), ValueError, "eps"),
-    (dict(eps=float("nan")), ValueError, "eps"),
-    (dict(weight_decay=float("nan")), ValueError, "weight_decay"),
-    (dict(betas=(0.9, 1.0)), ValueError, "betas"), (dict(betas=(float("nan"), 0.9)),
-                                                    ValueError, "betas"),
-    (dict(betas=0.9), TypeError, "betas"),
-    (dict(expert_state_dtype=torch.int8), TypeError, "expert_state_dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,name",
+    [
+        (dict(lr=float("nan")), ValueError, "lr"),
+        (dict(lr=-1e-3), ValueError, "lr"),
+        (dict(lr="1e-3"), TypeError, "lr"),
+        (dict(eps=-1.0), ValueError, "eps"),
+        (dict(eps=float("nan")), ValueError, "eps"),
+        (dict(weight_decay=float("nan")), ValueError, "weight_decay"),
+        (dict(betas=(0.9, 1.0)), ValueError, "betas"),
+        (dict(betas=(float("nan"), 0.9)), ValueError, "betas"),
+        (dict(betas=0.9), TypeError, "betas"),
+        (dict(expert_state_dtype=torch.int8), TypeError, "expert_state_dtype"),
+    ],
+)
 def test_make_optimizer_refuses_bad_hyperparameters(layer, kwargs, error, name):
     with pytest.raises(error, match=name):
         make_optimizer(layer, **kwargs)

@@ -26,8 +26,15 @@ def test_nan_queries_are_skipped_and_owners_stay_apart(covariance):
     assert stats.count.tolist() == [50, 48 + 8]
     assert torch.isfinite(stats.mean).all() and torch.isfinite(stats.m2).all()
     clean = QueryOwnerStats(2, 4, covariance=covariance)
-    clean.update(1, torch.cat([q1[[i for i in range(50) if i not in (7, 9)]],
-                               q1[[i for i in range(10) if i not in (7, 9)]]]))
+    clean.update(
+        1,
+        torch.cat(
+            [
+                q1[[i for i in range(50) if i not in (7, 9)]],
+                q1[[i for i in range(10) if i not in (7, 9)]],
+            ]
+        ),
+    )
     assert torch.allclose(stats.mean[1], clean.mean[0])
     ll = stats.log_likelihood(torch.cat([q0[:5], q1[:5]]), [0, 1])
     assert ll.argmax(1).tolist() == [0] * 5 + [1] * 5  # owner 1's inputs still go to owner 1

@@ -63,8 +63,16 @@ def _strategy(plugins=()):
     peer = PEER(16, dim_out=4, num_keys=4, heads=2, topk=4, dim_key=8, capacity=64)
     model = nn.Sequential(nn.Linear(64, 16), peer)
     attach_growth(model, GrowthPolicy(when="new_classes"))
-    strategy = Naive(model, make_optimizer(model, lr=1e-2), train_mb_size=16, train_epochs=1,
-                     eval_mb_size=32, device="cpu", evaluator=None, plugins=list(plugins))
+    strategy = Naive(
+        model,
+        make_optimizer(model, lr=1e-2),
+        train_mb_size=16,
+        train_epochs=1,
+        eval_mb_size=32,
+        device="cpu",
+        evaluator=None,
+        plugins=list(plugins),
+    )
     return strategy, peer
 
 
@@ -93,8 +101,11 @@ def uninterrupted():
         _seed()
         for exp in stream.train_stream:
             strategy.train(exp)
-    return stream, {k: v.clone() if torch.is_tensor(v) else v
-                    for k, v in strategy.model.state_dict().items()}, peer
+    return (
+        stream,
+        {k: v.clone() if torch.is_tensor(v) else v for k, v in strategy.model.state_dict().items()},
+        peer,
+    )
 
 
 def test_uninterrupted_run_does_not_grow_for_seen_classes(uninterrupted):
@@ -118,8 +129,10 @@ def test_plain_state_dict_resume_equals_uninterrupted(uninterrupted, tmp_path):
         first, _ = _strategy()
         _seed()
         first.train(stream.train_stream[0])
-        torch.save({"model": first.model.state_dict(), "optimizer": first.optimizer.state_dict()},
-                   tmp_path / "ckpt.pt")
+        torch.save(
+            {"model": first.model.state_dict(), "optimizer": first.optimizer.state_dict()},
+            tmp_path / "ckpt.pt",
+        )
         rng = _rng()
         saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
         resumed, peer = _strategy([_LoadOptimizerState(saved["optimizer"])])

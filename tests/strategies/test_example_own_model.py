@@ -19,8 +19,19 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_example_grows_one_segment_per_experience():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "peer_in_your_model.py"), "--experiences", "2",
-         "--epochs", "1"], capture_output=True, text=True, env=env, check=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "examples" / "peer_in_your_model.py"),
+            "--experiences",
+            "2",
+            "--epochs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=300,
     ).stdout
     assert "after experience 0: 64 experts, owners [0], frozen 0" in out, out
     assert "after experience 1: 128 experts, owners [0, 1], frozen 64" in out, out
@@ -28,8 +39,11 @@ def test_the_example_grows_one_segment_per_experience():
 
 
 def _net(**peer):
-    return nn.Sequential(nn.Linear(64, 16), PEER(16, num_keys=4, heads=2, topk=4, dim_key=8,
-                                                   **peer), nn.Linear(16, 10))
+    return nn.Sequential(
+        nn.Linear(64, 16),
+        PEER(16, num_keys=4, heads=2, topk=4, dim_key=8, **peer),
+        nn.Linear(16, 10),
+    )
 
 
 def test_batchnorm_queries_with_a_batch_of_one_say_what_to_do(class_stream):
@@ -49,9 +63,14 @@ def test_a_directly_built_strategy_needs_growth_attached_only_with_peer_plugins(
 
     model = _net()
     attach_growth(model, GrowthPolicy(max_experts=48))
-    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                     criterion=nn.CrossEntropyLoss(), plugins=[CarryOptimizerState()],
-                     train_mb_size=32, evaluator=None)
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        criterion=nn.CrossEntropyLoss(),
+        plugins=[CarryOptimizerState()],
+        train_mb_size=32,
+        evaluator=None,
+    )
     for experience in class_stream.train_stream[:2]:
         strategy.train(experience)
     assert model[1].segment_owner.tolist() == [0, 1]

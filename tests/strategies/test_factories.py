@@ -95,8 +95,7 @@ def test_sparse_awareness(small_peer):
 
 def test_readme_loop(small_peer, class_stream):
     # The README's loop, on the small test stream.
-    model = peer_classifier(64, 10, hidden=16, peer=small_peer,
-                            growth=GrowthPolicy(max_experts=48))
+    model = peer_classifier(64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy(max_experts=48))
     strategy = peer_grow(model, train_mb_size=32, evaluator=None)
     results = []
     for experience in class_stream.train_stream:
@@ -109,8 +108,13 @@ def test_readme_loop(small_peer, class_stream):
 
 def test_a_growth_plugin_on_a_model_without_growth_says_what_to_do(small_peer, class_stream):
     model = _model(small_peer)
-    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                     plugins=[CarryOptimizerState()], train_mb_size=32, evaluator=None)
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        plugins=[CarryOptimizerState()],
+        train_mb_size=32,
+        evaluator=None,
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"growth attached.*attach_growth\(model"):
         strategy.train(class_stream.train_stream[0])

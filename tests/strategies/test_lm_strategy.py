@@ -10,16 +10,27 @@ from peer_ll.cli.lm_train import perplexity
 from peer_ll.models import PEERLM, LMConfig
 from peer_ll.strategies.lm import AvalancheLM, LMDomainGrowth, peer_lm_strategy
 
-TINY = dict(dim=32, layers=3, attn_heads=2, block_size=32, peer_num_keys=4, peer_heads=2,
-            peer_topk=4, peer_dim_key=8, adapter_rank=4, attention_adapter_rank=4)
+TINY = dict(
+    dim=32,
+    layers=3,
+    attn_heads=2,
+    block_size=32,
+    peer_num_keys=4,
+    peer_heads=2,
+    peer_topk=4,
+    peer_dim_key=8,
+    adapter_rank=4,
+    attention_adapter_rank=4,
+)
 
 
 @pytest.fixture(scope="module")
 def stream():
     from peer_ll.data.text import text_domain_stream
 
-    return text_domain_stream(("python-stdlib", "pydoc-topics"), block_size=32,
-                              max_bytes_per_domain=20_000)
+    return text_domain_stream(
+        ("python-stdlib", "pydoc-topics"), block_size=32, max_bytes_per_domain=20_000
+    )
 
 
 def test_grow_and_freeze_in_an_avalanche_strategy(stream):
@@ -29,8 +40,15 @@ def test_grow_and_freeze_in_an_avalanche_strategy(stream):
     torch.manual_seed(0)
     lm = PEERLM(LMConfig(**TINY))
     evaluator = EvaluationPlugin(loss_metrics(experience=True), loggers=[])
-    strategy = peer_lm_strategy(lm, grow_keys=4, lr=1e-2, train_mb_size=16, train_epochs=1,
-                                eval_mb_size=64, evaluator=evaluator)
+    strategy = peer_lm_strategy(
+        lm,
+        grow_keys=4,
+        lr=1e-2,
+        train_mb_size=16,
+        train_epochs=1,
+        eval_mb_size=64,
+        evaluator=evaluator,
+    )
     A, B = (stream.get_split(n, "test") for n in stream.domain_names)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -53,8 +53,7 @@ def _assert_old_rows_kept(end, start, rows):
 
 
 def test_growth_within_capacity_keeps_parameters_and_moments(small_peer, class_stream):
-    model = peer_classifier(64, 10, hidden=16, peer=small_peer,
-                            growth=GrowthPolicy(max_experts=48))
+    model = peer_classifier(64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy(max_experts=48))
     strategy = Naive(model=model, optimizer=make_optimizer(model), train_mb_size=32, evaluator=None)
     end, start = _run(strategy, class_stream, MomentProbe(model.peer_layers[0]))
     assert all(start[name]["param"] is end[name]["param"] for name in end)  # no reallocation

@@ -8,8 +8,9 @@ from peer_ll.strategies.pool_growth import PoolGrowth, PoolGrowthConfig, QuerySt
 
 
 def layer_and_domains():
-    layer = PEER(16, num_keys=4, heads=2, topk=4, dim_key=8, query_norm="layer",
-                 capacity=64, backend="torch")
+    layer = PEER(
+        16, num_keys=4, heads=2, topk=4, dim_key=8, query_norm="layer", capacity=64, backend="torch"
+    )
     layer.sparse_grad = False
     old = torch.randn(300, 16) + 2 * torch.randn(16)
     new = torch.randn(300, 16) + 2 * torch.randn(16)
@@ -68,7 +69,7 @@ def test_query_stats_sample_matches_recorded_moments():
     p = stats.sample(layer, 0, 20000, generator=torch.Generator().manual_seed(0))
     assert p.shape == (20000, 2, 8) and stats.owners(layer) == [0]
     # 20000 draws: the sample mean is within ~4 standard errors of the recorded one
-    se = q.std(0) / 20000 ** 0.5
+    se = q.std(0) / 20000**0.5
     assert ((p.mean(0) - q.mean(0)).abs() < 4 * se + 1e-4).all()
     with pytest.raises(ValueError, match="queries must hold at least 2"):
         stats.record(layer, 1, q[:1])

@@ -14,18 +14,25 @@ def test_plugin_grows_initialises_freezes_and_regularises(domain_stream, small_p
     model.blocks[0].peer.sparse_grad = False
     attach_growth(model, GrowthPolicy(max_experts=64))
     plugin = PoolGrowthPlugin(query_samples=64)
-    strategy = Naive(model=model, optimizer=make_optimizer(model, lr=1e-2),
-                     train_mb_size=16, train_epochs=1, eval_mb_size=64, plugins=[plugin],
-                     evaluator=None)
+    strategy = Naive(
+        model=model,
+        optimizer=make_optimizer(model, lr=1e-2),
+        train_mb_size=16,
+        train_epochs=1,
+        eval_mb_size=64,
+        plugins=[plugin],
+        evaluator=None,
+    )
     layer = model.blocks[0].peer
     first = domain_stream.train_stream[0]
     strategy.train(first)
-    old = {k: v.detach().clone() for k, v in model.state_dict().items()
-           if isinstance(v, torch.Tensor)}  # not the growth state (a dict)
+    old = {
+        k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)
+    }  # not the growth state (a dict)
     strategy.train(domain_stream.train_stream[1])
     assert layer.num_segments == 2 and int(layer.segment_owner[-1]) == 1
     key_off = int(layer.segments[-1, 0])
-    new_keys = layer.sub_keys.detach()[key_off:key_off + 4]
+    new_keys = layer.sub_keys.detach()[key_off : key_off + 4]
     # k-means keys all carry the old sub-keys' mean norm; training moved them off it a little
     assert new_keys.norm(dim=-1).std() < 0.5 * new_keys.norm(dim=-1).mean()
     assert plugin.last_loss > 0.0  # the regulariser ran on the second experience

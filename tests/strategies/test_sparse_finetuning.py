@@ -36,8 +36,7 @@ class RowsChanged(SupervisedPlugin):
 
 @pytest.mark.parametrize("dense", [False, True])
 def test_at_most_t_rows_change_per_step(dense, small_peer, class_stream):
-    model = peer_classifier(64, 10, hidden=16, peer=small_peer,
-                            growth=GrowthPolicy(max_experts=48))
+    model = peer_classifier(64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy(max_experts=48))
     layer = model.peer_layers[0]
     strategy = peer_sparse_finetuning(
         model, top_t=3, train_mb_size=32, evaluator=None, dense_grads=dense
@@ -82,8 +81,7 @@ def test_first_experience_ranks_by_tf(small_peer):
 
 
 def test_train_others_false_trains_only_expert_rows(small_peer, class_stream):
-    model = peer_classifier(64, 10, hidden=16, peer=small_peer,
-                            growth=GrowthPolicy(max_experts=48))
+    model = peer_classifier(64, 10, hidden=16, peer=small_peer, growth=GrowthPolicy(max_experts=48))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     strategy = peer_sparse_finetuning(
         model, top_t=4, train_others=False, train_mb_size=32, evaluator=None
