@@ -26,7 +26,7 @@ from peer_ll.adapters.branch import ExpertBranch, Owners, owners_scope
 from peer_ll.adapters.config import ExpertsConfig
 from peer_ll.adapters.counts import parameter_counts
 from peer_ll.adapters.lowrank import OwnerLowRank
-from peer_ll.adapters.posterior import posterior_mixture, shifted_nll
+from peer_ll.adapters.posterior import insured_mixture, posterior_mixture, shifted_nll
 from peer_ll.adapters.targets import activation_checkpointing, projection_widths
 from peer_ll.experts import PEER
 from peer_ll.experts.checks import check_int, check_owner
@@ -176,7 +176,9 @@ class ExpertsModel(nn.Module):
         return self.base_model
 
     # ----------------------------------------------------------------- forward
-    def forward(self, *args, owners: Owners | str = None, **kwargs):
+    def forward(
+        self, *args, owners: Owners | str = None, confidence: float | None = None, **kwargs
+    ):
         """Call the base model with every branch routed by ``owners``.
 
         Args:
@@ -186,6 +188,9 @@ class ExpertsModel(nn.Module):
                 tensor with one owner per sequence (B,) or position (B, T), or
                 "infer" (a Hugging Face causal LM only: the domains' predictions
                 mixed by their causal posterior, see :meth:`domain_posterior`).
+            confidence: with "infer", insurance (off by default): every domain's route
+                runs only until one domain's posterior reaches ``confidence``, then that
+                route alone (:meth:`insured_mixture`).
 
         Returns:
             The base model's output; with "infer", an output of the same class with
@@ -194,7 +199,9 @@ class ExpertsModel(nn.Module):
         if isinstance(owners, str):
             if owners != "infer":
                 raise ValueError(f'owners must be an owner id, None or "infer", got {owners!r}')
-            return self._infer(*args, **kwargs)
+            return self._infer(*args, confidence=confidence, **kwargs)
+        if confidence is not None:
+            raise ValueError(f'confidence must be None unless owners="infer", got {confidence!r}')
         if self.training and activation_checkpointing(self.base_model):
             raise ValueError(
                 "gradient checkpointing must be off: its recomputation runs outside the "
@@ -231,7 +238,28 @@ class ExpertsModel(nn.Module):
                 outs.append(self.base_model(input_ids=input_ids, **kwargs))
         return torch.stack([o.logits for o in outs]), type(outs[0])
 
-    def _infer(self, *args, **kwargs):
+    def insured_mixture(
+        self, input_ids: torch.Tensor, confidence: float = 0.99, *, probe: int = 8, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities (B, T, V) and routes per token (B,) with insurance.
+
+        See :func:`peer_ll.adapters.posterior.insured_mixture`; ``kwargs`` go to the base model.
+        """
+
+        def route(owner, ids):
+            with owners_scope(owner):
+                return self.base_model(input_ids=ids, **kwargs).logits
+
+        return insured_mixture(
+            lambda ids: self._domain_outputs(ids, **kwargs)[0],
+            route,
+            input_ids,
+            self.owners,
+            confidence=confidence,
+            probe=probe,
+        )
+
+    def _infer(self, *args, confidence: float | None = None, **kwargs):
         input_ids = kwargs.pop("input_ids", None)
         if input_ids is None and args:
             input_ids, args = args[0], args[1:]
@@ -241,8 +269,12 @@ class ExpertsModel(nn.Module):
                 " more"
             )
         labels = kwargs.pop("labels", None)
-        logits, kind = self._domain_outputs(input_ids, **kwargs)
-        log_mix, _ = posterior_mixture(logits, input_ids)
+        if confidence is None:
+            logits, kind = self._domain_outputs(input_ids, **kwargs)
+            log_mix, _ = posterior_mixture(logits, input_ids)
+        else:  # every route only on the prefix that decides (the output class from one)
+            _, kind = self._domain_outputs(input_ids[:1, :1], **kwargs)
+            log_mix, _ = self.insured_mixture(input_ids, confidence, **kwargs)
         loss = None if labels is None else shifted_nll(log_mix, labels)
         return kind(loss=loss, logits=log_mix)
 
