@@ -26,10 +26,11 @@ from peer_ll.adapters.branch import ExpertBranch, Owners, owners_scope
 from peer_ll.adapters.config import ExpertsConfig
 from peer_ll.adapters.counts import parameter_counts
 from peer_ll.adapters.lowrank import OwnerLowRank
-from peer_ll.adapters.posterior import insured_mixture, posterior_mixture, shifted_nll
+from peer_ll.adapters.posterior import posterior_mixture, shifted_nll
 from peer_ll.adapters.targets import activation_checkpointing, projection_widths
 from peer_ll.experts import PEER
 from peer_ll.experts.checks import check_int, check_owner
+from peer_ll.models.insurance import insured_mixture
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +244,8 @@ class ExpertsModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities (B, T, V) and routes per token (B,) with insurance.
 
-        See :func:`peer_ll.adapters.posterior.insured_mixture`; ``kwargs`` go to the base model.
+        See :func:`peer_ll.models.insurance.insured_mixture`, with the posterior mixture of
+        :func:`peer_ll.adapters.posterior.posterior_mixture`; ``kwargs`` go to the base model.
         """
 
         def route(owner, ids):
@@ -251,7 +253,7 @@ class ExpertsModel(nn.Module):
                 return self.base_model(input_ids=ids, **kwargs).logits
 
         return insured_mixture(
-            lambda ids: self._domain_outputs(ids, **kwargs)[0],
+            lambda ids: posterior_mixture(self._domain_outputs(ids, **kwargs)[0], ids),
             route,
             input_ids,
             self.owners,

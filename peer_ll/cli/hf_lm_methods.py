@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from peer_ll.adapters import ExpertsConfig, add_experts, posterior_mixture
-from peer_ll.cli.lm_train import sample_batches
+from peer_ll.cli.lm_train import lr_scale, sample_batches
 from peer_ll.optim import make_optimizer
 
 PEER_SHAPE = dict(heads=4, topk=8, dim_key=64)  # small branches for a small model
@@ -48,10 +48,8 @@ def train_route(model, route, blocks, *, steps, batch_size, lr, seed, warmup=20)
     for step, batch in enumerate(
         sample_batches(blocks, batch_size=batch_size, steps=steps, seed=seed)
     ):
-        scale = min(1.0, (step + 1) / max(1, warmup))
-        scale *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
         for group in opt.param_groups:
-            group["lr"] = lr * scale
+            group["lr"] = lr * lr_scale(step, steps, warmup)
         logits = route(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)

@@ -42,6 +42,12 @@ def sample_batches(
         order = order[batch_size:]
 
 
+def lr_scale(step: int, steps: int, warmup: int) -> float:
+    """The learning-rate factor at ``step``: linear warm-up, cosine decay to 10 %."""
+    scale = min(1.0, (step + 1) / max(1, warmup))
+    return scale * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, steps))))
+
+
 def train_lm(
     model: PEERLM,
     blocks: torch.Tensor,
@@ -86,10 +92,8 @@ def train_lm(
     for step, batch in enumerate(
         sample_batches(blocks, batch_size=batch_size, steps=steps, seed=seed)
     ):
-        scale = min(1.0, (step + 1) / max(1, warmup))
-        scale *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
         for group in opt.param_groups:
-            group["lr"] = lr * scale
+            group["lr"] = lr * lr_scale(step, steps, warmup)
         _, loss = model(batch[:, :-1], batch[:, 1:], owners=domain)
         opt.zero_grad(set_to_none=True)
         loss.backward()

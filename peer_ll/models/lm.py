@@ -33,6 +33,7 @@ from torch import nn
 
 from peer_ll.experts import PEER, OwnerMix, mix_owners, peer_layers
 from peer_ll.experts.checkpoint import load_or_restore
+from peer_ll.models.insurance import insured_mixture
 from peer_ll.models.lm_growth import freeze_all_but, grow_domain
 from peer_ll.models.lm_io import (
     config_from_header,
@@ -222,11 +223,8 @@ class PEERLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mixture only while it is uncertain, then the top domain's route alone.
 
-        Sequence b runs every domain's route (:meth:`domain_posterior`) up to the first
-        position t_b where one domain's posterior reaches ``confidence``; positions up to
-        t_b predict with the mixture, later ones with that domain's route only. A
-        sequence that never gets there keeps the full mixture. The prefix is searched
-        ``probe`` tokens at a time, doubling.
+        See :func:`peer_ll.models.insurance.insured_mixture`; the mixture is
+        :meth:`domain_posterior`'s.
 
         Args:
             idx: (B, T) token ids.
@@ -238,36 +236,14 @@ class PEERLM(nn.Module):
             caches each route's keys and values pays, O routes per token up to t_b and
             one after.
         """
-        from peer_ll.experts.checks import check_float, check_int
-
-        check_float("confidence", confidence, minimum=0.0, maximum=1.0)
-        check_int("probe", probe, minimum=1)
-        B, T = idx.shape
-        O = len(self.owners)
-        commit = torch.full((B,), T - 1, dtype=torch.long, device=idx.device)
-        owner = torch.full((B,), -1, dtype=torch.long, device=idx.device)
-        width = min(probe, T)
-        while True:
-            mix, log_post = self._mixture(idx[:, :width])  # (B, W, V), (O, B, W)
-            top, best = log_post.exp().max(0)  # (B, W)
-            sure = top >= confidence
-            first = torch.where(sure.any(1), sure.float().argmax(1), width)  # (B,)
-            done = first < width
-            if bool(done.all()) or width == T:
-                break
-            width = min(2 * width, T)
-        ids = torch.tensor(self.owners, device=idx.device)
-        commit[done] = first[done]
-        owner[done] = ids[best[done, first[done]]]
-        out = torch.empty(B, T, mix.shape[-1], device=mix.device, dtype=mix.dtype)
-        out[:, :width] = mix
-        for d in owner[done & (commit < T - 1)].unique().tolist():
-            rows = (owner == d) & (commit < T - 1)
-            routed = self._logits(idx[rows], d).float().log_softmax(-1)
-            later = torch.arange(T, device=idx.device)[None] > commit[rows, None]  # (b, T)
-            out[rows] = torch.where(later[..., None], routed, out[rows])
-        routes = (O * (commit + 1) + (T - 1 - commit)).float() / T
-        return out, routes
+        return insured_mixture(
+            self._mixture,
+            lambda d, ids: self._logits(ids, d),
+            idx,
+            self.owners,
+            confidence=confidence,
+            probe=probe,
+        )
 
     def _mixture(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities (B, T, V) of the posterior mixture, log-posterior (O, B, T)."""
