@@ -24,27 +24,25 @@ Axis letters: ``B`` batch, ``T`` positions, ``D`` width, ``V`` vocabulary,
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peer_ll.experts import PEER, OwnerMix, mix_owners, peer_layers
+from peer_ll.experts import PEER, peer_layers
 from peer_ll.experts.checkpoint import load_or_restore
-from peer_ll.models.insurance import insured_mixture
-from peer_ll.models.lm_growth import freeze_all_but, grow_domain
-from peer_ll.models.lm_io import (
-    config_from_header,
-    load_tensors,
-    read_metadata,
-    sample,
-    save_tensors,
+from peer_ll.models.insurance import insured_mixture, posterior_mixture
+from peer_ll.models.lm_growth import (
+    check_ids,
+    domain_route,
+    freeze_all_but,
+    grow_domain,
+    per_sequence_logits,
 )
+from peer_ll.models.lm_io import CHECKPOINT_FORMAT, load_model, sample, save_model
 from peer_ll.models.transformer import Block, LMConfig, Route
 
-CHECKPOINT_FORMAT = "peer_ll.PEERLM.safetensors/2"
 LMOwners = int | str | torch.Tensor | None
 
 
@@ -92,22 +90,7 @@ class PEERLM(nn.Module):
 
     def route(self, owner: int | None) -> Route:
         """The owner groups an ``owner``'s tokens retrieve from (None: every expert)."""
-        owners = self.owners
-        if owner is None:
-            return None if self.config.growth == "pool" else [[o] for o in owners]
-        if isinstance(owner, bool) or not isinstance(owner, int):
-            raise TypeError(
-                f"owners must be None, 'infer', an int or a (B,) integer tensor, "
-                f"got {type(owner).__name__} {owner!r}"
-            )
-        if owner not in owners:
-            raise ValueError(
-                f"owners must be None, 'infer', one of {owners} or a (B,) "
-                f"integer tensor of them, got {owner!r}"
-            )
-        if self.config.growth == "pool":
-            return [[o for o in owners if o <= owner]]
-        return [[owners[0]]] if owner == owners[0] else [[owners[0]], [owner]]
+        return domain_route(self.owners, self.config.growth, owner)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -135,16 +118,7 @@ class PEERLM(nn.Module):
         Returns:
             logits (B, T, V) and the loss (a scalar) or None.
         """
-        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.is_floating_point():
-            raise ValueError(f"idx must be an integer tensor (B, T), got {_describe(idx)}")
-        T = idx.shape[1]
-        if not 1 <= T <= self.config.block_size:
-            raise ValueError(f"idx must have 1 <= T <= {self.config.block_size}, got T={T}")
-        if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < self.config.vocab_size:
-            raise ValueError(
-                f"idx must hold token ids in [0, {self.config.vocab_size}), got "
-                f"values in [{int(idx.min())}, {int(idx.max())}]"
-            )
+        check_ids(idx, self.config)
         if isinstance(owners, str):
             if owners != "infer":
                 raise ValueError(
@@ -166,24 +140,7 @@ class PEERLM(nn.Module):
 
     def _per_sequence(self, idx: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, V) where sequence b takes the route of ``owners[b]``."""
-        if owners.dim() == 0:
-            return self._logits(idx, int(owners))
-        if owners.is_floating_point() or owners.dtype == torch.bool:
-            raise TypeError(f"owners must be an integer tensor, got {_describe(owners)}")
-        if owners.shape != idx.shape[:1]:
-            raise ValueError(
-                f"owners must be an integer tensor of shape ({idx.shape[0]},), "
-                f"got {_describe(owners)}"
-            )
-        owners = owners.to(idx.device)
-        out = None
-        for owner in owners.unique().tolist():
-            rows = owners == owner
-            logits = self._logits(idx[rows], owner)
-            if out is None:
-                out = logits.new_empty(idx.shape[0], *logits.shape[1:])
-            out[rows] = logits
-        return out
+        return per_sequence_logits(self._logits, idx, owners)
 
     def _logits(self, idx: torch.Tensor, owner: int | None) -> torch.Tensor:
         route = self.route(owner)
@@ -205,15 +162,11 @@ class PEERLM(nn.Module):
     def domain_posterior(self, idx: torch.Tensor) -> torch.Tensor:
         """Posterior over domains at each position of ``idx`` (B, T): (O, B, T).
 
-        Every domain's route scores the tokens seen so far: with a uniform prior,
-        position t's posterior for domain d is proportional to
-        ``Π_{s<=t} p_d(idx[s] | idx[<s])``, which uses no token after t, so the
-        model stays causal. ``owners="infer"`` predicts with the posterior mixture
-        ``Σ_d w_d(t) p_d(· | idx[<=t])`` (Bayesian model averaging): its log-loss
-        over a sequence is at most the best single domain's plus log O, and a
-        domain whose experts do not fit a text soon gets no weight. In the spirit
-        of Expert Gate (Aljundi et al. 2017), with the LM's own likelihood in place
-        of an autoencoder's reconstruction error. Costs one forward per domain.
+        Every domain's route scores the tokens seen so far (no token after t, so the
+        model stays causal): see :func:`peer_ll.models.insurance.posterior_mixture`.
+        ``owners="infer"`` predicts with this posterior's mixture (Bayesian model
+        averaging, in the spirit of Expert Gate, Aljundi et al. 2017, with the LM's own
+        likelihood as the gate). Costs one forward per domain.
         """
         with torch.no_grad():
             return self._mixture(idx)[1].exp()
@@ -223,18 +176,9 @@ class PEERLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mixture only while it is uncertain, then the top domain's route alone.
 
-        See :func:`peer_ll.models.insurance.insured_mixture`; the mixture is
-        :meth:`domain_posterior`'s.
-
-        Args:
-            idx: (B, T) token ids.
-            confidence: posterior probability at which a sequence commits to a domain.
-            probe: first prefix length searched.
-
-        Returns:
-            Log-probabilities (B, T, V), and (B,) routes per token: what a decoder that
-            caches each route's keys and values pays, O routes per token up to t_b and
-            one after.
+        See :func:`peer_ll.models.insurance.insured_mixture` (arguments and returns);
+        the mixture is :meth:`domain_posterior`'s. ``idx`` (B, T) -> log-probabilities
+        (B, T, V) and (B,) routes per token.
         """
         return insured_mixture(
             self._mixture,
@@ -247,16 +191,7 @@ class PEERLM(nn.Module):
 
     def _mixture(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities (B, T, V) of the posterior mixture, log-posterior (O, B, T)."""
-        owners = self.owners
-        logp = {d: self._logits(idx, d).float().log_softmax(-1) for d in owners}  # (B, T, V)
-        with torch.no_grad():
-            seen = torch.stack([logp[d][:, :-1].gather(-1, idx[:, 1:, None]) for d in owners])
-            evidence = F.pad(seen.squeeze(-1).cumsum(-1), (1, 0))  # (O, B, T)
-            log_post = evidence.log_softmax(0)
-        ids = torch.tensor(owners, device=idx.device).expand(idx.shape[0], -1)  # (B, O)
-        mix = OwnerMix(ids, log_post.exp().transpose(0, 1))  # weights (B, O, T)
-        probs = mix_owners(lambda o: logp[int(o[0])].exp(), mix)  # (B, T, V)
-        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log(), log_post
+        return posterior_mixture(torch.stack([self._logits(idx, d) for d in self.owners]), idx)
 
     # ------------------------------------------------------------------- growth
     def grow(self, num_keys: int, *, owner: int) -> dict[int, torch.Tensor]:
@@ -332,16 +267,7 @@ class PEERLM(nn.Module):
         interrupted save leaves any previous checkpoint at ``path`` intact and no
         temporary file behind.
         """
-        frozen = [n for n, p in self.named_parameters() if not p.requires_grad]
-        save_tensors(
-            self.state_dict(),
-            {
-                "format": CHECKPOINT_FORMAT,
-                "config": json.dumps(self.config.to_dict()),
-                "frozen": json.dumps(frozen),
-            },
-            path,
-        )
+        save_model(self, path)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load weights; blocks first get the grown layers and adapters the checkpoint has.
@@ -366,25 +292,7 @@ class PEERLM(nn.Module):
         Raises:
             ValueError: an empty, truncated, corrupted or foreign file, or a bad config.
         """
-        meta = read_metadata(path)
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(
-                f"path must hold a PEERLM checkpoint (format "
-                f"{CHECKPOINT_FORMAT!r}), got format {meta.get('format')!r}"
-            )
-        config = config_from_header(meta.get("config"))
-        model = cls(config)
-        model.load_state_dict(load_tensors(path))
-        frozen = json.loads(meta.get("frozen", "[]"))
-        for name, p in model.named_parameters():
-            p.requires_grad_(name not in frozen)
-        return model.to(map_location)
+        return load_model(cls, path, map_location)
 
 
-def _describe(x: object) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
-    return type(x).__name__
-
-
-__all__ = ["PEERLM", "LMConfig"]
+__all__ = ["CHECKPOINT_FORMAT", "PEERLM", "LMConfig"]

@@ -1,4 +1,4 @@
-"""PEERLM's sampling loop and atomic checkpoint writing (used by its methods).
+"""PEERLM's sampling loop and its checkpoints: atomic safetensors files (used by its methods).
 
 Axis letters: ``B`` batch, ``T0`` prompt positions, ``V`` vocabulary.
 """
@@ -180,3 +180,36 @@ def estimated_bytes(config: LMConfig) -> int:
     keys = max(rows // c.peer_num_keys + 1, 2 * c.peer_num_keys)
     peer = rows * 2 * d + keys * c.peer_dim_key + c.peer_heads * c.peer_dim_key * d
     return 4 * (dense + len(c.peer_layers) * peer)
+
+
+CHECKPOINT_FORMAT = "peer_ll.PEERLM.safetensors/2"
+
+
+def save_model(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write a PEERLM's weights, config and frozen names with :func:`save_tensors`."""
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    save_tensors(
+        model.state_dict(),
+        {
+            "format": CHECKPOINT_FORMAT,
+            "config": json.dumps(model.config.to_dict()),
+            "frozen": json.dumps(frozen),
+        },
+        path,
+    )
+
+
+def load_model(cls: type, path: str | os.PathLike, map_location: str | torch.device):
+    """Build ``cls`` (PEERLM) from :func:`save_model`'s file; see ``PEERLM.load``."""
+    meta = read_metadata(path)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"path must hold a PEERLM checkpoint (format "
+            f"{CHECKPOINT_FORMAT!r}), got format {meta.get('format')!r}"
+        )
+    model = cls(config_from_header(meta.get("config")))
+    model.load_state_dict(load_tensors(path))
+    frozen = json.loads(meta.get("frozen", "[]"))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
+    return model.to(map_location)
