@@ -7,8 +7,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from peer_ll.experts.checks import check_choice, check_int, check_owner
-from peer_ll.experts.peer import ACTIVATIONS, QUERY_NORMS
+from peer_ll.experts.checks import ACTIVATIONS, QUERY_NORMS, check_choice, check_int, check_owner
 
 # GPT-2's and Llama's attention projections (module name suffixes).
 ATTENTION_PROJECTIONS = (

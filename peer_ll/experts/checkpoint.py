@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from peer_ll.experts.query_adapter import sync_adapter
+
 logger = logging.getLogger(__name__)
 
 #: Pool entries of a PEER state dict.
@@ -241,3 +243,11 @@ def upgrade_checkpoint(state_dict: dict, prefix: str, *, adapter: object = None)
             f"{prefix}query_adapter must be attached to load the checkpoint's "
             "query adapters (PEER.attach_query_adapter), got None"
         )
+
+
+def after_load(layer: nn.Module, incompatible: object) -> None:
+    """A PEER layer's load post-hook: resize its statistics, restore its query flag."""
+    layer.stats.resize(layer.pool.capacity)
+    if bool(layer.frozen_query) != layer.query_frozen:
+        layer._freeze_query(bool(layer.frozen_query))
+    sync_adapter(layer.query_adapter, layer.pool)

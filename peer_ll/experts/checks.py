@@ -7,10 +7,14 @@ a value of the right type that is out of range, with the message
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 
 import torch
+
+from peer_ll.kernels.backend import BACKENDS
+from peer_ll.kernels.reference import ACTIVATIONS
 
 
 def _fail(error: type[Exception], name: str, expected: str, actual: object) -> Exception:
@@ -140,3 +144,36 @@ def check_allocation(name: str, nbytes: int, device: torch.device | str | None =
             f"request for {nbytes / 2**30:.1f} GiB"
         )
     return nbytes
+
+
+#: The PEER layer's choices (paper defaults first); kernels define BACKENDS and ACTIVATIONS.
+QUERY_NORMS = ("batch", "layer", None)
+GATES = ("softmax", "sigmoid")
+
+
+def check_layer_args(dim, dim_out, num_keys, heads, topk, dim_key, capacity, owner) -> tuple:
+    """Check the PEER constructor's sizes: (dim_out, capacity, key_capacity, owner) resolved.
+
+    Sub-key room: ``capacity`` rows need ``capacity / num_keys`` sub-keys per side as
+    num_keys-wide segments, or ``num_keys + ⌈√spare rows⌉`` as square ones: the larger.
+    """
+    check_int("dim", dim, minimum=1)
+    dim_out = dim if dim_out is None else check_int("dim_out", dim_out, minimum=1)
+    for name, value in (("num_keys", num_keys), ("heads", heads)):
+        check_int(name, value, minimum=1)
+    check_int("topk", topk, minimum=1, maximum=num_keys * num_keys)
+    check_int("dim_key", dim_key, minimum=2)
+    if dim_key % 2:
+        raise ValueError(f"dim_key must be even (it splits into two halves), got {dim_key}")
+    first = num_keys * num_keys
+    capacity = first if capacity is None else check_int("capacity", capacity, minimum=first)
+    spare = math.isqrt(capacity - first - 1) + 1 if capacity > first else 0
+    key_capacity = max(math.ceil(capacity / num_keys), num_keys + spare)
+    return dim_out, capacity, key_capacity, check_owner("owner", owner)
+
+
+def check_choices(**choices: object) -> None:
+    """Check the PEER constructor's choices (query_norm, gate, activation, backend)."""
+    allowed = dict(query_norm=QUERY_NORMS, gate=GATES, activation=ACTIVATIONS, backend=BACKENDS)
+    for name, value in choices.items():
+        check_choice(name, value, allowed[name])

@@ -7,33 +7,29 @@ He, *Mixture of A Million Experts*, arXiv 2407.04153 (2024). Axis letters:
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from peer_ll.experts.checkpoint import load_or_restore, prepare_checkpoint
+from peer_ll.experts.checkpoint import after_load, load_or_restore, prepare_checkpoint
 from peer_ll.experts.checks import (
     check_bool,
-    check_choice,
+    check_choices,
     check_input,
-    check_int,
-    check_owner,
-    check_type,
+    check_layer_args,
 )
 from peer_ll.experts.owners import Owners, select_segments
 from peer_ll.experts.pool import ExpertPool, view
-from peer_ll.experts.query_adapter import adapted_scores, adapted_topk, sync_adapter
-from peer_ll.experts.routing import RoutingStats, retrieval_confidence
+from peer_ll.experts.query import make_query_norm, normed_query
+from peer_ll.experts.query_adapter import (
+    adapted_scores,
+    adapted_topk,
+    attach_adapter,
+    sync_adapter,
+)
+from peer_ll.experts.routing import RoutingStats, retrieval_confidence, retrieve
 from peer_ll.kernels.expert_mix import expert_mix
 from peer_ll.kernels.product_topk import product_topk
 from peer_ll.kernels.selected_scores import selected_scores
-
-QUERY_NORMS = ("batch", "layer", None)
-GATES = ("softmax", "sigmoid")
-ACTIVATIONS = ("gelu", "relu")
-BACKENDS = ("auto", "torch", "triton")
 
 
 class PEER(nn.Module):
@@ -95,52 +91,25 @@ class PEER(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        check_int("dim", dim, minimum=1)
-        dim_out = dim if dim_out is None else check_int("dim_out", dim_out, minimum=1)
-        for name, value in (("num_keys", num_keys), ("heads", heads)):
-            check_int(name, value, minimum=1)
-        check_int("topk", topk, minimum=1, maximum=num_keys * num_keys)
-        check_int("dim_key", dim_key, minimum=2)
-        if dim_key % 2:
-            raise ValueError(f"dim_key must be even (it splits into two halves), got {dim_key}")
-        for name, value, choices in (
-            ("query_norm", query_norm, QUERY_NORMS),
-            ("gate", gate, GATES),
-            ("activation", activation, ACTIVATIONS),
-            ("backend", backend, BACKENDS),
-        ):
-            check_choice(name, value, choices)
-        owner = check_owner("owner", owner)
-        first = num_keys * num_keys
-        capacity = first if capacity is None else check_int("capacity", capacity, minimum=first)
-
-        self.dim, self.dim_out, self.heads, self.topk, self.dim_key, self.num_keys = (
-            dim,
-            dim_out,
-            heads,
-            topk,
-            dim_key,
-            num_keys,
-        )
+        choices = dict(query_norm=query_norm, gate=gate, activation=activation, backend=backend)
+        sizes = check_layer_args(dim, dim_out, num_keys, heads, topk, dim_key, capacity, owner)
+        dim_out, capacity, key_capacity, owner = sizes
+        check_choices(**choices)
+        self.dim, self.dim_out, self.heads, self.topk = dim, dim_out, heads, topk
+        self.dim_key, self.num_keys = dim_key, num_keys
         self.query_norm_kind, self.gate, self.activation = query_norm, gate, activation
         self.sparse_grad, self.backend = True, backend
         self.query_frozen = False  # mirrored in the buffer frozen_query (state_dict)
         self.register_buffer("frozen_query", torch.tensor(False))
         self.to_query = nn.Linear(dim, heads * dim_key, bias=False)
-        self.query_norm = {
-            "batch": lambda: nn.BatchNorm1d(heads * dim_key),
-            "layer": lambda: nn.LayerNorm(dim_key),
-            None: nn.Identity,
-        }[query_norm]()
-        spare = math.isqrt(capacity - first - 1) + 1 if capacity > first else 0  # ⌈√spare rows⌉
-        key_capacity = max(math.ceil(capacity / num_keys), num_keys + spare)  # or num_keys² each
+        self.query_norm = make_query_norm(query_norm, heads, dim_key)
         self.pool = ExpertPool(
             dim, dim_out, dim_key, heads=heads, capacity=capacity, key_capacity=key_capacity
         )
         self.stats = RoutingStats(capacity)
         self.query_adapter: nn.Module | None = None
         self.pool.grow(num_keys, owner=owner)
-        self.register_load_state_dict_post_hook(PEER._after_load)
+        self.register_load_state_dict_post_hook(after_load)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, owners: Owners = None) -> torch.Tensor:
@@ -186,34 +155,7 @@ class PEER(nn.Module):
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """Queries after the norm: (..., D) -> (..., H, d); any float dtype is cast."""
-        x = self._cast(x)
-        lead = x.shape[:-1]
-        if x.numel() == 0:
-            return x.new_zeros(*lead, self.heads, self.dim_key)
-        q = self.to_query(x.reshape(-1, self.dim))  # (T, H*d)
-        if self.query_norm_kind == "batch":
-            bn = self.query_norm
-            training = bn.training and not self.query_frozen  # frozen: running statistics
-            if training and q.shape[0] == 1:
-                raise ValueError(
-                    "x must hold more than one input in training with query_norm='batch' "
-                    "(BatchNorm needs batch statistics), got 1: use a larger batch (e.g. "
-                    "Avalanche's train_mb_size > 1) or PEER(..., query_norm='layer')"
-                )
-            q = F.batch_norm(
-                q,
-                bn.running_mean,
-                bn.running_var,
-                bn.weight,
-                bn.bias,
-                training,
-                bn.momentum,
-                bn.eps,
-            )
-        q = q.view(-1, self.heads, self.dim_key)  # (T, H, d)
-        if self.query_norm_kind == "layer":
-            q = self.query_norm(q)
-        return q.view(*lead, self.heads, self.dim_key)
+        return normed_query(self, self._cast(x))
 
     def retrieve(
         self, x: torch.Tensor, owners: Owners = None, *, k: int | None = None, pad: bool = False
@@ -223,17 +165,7 @@ class PEER(nn.Module):
         ``k`` (default: topk) may not exceed the experts that ``owners`` can search,
         unless ``pad``: missing places then get id -1 and score -inf.
         """
-        k = self.topk if k is None else check_int("k", k, minimum=1)
-        if not pad and owners is None and k > self.num_experts:
-            raise ValueError(
-                f"k must be <= the {self.num_experts} experts in the pool (or pad=True), got {k}"
-            )
-        segments, mask = self._searched(x, owners, need=min(k, self.topk) if pad else k)
-        q = self.query(x)
-        lead = q.shape[:-2]
-        with torch.no_grad():
-            scores, ids = self._search(q.reshape(-1, self.heads, self.dim_key), segments, mask, k)
-        return scores.view(*lead, self.heads, k), ids.view(*lead, self.heads, k)
+        return retrieve(self, x, owners, k=k, pad=pad)
 
     def _searched(self, x, owners: Owners, need: int | None = None):
         """Segments that ``owners`` may search and an optional (T, S) mask; checks both."""
@@ -269,15 +201,7 @@ class PEER(nn.Module):
         Configuration, set once (like PEFT injecting an adapter). The module must
         accept every owner present (the identity for an unknown owner is fine).
         """
-        check_type("module", module, nn.Module)
-        if self.query_adapter is not None:
-            raise ValueError(
-                "query_adapter must be unset to attach one, got "
-                f"{type(self.query_adapter).__name__} already attached"
-            )
-        weight = self.to_query.weight
-        self.query_adapter = module.to(device=weight.device, dtype=weight.dtype)
-        sync_adapter(self.query_adapter, self.pool)
+        self.query_adapter = attach_adapter(self, module)
 
     # ------------------------------------------------------------ growth, freezing
     def grow(self, num_keys: int, *, owner: int, num_keys_right: int | None = None) -> torch.Tensor:
@@ -366,12 +290,6 @@ class PEER(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args):
         prepare_checkpoint(self, state_dict, prefix, strict)  # checks all before any change
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
-
-    def _after_load(self, incompatible) -> None:
-        self.stats.resize(self.pool.capacity)
-        if bool(self.frozen_query) != self.query_frozen:
-            self._freeze_query(bool(self.frozen_query))
-        sync_adapter(self.query_adapter, self.pool)
 
     def extra_repr(self) -> str:
         return (

@@ -79,20 +79,9 @@ class ExpertPool(nn.Module):
             return 0
         return int((self.segments[:, 0] + self.segments[:, 1:3].max(dim=1).values).max())
 
-    @property
-    def num_segments(self) -> int:
-        """Segments S."""
-        return len(self.segments)
-
-    @property
-    def capacity(self) -> int:
-        """Expert rows reserved (>= ``num_experts``)."""
-        return self.down.shape[0]
-
-    @property
-    def key_capacity(self) -> int:
-        """Sub-key rows reserved (>= ``num_sub_keys``)."""
-        return self.sub_keys.shape[0]
+    num_segments = property(lambda self: len(self.segments), doc="Segments S.")
+    capacity = property(lambda self: self.down.shape[0], doc="Expert rows reserved.")
+    key_capacity = property(lambda self: self.sub_keys.shape[0], doc="Sub-key rows reserved.")
 
     # ------------------------------------------------------------------- growth
     def grow(self, num_keys: int, *, owner: int, num_keys_right: int | None = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ import math
 import torch
 from torch import nn
 
+from peer_ll.experts.checks import check_type
 from peer_ll.kernels.product_topk import product_topk
 from peer_ll.kernels.selected_scores import selected_scores
 
@@ -102,3 +103,21 @@ def sync_adapter(adapter: object, pool) -> None:
     for owner in set(pool.segment_owner.tolist()) & set(known):
         rows = pool.segments[pool.segment_owner == owner][:, 0]
         freeze([owner], frozen=bool(pool.key_frozen[rows].all()))
+
+
+def attach_adapter(layer: nn.Module, module: nn.Module) -> nn.Module:
+    """``module`` on the layer's device and dtype, synced to its pool, for ``layer.query_adapter``.
+
+    Raises:
+        TypeError / ValueError: ``module`` is not a Module, or one is attached already.
+    """
+    check_type("module", module, nn.Module)
+    if layer.query_adapter is not None:
+        raise ValueError(
+            "query_adapter must be unset to attach one, got "
+            f"{type(layer.query_adapter).__name__} already attached"
+        )
+    weight = layer.to_query.weight
+    module = module.to(device=weight.device, dtype=weight.dtype)
+    sync_adapter(module, layer.pool)
+    return module

@@ -114,3 +114,18 @@ def retrieval_confidence(layer: nn.Module, x: torch.Tensor, owners=None) -> dict
     gates = gates / gates.sum(-1, keepdim=True)
     margin = torch.where(torch.isfinite(margin), margin, torch.full_like(margin, math.nan))
     return {"margin": margin, "gate_entropy": -torch.xlogy(gates, gates).sum(-1)}
+
+
+def retrieve(layer: nn.Module, x: torch.Tensor, owners=None, *, k=None, pad=False) -> tuple:
+    """:meth:`PEER.retrieve`'s body: scores, ids, each (..., H, k), without gradient."""
+    k = layer.topk if k is None else check_int("k", k, minimum=1)
+    if not pad and owners is None and k > layer.num_experts:
+        raise ValueError(
+            f"k must be <= the {layer.num_experts} experts in the pool (or pad=True), got {k}"
+        )
+    segments, mask = layer._searched(x, owners, need=min(k, layer.topk) if pad else k)
+    q = layer.query(x)
+    lead = q.shape[:-2]
+    with torch.no_grad():
+        scores, ids = layer._search(q.reshape(-1, layer.heads, layer.dim_key), segments, mask, k)
+    return scores.view(*lead, layer.heads, k), ids.view(*lead, layer.heads, k)
