@@ -59,6 +59,7 @@ from peer_ll.cli.run_args import (  # noqa: F401 (the command's arguments, re-ex
     check_arguments,
     parse_seeds,
     parse_stream,
+    relaunch_flags,
 )
 from peer_ll.cli.run_folder import open_run_folder
 from peer_ll.cli.strategies_zoo import (
@@ -100,7 +101,8 @@ def run_strategy(key: str, bench, info, config: ZooConfig, *, seed: int, log=Non
         from peer_ll.cli.online import run_online
 
         boundaries = key.startswith("peer-") and key != "peer-grow-online"
-        evals, values = run_online(strategy, bench, experience_size=config.batch_size,
+        size = config.batch_size * distributed.world_size()  # the global batch
+        evals, values = run_online(strategy, bench, experience_size=size,
                                    seed=seed, boundaries=boundaries)  # fmt: skip
     else:
         evals, values = run_stream(strategy, bench, joint=key == "joint", progress=progress,
@@ -248,22 +250,14 @@ def main(args: argparse.Namespace) -> int:
         check_arguments(args)
     config = ZooConfig(**{f.name: getattr(args, f.name) for f in fields(ZooConfig)})
     if args.nproc > 1 and distributed.world_size() == 1:  # start the ranks, same options
-        options = {**vars(args), "out": str(args.run_dir)}
-        flags = [
-            item
-            for key, value in options.items()
-            if value is not None
-            and value is not False
-            and key not in ("nproc", "run_dir", "command", "func", "seeds")
-            for item in (
-                (f"--{key.replace('_', '-')}",)
-                if value is True
-                else (f"--{key.replace('_', '-')}", str(value))
-            )
-        ]
-        return distributed.launch(args.nproc, [*flags, "--seeds", ",".join(map(str, args.seeds))])
+        return distributed.launch(args.nproc, relaunch_flags(args))
     distributed.init(args.seeds[0], args.device)
-    config = ZooConfig(**{**asdict(config), "device": distributed.local_device(config.device)})
+    ranks = distributed.world_size()  # --batch-size is the global batch: same steps as 1 process
+    if config.batch_size % ranks:
+        raise SystemExit(f"peer-ll run: error: --batch-size must be a multiple of the {ranks} "
+                         f"processes, got {config.batch_size}")  # fmt: skip
+    config = ZooConfig(**{**asdict(config), "device": distributed.local_device(config.device),
+                          "batch_size": config.batch_size // ranks})  # fmt: skip
     main_rank = distributed.is_main()
     run_dir = (open_run_folder(args.run_dir, _settings(args), resume=args.resume,
                                force=args.force) if main_rank else None)  # fmt: skip

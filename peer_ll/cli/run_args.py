@@ -117,7 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=pos,
         default=1,
         help="processes (data parallel, torchrun on this machine; gloo on the "
-        "CPU, NCCL on CUDA); or start the run with torchrun (default 1)",
+        "CPU, NCCL on CUDA); or start the run with torchrun (default 1). --batch-size "
+        "stays the global batch: each process takes batch-size/nproc",
     )
     parser.add_argument(
         "--threads",
@@ -179,6 +180,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--experiences must be in [1, 10] for a {kind}-incremental stream "
                          f"of 10 classes, got {args.experiences}")  # fmt: skip
     argtypes.check_device(args.device)
+    if args.batch_size % args.nproc:
+        raise ValueError(f"--batch-size must be a multiple of --nproc {args.nproc} (the "
+                         f"global batch is split over them), got {args.batch_size}")  # fmt: skip
     if name not in (None, "digits") and find_image_dataset(name, args.data_root) is None:
         message = _not_found_message(name, args.data_root).replace("root=", "--data-root")
         raise ValueError(f"--stream {args.stream}: {message}")
@@ -186,3 +190,21 @@ def check_arguments(args: argparse.Namespace) -> None:
         Path(args.out) if args.out else Path("runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     )
     check_run_folder(args.run_dir, _settings(args), resume=args.resume, force=args.force)
+
+
+def relaunch_flags(args: argparse.Namespace) -> list[str]:
+    """The command-line flags that give each started process the same run as ``args``."""
+    options = {**vars(args), "out": str(args.run_dir)}
+    flags = [
+        item
+        for key, value in options.items()
+        if value is not None
+        and value is not False
+        and key not in ("nproc", "run_dir", "command", "func", "seeds")
+        for item in (
+            (f"--{key.replace('_', '-')}",)
+            if value is True
+            else (f"--{key.replace('_', '-')}", str(value))
+        )
+    ]
+    return [*flags, "--seeds", ",".join(map(str, args.seeds))]

@@ -60,3 +60,12 @@ def test_two_process_run_writes_one_run_folder(tmp_path, monkeypatch):
     assert results["config"]["processes"] == 2
     (summary,) = results["strategies"].values()
     assert len(summary["accuracy_matrix"]) == 2
+
+
+def test_batch_size_must_split_over_the_processes(capsys, tmp_path):
+    out = tmp_path / "run"
+    argv = ["run", "--nproc", "2", "--batch-size", "33", "--strategies", "naive", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size must be a multiple of --nproc 2" in err and "got 33" in err
+    assert not out.exists()
