@@ -62,16 +62,18 @@ def _float(text: str, *, positive: bool) -> float:
 
 
 def seed_list(text: str) -> list[int]:
-    """``"3"`` -> ``[0, 1, 2]``; ``"4,7"`` -> ``[4, 7]``; seeds are distinct ints >= 0."""
-    want = "a count N >= 1 or a comma-separated list of distinct seeds >= 0 like 0,1"
+    """``"3"`` -> ``[0, 1, 2]``; ``"4,7"`` -> ``[4, 7]``; ``"5,"`` -> ``[5]``; distinct, >= 0."""
+    want = "a count N >= 1 or a comma-separated list of distinct seeds >= 0 like 0,1 (one: 5,)"
     parts = [p.strip() for p in text.split(",")]
+    if len(parts) == 2 and parts[1] == "":  # "5,": the one seed 5
+        parts = parts[:1] + ["-"]
     try:
         if len(parts) == 1:
             count = int(parts[0])
             if count < 1:
                 raise ValueError
             return list(range(count))
-        seeds = [int(p) for p in parts]
+        seeds = [int(p) for p in parts if p != "-"]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
     if min(seeds) < 0 or len(set(seeds)) != len(seeds):

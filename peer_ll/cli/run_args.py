@@ -207,4 +207,8 @@ def relaunch_flags(args: argparse.Namespace) -> list[str]:
             else (f"--{key.replace('_', '-')}", str(value))
         )
     ]
-    return [*flags, "--seeds", ",".join(map(str, args.seeds))]
+    return [
+        *flags,
+        "--seeds",
+        ",".join(map(str, args.seeds)) + ("," if len(args.seeds) == 1 else ""),
+    ]

@@ -35,6 +35,7 @@ from peer_ll.experts import PEER
 from peer_ll.experts.checks import check_bool, check_int
 from peer_ll.experts.per_owner import per_owner_modules
 from peer_ll.protect.routed import OwnerRouted, top_owner
+from peer_ll.strategies.distributed import unwrap
 
 
 def experience_loader(strategy, dataset=None) -> DataLoader:
@@ -92,11 +93,10 @@ class OwnerRouting(SupervisedPlugin):
 
     @staticmethod
     def _routed(strategy) -> OwnerRouted:
-        if not isinstance(strategy.model, OwnerRouted):
-            raise TypeError(
-                f"strategy.model must be an OwnerRouted, got {type(strategy.model).__name__}"
-            )
-        return strategy.model
+        model = unwrap(strategy.model)  # under DistributedPEER, the DDP wrapper's module
+        if not isinstance(model, OwnerRouted):
+            raise TypeError(f"strategy.model must be an OwnerRouted, got {type(model).__name__}")
+        return model
 
     # ----------------------------------------------------------------- training
     def after_train_dataset_adaptation(self, strategy, **kwargs) -> None:

@@ -1,5 +1,6 @@
 """``peer-ll run --nproc``: options handed to torchrun, rank settings from its environment."""
 
+import argparse
 import json
 
 import pytest
@@ -69,3 +70,14 @@ def test_batch_size_must_split_over_the_processes(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "--batch-size must be a multiple of --nproc 2" in err and "got 33" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("seeds", [[0], [3], [1, 2]])
+def test_relaunched_processes_get_the_same_seeds(seeds, tmp_path):
+    from peer_ll.cli.args import seed_list
+    from peer_ll.cli.run_args import relaunch_flags
+
+    args = argparse.Namespace(seeds=seeds, run_dir=tmp_path, out=None, nproc=2, epochs=1)
+    flags = relaunch_flags(args)
+    assert seed_list(flags[flags.index("--seeds") + 1]) == seeds
+    assert "--nproc" not in flags and flags[flags.index("--epochs") + 1] == "1"
