@@ -65,6 +65,7 @@ from peer_ll.cli.run_folder import open_run_folder
 from peer_ll.cli.strategies_zoo import (
     DEFAULT_STRATEGIES,
     NO_PEER,
+    STATISTICS_ONLY,
     STRATEGIES,
     ZooConfig,
     build_strategy,
@@ -259,11 +260,18 @@ def main(args: argparse.Namespace) -> int:
     config = ZooConfig(**{**asdict(config), "device": distributed.local_device(config.device),
                           "batch_size": config.batch_size // ranks})  # fmt: skip
     main_rank = distributed.is_main()
+    strategies = _strategies(args)
+    if ranks > 1 and set(strategies) & STATISTICS_ONLY:  # each rank would see its share only
+        skipped = sorted(set(strategies) & STATISTICS_ONLY)
+        strategies = [s for s in strategies if s not in STATISTICS_ONLY]
+        if main_rank:
+            print(f"peer-ll run: {', '.join(skipped)} skipped: their statistics are not "
+                  "data-parallel; run them without --nproc", file=sys.stderr)  # fmt: skip
     run_dir = (open_run_folder(args.run_dir, _settings(args), resume=args.resume,
                                force=args.force) if main_rank else None)  # fmt: skip
     with cpu_threads(args.threads):
         results = run_comparison(
-            args.stream, strategies=_strategies(args), seeds=args.seeds, config=config,
+            args.stream, strategies=strategies, seeds=args.seeds, config=config,
             n_experiences=args.experiences, max_train_per_exp=args.max_train_per_exp,
             max_test_per_exp=args.max_test_per_exp, run_dir=run_dir,
             data_root=args.data_root, data=getattr(args, "data", None), progress=main_rank,

@@ -90,6 +90,8 @@ DEFAULT_STRATEGIES: tuple[str, ...] = tuple(STRATEGIES)[:12]
 NO_PEER: frozenset[str] = frozenset({"slda", "input-stats", "peer-protect-mlp"})
 #: The replay-free baselines without a PEER pool that the PEER methods must beat.
 NON_PEER_BASELINES: tuple[str, ...] = ("slda", "input-stats", "peer-protect-mlp")
+#: Strategies that learn statistics, not gradients: not data-parallel (skipped under --nproc).
+STATISTICS_ONLY: frozenset[str] = frozenset({"slda", "input-stats"})
 
 #: The head that suits each stream kind (see ``PEERClassifier``).
 HEAD_OF_KIND = {

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from peer_ll.experts import peer_layers
+from peer_ll.experts import PEER, peer_layers
 from peer_ll.experts.checks import check_bool, check_type
 from peer_ll.experts.pool import TABLES
 
@@ -50,7 +50,8 @@ def expert_table_names(model: nn.Module) -> list[str]:
     """Names (as in ``model.named_parameters()``) of every PEER layer's tables, sorted."""
     return sorted(
         f"{name + '.' if name else ''}pool.{table}"
-        for name in peer_layers(model)
+        for name, m in model.named_modules()
+        if isinstance(m, PEER)  # a model without PEER layers has none (a plain DDP model)
         for table in TABLES
     )
 
@@ -109,7 +110,7 @@ def all_reduce_expert_grads(model: nn.Module, *, group=None, sparse: bool | None
     if world == 1:
         return
     sparse_backend = dist.get_backend(group) in SPARSE_BACKENDS if sparse is None else sparse
-    layers = peer_layers(unwrap(model))
+    layers = {n: m for n, m in unwrap(model).named_modules() if isinstance(m, PEER)}
     modes = {
         id(getattr(layer.pool, t)): layer.sparse_grad for layer in layers.values() for t in TABLES
     }

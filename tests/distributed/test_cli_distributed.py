@@ -81,3 +81,15 @@ def test_relaunched_processes_get_the_same_seeds(seeds, tmp_path):
     flags = relaunch_flags(args)
     assert seed_list(flags[flags.index("--seeds") + 1]) == seeds
     assert "--nproc" not in flags and flags[flags.index("--epochs") + 1] == "1"
+
+
+def test_a_model_without_peer_layers_has_no_expert_tables_to_keep_out_of_ddp():
+    from torch import nn
+
+    from peer_ll.experts import PEER
+    from peer_ll.strategies.distributed import expert_table_names
+
+    assert expert_table_names(nn.Sequential(nn.Flatten(), nn.Linear(4, 2))) == []
+    model = nn.Sequential(nn.Linear(4, 4), PEER(4, num_keys=2, heads=1, topk=2, dim_key=4))
+    assert expert_table_names(model) == ["1.pool.down", "1.pool.sub_keys", "1.pool.up"]
+
