@@ -164,8 +164,8 @@ class ShardedPEER(PEER):
         self.pool.tag()
         out = sharded_mix(
             flat,
-            ids.reshape(flat.shape[0], -1),
-            gates.reshape(flat.shape[0], -1),
+            ids.reshape(flat.shape[0], self.heads * self.topk),
+            gates.reshape(flat.shape[0], self.heads * self.topk),
             self.pool.down,
             self.pool.up,
             sizes=sizes,

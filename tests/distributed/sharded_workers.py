@@ -65,6 +65,30 @@ def forward_backward(rank: int, out: str) -> None:
     )
 
 
+def edge_cases(rank: int, out: str) -> None:
+    """Owners, a rank without tokens, BatchNorm queries; saves outputs and gradients."""
+    layer, x = layer_and_batch()
+    sharded = shard_columns(layer)
+    mine = chunks(x)[rank]
+    owned = sharded(mine, owners=1).detach()
+    per_input = sharded(mine, owners=torch.arange(len(mine)) % 2).detach()
+    alone = sharded(mine if rank else mine[:0])  # rank 0 brings no tokens
+    alone.square().sum().backward()
+    torch.manual_seed(0)
+    batch = shard_columns(PEER(16, **{**SMALL, "query_norm": "batch"}))
+    normed = batch(mine).detach()
+    torch.save(
+        {
+            "owned": owned,
+            "per_input": per_input,
+            "alone": alone.detach(),
+            "alone_grad": sharded.up.grad.to_dense(),
+            "normed": normed,
+        },
+        f"{out}/edge{rank}.pt",
+    )
+
+
 def _step(model, optimizer, x, rank):
     model(chunks(x)[rank]).square().mean().backward()
     all_reduce_expert_grads(model)
@@ -139,6 +163,7 @@ def load_whole_checkpoint(rank: int, out: str) -> None:
 def everything(rank: int, out: str) -> None:
     """All scenarios in one spawn: starting processes is the slow part."""
     forward_backward(rank, out)
+    edge_cases(rank, out)
     train_through_growth(rank, out)
     load_whole_checkpoint(rank, out)
     dist.barrier()

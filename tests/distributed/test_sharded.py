@@ -8,9 +8,10 @@ steps those differences pass through Adam's division by sqrt(v), hence rtol 1e-4
 
 import pytest
 import torch
-from sharded_workers import SPLIT, chunks, everything, layer_and_batch, reference_loss
+from sharded_workers import SMALL, SPLIT, chunks, everything, layer_and_batch, reference_loss
 from spawn import spawn
 
+from peer_ll.experts import PEER
 from peer_ll.strategies.distributed import load_checkpoint, save_checkpoint
 
 
@@ -48,6 +49,30 @@ def test_forward_and_backward_equal_the_unsharded_layer(runs):
             torch.testing.assert_close(got["grads"][name], want, rtol=1e-5, atol=1e-6, msg=name)
         assert not got["grads"]["pool.down"][:16].any(), "frozen owner 0 got a gradient"
         assert got["traffic"]["all_to_all"] > 0 and got["traffic"]["all_reduce"] > 0
+
+
+def test_owners_empty_ranks_and_batch_norm(runs):
+    layer, x = layer_and_batch()
+    alone = layer(chunks(x)[1])
+    alone.square().sum().backward()
+    torch.manual_seed(0)
+    batch = PEER(16, **{**SMALL, "query_norm": "batch"})
+    for rank, mine in enumerate(chunks(x)):
+        got = torch.load(runs / f"edge{rank}.pt")
+        close = dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["owned"], layer(mine, owners=1).detach(), **close)
+        per_input = layer(mine, owners=torch.arange(len(mine)) % 2).detach()
+        torch.testing.assert_close(got["per_input"], per_input, **close)
+        # BatchNorm statistics are each rank's own, as under DDP.
+        torch.testing.assert_close(got["normed"], batch(mine).detach(), **close)
+        assert got["alone"].shape == ((0, 12) if rank == 0 else (7, 12))
+        if rank:
+            torch.testing.assert_close(got["alone"], alone.detach(), **close)
+        # One rank's tokens only: its loss's gradient, exactly as one process, halved
+        # (DDP's mean over ranks, one of which contributes nothing).
+        cols = slice(6 * rank, 6 * rank + 6)
+        want = layer.pool.up.grad.to_dense()[:, cols] / 2
+        torch.testing.assert_close(got["alone_grad"], want, **close)
 
 
 def test_growth_and_training_equal_the_unsharded_layer(runs):
