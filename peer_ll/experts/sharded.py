@@ -123,8 +123,9 @@ class ShardedPEER(PEER):
 
     Build it with :func:`shard_columns` from a PEER (equal on every rank, or made equal:
     rank 0's state is broadcast). Everything but ``forward`` is PEER's: ``grow``,
-    ``freeze``, ``reserve``, owners, ``state_dict`` (of the local blocks: use
-    :func:`peer_ll.experts.sharded_checkpoint.save_sharded` for a whole checkpoint).
+    ``freeze``, ``reserve``, owners, ``state_dict`` (of the local blocks; for a whole
+    checkpoint use :func:`peer_ll.experts.sharded_checkpoint.global_state_dict` with DCP,
+    as :func:`peer_ll.strategies.distributed.save_checkpoint` does).
     ``layer.down``/``layer.up`` are the local blocks (capacity, D/W) and (capacity, E/W).
 
     Inputs are data-parallel: each rank passes its own tokens (any number, 0 included)
