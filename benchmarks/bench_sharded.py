@@ -7,7 +7,7 @@
    PEER layer: whole on 1 process for the global batch, column-sharded on 2 gloo ranks
    (half the batch each), and sharded on 1 rank (the sharded code path's own cost);
 2. the bytes each rank sends per step (counted at every collective), on 2 and 4 ranks,
-   against the model ``T_r·(W-1)·(28·M + 8·(D+E)/W)`` (see ``sharded_ops``);
+   against the model ``T_r·(W-1)·(24·M + 8·(D+E)/W)`` (see ``sharded_ops``);
 3. the row-wise (expert-parallel) alternative's traffic and load, from the measured
    retrievals: how many ranks each token's experts live on, and the busiest rank's share;
 4. an estimate for 8 and 64 GPUs from these figures and stated bandwidth assumptions.
@@ -87,9 +87,9 @@ def run(world: int, **cfg) -> dict:
 
 
 def traffic_model(tokens: int, world: int, m: int, d: int, e: int) -> float:
-    """Bytes one rank sends per step: ids (int64) and gates gathered, h and its gradient
+    """Bytes one rank sends per step: ids (int32) and gates gathered, h and its gradient
     all-reduced (ring), x and y and their gradients all-to-all (fp32)."""
-    return tokens * (world - 1) * (28 * m + 8 * (d + e) / world)
+    return tokens * (world - 1) * (24 * m + 8 * (d + e) / world)
 
 
 def row_wise(ids: list[list[int]], experts: int, world: int) -> tuple[float, float]:
@@ -211,7 +211,7 @@ all-reduces and SparseAdamW), global batch {2 * tokens} tokens:
 
 Each rank holds half the table (and half its Adam moments). Bytes counted at each collective
 of the sharded layer: {f["sent"][2] * mib:.2f} MiB on 2 ranks and {f["sent"][4] * mib:.2f}
-MiB on 4 ranks ({tokens // 2} tokens each), against the model `T_r·(W-1)·(28·M + 8·(D+E)/W)`:
+MiB on 4 ranks ({tokens // 2} tokens each), against the model `T_r·(W-1)·(24·M + 8·(D+E)/W)`:
 {f["model"][2] * mib:.2f} and {f["model"][4] * mib:.2f} MiB. On top: DDP's all-reduce of the
 query network ({two["dense_bytes"] * mib:.2f} MiB) and of the dense sub-key gradient
 ({two["key_bytes"] * mib:.2f} MiB), as without sharding. Data parallelism without sharding
@@ -227,7 +227,7 @@ measured above (rows in contiguous blocks):
 {row_table}
 
 At this small width (D+E = 512 against M = 128) rows would send less than columns: row-wise
-costs 8·(D+E) bytes per token per rank reached, column-wise 28·M bytes per token per other
+costs 8·(D+E) bytes per token per rank reached, column-wise 24·M bytes per token per other
 rank plus 8·(D+E)/W. At the width of a real model columns win: for D=E=1024 and the same M
 and share of ranks reached, row-wise {big_row[8] / 1024:.0f} KiB against column-wise
 {big_col[8] / 1024:.0f} KiB per token at W=8, and {big_row[64] / 1024:.0f} against

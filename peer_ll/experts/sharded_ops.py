@@ -5,7 +5,7 @@ Rank ``r`` of ``W`` holds columns ``[r·D/W, (r+1)·D/W)`` of ``down`` and
 ``T_r`` tokens of the global batch of ``T = Σ T_r`` tokens, retrieves for them with its
 replicated query network and sub-keys, and then (:func:`sharded_mix`):
 
-1. ``ids`` (T, M) and ``G`` gates (T, M) are all-gathered (``M = H·K``);
+1. ``ids`` (T, M) (as int32) and ``G`` gates (T, M) are all-gathered (``M = H·K``);
 2. ``Xc = x[:, cols_r]`` of all T tokens arrives by one all-to-all (T, D/W);
 3. ``h = all_reduce(<down[ids, cols_r], Xc>)``: the exact dots, only T·M scalars;
 4. ``y[:, cols_r] = Σ_m act(h)·G · up[ids, cols_r]`` (T, E/W), and one all-to-all
@@ -231,7 +231,8 @@ def sharded_mix(
     """
     if frozen is None:
         frozen = torch.empty(0, dtype=torch.bool, device=x.device)
-    all_ids = gather_rows(ids, sizes, group)  # (T, M)
+    narrow = down.shape[0] < 2**31  # int32 ids halve their share of the traffic
+    all_ids = gather_rows(ids.to(torch.int32) if narrow else ids, sizes, group).long()  # (T, M)
     all_gates = _GatherRows.apply(gates, sizes, rank, group)  # (T, M)
     xc = _RowsToCols.apply(x, sizes, rank, group)  # (T, D/W)
     h = _SumPartials.apply(_LocalDot.apply(xc, all_ids, down, frozen, sparse_grad), group)

@@ -152,12 +152,17 @@ def train_through_growth(rank: int, out: str) -> None:
     )
 
 
-def load_whole_checkpoint(rank: int, out: str) -> None:
-    """A checkpoint saved by one process loads into a layer sharded over 2 ranks."""
-    layer, _ = layer_and_batch()  # 2 segments; the checkpoint holds more
-    sharded = shard_columns(layer)
-    load_checkpoint(sharded, f"{out}/dcp1")
-    torch.save(sharded.unshard().state_dict(), f"{out}/loaded{rank}.pt")
+def load_checkpoints(rank: int, out: str) -> None:
+    """Checkpoints saved by one process and by 2 ranks load into a layer sharded over 2."""
+    for name in ("dcp1", "dcp2"):
+        layer, _ = layer_and_batch()  # 2 segments; the checkpoints hold more
+        sharded = shard_columns(layer)
+        load_checkpoint(sharded, f"{out}/{name}")
+        torch.save(sharded.unshard().state_dict(), f"{out}/{name}-loaded{rank}.pt")
+    try:
+        shard_columns(PEER(15, **SMALL))
+    except ValueError as error:
+        torch.save(str(error), f"{out}/error{rank}.pt")
 
 
 def everything(rank: int, out: str) -> None:
@@ -165,5 +170,5 @@ def everything(rank: int, out: str) -> None:
     forward_backward(rank, out)
     edge_cases(rank, out)
     train_through_growth(rank, out)
-    load_whole_checkpoint(rank, out)
+    load_checkpoints(rank, out)
     dist.barrier()

@@ -12,6 +12,7 @@ from sharded_workers import SMALL, SPLIT, chunks, everything, layer_and_batch, r
 from spawn import spawn
 
 from peer_ll.experts import PEER
+from peer_ll.experts.sharded import shard_columns
 from peer_ll.strategies.distributed import load_checkpoint, save_checkpoint
 
 
@@ -105,11 +106,27 @@ def test_two_rank_checkpoint_loads_in_one_process(runs):
     assert layer(torch.randn(3, 16)).shape == (3, 12)
 
 
-def test_one_process_checkpoint_loads_sharded_over_two_ranks(runs):
-    saved = torch.load(runs / "whole1.pt")
+@pytest.mark.parametrize("saved_by", ["dcp1", "dcp2"], ids=["one-process", "two-ranks"])
+def test_checkpoint_loads_sharded_over_two_ranks(runs, saved_by):
+    if saved_by == "dcp1":
+        saved = torch.load(runs / "whole1.pt")
+    else:
+        saved = torch.load(runs / "train0.pt")["whole"]
     for rank in range(2):
-        loaded = torch.load(runs / f"loaded{rank}.pt")
+        loaded = torch.load(runs / f"{saved_by}-loaded{rank}.pt")
         assert loaded.keys() == saved.keys()
         for name, value in saved.items():
             assert torch.equal(loaded[name], value), name
-    assert len(SPLIT) == 2
+
+
+def test_bad_arguments_raise_before_anything_changes(runs):
+    assert torch.load(runs / "error0.pt") == (
+        f"layer.dim must be a multiple of the {len(SPLIT)} ranks to split columns, got 15"
+    )
+    layer, _ = layer_and_batch()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match="torch.distributed must be initialized"):
+        shard_columns(layer)  # this process has no process group
+    with pytest.raises(TypeError, match="layer must be a PEER"):
+        shard_columns(torch.nn.Linear(4, 4))
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
