@@ -43,7 +43,18 @@ def _src(group) -> int:
     return 0 if group is None else dist.get_global_rank(group, 0)
 
 
-class ShardedPool(ExpertPool):
+class _SharedGroup:
+    """``copy.deepcopy`` shares the process group (it cannot be copied) and copies the rest."""
+
+    def __deepcopy__(self, memo):
+        memo.setdefault(id(self.group), self.group)
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+
+class ShardedPool(_SharedGroup, ExpertPool):
     """An :class:`ExpertPool` holding one column block of ``down`` and ``up``.
 
     ``dim``/``dim_out`` are the block's widths (D/W, E/W); ``full_dim``/``full_dim_out``
@@ -118,7 +129,7 @@ class ShardedPool(ExpertPool):
         self.segments = torch.cat([self.segments, segment])  # last: makes the rows visible
 
 
-class ShardedPEER(PEER):
+class ShardedPEER(_SharedGroup, PEER):
     """A :class:`PEER` layer whose ``down``/``up`` tables are split by columns over ranks.
 
     Build it with :func:`shard_columns` from a PEER (equal on every rank, or made equal:
@@ -184,7 +195,7 @@ class ShardedPEER(PEER):
         It all-gathers the column blocks: it needs the whole tables' memory on each rank.
         """
         pool = self.pool
-        layer = copy.deepcopy(self, {id(self.group): self.group, id(pool): None})
+        layer = copy.deepcopy(self, {id(pool): None})
         layer.__class__ = PEER
         for name in ("group", "rank", "world"):
             layer.__dict__.pop(name, None)

@@ -77,6 +77,9 @@ def edge_cases(rank: int, out: str) -> None:
     torch.manual_seed(0)
     batch = shard_columns(PEER(16, **{**SMALL, "query_norm": "batch"}))
     normed = batch(mine).detach()
+    group = dist.new_group([0, 1])  # an explicit group; a copy shares it
+    copied = copy.deepcopy(shard_columns(layer_and_batch()[0], group=group))
+    in_group = copied(mine).detach()
     torch.save(
         {
             "owned": owned,
@@ -84,6 +87,7 @@ def edge_cases(rank: int, out: str) -> None:
             "alone": alone.detach(),
             "alone_grad": sharded.up.grad.to_dense(),
             "normed": normed,
+            "in_group": in_group,
         },
         f"{out}/edge{rank}.pt",
     )

@@ -66,6 +66,7 @@ def test_owners_empty_ranks_and_batch_norm(runs):
         torch.testing.assert_close(got["per_input"], per_input, **close)
         # BatchNorm statistics are each rank's own, as under DDP.
         torch.testing.assert_close(got["normed"], batch(mine).detach(), **close)
+        torch.testing.assert_close(got["in_group"], layer(mine).detach(), **close)
         assert got["alone"].shape == ((0, 12) if rank == 0 else (7, 12))
         if rank:
             torch.testing.assert_close(got["alone"], alone.detach(), **close)
