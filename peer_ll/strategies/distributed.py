@@ -36,6 +36,8 @@ from torch.utils.data import DataLoader
 from peer_ll.experts import PEER, peer_layers
 from peer_ll.experts.checks import check_bool, check_type
 from peer_ll.experts.pool import TABLES
+from peer_ll.experts.sharded import is_column_shard
+from peer_ll.experts.sharded_checkpoint import global_state_dict, local_state_dict
 
 #: Backends whose ``all_reduce`` takes sparse COO tensors.
 SPARSE_BACKENDS = ("gloo",)
@@ -88,7 +90,8 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs) -> DistributedDataParallel:
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
     with torch.no_grad():
         for table in expert_tables(model):
-            dist.broadcast(table.data, src=0)
+            if not is_column_shard(table):  # a column block differs per rank by design
+                dist.broadcast(table.data, src=0)
     return DistributedDataParallel(model, **ddp_kwargs)
 
 
@@ -115,6 +118,8 @@ def all_reduce_expert_grads(model: nn.Module, *, group=None, sparse: bool | None
         id(getattr(layer.pool, t)): layer.sparse_grad for layer in layers.values() for t in TABLES
     }
     for table in expert_tables(model):
+        if is_column_shard(table):  # a sharded layer's blocks hold the exact gradient
+            continue
         grad = table.grad
         if grad is None:  # nothing retrieved here: join with zeros of the layer's layout
             grad = _empty_sparse(table) if modes[id(table)] else torch.zeros_like(table)
@@ -246,10 +251,12 @@ def save_checkpoint(model: nn.Module, path: str) -> None:
 
     Replicated tensors are written once (by rank 0); the checkpoint loads with any number
     of ranks, one process without a process group included (:func:`load_checkpoint`).
+    Column-sharded PEER tables (``peer_ll.experts.sharded``) are saved as ``Shard(1)``
+    DTensors under the unsharded names, so they load sharded or whole.
     """
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(unwrap(model).state_dict(), checkpoint_id=path)
+    dcp.save(global_state_dict(unwrap(model)), checkpoint_id=path)
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
@@ -277,6 +284,6 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
             torch.empty(shapes["segments"], dtype=torch.long),
         )
         layer.stats.resize(layer.pool.capacity)
-    state = model.state_dict()
+    state = global_state_dict(model)
     dcp.load(state, checkpoint_id=path)
-    model.load_state_dict(state)
+    model.load_state_dict(local_state_dict(state))
