@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from peer_ll.experts.checkpoint import after_load
 from peer_ll.experts.checks import check_type
 from peer_ll.experts.owners import Owners
 from peer_ll.experts.peer import PEER
@@ -265,7 +266,7 @@ def shard_columns(layer: PEER, group=None) -> ShardedPEER:
                 dist.broadcast(value, src=_src(group), group=group)
     sharded.__class__ = ShardedPEER
     sharded.group, sharded.rank, sharded.world = group, rank, world
-    sharded._after_load(None)  # frozen_query may have come from rank 0
+    after_load(sharded, None)  # frozen_query may have come from rank 0
     sharded.pool = ShardedPool(sharded.pool, rank, world, group)
     return sharded
 
