@@ -11,7 +11,12 @@ the argmax owner is often wrong, and a wrong owner means the wrong experts.
   its ``top`` likeliest owners and mixes their class probabilities by the renormalised
   posterior (:func:`peer_ll.experts.mix_owners`): ``top`` routes; "wide" searches every
   owner's experts at once (``owners=None``, the paper's unrestricted retrieval) and
-  mixes that with its top owner's route by the top owner's posterior: 2 routes.
+  mixes that with its top owner's route by the top owner's posterior: 2 routes;
+  "typical" runs the routes of its ``top`` likeliest owners and keeps the one whose own
+  features (the input of ``model.head``) are most typical of that owner's training
+  data (:class:`RouteTypicality`): the posterior proposes, the routes decide. Each
+  route maps its owner's inputs near its class means; another owner's inputs land off
+  them. ``top`` routes.
 
 Off by default: ``OwnerRouted`` is unchanged and nothing here is called unless a user
 calls it. The report says what the insurance cost: the share of inputs that paid and
@@ -23,15 +28,109 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from peer_ll.experts import OwnerMix, mix_owners
-from peer_ll.experts.checks import check_choice, check_float, check_int, check_type
+from peer_ll.experts.checks import (
+    check_choice,
+    check_float,
+    check_int,
+    check_owner,
+    check_type,
+)
 from peer_ll.protect.routed import OwnerRouted
 
-__all__ = ["MODES", "InsuranceReport", "insured_forward", "owner_posterior"]
+__all__ = [
+    "MODES",
+    "InsuranceReport",
+    "RouteTypicality",
+    "insured_forward",
+    "owner_posterior",
+    "route_features",
+]
 
 #: What an unsure input pays for (see the module docstring).
-MODES = ("mix", "wide")
+MODES = ("mix", "wide", "typical")
+
+
+@torch.no_grad()
+def route_features(
+    model: nn.Module, x: torch.Tensor, owners, *, layer: str = "head"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, C) of ``model(x, owners=owners)`` and the input (B, F) of its ``layer``."""
+    module = dict(model.named_modules()).get(layer)
+    if module is None:
+        raise ValueError(f"layer must name a module of model, got {layer!r}")
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        logits = model(x, owners=owners)
+    finally:
+        handle.remove()
+    return logits, seen[-1].flatten(1)
+
+
+class RouteTypicality(nn.Module):
+    """How typical a route's features are of its owner's training data.
+
+    Per owner o, fit on o's training inputs through o's own route: class means
+    ``mu_{o,c}`` and a shared covariance (shrunk by ``shrink`` towards its mean
+    variance) of the features entering ``layer``; the score of features f is
+    ``max_c log N(f; mu_{o,c}, Sigma_o)``, standardised by the mean and standard
+    deviation of the training inputs' scores, so scores compare across owners (about 0
+    for an input like o's own; very negative off o's data). Fit each owner right after
+    training it (its route and the trunk are frozen afterwards under routing protection).
+
+    Args:
+        layer: name of the module whose input is the feature (default ``"head"``).
+        shrink: covariance shrinkage in [0, 1].
+    """
+
+    def __init__(self, *, layer: str = "head", shrink: float = 0.1) -> None:
+        super().__init__()
+        self.layer = layer
+        self.shrink = check_float("shrink", shrink, minimum=0.0, maximum=1.0)
+        self.owners: list[int] = []
+
+    @torch.no_grad()
+    def fit(self, model: nn.Module, owner: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Fit ``owner``'s statistics on its inputs x (N, ...) and labels y (N,)."""
+        owner = check_owner("owner", owner)
+        y = torch.as_tensor(y)
+        if len(x) < 2 or y.shape != (len(x),):
+            raise ValueError(f"x and y must hold the same N >= 2 inputs, got {len(x)} and "
+                             f"{tuple(y.shape)}")  # fmt: skip
+        _, f = route_features(model, x, owner, layer=self.layer)
+        f = f.double()
+        classes, inverse = y.to(f.device).unique(return_inverse=True)
+        means = torch.zeros(len(classes), f.shape[1], dtype=f.dtype, device=f.device)
+        means.index_add_(0, inverse, f)
+        means /= torch.bincount(inverse, minlength=len(classes))[:, None]
+        r = f - means[inverse]
+        cov = r.T @ r / len(f)
+        cov = (1 - self.shrink) * cov + self.shrink * cov.diagonal().mean() * torch.eye(
+            len(cov), dtype=f.dtype, device=f.device
+        )
+        self.register_buffer(f"means_{owner}", means)
+        self.register_buffer(f"precision_{owner}", torch.linalg.inv(cov))
+        self.register_buffer(f"norm_{owner}", torch.zeros(2, dtype=f.dtype, device=f.device))
+        raw = self._raw(owner, f)
+        getattr(self, f"norm_{owner}").copy_(torch.stack([raw.mean(), raw.std().clamp_min(1e-12)]))
+        if owner not in self.owners:
+            self.owners.append(owner)
+
+    def _raw(self, owner: int, f: torch.Tensor) -> torch.Tensor:
+        d = f.double()[:, None] - getattr(self, f"means_{owner}")[None]  # (B, K, F)
+        m = torch.einsum("bkf,fg,bkg->bk", d, getattr(self, f"precision_{owner}"), d)
+        return -0.5 * m.min(1).values  # (B,)
+
+    @torch.no_grad()
+    def forward(self, owner: int, features: torch.Tensor) -> torch.Tensor:
+        """Standardised typicality (B,) of ``owner``'s route features (B, F)."""
+        if owner not in self.owners:
+            raise ValueError(f"owner must be one of {self.owners} (fitted), got {owner}")
+        mean, std = getattr(self, f"norm_{owner}")
+        return ((self._raw(owner, features) - mean) / std).float()
 
 
 class InsuranceReport(NamedTuple):
@@ -78,6 +177,7 @@ def insured_forward(
     top: int = 2,
     temperature: float = 1.0,
     mode: str = "mix",
+    evidence: RouteTypicality | None = None,
 ) -> tuple[torch.Tensor, InsuranceReport]:
     """Log-probabilities (B, C): one route where the owner is sure, ``top`` where not.
 
@@ -88,8 +188,10 @@ def insured_forward(
             0 never pays (the plain argmax route); above 1 always pays.
         top: owners mixed for an input that pays (2 or 3 in practice).
         temperature: posterior temperature.
-        mode: "mix" (the ``top`` owners' routes) or "wide" (every expert, mixed with
-            the top owner's route).
+        mode: "mix" (the ``top`` owners' routes), "wide" (every expert, mixed with
+            the top owner's route) or "typical" (the most typical of the ``top``
+            owners' routes; needs ``evidence``).
+        evidence: the fitted :class:`RouteTypicality` of mode "typical".
 
     Returns:
         ``(log_probs, report)``: (B, C) log class probabilities, and an
@@ -99,12 +201,34 @@ def insured_forward(
     check_int("top", top, minimum=1)
     check_float("temperature", temperature, minimum=1e-12)
     check_choice("mode", mode, MODES)
+    if mode == "typical":
+        check_type("evidence", evidence, RouteTypicality)
     ids, post = owner_posterior(routed, x, temperature=temperature)
     confidence, best = post.max(dim=1)
     top = 2 if mode == "wide" else min(top, ids.numel())
     paid = confidence < threshold if top > 1 else torch.zeros_like(confidence, dtype=torch.bool)
-    out = routed.model(x, owners=ids[best]).float().log_softmax(dim=-1)
-    if paid.any() and mode == "wide":
+    if mode == "typical":  # the top route's features are kept: it runs once
+        out, first = route_features(routed.model, x, ids[best], layer=evidence.layer)
+        out = out.float().log_softmax(dim=-1)
+    else:
+        out = routed.model(x, owners=ids[best]).float().log_softmax(dim=-1)
+    if paid.any() and mode == "typical":
+        xs, pick = x[paid], post[paid].topk(top, dim=1).indices  # (b, top), pick[:, 0] = best
+        outs, scores = [], []
+        for j in range(top):
+            owner = ids[pick[:, j]]
+            if j == 0:
+                logits, feats = out[paid], first[paid]
+            else:
+                logits, feats = route_features(routed.model, xs, owner, layer=evidence.layer)
+            outs.append(logits.float().log_softmax(dim=-1))
+            score = torch.empty(len(xs), device=x.device)
+            for o in owner.unique().tolist():
+                score[owner == o] = evidence(o, feats[owner == o]).to(x.device)
+            scores.append(score)
+        best_route = torch.stack(scores).argmax(0)  # (b,)
+        out[paid] = torch.stack(outs)[best_route, torch.arange(len(xs), device=x.device)]
+    elif paid.any() and mode == "wide":
         xs, w = x[paid], confidence[paid, None]
         probs = w * out[paid].exp() + (1 - w) * routed.model(xs, owners=None).float().softmax(-1)
         out[paid] = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
