@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from avalanche.core import SupervisedPlugin
 from torch import nn
 
 from peer_ll.experts import OwnerMix, mix_owners
@@ -38,11 +39,13 @@ from peer_ll.experts.checks import (
     check_owner,
     check_type,
 )
+from peer_ll.protect.plugin import experience_loader
 from peer_ll.protect.routed import OwnerRouted
 
 __all__ = [
     "MODES",
     "InsuranceReport",
+    "FitRouteTypicality",
     "RouteTypicality",
     "insured_forward",
     "owner_posterior",
@@ -131,6 +134,35 @@ class RouteTypicality(nn.Module):
             raise ValueError(f"owner must be one of {self.owners} (fitted), got {owner}")
         mean, std = getattr(self, f"norm_{owner}")
         return ((self._raw(owner, features) - mean) / std).float()
+
+
+class FitRouteTypicality(SupervisedPlugin):
+    """Avalanche plugin: fit ``evidence`` for each experience's owner after training it.
+
+    For ``peer_protect`` strategies (the model an :class:`OwnerRouted`; the owner is
+    the experience id). Add it after the strategy's own plugins.
+
+    Args:
+        evidence: the :class:`RouteTypicality` to fit.
+    """
+
+    def __init__(self, evidence: RouteTypicality) -> None:
+        super().__init__()
+        self.evidence = check_type("evidence", evidence, RouteTypicality)
+
+    @torch.no_grad()
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        routed = check_type("strategy.model", strategy.model, OwnerRouted)
+        xs, ys = zip(*((x, y) for x, y, *_ in experience_loader(strategy)), strict=True)
+        modes = {m: m.training for m in routed.modules()}
+        try:
+            routed.eval()
+            owner = int(strategy.experience.current_experience)
+            self.evidence.fit(routed.model, owner, torch.cat(xs).to(strategy.device),
+                              torch.cat(ys).to(strategy.device))  # fmt: skip
+        finally:
+            for m, mode in modes.items():
+                m.train(mode)
 
 
 class InsuranceReport(NamedTuple):

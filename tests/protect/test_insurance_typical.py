@@ -79,3 +79,27 @@ def test_bad_input_raises_and_changes_nothing():
     with pytest.raises(ValueError, match="shrink"):
         RouteTypicality(shrink=2.0)
     assert evidence.owners == [0, 1]
+
+
+def test_plugin_fits_each_owner_after_its_experience(
+    small_peer, class_stream
+):
+    from peer_ll.protect import peer_protect, protect_classifier
+    from peer_ll.protect.insurance import FitRouteTypicality
+
+    model = protect_classifier(64, 9, experiences=3, hidden=16, peer=dict(small_peer, num_keys=4))
+    evidence = RouteTypicality()
+    strategy = peer_protect(model, train_mb_size=32, eval_mb_size=64, evaluator=None,
+                            train_epochs=2, plugins=[FitRouteTypicality(evidence)])  # fmt: skip
+    for exp in class_stream.train_stream:
+        strategy.train(exp)
+    assert evidence.owners == [0, 1, 2]
+    routed = strategy.model.eval()
+    for owner, exp in enumerate(class_stream.train_stream):
+        data = exp.dataset.eval()
+        x = torch.stack([data[i][0] for i in range(len(data))])
+        _, f = route_features(routed.model, x, owner)
+        scores = evidence(owner, f).double()  # the fit data: standardised exactly
+        assert float(scores.mean()) == pytest.approx(0.0, abs=1e-4)
+    with pytest.raises(TypeError, match="evidence"):
+        FitRouteTypicality("not evidence")
