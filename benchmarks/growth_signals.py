@@ -11,7 +11,8 @@ taken on the new mini-batch, each relative to what came before (1: as usual):
 - **query**: the same for the PEER layer's queries (query likelihood);
 - **margin**: running mean of the retrieval margin (k-th minus (k+1)-th score,
   ``retrieval_confidence``) over the batch's mean margin (a drop is novel);
-- **loss**: the batch's loss over the running mean of the earlier batches' losses.
+- **loss**: ``LossJumpTrigger``'s signal, the batch's mean loss over the mean loss of
+  the ``window`` = 200 inputs before it.
 
 Streams: class-incremental Fashion-MNIST (5 experiences of 2 classes,
 ``--per-exp`` samples each) cut into mini-batches, and a stationary one (the whole
@@ -37,6 +38,7 @@ from peer_ll.experts import peer_layers
 from peer_ll.models import PEERClassifier
 from peer_ll.optim import make_optimizer
 from peer_ll.protect.routed import layer_input
+from peer_ll.strategies import LossJumpTrigger
 
 SIGNALS = ("input", "query", "margin", "loss")
 
@@ -67,7 +69,7 @@ def run_stream(batches, seed: int) -> dict[str, list[float]]:
     opt = make_optimizer(model, lr=1e-3)
     stats = {"input": Running(), "query": Running()}
     margins: list[float] = []
-    losses: list[float] = []
+    jump = LossJumpTrigger(model, window=200, threshold=1e9, cooldown=0)
     out = {s: [] for s in SIGNALS}
     for x, y in batches:
         model.eval()
@@ -75,15 +77,14 @@ def run_stream(batches, seed: int) -> dict[str, list[float]]:
             h = layer_input(model, layer, x)
             q = layer.query(h).flatten(1)
             margin = float(layer.retrieval_confidence(h)["margin"].nanmean())
-            loss = float(F.cross_entropy(model(x), y))
         feats = {"input": x, "query": q}
         for s in ("input", "query"):
             out[s].append(stats[s].score(feats[s]) if stats[s].n else float("nan"))
             stats[s].add(feats[s])
         out["margin"].append(np.mean(margins) / margin if margins else float("nan"))
-        out["loss"].append(loss / np.mean(losses) if losses else float("nan"))
+        signal = jump.observe(x, y).signal
+        out["loss"].append(float("nan") if signal is None else signal)
         margins.append(margin)
-        losses.append(loss)
         model.train()
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
