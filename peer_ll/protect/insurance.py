@@ -9,7 +9,7 @@ the argmax owner is often wrong, and a wrong owner means the wrong experts.
   reaches ``threshold`` takes its top owner's route, as before (one route);
 - an input under the threshold does more work, by ``mode``: "mix" runs the routes of
   its ``top`` likeliest owners and mixes their class probabilities by the renormalised
-  posterior (:func:`peer_ll.experts.mix_owners`): ``top`` routes; "wide" searches every
+  posterior (as :func:`peer_ll.experts.mix_owners`): ``top`` routes; "wide" searches every
   owner's experts at once (``owners=None``, the paper's unrestricted retrieval) and
   mixes that with its top owner's route by the top owner's posterior: 2 routes;
   "typical" runs the routes of its ``top`` likeliest owners and keeps the one whose own
@@ -31,7 +31,6 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch import nn
 
-from peer_ll.experts import OwnerMix, mix_owners
 from peer_ll.experts.checks import check_choice, check_float, check_int, check_owner, check_type
 from peer_ll.protect.plugin import experience_loader
 from peer_ll.protect.routed import OwnerRouted
@@ -249,40 +248,35 @@ def insured_forward(
     if mode == "typical":
         check_type("evidence", evidence, RouteTypicality)
     ids, post = owner_posterior(routed, x, temperature=temperature)
-    confidence, best = post.max(dim=1)
     top = 2 if mode == "wide" else min(top, ids.numel())
+    weights, pick = post.topk(top, dim=1)  # (B, top)
+    confidence = weights[:, 0]
     paid = confidence < threshold if top > 1 else torch.zeros_like(confidence, dtype=torch.bool)
-    layer = evidence.layer if mode == "typical" else None  # the top route's features
-    out, first = routes_by_owner(routed.model, x, ids[best], layer=layer)
-    out = out.float().log_softmax(dim=-1)
-    if paid.any() and mode == "typical":
-        xs, pick = x[paid], post[paid].topk(top, dim=1).indices  # (b, top), pick[:, 0] = best
-        outs, scores = [], []
-        for j in range(top):
-            owner = ids[pick[:, j]]
-            if j == 0:
-                logits, feats = out[paid], first[paid]
-            else:
-                logits, feats = routes_by_owner(routed.model, xs, owner, layer=layer)
-            outs.append(logits.float().log_softmax(dim=-1))
-            score = torch.empty(len(xs), device=x.device)
-            for o in owner.unique().tolist():
-                score[owner == o] = evidence(o, feats[owner == o]).to(x.device)
-            scores.append(score)
-        best_route = torch.stack(scores).argmax(0)  # (b,)
-        out[paid] = torch.stack(outs)[best_route, torch.arange(len(xs), device=x.device)]
+    # One forward per owner for all routes: each input's top owner, and the paying
+    # inputs' other candidates (mix, typical) with them, so paying adds no forward.
+    B, idx = len(x), paid.nonzero().squeeze(1)
+    extra = range(1, top) if mode != "wide" and len(idx) else range(0)
+    rows = torch.cat([torch.arange(B, device=x.device)] + [idx for _ in extra])
+    owners = torch.cat([ids[pick[:, 0]]] + [ids[pick[idx, j]] for j in extra])
+    layer = evidence.layer if mode == "typical" else None
+    logits, feats = routes_by_owner(routed.model, x[rows], owners, layer=layer)
+    logp = logits.float().log_softmax(dim=-1)
+    out = logp[:B].clone()
+    if len(extra):
+        cands = torch.cat([out[idx][None], logp[B:].view(len(extra), len(idx), -1)])
+        if mode == "typical":
+            score = torch.empty(len(rows), device=x.device)
+            for o in owners.unique().tolist():
+                score[owners == o] = evidence(o, feats[owners == o]).to(x.device)
+            scores = torch.cat([score[idx][None], score[B:].view(len(extra), len(idx))])
+            out[idx] = cands[scores.argmax(0), torch.arange(len(idx), device=x.device)]
+        else:  # mix: the candidates' class probabilities by the renormalised posterior
+            w = weights[idx] / weights[idx].sum(dim=1, keepdim=True)  # (b, top)
+            probs = (w.T[..., None] * cands.exp()).sum(0)
+            out[idx] = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
     elif paid.any() and mode == "wide":
         xs, w = x[paid], confidence[paid, None]
         probs = w * out[paid].exp() + (1 - w) * routed.model(xs, owners=None).float().softmax(-1)
-        out[paid] = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
-    elif paid.any():
-        weights, pick = post[paid].topk(top, dim=1)
-        weights = weights / weights.sum(dim=1, keepdim=True)
-        xs = x[paid]
-        mix = OwnerMix(ids[pick], weights)
-        probs = mix_owners(
-            lambda o: routes_by_owner(routed.model, xs, o)[0].float().softmax(-1), mix
-        )
         out[paid] = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
     routes = torch.where(paid, top, 1)
     return out, InsuranceReport(paid, confidence, routes)
