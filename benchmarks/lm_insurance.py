@@ -5,7 +5,11 @@ unicode-names (each growth freezes the rest), and compares on every domain's tes
 blocks ``owners="infer"`` (every route for every token) with
 ``owners="infer", confidence=c`` (every route only until the domain posterior reaches
 ``c``): perplexity and routes per token (a decoder caching each route's keys and
-values pays O routes per token before the commit point and one after).
+values pays O routes per token before the commit point and one after). With
+``--prior 2`` (or 1) insurance instead runs only the routes that a byte bigram (unigram)
+naive Bayes domain posterior of the prefix (``NgramDomainPrior``, fit on each domain's
+training blocks) cannot rule out at ``c``, each from the block's start, mixed by their
+own posterior (``prior_mixture``); a route costs its last active position + 1.
 
     PYTHONPATH=. python benchmarks/lm_insurance.py --seeds 3
 """
@@ -23,6 +27,7 @@ from peer_ll.cli.lm_train import train_lm
 from peer_ll.cli.results import environment_line, write_section
 from peer_ll.data.text import text_domain_stream
 from peer_ll.models import PEERLM, LMConfig
+from peer_ll.models.insurance import NgramDomainPrior
 
 DOMAINS = ("python-stdlib", "pydoc-topics", "unicode-names")
 TINY = dict(dim=64, layers=3, attn_heads=4, block_size=64, peer_num_keys=8, peer_heads=2,
@@ -46,11 +51,16 @@ def one_seed(seed: int, args) -> dict:
         train_lm(model, split["train"], steps=args.steps, batch_size=16, lr=3e-3,
                  domain=d if d else None, progress=False)  # fmt: skip
     model.eval()
-    return [evaluate(model, splits, c, args.test_blocks) | dict(seed=seed, confidence=c)
+    prior = None
+    if args.prior:
+        prior = NgramDomainPrior(model.config.vocab_size, order=args.prior)
+        for split in splits:
+            prior.fit(split["train"])
+    return [evaluate(model, splits, c, args.test_blocks, prior) | dict(seed=seed, confidence=c)
             for c in args.confidence]  # fmt: skip
 
 
-def evaluate(model: PEERLM, splits, confidence: float, test_blocks: int) -> dict:
+def evaluate(model: PEERLM, splits, confidence: float, test_blocks: int, prior=None) -> dict:
     full = ins = routes = count = 0.0
     t_full = t_ins = 0.0
     with torch.no_grad():
@@ -61,7 +71,7 @@ def evaluate(model: PEERLM, splits, confidence: float, test_blocks: int) -> dict
             full += nll(model(x, owners="infer")[0], y)
             t_full += time.perf_counter() - start
             start = time.perf_counter()
-            out, r = model.insured_mixture(x, confidence)
+            out, r = model.insured_mixture(x, confidence, prior=prior)
             t_ins += time.perf_counter() - start
             ins += nll(out, y)
             routes += float(r.sum()) * x.shape[1]
@@ -81,6 +91,8 @@ def main() -> None:
         default="0.99",
         help="comma-separated confidences, each evaluated on the same models",
     )
+    parser.add_argument("--prior", type=int, default=0, choices=(0, 1, 2),
+                        help="n-gram order of the naive Bayes domain prior (0: none)")
     args = parser.parse_args()
     text_confidence = args.confidence
     args.confidence = [float(c) for c in args.confidence.split(",")]
@@ -107,7 +119,8 @@ def main() -> None:
     text = "\n".join([
         f"Command: `PYTHONPATH=. python benchmarks/lm_insurance.py --seeds {args.seeds} "
         f"--steps {args.steps} --bytes {args.bytes} --test-blocks {args.test_blocks} "
-        f"--confidence {text_confidence}` (domains {', '.join(DOMAINS)}; T = 64)",
+        f"--confidence {text_confidence} --prior {args.prior}` "
+        f"(domains {', '.join(DOMAINS)}; T = 64)",
         environment_line(), "", *summary, "", *lines,
     ])  # fmt: skip
     print(text)

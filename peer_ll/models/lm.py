@@ -172,13 +172,13 @@ class PEERLM(nn.Module):
             return self._mixture(idx)[1].exp()
 
     def insured_mixture(
-        self, idx: torch.Tensor, confidence: float = 0.99, *, probe: int = 8
+        self, idx: torch.Tensor, confidence: float = 0.99, *, probe: int = 8, prior=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mixture only while it is uncertain, then the top domain's route alone.
 
         See :func:`peer_ll.models.insurance.insured_mixture` (arguments and returns);
-        the mixture is :meth:`domain_posterior`'s. ``idx`` (B, T) -> log-probabilities
-        (B, T, V) and (B,) routes per token.
+        the mixture is :meth:`domain_posterior`'s; ``prior``: e.g. an ``NgramDomainPrior``.
+        ``idx`` (B, T) -> log-probabilities (B, T, V) and (B,) routes per token.
         """
         return insured_mixture(
             self._mixture,
@@ -187,6 +187,7 @@ class PEERLM(nn.Module):
             self.owners,
             confidence=confidence,
             probe=probe,
+            prior=prior,
         )
 
     def _mixture(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from peer_ll.strategies.growth import (
     growth_modules,
 )
 from peer_ll.strategies.lm import AvalancheLM, LMDomainGrowth, peer_lm_strategy
-from peer_ll.strategies.novelty import GrowthDecision, NoveltyTrigger
+from peer_ll.strategies.novelty import GrowthDecision, LossJumpTrigger, NoveltyTrigger
 from peer_ll.strategies.sparse_finetuning import SparseExpertFinetuning
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "GrowthPolicy",
     "LMDomainGrowth",
     "MultiHeadPEERClassifier",
+    "LossJumpTrigger",
     "NoveltyTrigger",
     "PEERGrowth",
     "SparseExpertFinetuning",

@@ -11,7 +11,13 @@ input from a known owner scores about 1). The *signal* is the mean score of the 
 (score under the threshold) update that owner's statistics, so an owner follows slow
 drift; novel inputs are kept out of them until a growth gives them an owner.
 
-It needs no task boundary: it works on Avalanche online streams
+:class:`LossJumpTrigger` uses the other signal measured to work: the model's loss on the
+new inputs, before training on them, over its loss on the recent ones (a supervised
+stream has the labels when it trains). On online Split-Fashion-MNIST it separates the
+task boundaries from the other mini-batches far better than the input statistics
+(``benchmarks/growth_signals.py``).
+
+Both need no task boundary: they work on Avalanche online streams
 (``split_online_stream(..., access_task_boundaries=False)``) and data-incremental
 streams alike, deciding once per experience however many PEER layers share it.
 """
@@ -22,10 +28,11 @@ from collections import deque
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
-from peer_ll.experts.checks import check_float, check_int
+from peer_ll.experts.checks import check_float, check_int, check_type
 
-__all__ = ["GrowthDecision", "NoveltyTrigger", "experience_inputs"]
+__all__ = ["GrowthDecision", "LossJumpTrigger", "NoveltyTrigger", "experience_inputs"]
 
 
 class GrowthDecision(NamedTuple):
@@ -155,4 +162,101 @@ class NoveltyTrigger:
 
     def __repr__(self) -> str:
         return (f"NoveltyTrigger(window={self.window}, threshold={self.threshold}, "
+                f"cooldown={self.cooldown}, floor={self.floor})")  # fmt: skip
+
+
+class LossJumpTrigger:
+    """Grow when the model's loss on new inputs jumps above its loss on recent ones.
+
+    Before an experience trains, the model (in eval mode, no gradient, every expert)
+    scores its first ``max_inputs`` labelled inputs; the *signal* is their mean loss over
+    the mean loss of the last ``window`` inputs seen before (1: as usual), the latter at
+    least ``floor``. The pool grows when the signal passes ``threshold``, at most once per
+    ``cooldown`` inputs.
+
+    Args:
+        model: the model being trained (called as ``model(x)``: logits (N, C)).
+        window: earlier inputs whose mean loss is the reference.
+        threshold: grow when the signal passes it.
+        cooldown: inputs after a growth (or the first experience) before the next.
+        max_inputs: inputs read per experience.
+        floor: least reference loss (nats), so that a model fitting its data almost
+            perfectly does not turn every small loss into a jump.
+
+    Attributes:
+        history: ``(experience id, signal)`` of every decision.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        window: int = 200,
+        threshold: float = 3.0,
+        cooldown: int = 500,
+        max_inputs: int = 1000,
+        floor: float = 0.1,
+    ) -> None:
+        self.model = check_type("model", model, nn.Module)
+        self.window = check_int("window", window, minimum=1)
+        self.threshold = check_float("threshold", threshold, minimum=0.0)
+        self.cooldown = check_int("cooldown", cooldown, minimum=0)
+        self.max_inputs = check_int("max_inputs", max_inputs, minimum=1)
+        self.floor = check_float("floor", floor, minimum=1e-12)
+        self.recent: deque[float] = deque(maxlen=self.window)
+        self.since_growth = 0
+        self.history: list[tuple[int, float]] = []
+        self._last: tuple[object, GrowthDecision] | None = None
+
+    def __call__(self, growth, experience) -> GrowthDecision:
+        """The decision for ``experience`` (the same one for every layer that asks)."""
+        if self._last is not None and self._last[0] is experience:
+            return self._last[1]
+        data = experience.dataset
+        n = min(len(data), self.max_inputs)
+        x = experience_inputs(experience, n)
+        y = torch.tensor([int(data[i][1]) for i in range(n)], dtype=torch.long)
+        decision = self.observe(x, y)
+        signal = float("nan") if decision.signal is None else decision.signal
+        self.history.append((int(experience.current_experience), signal))
+        self._last = (experience, decision)
+        return decision
+
+    @torch.no_grad()
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(N,) cross-entropy of the model on inputs x (N, F) with labels y (N,)."""
+        modes = {m: m.training for m in self.model.modules()}
+        try:
+            self.model.eval()
+            device = next(self.model.parameters(), torch.empty(0)).device
+            logits = self.model(x.to(device)).float()
+            return nn.functional.cross_entropy(logits, y.to(device), reduction="none").cpu()
+        finally:
+            for m, mode in modes.items():
+                m.train(mode)
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor) -> GrowthDecision:
+        """Takes the labelled inputs x (N, F), y (N,) of one experience and decides."""
+        if x.shape[0] == 0:
+            return GrowthDecision(False, None, "loss jump: empty experience")
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        loss = self.losses(x, y)
+        if not self.recent:
+            self.recent.extend(loss.tolist())
+            return GrowthDecision(False, None, "loss jump: first data")
+        signal = float(loss.mean()) / max(sum(self.recent) / len(self.recent), self.floor)
+        self.since_growth += x.shape[0]
+        self.recent.extend(loss.tolist())
+        if signal > self.threshold and self.since_growth >= self.cooldown:
+            self.since_growth = 0
+            return GrowthDecision(True, signal, f"loss jump {signal:.3g} > {self.threshold}")
+        why = "cooldown" if signal > self.threshold else f"<= {self.threshold}"
+        return GrowthDecision(False, signal, f"loss jump {signal:.3g} {why}")
+
+    def __deepcopy__(self, memo):
+        return self  # one stream, one trigger (see NoveltyTrigger)
+
+    def __repr__(self) -> str:
+        return (f"LossJumpTrigger(window={self.window}, threshold={self.threshold}, "
                 f"cooldown={self.cooldown}, floor={self.floor})")  # fmt: skip
