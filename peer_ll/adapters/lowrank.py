@@ -1,94 +1,61 @@
-"""Per-owner low-rank deltas on a projection (e.g. attention's), routed like the experts.
+"""A plain low-rank delta, given per owner (domain) to a projection by a PerOwner.
 
-``OwnerLowRank(base)`` computes ``base(x) + (x A_o) B_o`` for owner o's inputs, where
-owner o got ``A_o`` (D × r) and ``B_o`` (r × E) from :meth:`OwnerLowRank.add_owner`;
-``B_o`` starts at zero, so adding an owner changes nothing. Inputs of an owner
-without a delta (the base owner among them), and ``owners=None``, get ``base(x)``
-exactly. Owners arrive as an argument or through
-:func:`~peer_ll.adapters.branch.owners_scope`, as for :class:`ExpertBranch`.
+With ``ExpertsConfig.adapter_rank`` every adapted projection (e.g. attention's)
+becomes ``ExpertBranch(projection, PerOwner(LowRank(D, E, r)))``: owner o's inputs
+get ``projection(x) + (x A_o) B_o``; the base owner's get ``projection(x)`` exactly.
+``B_o`` starts at zero, so a new owner's delta changes nothing.
 
 Axis letters: ``D`` input width, ``E`` output width, ``r`` rank.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from peer_ll.adapters.branch import Owners, scoped_owners
-from peer_ll.experts.checks import check_int, check_owner
+from peer_ll.experts.checks import check_int
+from peer_ll.experts.per_owner import PerOwner
 
 
-class OwnerLowRank(nn.Module):
-    """A projection plus one low-rank delta per owner.
+class LowRank(nn.Module):
+    """``x -> (x A) B`` with ``A`` (D, r) random and ``B`` (r, E) zero at first.
 
     Args:
-        base: the projection, (..., D) -> (..., E).
         dim: D.
         dim_out: E.
+        rank: r.
 
     Shapes:
         x (..., D) -> (..., E).
     """
 
-    takes_owners = True
-
-    def __init__(self, base: nn.Module, dim: int, dim_out: int) -> None:
+    def __init__(self, dim: int, dim_out: int, rank: int) -> None:
         super().__init__()
-        self.base = base
-        self.dim, self.dim_out = (
-            check_int("dim", dim, minimum=1),
-            check_int("dim_out", dim_out, minimum=1),
-        )
-        self.down = nn.ParameterDict()  # owner -> (D, r)
-        self.up = nn.ParameterDict()  # owner -> (r, E), zero at first
+        dim, dim_out = check_int("dim", dim, minimum=1), check_int("dim_out", dim_out, minimum=1)
+        rank = check_int("rank", rank, minimum=1)
+        self.down = nn.Parameter(torch.randn(dim, rank) / math.sqrt(dim))
+        self.up = nn.Parameter(torch.zeros(rank, dim_out))
 
-    @property
-    def owners(self) -> list[int]:
-        return sorted(int(o) for o in self.down)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.down) @ self.up
 
-    def add_owner(self, owner: int, rank: int) -> None:
-        """Give ``owner`` a rank-``rank`` delta that starts at zero; freeze the others'."""
-        owner, rank = check_owner("owner", owner), check_int("rank", rank, minimum=1)
-        if str(owner) in self.down:
-            raise ValueError(f"owner must be new, got {owner} (present: {self.owners})")
-        ref = next(self.base.parameters(), None)
-        kw = {} if ref is None else dict(device=ref.device, dtype=ref.dtype)
-        for p in (*self.down.values(), *self.up.values()):
-            p.requires_grad_(False)
-        down = torch.randn(self.dim, rank, **kw) / math.sqrt(self.dim)
-        self.down[str(owner)] = nn.Parameter(down)
-        self.up[str(owner)] = nn.Parameter(torch.zeros(rank, self.dim_out, **kw))
 
-    def delta(self, x: torch.Tensor, owner: int) -> torch.Tensor:
-        """Owner's delta: (..., D) -> (..., E)."""
-        return (x @ self.down[str(owner)]) @ self.up[str(owner)]
+def low_rank_deltas(
+    dim: int, dim_out: int, rank: int, *, owner: int, like: nn.Module | None = None
+) -> PerOwner:
+    """A :class:`PerOwner` of :class:`LowRank` deltas whose first owner is ``owner``.
 
-    def forward(self, x: torch.Tensor, owners: Owners = None) -> torch.Tensor:
-        """``base(x)`` plus the delta of each input's owner (None: the enclosing scope's)."""
-        if owners is None:
-            owners = scoped_owners()
-        if isinstance(owners, str | bool | float):
-            raise TypeError(
-                f"owners must be None, an owner id, a sequence of owner ids or an "
-                f"int tensor, got {owners!r}"
-            )
-        out = self.base(x)
-        if owners is None:
-            return out
-        if isinstance(owners, torch.Tensor) and owners.dim() > 0:
-            lead = tuple(x.shape[:-1])
-            owners = owners.to(x.device)
-            owners = owners.reshape(*owners.shape, *[1] * (len(lead) - owners.dim())).expand(lead)
-            for o in self.owners:
-                mask = owners == o
-                if bool(mask.any()):
-                    out = out.index_put((mask,), out[mask] + self.delta(x[mask], o))
-            return out
-        group = [owners] if not isinstance(owners, Sequence) else list(owners)
-        for o in {check_owner("owners", o) for o in group} & set(self.owners):
-            out = out + self.delta(x, o)
-        return out
+    Args:
+        dim, dim_out, rank: each delta's D, E and r.
+        owner: the first owner.
+        like: a module whose first parameter gives the deltas' device and dtype.
+    """
+    new = functools.partial(LowRank, dim, dim_out, rank)
+    first = new()
+    ref = None if like is None else next(like.parameters(), None)
+    if ref is not None:
+        first = first.to(device=ref.device, dtype=ref.dtype)
+    return PerOwner(first, owner=owner, new=new)

@@ -6,7 +6,8 @@ domain's experts; their output weights start at zero, so the model computes
 what it computed before. Everything that was there is frozen; only the new
 domain's experts and sub-keys (and, for the first domain, the branches' query
 networks) train, plus, with ``ExpertsConfig.adapter_rank``, the domain's own
-low-rank deltas on the attention projections (:class:`OwnerLowRank`). A later
+low-rank deltas on the attention projections (branches of
+:func:`~peer_ll.adapters.lowrank.low_rank_deltas`). A later
 ``add_experts(..., owner=2)`` grows each PEER layer by one segment for the new
 domain and freezes the earlier domains' experts, sub-keys, deltas and the query
 networks. Owners travel as the ``owners`` argument of
@@ -25,10 +26,10 @@ from torch import nn
 from peer_ll.adapters.branch import ExpertBranch, Owners, owners_scope
 from peer_ll.adapters.config import ExpertsConfig
 from peer_ll.adapters.counts import parameter_counts
-from peer_ll.adapters.lowrank import OwnerLowRank
+from peer_ll.adapters.lowrank import low_rank_deltas
 from peer_ll.adapters.posterior import posterior_mixture, shifted_nll
 from peer_ll.adapters.targets import activation_checkpointing, projection_widths
-from peer_ll.experts import PEER
+from peer_ll.experts import PEER, PerOwner
 from peer_ll.experts.checks import check_int, check_owner
 from peer_ll.models.insurance import insured_mixture
 
@@ -77,11 +78,19 @@ class ExpertsModel(nn.Module):
     # ------------------------------------------------------------------ owners
     def branches(self) -> dict[str, ExpertBranch]:
         """The PEER branches by module name (empty before the first domain)."""
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, ExpertBranch)}
+        return self._wrapped(PEER)
 
-    def low_rank(self) -> dict[str, OwnerLowRank]:
-        """The per-domain low-rank deltas by module name (empty without ``adapter_rank``)."""
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, OwnerLowRank)}
+    def low_rank(self) -> dict[str, ExpertBranch]:
+        """The branches of per-domain low-rank deltas (``branch.experts``, a PerOwner)
+        by module name (empty without ``adapter_rank``)."""
+        return self._wrapped(PerOwner)
+
+    def _wrapped(self, kind: type) -> dict[str, ExpertBranch]:
+        return {
+            n: m
+            for n, m in self.base_model.named_modules()
+            if isinstance(m, ExpertBranch) and isinstance(m.experts, kind)
+        }
 
     @property
     def owners(self) -> list[int]:
@@ -112,7 +121,7 @@ class ExpertsModel(nn.Module):
             with torch.no_grad():  # zero output weights: the model is unchanged
                 layer.up[layer.num_experts - num_keys * num_keys : layer.num_experts] = 0.0
         for delta in self.low_rank().values():
-            delta.add_owner(owner, cfg.adapter_rank)
+            delta.experts.add_owner(owner)  # (the first domain's came with the branch)
         cfg.domains.append([owner, num_keys])
         self._freeze_old(owner)
 
@@ -140,7 +149,9 @@ class ExpertsModel(nn.Module):
             new[name] = ExpertBranch(block, layer, base_owner=cfg.base_owner)
         for name in self.adapted:
             projection = self.base_model.get_submodule(name)
-            new[name] = OwnerLowRank(projection, *projection_widths(projection, name))
+            dim, dim_out = projection_widths(projection, name)
+            deltas = low_rank_deltas(dim, dim_out, cfg.adapter_rank, owner=owner, like=projection)
+            new[name] = ExpertBranch(projection, deltas, base_owner=cfg.base_owner)
         for name, branch in new.items():
             parent, _, child = name.rpartition(".")
             setattr(self.base_model.get_submodule(parent), child, branch)
@@ -159,8 +170,7 @@ class ExpertsModel(nn.Module):
             for p in (layer.down, layer.up, layer.sub_keys):
                 p.requires_grad_(True)
         for delta in self.low_rank().values():
-            delta.down[str(owner)].requires_grad_(True)
-            delta.up[str(owner)].requires_grad_(True)
+            delta.experts.freeze([owner], frozen=False)
 
     def freeze_all(self) -> None:
         """Freeze every expert, sub-key and query network (for inference)."""
@@ -171,7 +181,7 @@ class ExpertsModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Put the original blocks back and return the base model (the experts are dropped)."""
-        for name, wrapper in {**self.branches(), **self.low_rank()}.items():
+        for name, wrapper in self._wrapped(nn.Module).items():
             parent, _, child = name.rpartition(".")
             setattr(self.base_model.get_submodule(parent), child, wrapper.base)
         return self.base_model
