@@ -12,10 +12,10 @@ from peer_ll.adapters import (
     ExpertBranch,
     ExpertsConfig,
     ExpertsModel,
-    LowRank,
     add_experts,
 )
 from peer_ll.experts import PerOwner
+from peer_ll.models.transformer import LowRankDelta
 
 
 def test_deltas_sit_on_attention_and_keep_the_base_route_bit_identical(base, tokens):
@@ -42,7 +42,7 @@ def test_only_the_newest_domains_delta_trains(tokens):
     train(model, tokens, 2)
     for name, branch in model.low_rank().items():
         old, new = branch.experts.copies["1"], branch.experts.copies["2"]
-        assert isinstance(new, LowRank) and old is one[name]
+        assert isinstance(new, LowRankDelta) and old is one[name]
         assert torch.equal(old.down, before[name][0])
         assert torch.equal(old.up, before[name][1])
         assert new.up.requires_grad and not old.up.requires_grad
@@ -89,7 +89,7 @@ def test_adapter_modules_must_match(tokens):
     config = ExpertsConfig(heads=2, topk=3, dim_key=8, adapter_rank=2, adapter_modules=["nope"])
     with pytest.raises(ValueError, match="adapter_modules"):
         add_experts(gpt2, config, num_keys=3, owner=1)
-    assert not any(isinstance(m, ExpertBranch | LowRank) for m in gpt2.modules())
+    assert not any(isinstance(m, ExpertBranch | LowRankDelta) for m in gpt2.modules())
     with pytest.raises(ValueError, match="adapter_rank"):
         ExpertsConfig(adapter_rank=-1)
 
