@@ -4,7 +4,7 @@
 base domain's inputs skip the experts entirely, so their outputs are the base
 block's, bit for bit. ``experts`` is a PEER layer, or a
 :class:`~peer_ll.experts.PerOwner` of per-domain modules (the low-rank deltas of
-:mod:`peer_ll.adapters.lowrank`). The owners of each input arrive as an argument
+:mod:`peer_ll.adapters.targets`). The owners of each input arrive as an argument
 (``branch(x, owners=o)``) or, inside a model that does not pass them (a Hugging
 Face ``GPT2MLP`` is called as ``mlp(hidden_states)``), through
 :func:`owners_scope`: a ``contextvars`` scope that one forward enters and leaves,
