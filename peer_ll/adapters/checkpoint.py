@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from peer_ll.models.lm_io import write_atomically
 
 ADAPTER_FILE = "adapter_model.safetensors"
 FORMAT = "peer_ll.adapters/2"  # /1 stored the low-rank deltas as {name}.down.{owner}
@@ -38,15 +39,7 @@ def save_adapter(model, directory: str | os.PathLike) -> Path:
         "config": json.dumps(model.config.to_dict()),
     }
     path = folder / ADAPTER_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomically(save(tensors, metadata=metadata), path)
     return path
 
 
