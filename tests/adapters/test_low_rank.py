@@ -111,3 +111,27 @@ def test_files_of_the_first_format_raise_a_clear_error(tokens, tmp_path):
     with pytest.raises(ValueError, match="peer_ll.adapters/1 cannot be read"):
         ExpertsModel.from_pretrained(fresh, tmp_path)
     assert not any(isinstance(m, ExpertBranch) for m in fresh.modules())
+
+
+def test_a_delta_branch_routes_each_input_to_its_owners_delta():
+    from peer_ll.adapters.targets import low_rank_deltas
+
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(6, 4)
+    branch = ExpertBranch(proj, low_rank_deltas(6, 4, 2, owner=1, like=proj))
+    branch.experts.add_owner(2)
+    for copy in branch.experts.copies.values():
+        torch.nn.init.normal_(copy.up)  # non-zero deltas
+    x = torch.randn(3, 5, 6)
+    d1, d2 = (branch.experts.copies[o](x) for o in ("1", "2"))
+    assert torch.equal(branch(x), proj(x))  # no owners: no delta
+    assert torch.equal(branch(x, owners=0), proj(x))  # the base owner: none either
+    torch.testing.assert_close(branch(x, owners=[1, 2, 2]), proj(x) + d1 + d2)
+    mixed = branch(x, owners=torch.tensor([2, 0, 1]))
+    torch.testing.assert_close(
+        mixed, torch.stack([proj(x[0]) + d2[0], proj(x[1]), proj(x[2]) + d1[2]])
+    )
+    with pytest.raises(ValueError, match="owners must be among"):
+        branch(x, owners=3)
+    with pytest.raises(TypeError, match="experts must be a PEER layer or a PerOwner"):
+        ExpertBranch(proj, torch.nn.Linear(6, 4))
