@@ -8,12 +8,20 @@ changed: the new file gets the permissions ``open`` gives any new file.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from peer_ll.evaluation.report import json_ready
 from peer_ll.models.lm_io import write_atomically
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_write_text",
+    "json_ready",
+    "remove_temporaries",
+]
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
@@ -35,19 +43,6 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Writes ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write(path, lambda handle: handle.write(text.encode()))
-
-
-def json_ready(value: Any) -> Any:
-    """Converts numpy values to Python ones and NaN / inf to None."""
-    if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_ready(v) for v in value]
-    if hasattr(value, "tolist"):
-        return json_ready(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def atomic_write_json(path: str | Path, value: Any) -> Path:
