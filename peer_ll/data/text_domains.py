@@ -38,6 +38,7 @@ import datasets
 import numpy as np
 
 from peer_ll.data.text_files import NotUTF8Warning, TextDomain, read_utf8, text_domain
+from peer_ll.experts.checks import check_choice
 
 BUILTIN_DOMAINS = ("python-stdlib", "pydoc-topics", "unicode-names")
 _SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "pydoc_data"})
@@ -99,18 +100,17 @@ def builtin_domain(name: str, *, include_tests: bool = False) -> TextDomain:
     Raises:
         ValueError: If ``name`` is not a built-in domain.
     """
+    check_choice("name", name, BUILTIN_DOMAINS)
     if name == "python-stdlib":
         return _stdlib_domain(include_tests)
     if name == "pydoc-topics":
         return _pydoc_topics_domain()
-    if name == "unicode-names":
-        return _unicode_domain()
-    raise ValueError(f"name: expected one of {BUILTIN_DOMAINS}, got {name!r}")
+    return _unicode_domain()
 
 
 def _check_limit(value: int | None, argument: str, least: int) -> None:
     if value is not None and (not isinstance(value, int) or value < least):
-        raise ValueError(f"{argument}: expected None or an int >= {least}, got {value!r}")
+        raise ValueError(f"{argument} must be None or an int >= {least}, got {value!r}")
 
 
 def _take(domain: TextDomain, ids: list[str], max_docs: int | None, max_bytes: int | None):
@@ -168,14 +168,14 @@ def load_domain_splits(
     if isinstance(domain, str):
         domain = builtin_domain(domain)
     if not isinstance(domain, TextDomain):
-        raise ValueError(f"domain: expected a name or a TextDomain, got {type(domain).__name__}")
+        raise TypeError(f"domain must be a name or a TextDomain, got {type(domain).__name__}")
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction: expected a float in (0, 1), got {test_fraction!r}")
+        raise ValueError(f"test_fraction must be a float in (0, 1), got {test_fraction!r}")
     _check_limit(max_docs, "max_docs", 2)
     _check_limit(max_bytes, "max_bytes", 2)
     n = len(domain.doc_ids)
     if n < 2:
-        raise ValueError(f"domain {domain.name!r}: expected at least 2 documents, got {n}")
+        raise ValueError(f"domain {domain.name!r} must have at least 2 documents, got {n}")
     order = np.random.default_rng(seed).permutation(n)
     n_test = min(max(1, round(test_fraction * n)), n - 1)
     pools = {"test": order[:n_test], "train": order[n_test:]}

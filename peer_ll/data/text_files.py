@@ -47,7 +47,7 @@ def read_utf8(path: Path) -> str:
     raw = path.read_bytes()
     nul = raw.find(b"\0")
     if nul >= 0:
-        raise ValueError(f"source: expected text files, got the binary file {str(path)!r} "
+        raise ValueError(f"source must be text files, got the binary file {str(path)!r} "
                          f"(NUL byte at offset {nul})")  # fmt: skip
     text = raw.decode("utf-8", errors="replace")
     replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
@@ -67,7 +67,7 @@ def _saved_dataset_domain(name: str, folder: Path, text_column: str) -> TextDoma
     for split, part in parts.items():
         if text_column not in part.column_names:
             raise ValueError(
-                f"text_column: expected a column of {folder} (split {split!r}), "
+                f"text_column must be a column of {folder} (split {split!r}), "
                 f"got {text_column!r}; columns are {part.column_names}"
             )
     ids = tuple(f"{s}:{i}" if s else str(i) for s, p in parts.items() for i in range(len(p)))
@@ -111,11 +111,11 @@ def text_domain(
             that matches ``glob``.
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f"name: expected a non-empty string, got {name!r}")
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
     if isinstance(source, (str, os.PathLike)):
         root = Path(source)
         if not root.exists():
-            raise FileNotFoundError(f"source: expected an existing path, got {str(root)!r}")
+            raise FileNotFoundError(f"source must be an existing path, got {str(root)!r}")
         if root.is_file():
             return TextDomain(name, (root.name,), lambda _: read_utf8(root))
         if any((root / f).is_file() for f in ("state.json", "dataset_dict.json")):
@@ -123,13 +123,13 @@ def text_domain(
         ids = tuple(sorted(p.relative_to(root).as_posix() for p in root.glob(glob) if p.is_file()))
         if not ids:
             raise FileNotFoundError(
-                f"source: expected files matching glob={glob!r} in {str(root)!r}, got none"
+                f"source must hold files matching glob={glob!r} in {str(root)!r}, got none"
             )
         return TextDomain(name, ids, lambda i: read_utf8(root / i))
     paths = [os.fspath(p) for p in source]
     missing = [p for p in paths if not Path(p).is_file()]
     if not paths or missing:
-        raise FileNotFoundError(f"source: expected existing text files, missing {missing or paths}")
+        raise FileNotFoundError(f"source must be existing text files, missing {missing or paths}")
     if len(set(paths)) != len(paths):
-        raise ValueError(f"source: expected distinct files, got repeats in {paths}")
+        raise ValueError(f"source must be distinct files, got repeats in {paths}")
     return TextDomain(name, tuple(sorted(paths)), lambda i: read_utf8(Path(i)))
