@@ -15,7 +15,6 @@ gradients and frozen rows).
 from peer_ll.adapters.branch import ExpertBranch, owners_scope, scoped_owners
 from peer_ll.adapters.checkpoint import ADAPTER_FILE
 from peer_ll.adapters.config import ExpertsConfig
-from peer_ll.adapters.lowrank import OwnerLowRank
 from peer_ll.adapters.model import ExpertsModel, add_experts
 from peer_ll.adapters.posterior import posterior_mixture
 
@@ -24,7 +23,6 @@ __all__ = [
     "ExpertBranch",
     "ExpertsConfig",
     "ExpertsModel",
-    "OwnerLowRank",
     "add_experts",
     "owners_scope",
     "posterior_mixture",

@@ -2,7 +2,9 @@
 
 ``ExpertBranch(base, experts)`` computes ``base(x) + experts(x, owners=...)``; the
 base domain's inputs skip the experts entirely, so their outputs are the base
-block's, bit for bit. The owners of each input arrive as an argument
+block's, bit for bit. ``experts`` is a PEER layer, or a
+:class:`~peer_ll.experts.PerOwner` of per-domain modules (the low-rank deltas of
+:mod:`peer_ll.adapters.targets`). The owners of each input arrive as an argument
 (``branch(x, owners=o)``) or, inside a model that does not pass them (a Hugging
 Face ``GPT2MLP`` is called as ``mlp(hidden_states)``), through
 :func:`owners_scope`: a ``contextvars`` scope that one forward enters and leaves,
@@ -22,6 +24,7 @@ from torch import nn
 
 from peer_ll.experts import PEER
 from peer_ll.experts.checks import check_owner
+from peer_ll.experts.per_owner import PerOwner
 
 Owners = int | Sequence[int] | torch.Tensor | None
 
@@ -59,22 +62,26 @@ class ExpertBranch(nn.Module):
 
     Owner ``base_owner`` is the model as it was: its inputs get ``base(x)``
     unchanged. Any other owner's inputs get ``base(x) + experts(x, owners=o)``.
+    With a :class:`PerOwner` as ``experts``, a group of owners gets the sum of their
+    modules' outputs, and no owners (``None``) gets ``base(x)``.
 
     Args:
-        base: the feed-forward block, called as ``base(x)``; (..., D) -> (..., D).
-        experts: a PEER layer with ``dim = dim_out = D``.
+        base: the block, called as ``base(x)``; (..., D) -> (..., E).
+        experts: a PEER layer, or a PerOwner of modules, (..., D) -> (..., E).
         base_owner: the owner id of the base model (it owns no experts).
 
     Shapes:
-        x (..., D) -> (..., D).
+        x (..., D) -> (..., E).
     """
 
     takes_owners = True
 
-    def __init__(self, base: nn.Module, experts: PEER, *, base_owner: int = 0) -> None:
+    def __init__(self, base: nn.Module, experts: PEER | PerOwner, *, base_owner: int = 0) -> None:
         super().__init__()
-        if not isinstance(experts, PEER):
-            raise TypeError(f"experts must be a PEER layer, got {type(experts).__name__}")
+        if not isinstance(experts, PEER | PerOwner):
+            raise TypeError(
+                f"experts must be a PEER layer or a PerOwner, got {type(experts).__name__}"
+            )
         self.base = base
         self.experts = experts
         self.base_owner = check_owner("base_owner", base_owner)
@@ -93,8 +100,9 @@ class ExpertBranch(nn.Module):
             owners = scoped_owners()
         owners = self._checked(owners, x)
         out = self.base(x)
+        per_owner = isinstance(self.experts, PerOwner)
         if owners is None:
-            return out + self.experts(x)
+            return out if per_owner else out + self.experts(x)
         if isinstance(owners, torch.Tensor):
             mask = owners != self.base_owner
             if not bool(mask.any()):
@@ -102,6 +110,10 @@ class ExpertBranch(nn.Module):
             added = self.experts(x[mask], owners=owners[mask])  # (M, D)
             return out.index_put((mask,), out[mask] + added)
         if not owners:  # only the base owner
+            return out
+        if per_owner:
+            for o in dict.fromkeys(owners):  # each owner of the group once
+                out = out + self.experts(x, owners=o)
             return out
         return out + self.experts(x, owners=owners)
 
@@ -114,7 +126,7 @@ class ExpertBranch(nn.Module):
                 "owners must be None, an owner id, a sequence of owner ids or an int tensor, "
                 f"got {owners!r}"
             )
-        present = set(self.experts.segment_owner.tolist()) | {self.base_owner}
+        present = {self.base_owner, *self.owners}
         if isinstance(owners, torch.Tensor) and owners.dim() > 0:
             if owners.is_floating_point() or owners.dtype == torch.bool:
                 raise TypeError(f"owners must have an integer dtype, got {owners.dtype}")
@@ -135,6 +147,13 @@ class ExpertBranch(nn.Module):
         if missing:
             raise ValueError(f"owners must be among {sorted(present)}, got {sorted(missing)}")
         return [o for o in group if o != self.base_owner]
+
+    @property
+    def owners(self) -> list[int]:
+        """The owners with experts (or a module), without the base owner."""
+        if isinstance(self.experts, PerOwner):
+            return self.experts.owners
+        return sorted(set(self.experts.segment_owner.tolist()))
 
     def extra_repr(self) -> str:
         return f"base_owner={self.base_owner}"

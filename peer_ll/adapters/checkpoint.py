@@ -1,7 +1,8 @@
 """Adapter-only checkpoints: the experts in one safetensors file, the config as its metadata.
 
-The file ``adapter_model.safetensors`` (PEFT's name) holds every branch's PEER
-state under ``{module name}.experts.{tensor}`` (its name in the model); its
+The file ``adapter_model.safetensors`` (PEFT's name) holds every branch's state (a
+PEER layer's, or a PerOwner's low-rank deltas) under ``{module name}.experts.{tensor}``
+(its name in the model); its
 metadata holds the format, the base model's class and the
 :class:`ExpertsConfig` as JSON (with the growth history, which loading replays
 before it copies the tensors in).
@@ -11,15 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from peer_ll.models.lm_io import write_atomically
 
 ADAPTER_FILE = "adapter_model.safetensors"
-FORMAT = "peer_ll.adapters/1"
+FORMAT = "peer_ll.adapters/2"  # /1 stored the low-rank deltas as {name}.down.{owner}
 
 
 def save_adapter(model, directory: str | os.PathLike) -> Path:
@@ -29,28 +30,16 @@ def save_adapter(model, directory: str | os.PathLike) -> Path:
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for name, branch in model.branches().items():
+    for name, branch in {**model.branches(), **model.low_rank()}.items():
         for key, value in branch.experts.state_dict().items():
             tensors[f"{name}.experts.{key}"] = value.detach().contiguous()
-    for name, delta in model.low_rank().items():
-        for key, value in delta.named_parameters():
-            if not key.startswith("base."):
-                tensors[f"{name}.{key}"] = value.detach().contiguous()
     metadata = {
         "format": FORMAT,
         "base_model": type(model.base_model).__name__,
         "config": json.dumps(model.config.to_dict()),
     }
     path = folder / ADAPTER_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomically(save(tensors, metadata=metadata), path)
     return path
 
 
@@ -63,7 +52,10 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict]:
         metadata = dict(f.metadata() or {})
         tensors = {key: f.get_tensor(key) for key in f.keys()}
     if metadata.get("format") != FORMAT:
-        raise ValueError(f"adapter format must be {FORMAT!r}, got {metadata.get('format')!r}")
+        raise ValueError(
+            f"adapter format must be {FORMAT!r}, got {metadata.get('format')!r} (files of "
+            "peer_ll.adapters/1 cannot be read: save the experts again with this version)"
+        )
     metadata["config"] = json.loads(metadata["config"])
     return metadata, tensors
 
@@ -94,18 +86,10 @@ def load_adapter(cls, model, directory: str | os.PathLike, *, is_trainable: bool
     try:
         for owner, num_keys in domains:
             wrapped.add_experts(num_keys, owner=owner)
-        for name, branch in wrapped.branches().items():
+        for name, branch in {**wrapped.branches(), **wrapped.low_rank()}.items():
             prefix = name + ".experts."
             state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             branch.experts.load_state_dict(state, strict=True)
-        for name, delta in wrapped.low_rank().items():
-            own = {k: p for k, p in delta.named_parameters() if not k.startswith("base.")}
-            saved = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
-            if saved.keys() != own.keys():
-                raise ValueError(f"{name} must have tensors {sorted(own)}, got {sorted(saved)}")
-            with torch.no_grad():
-                for key, param in own.items():
-                    param.copy_(saved[key])
     except BaseException:
         wrapped.unload()
         raise

@@ -7,7 +7,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from peer_ll.experts.checks import ACTIVATIONS, QUERY_NORMS, check_choice, check_int, check_owner
+from peer_ll.experts.checks import (
+    ACTIVATIONS,
+    QUERY_NORMS,
+    check_bool,
+    check_choice,
+    check_int,
+    check_owner,
+)
 
 # GPT-2's and Llama's attention projections (module name suffixes).
 ATTENTION_PROJECTIONS = (
@@ -90,8 +97,7 @@ class ExpertsConfig:
         if isinstance(modules, str) or not all(isinstance(m, str) for m in modules):
             raise TypeError(f"adapter_modules must be a sequence of str, got {modules!r}")
         self.adapter_modules = list(modules)
-        if not isinstance(self.sparse_grad, bool):
-            raise TypeError(f"sparse_grad must be a bool, got {self.sparse_grad!r}")
+        check_bool("sparse_grad", self.sparse_grad)
         self.domains = [
             [check_owner("owner", o), check_int("num_keys", n, minimum=1)] for o, n in self.domains
         ]

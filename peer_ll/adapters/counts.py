@@ -34,7 +34,7 @@ def parameter_counts(
             if not bool(layer.frozen[start]):  # a segment trains or is frozen whole
                 trainable += rows * width + keys
     for delta in low_rank:
-        params = [*delta.down.values(), *delta.up.values()]
+        params = list(delta.experts.parameters())
         branch_params |= {id(p) for p in params}
         added += sum(p.numel() for p in params)
         trainable += sum(p.numel() for p in params if p.requires_grad)

@@ -1,17 +1,13 @@
 """ExpertsModel: a torch / Hugging Face model with PEER experts beside its feed-forward blocks.
 
 ``add_experts(model, num_keys=..., owner=1)`` wraps every targeted block in an
-:class:`~peer_ll.adapters.branch.ExpertBranch` whose PEER layer holds the new
-domain's experts; their output weights start at zero, so the model computes
-what it computed before. Everything that was there is frozen; only the new
-domain's experts and sub-keys (and, for the first domain, the branches' query
-networks) train, plus, with ``ExpertsConfig.adapter_rank``, the domain's own
-low-rank deltas on the attention projections (:class:`OwnerLowRank`). A later
-``add_experts(..., owner=2)`` grows each PEER layer by one segment for the new
-domain and freezes the earlier domains' experts, sub-keys, deltas and the query
-networks. Owners travel as the ``owners`` argument of
-:meth:`ExpertsModel.forward`, which sets them for one call through
-:func:`~peer_ll.adapters.branch.owners_scope`.
+:class:`~peer_ll.adapters.branch.ExpertBranch` (built by :mod:`peer_ll.adapters.targets`)
+whose PEER layer holds the new domain's experts, output weights zero: the model computes
+what it did. Only the new domain's experts, sub-keys and low-rank deltas
+(``ExpertsConfig.adapter_rank``) train, and for the first domain the query networks; a
+later ``add_experts(..., owner=2)`` grows each PEER layer by one segment and freezes the
+rest. Owners travel as :meth:`ExpertsModel.forward`'s ``owners`` argument, set for one
+call by :func:`~peer_ll.adapters.branch.owners_scope`.
 """
 
 from __future__ import annotations
@@ -25,12 +21,15 @@ from torch import nn
 from peer_ll.adapters.branch import ExpertBranch, Owners, owners_scope
 from peer_ll.adapters.config import ExpertsConfig
 from peer_ll.adapters.counts import parameter_counts
-from peer_ll.adapters.lowrank import OwnerLowRank
-from peer_ll.adapters.posterior import posterior_mixture, shifted_nll
-from peer_ll.adapters.targets import activation_checkpointing, projection_widths
-from peer_ll.experts import PEER
+from peer_ll.adapters.posterior import (
+    domain_outputs,
+    infer_forward,
+    insured_domain_mixture,
+    posterior_mixture,
+)
+from peer_ll.adapters.targets import activation_checkpointing, build_branches
+from peer_ll.experts import PEER, PerOwner
 from peer_ll.experts.checks import check_int, check_owner
-from peer_ll.models.insurance import insured_mixture
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +76,19 @@ class ExpertsModel(nn.Module):
     # ------------------------------------------------------------------ owners
     def branches(self) -> dict[str, ExpertBranch]:
         """The PEER branches by module name (empty before the first domain)."""
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, ExpertBranch)}
+        return self._wrapped(PEER)
 
-    def low_rank(self) -> dict[str, OwnerLowRank]:
-        """The per-domain low-rank deltas by module name (empty without ``adapter_rank``)."""
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, OwnerLowRank)}
+    def low_rank(self) -> dict[str, ExpertBranch]:
+        """The branches of per-domain low-rank deltas (``branch.experts``, a PerOwner)
+        by module name (empty without ``adapter_rank``)."""
+        return self._wrapped(PerOwner)
+
+    def _wrapped(self, kind: type) -> dict[str, ExpertBranch]:
+        return {
+            n: m
+            for n, m in self.base_model.named_modules()
+            if isinstance(m, ExpertBranch) and isinstance(m.experts, kind)
+        }
 
     @property
     def owners(self) -> list[int]:
@@ -102,8 +109,9 @@ class ExpertsModel(nn.Module):
         cfg = self.config
         if cfg.topk > num_keys * num_keys:
             raise ValueError(f"num_keys must give >= topk={cfg.topk} experts, got {num_keys}")
-        if not cfg.domains:
-            self._insert_branches(num_keys, owner)
+        if not cfg.domains:  # build every branch first: a failure changes nothing
+            self._put(build_branches(self.base_model, cfg, self.targets, self.adapted,
+                                     num_keys=num_keys, owner=owner))  # fmt: skip
         else:
             for branch in self.branches().values():
                 branch.experts.grow(num_keys, owner=owner)
@@ -112,38 +120,15 @@ class ExpertsModel(nn.Module):
             with torch.no_grad():  # zero output weights: the model is unchanged
                 layer.up[layer.num_experts - num_keys * num_keys : layer.num_experts] = 0.0
         for delta in self.low_rank().values():
-            delta.add_owner(owner, cfg.adapter_rank)
+            delta.experts.add_owner(owner)  # (the first domain's came with the branch)
         cfg.domains.append([owner, num_keys])
         self._freeze_old(owner)
 
-    def _insert_branches(self, num_keys: int, owner: int) -> None:
-        """Build every branch first, then swap them in: a failure changes nothing."""
-        cfg, new = self.config, {}
-        for name in self.targets:
-            block = self.base_model.get_submodule(name)
-            dim, dim_out = projection_widths(block, name)
-            first = next(block.parameters(), None)
-            layer = PEER(
-                dim,
-                dim_out=dim_out,
-                num_keys=num_keys,
-                heads=cfg.heads,
-                topk=cfg.topk,
-                dim_key=cfg.dim_key,
-                query_norm=cfg.query_norm,
-                activation=cfg.activation,
-                owner=owner,
-            )
-            layer.sparse_grad = cfg.sparse_grad
-            if first is not None:
-                layer = layer.to(device=first.device, dtype=first.dtype)
-            new[name] = ExpertBranch(block, layer, base_owner=cfg.base_owner)
-        for name in self.adapted:
-            projection = self.base_model.get_submodule(name)
-            new[name] = OwnerLowRank(projection, *projection_widths(projection, name))
-        for name, branch in new.items():
+    def _put(self, modules: dict[str, nn.Module]) -> None:
+        """Set each named submodule of the base model to the module given."""
+        for name, module in modules.items():
             parent, _, child = name.rpartition(".")
-            setattr(self.base_model.get_submodule(parent), child, branch)
+            setattr(self.base_model.get_submodule(parent), child, module)
 
     def _freeze_old(self, owner: int) -> None:
         """Only ``owner``'s experts and sub-keys train (and the query nets for the first)."""
@@ -159,8 +144,7 @@ class ExpertsModel(nn.Module):
             for p in (layer.down, layer.up, layer.sub_keys):
                 p.requires_grad_(True)
         for delta in self.low_rank().values():
-            delta.down[str(owner)].requires_grad_(True)
-            delta.up[str(owner)].requires_grad_(True)
+            delta.experts.freeze([owner], frozen=False)
 
     def freeze_all(self) -> None:
         """Freeze every expert, sub-key and query network (for inference)."""
@@ -171,9 +155,7 @@ class ExpertsModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Put the original blocks back and return the base model (the experts are dropped)."""
-        for name, wrapper in {**self.branches(), **self.low_rank()}.items():
-            parent, _, child = name.rpartition(".")
-            setattr(self.base_model.get_submodule(parent), child, wrapper.base)
+        self._put({name: branch.base for name, branch in self._wrapped(nn.Module).items()})
         return self.base_model
 
     # ----------------------------------------------------------------- forward
@@ -200,7 +182,9 @@ class ExpertsModel(nn.Module):
         if isinstance(owners, str):
             if owners != "infer":
                 raise ValueError(f'owners must be an owner id, None or "infer", got {owners!r}')
-            return self._infer(*args, confidence=confidence, **kwargs)
+            return infer_forward(
+                self.base_model, self.owners, *args, confidence=confidence, **kwargs
+            )
         if confidence is not None:
             raise ValueError(f'confidence must be None unless owners="infer", got {confidence!r}')
         if self.training and activation_checkpointing(self.base_model):
@@ -218,7 +202,7 @@ class ExpertsModel(nn.Module):
 
     def domain_logits(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """(O, B, T, V): every owner's next-token logits, in :attr:`owners` order."""
-        return self._domain_outputs(input_ids, **kwargs)[0]
+        return domain_outputs(self.base_model, self.owners, input_ids, **kwargs)[0]
 
     def domain_posterior(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """(O, B, T): the posterior over :attr:`owners` at each position, causal.
@@ -228,17 +212,6 @@ class ExpertsModel(nn.Module):
         with torch.no_grad():
             return posterior_mixture(self.domain_logits(input_ids, **kwargs), input_ids)[1].exp()
 
-    def _domain_outputs(self, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, type]:
-        """Every owner's logits (O, B, T, V) and the base model's output class."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be an int tensor (B, T), got {input_ids!r}")
-        kwargs.pop("labels", None)
-        outs = []
-        for owner in self.owners:
-            with owners_scope(owner):
-                outs.append(self.base_model(input_ids=input_ids, **kwargs))
-        return torch.stack([o.logits for o in outs]), type(outs[0])
-
     def insured_mixture(
         self, input_ids: torch.Tensor, confidence: float = 0.99, *, probe: int = 8, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,38 +220,9 @@ class ExpertsModel(nn.Module):
         See :func:`peer_ll.models.insurance.insured_mixture`, with the posterior mixture of
         :func:`peer_ll.adapters.posterior.posterior_mixture`; ``kwargs`` go to the base model.
         """
-
-        def route(owner, ids):
-            with owners_scope(owner):
-                return self.base_model(input_ids=ids, **kwargs).logits
-
-        return insured_mixture(
-            lambda ids: posterior_mixture(self._domain_outputs(ids, **kwargs)[0], ids),
-            route,
-            input_ids,
-            self.owners,
-            confidence=confidence,
-            probe=probe,
+        return insured_domain_mixture(
+            self.base_model, self.owners, input_ids, confidence, probe=probe, **kwargs
         )
-
-    def _infer(self, *args, confidence: float | None = None, **kwargs):
-        input_ids = kwargs.pop("input_ids", None)
-        if input_ids is None and args:
-            input_ids, args = args[0], args[1:]
-        if args:
-            raise ValueError(
-                f'owners="infer" takes input_ids as the only positional argument, got {len(args)}'
-                " more"
-            )
-        labels = kwargs.pop("labels", None)
-        if confidence is None:
-            logits, kind = self._domain_outputs(input_ids, **kwargs)
-            log_mix, _ = posterior_mixture(logits, input_ids)
-        else:  # every route only on the prefix that decides (the output class from one)
-            _, kind = self._domain_outputs(input_ids[:1, :1], **kwargs)
-            log_mix, _ = self.insured_mixture(input_ids, confidence, **kwargs)
-        loss = None if labels is None else shifted_nll(log_mix, labels)
-        return kind(loss=loss, logits=log_mix)
 
     # -------------------------------------------------------------- parameters
     def parameter_counts(self) -> dict[str, int]:

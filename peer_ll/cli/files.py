@@ -8,12 +8,20 @@ changed: the new file gets the permissions ``open`` gives any new file.
 from __future__ import annotations
 
 import json
-import math
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+from peer_ll.evaluation.report import json_ready
+from peer_ll.models.lm_io import write_atomically
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_write_text",
+    "json_ready",
+    "remove_temporaries",
+]
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
@@ -24,53 +32,17 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
         write: writes the content into the open binary handle it is given.
 
     Returns:
-        ``path``.
+        ``path``; see :func:`peer_ll.models.lm_io.write_atomically`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        mode = 0o666 & ~_current_umask()
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(write, path)
     return path
-
-
-def _current_umask() -> int:
-    """The umask, read from /proc where it can be (never set, which is not thread-safe)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Writes ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write(path, lambda handle: handle.write(text.encode()))
-
-
-def json_ready(value: Any) -> Any:
-    """Converts numpy values to Python ones and NaN / inf to None."""
-    if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_ready(v) for v in value]
-    if hasattr(value, "tolist"):
-        return json_ready(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def atomic_write_json(path: str | Path, value: Any) -> Path:

@@ -38,10 +38,11 @@ import time
 import torch
 
 from peer_ll.cli import lm_report
-from peer_ll.cli.args import non_negative_int, positive_float, positive_int
 from peer_ll.cli.files import atomic_write, atomic_write_text
 from peer_ll.cli.lm_args import (
+    DEFAULT_DOMAINS,
     TINY,
+    add_arguments,
     check_arguments,
     flag_message,
     load_progress,
@@ -49,9 +50,7 @@ from peer_ll.cli.lm_args import (
     settings,
 )
 from peer_ll.cli.lm_methods import (
-    DEFAULT_METHODS,
     EVALUATIONS,
-    METHODS,
     MethodSettings,
     eval_domain,
     growth_of,
@@ -72,71 +71,6 @@ from peer_ll.cli.results import environment
 from peer_ll.cli.run_folder import open_run_folder
 from peer_ll.models.lm import PEERLM
 from peer_ll.models.transformer import LMConfig
-
-DEFAULT_DOMAINS = ("python-stdlib", "pydoc-topics", "unicode-names")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    pos, count, rate = positive_int, non_negative_int, positive_float
-    add(
-        "--domains",
-        nargs="+",
-        default=list(DEFAULT_DOMAINS),
-        metavar="DOMAIN",
-        help="domains in stream order: built-in names (python-stdlib, pydoc-topics, "
-        "unicode-names) or NAME=PATH for a folder or file of text (default: the three "
-        "built-ins)",
-    )
-    add("--steps-first", type=count, default=1000, help="training steps on the first domain (1000)")
-    add("--steps", type=count, default=250, help="training steps on each later domain (250)")
-    add("--lr-first", type=rate, default=3e-3, help="peak learning rate, first domain (3e-3)")
-    add("--lr", type=rate, default=6e-3, help="peak learning rate, later domains (6e-3)")
-    add("--batch-size", type=pos, default=16, help="blocks per step (16)")
-    add("--block-size", type=pos, default=128, help="context length T (128)")
-    add("--max-bytes", type=pos, default=1_000_000, help="bytes of text per domain (1000000)")
-    add("--eval-blocks", type=pos, default=96, help="test blocks per domain (96)")
-    add(
-        "--methods",
-        nargs="+",
-        default=list(DEFAULT_METHODS),
-        choices=METHODS,
-        help="methods for the later domains (default: all but grow-pool)",
-    )
-    add("--grow-keys", type=pos, default=32, help="sub-keys per side of a grown segment (32)")
-    add("--top-t", type=pos, default=256, help="sparse finetuning: rows per layer and step (256)")
-    add("--dim", type=pos, default=128, help="model width (128)")
-    add("--layers", type=pos, default=4, help="transformer blocks (4); PEER in the middle one")
-    add(
-        "--experts-only",
-        action="store_true",
-        help="grow-and-freeze grows only PEER experts and sub-keys in the PEER blocks (the "
-        "method in its plainest form): no expert layers beside dense MLPs, no query or "
-        "attention adapters",
-    )
-    add(
-        "--tiny",
-        action="store_true",
-        help="a tiny model, data and step count: a smoke run of well under a minute",
-    )
-    add(
-        "--base",
-        choices=("peerlm", "hf-gpt2"),
-        default="peerlm",
-        help="peerlm: the methods above on a PEERLM; hf-gpt2: PEER experts vs LoRA vs full "
-        "finetuning on a Hugging Face GPT-2 (peer_ll.cli.hf_lm)",
-    )
-    add("--seed", type=count, default=0, help="random seed (0)")
-    add("--threads", type=count, default=0, help="torch threads (0: torch's default)")
-    add("--out", default=None, help="run folder (default: runs/lm-<time>)")
-    add(
-        "--resume",
-        action="store_true",
-        help="continue the run in --out (same arguments): finished methods are kept",
-    )
-    add("--force", action="store_true", help="remove the run in --out first and start anew")
-    add("--no-reload-check", action="store_true", help="skip loading checkpoints anew")
-    add("--no-progress", action="store_true", help="no progress bars")
 
 
 def evaluate(model: PEERLM, method: str, tests: list[torch.Tensor]) -> dict[str, list[float]]:
@@ -302,3 +236,6 @@ def _run(args: argparse.Namespace) -> int:
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     print(f"run folder: {os.fspath(out)}")
     return 0 if results.get("reload", {}).get("identical", True) else 1
+
+
+__all__ = ["DEFAULT_DOMAINS", "add_arguments", "evaluate", "main", "run_method"]

@@ -1,12 +1,12 @@
-"""The checks of ``peer-ll lm``'s arguments, and its run folder's saved progress.
+"""``peer-ll lm``'s arguments, their checks, and its run folder's saved progress.
 
-:func:`check_arguments` runs before any data is read or folder made. The run folder
-keeps ``records/METHOD.json`` (a method's finished record and its text samples)
-beside the checkpoints, written atomically with the torch random state at that
-point; ``--resume`` trains the first domain's model anew (deterministic, and its
-query statistics are not in a checkpoint), takes up the finished methods and reruns
-only the others, so the results equal an uninterrupted run's. A method killed
-halfway is rerun from its start.
+:func:`add_arguments` declares the flags; :func:`check_arguments` runs before any data
+is read or folder made. The run folder keeps ``records/METHOD.json`` (a method's
+finished record and its text samples) beside the checkpoints, written atomically with
+the torch random state at that point; ``--resume`` trains the first domain's model anew
+(deterministic, and its query statistics are not in a checkpoint), takes up the
+finished methods and reruns only the others, so the results equal an uninterrupted
+run's. A method killed halfway is rerun from its start.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
+from peer_ll.cli.args import non_negative_int, positive_float, positive_int
 from peer_ll.cli.files import atomic_write_text
+from peer_ll.cli.lm_methods import DEFAULT_METHODS, METHODS
 from peer_ll.cli.run_folder import check_run_folder
 
 #: Arguments that do not change a run's results (left out of ``run.json``).
@@ -52,6 +54,72 @@ TINY = dict(
 #: ``--tiny``: a smoke run of well under a minute on 2 CPU cores.
 TINY_LIMITS = dict(max_bytes=30_000, eval_blocks=4, steps_first=30, steps=10, grow_keys=8,
                    top_t=16)  # fmt: skip
+
+
+DEFAULT_DOMAINS = ("python-stdlib", "pydoc-topics", "unicode-names")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    pos, count, rate = positive_int, non_negative_int, positive_float
+    add(
+        "--domains",
+        nargs="+",
+        default=list(DEFAULT_DOMAINS),
+        metavar="DOMAIN",
+        help="domains in stream order: built-in names (python-stdlib, pydoc-topics, "
+        "unicode-names) or NAME=PATH for a folder or file of text (default: the three "
+        "built-ins)",
+    )
+    add("--steps-first", type=count, default=1000, help="training steps on the first domain (1000)")
+    add("--steps", type=count, default=250, help="training steps on each later domain (250)")
+    add("--lr-first", type=rate, default=3e-3, help="peak learning rate, first domain (3e-3)")
+    add("--lr", type=rate, default=6e-3, help="peak learning rate, later domains (6e-3)")
+    add("--batch-size", type=pos, default=16, help="blocks per step (16)")
+    add("--block-size", type=pos, default=128, help="context length T (128)")
+    add("--max-bytes", type=pos, default=1_000_000, help="bytes of text per domain (1000000)")
+    add("--eval-blocks", type=pos, default=96, help="test blocks per domain (96)")
+    add(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        choices=METHODS,
+        help="methods for the later domains (default: all but grow-pool)",
+    )
+    add("--grow-keys", type=pos, default=32, help="sub-keys per side of a grown segment (32)")
+    add("--top-t", type=pos, default=256, help="sparse finetuning: rows per layer and step (256)")
+    add("--dim", type=pos, default=128, help="model width (128)")
+    add("--layers", type=pos, default=4, help="transformer blocks (4); PEER in the middle one")
+    add(
+        "--experts-only",
+        action="store_true",
+        help="grow-and-freeze grows only PEER experts and sub-keys in the PEER blocks (the "
+        "method in its plainest form): no expert layers beside dense MLPs, no query or "
+        "attention adapters",
+    )
+    add(
+        "--tiny",
+        action="store_true",
+        help="a tiny model, data and step count: a smoke run of well under a minute",
+    )
+    add(
+        "--base",
+        choices=("peerlm", "hf-gpt2"),
+        default="peerlm",
+        help="peerlm: the methods above on a PEERLM; hf-gpt2: PEER experts vs LoRA vs full "
+        "finetuning on a Hugging Face GPT-2 (peer_ll.cli.hf_lm)",
+    )
+    add("--seed", type=count, default=0, help="random seed (0)")
+    add("--threads", type=count, default=0, help="torch threads (0: torch's default)")
+    add("--out", default=None, help="run folder (default: runs/lm-<time>)")
+    add(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out (same arguments): finished methods are kept",
+    )
+    add("--force", action="store_true", help="remove the run in --out first and start anew")
+    add("--no-reload-check", action="store_true", help="skip loading checkpoints anew")
+    add("--no-progress", action="store_true", help="no progress bars")
 
 
 def flag_message(err: BaseException) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from peer_ll.data.images import ImageDataset, ImageSplits, balanced_indices
+from peer_ll.experts.checks import check_int
 
 __all__ = ["permuted", "rotated"]
 
@@ -94,8 +95,7 @@ def permuted(
     from avalanche.benchmarks.utils import as_classification_dataset, make_avalanche_dataset
     from avalanche.benchmarks.utils.transform_groups import DefaultTransformGroups
 
-    if n_experiences < 1:
-        raise ValueError(f"n_experiences must be >= 1; got {n_experiences}")
+    check_int("n_experiences", n_experiences, minimum=1)
     data = _subsampled(dataset, seed, max_train_per_exp, max_test_per_exp)
     rng = np.random.default_rng(seed)
     n_pixels = int(np.prod(dataset.image_shape))
@@ -137,15 +137,13 @@ def rotated(
 
     if len(dataset.image_shape) != 2:
         raise ValueError(
-            f"rotated needs images (N, H, W); got samples of shape {dataset.image_shape}"
+            f"rotated needs images (N, H, W), got samples of shape {dataset.image_shape}"
         )
     if angles is None:
-        n = 5 if n_experiences is None else n_experiences
-        if n < 1:
-            raise ValueError(f"n_experiences must be >= 1; got {n}")
+        n = 5 if n_experiences is None else check_int("n_experiences", n_experiences, minimum=1)
         angles = [180.0 * e / n for e in range(n)]
     if len(angles) == 0:
-        raise ValueError("angles must hold at least one angle; got an empty sequence")
+        raise ValueError("angles must hold at least one angle, got an empty sequence")
     if n_experiences is not None and n_experiences != len(angles):
         raise ValueError(
             f"n_experiences must equal len(angles) = {len(angles)} when both are given; "

@@ -21,6 +21,7 @@ from peer_ll.data.images import (
     find_image_dataset,
     image_search_paths,
 )
+from peer_ll.experts.checks import check_choice
 
 __all__ = ["DEBIAN_PACKAGES", "fetch", "fetch_instructions"]
 
@@ -86,8 +87,7 @@ def fetch(
             holds the instructions.
         RuntimeError: apt-get failed, or did not install the expected files.
     """
-    if name not in IMAGE_DATASETS:
-        raise ValueError(f"name must be one of {list(IMAGE_DATASETS)}; got {name!r}")
+    check_choice("name", name, IMAGE_DATASETS)
     if name == "digits":
         echo("digits ship with scikit-learn (sklearn.datasets.load_digits); nothing to fetch.")
         return None

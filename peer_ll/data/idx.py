@@ -123,10 +123,10 @@ def write_idx(path: str | Path, array: np.ndarray) -> Path:
     code = _CODES.get(array.dtype.newbyteorder("="))
     if code is None:
         raise TypeError(
-            f"array must have an IDX dtype {[d.name for d in _DTYPES.values()]}; got {array.dtype}"
+            f"array must have an IDX dtype {[d.name for d in _DTYPES.values()]}, got {array.dtype}"
         )
     if not 1 <= array.ndim <= _MAX_DIMS:
-        raise ValueError(f"array must have 1 to {_MAX_DIMS} dimensions; got {array.ndim}")
+        raise ValueError(f"array must have 1 to {_MAX_DIMS} dimensions, got {array.ndim}")
     big_endian = array.astype(_DTYPES[code].newbyteorder(">"), copy=False)
     header = struct.pack(f">HBB{array.ndim}I", 0, code, array.ndim, *array.shape)
     payload = header + big_endian.tobytes()
@@ -204,12 +204,12 @@ def load_mnist_like(
         labels = read_idx(files[f"{split}_labels"])
         if images.ndim != 3 or images.dtype != np.uint8:
             raise ValueError(
-                f"{files[f'{split}_images']}: expected uint8 images (N, H, W); "
+                f"{files[f'{split}_images']}: expected uint8 images (N, H, W), "
                 f"got {images.dtype} {images.shape}"
             )
         if labels.ndim != 1 or len(labels) != len(images):
             raise ValueError(
-                f"{files[f'{split}_labels']}: expected {len(images)} labels (N,); "
+                f"{files[f'{split}_labels']}: expected {len(images)} labels (N,), "
                 f"got shape {labels.shape}"
             )
         out += [images, labels.astype(np.int64)]
@@ -244,6 +244,6 @@ def write_mnist_like(
     for key, (stem, d) in _STEMS.items():
         a = np.asarray(arrays[key])
         if a.ndim != d or a.min(initial=0) < 0 or a.max(initial=0) > 255:
-            raise ValueError(f"{key} must be {d}-D with values in [0, 255]; got shape {a.shape}")
+            raise ValueError(f"{key} must be {d}-D with values in [0, 255], got shape {a.shape}")
         write_idx(folder / f"{stem}-idx{d}-ubyte{'.gz' if gz else ''}", a.astype(np.uint8))
     return folder

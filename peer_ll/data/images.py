@@ -114,7 +114,7 @@ def balanced_indices(labels: np.ndarray, limit: int | None, rng: np.random.Gener
     if limit < n_classes:
         raise ValueError(
             f"max_train_per_exp / max_test_per_exp must be at least the {n_classes} classes "
-            f"of an experience, so that each keeps every class; got {limit}"
+            f"of an experience, so that each keeps every class, got {limit}"
         )
     perm = rng.permutation(len(labels))
     shuffled = labels[perm]
@@ -139,7 +139,7 @@ def load_digits_splits(*, seed: int = 0, test_fraction: float = 0.2) -> ImageSpl
     from sklearn.model_selection import train_test_split
 
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1); got {test_fraction}")
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     digits = load_digits()
     images = digits.images.astype(np.uint8)  # integer pixels 0..16, stored as float
     labels = digits.target.astype(np.int64)
@@ -208,7 +208,7 @@ def load_images(name: str, *, root: str | Path | None = None, seed: int = 0) -> 
 def _check_idx_name(name: str) -> str:
     if name not in TORCHVISION_NAMES:
         raise ValueError(
-            f"name must be one of {sorted(TORCHVISION_NAMES)} for IDX files; got {name!r}"
+            f"name must be one of {sorted(TORCHVISION_NAMES)} for IDX files, got {name!r}"
         )
     return name
 

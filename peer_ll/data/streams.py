@@ -20,6 +20,7 @@ import numpy as np
 from peer_ll.data.benchmarks import class_count, split_by_task, with_class_count
 from peer_ll.data.domains import permuted, rotated, train_test_datasets
 from peer_ll.data.images import IMAGE_DATASETS, ImageSplits, balanced_indices, load_images
+from peer_ll.experts.checks import check_choice, check_int
 
 __all__ = [
     "STREAM_KINDS", "make_stream", "online", "online_of", "permuted", "rotated", "split_classes",
@@ -54,8 +55,7 @@ def split_classes(
     from avalanche.benchmarks import nc_benchmark
 
     n_classes = dataset.n_classes
-    if not 1 <= n_experiences <= n_classes:
-        raise ValueError(f"n_experiences must be in [1, {n_classes}]; got {n_experiences}")
+    check_int("n_experiences", n_experiences, minimum=1, maximum=n_classes)
     rng = np.random.default_rng(seed)
     order = rng.permutation(n_classes)
     sizes = [
@@ -115,10 +115,8 @@ def online(
         "permuted": permuted,
         "rotated": rotated,
     }
-    if base not in builders:
-        raise ValueError(f"base must be one of {sorted(builders)}; got {base!r}")
-    if experience_size < 1:
-        raise ValueError(f"experience_size must be >= 1; got {experience_size}")
+    check_choice("base", base, sorted(builders))
+    check_int("experience_size", experience_size, minimum=1)
     if base in ("class", "task"):
         base_kwargs["task_labels"] = base == "task"
     bm = builders[base](dataset, seed=seed, **base_kwargs)
@@ -142,8 +140,7 @@ def online_of(bm, *, experience_size: int = 10, seed: int = 0,
     from avalanche.benchmarks import split_online_stream
     from avalanche.benchmarks.scenarios.generic_scenario import CLScenario, CLStream
 
-    if experience_size < 1:
-        raise ValueError(f"experience_size must be >= 1; got {experience_size}")
+    check_int("experience_size", experience_size, minimum=1)
     n_classes = class_count(bm)
     stream = split_online_stream(
         bm.train_stream,
@@ -216,11 +213,10 @@ def make_stream(
             raise ValueError(f"{arg} must be None for data of type {type(data).__name__}")
     if hasattr(data, "train_stream"):
         return _from_benchmark(data, kind, n_experiences, seed, kwargs)
-    if kind not in STREAM_KINDS:
-        raise ValueError(f"kind must be one of {list(STREAM_KINDS)}; got {kind!r}")
+    check_choice("kind", kind, STREAM_KINDS)
     if isinstance(data, str):
         if data not in IMAGE_DATASETS:
-            raise ValueError(f"data must be a name in {list(IMAGE_DATASETS)}; got {data!r}")
+            raise ValueError(f"data must be a name in {list(IMAGE_DATASETS)}, got {data!r}")
         splits = load_images(data, root=root, seed=seed)
     elif arrays:
         from peer_ll.data.arrays import user_splits
@@ -253,7 +249,7 @@ def _by_task(splits, kind: str, n_experiences: int | None, seed: int, kwargs: di
     if base not in ("class", "task"):
         raise ValueError(
             f"kind must be 'class', 'task' or 'online' (base 'class' or 'task') on data with "
-            f"task labels, which define the experiences; got kind={kind!r}, base={base!r}"
+            f"task labels, which define the experiences, got kind={kind!r}, base={base!r}"
         )
     online_args = {k: kwargs.pop(k) for k in ("experience_size", "access_task_boundaries")
                    if k in kwargs and kind == "online"}  # fmt: skip

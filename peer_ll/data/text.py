@@ -25,6 +25,8 @@ from avalanche.benchmarks.utils import AvalancheDataset, ConstantSequence, make_
 from avalanche.benchmarks.utils.data_attribute import TaskLabels
 from torch.utils.data import Dataset
 
+from peer_ll.experts.checks import check_choice, check_int
+
 from .text_domains import BUILTIN_DOMAINS, TextDomain, load_domain_splits
 
 BYTE_VOCAB_SIZE = 256  # one id per byte value
@@ -46,7 +48,7 @@ def encode(text: str, *, bos: bool = False, eos: bool = False) -> torch.Tensor:
         Token ids, LongTensor of shape (L,), with L = bytes + bos + eos.
     """
     if not isinstance(text, str):
-        raise TypeError(f"text: expected str, got {type(text).__name__}")
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
     data = text.encode("utf-8")
     # torch.frombuffer rejects an empty buffer.
     raw = (
@@ -75,7 +77,7 @@ def decode(tokens: torch.Tensor | Sequence[int]) -> str:
     ids = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
     bad = ids[(ids < 0) | (ids >= TEXT_VOCAB_SIZE)]
     if bad.numel():
-        raise ValueError(f"tokens: expected ids in [0, {TEXT_VOCAB_SIZE}), got {bad[:5].tolist()}")
+        raise ValueError(f"tokens must be ids in [0, {TEXT_VOCAB_SIZE}), got {bad[:5].tolist()}")
     data = ids[ids < BYTE_VOCAB_SIZE].to(torch.uint8)
     return bytes(data.tolist()).decode("utf-8", errors="replace")
 
@@ -95,10 +97,9 @@ def make_blocks(tokens: torch.Tensor, block_size: int) -> torch.Tensor:
     Raises:
         ValueError: If ``block_size`` < 1 or ``tokens`` is not 1-D.
     """
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size: expected an int >= 1, got {block_size!r}")
+    check_int("block_size", block_size, minimum=1)
     if tokens.dim() != 1:
-        raise ValueError(f"tokens: expected shape (L,), got {tuple(tokens.shape)}")
+        raise ValueError(f"tokens must have shape (L,), got {tuple(tokens.shape)}")
     n = max(0, (tokens.numel() - 1) // block_size)
     if n == 0:
         return torch.empty(0, block_size + 1, dtype=torch.long)
@@ -134,10 +135,9 @@ def iterate_blocks(
     Yields:
         x, y: LongTensors (B, T); ``y[:, :-1] == x[:, 1:]``.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size, minimum=1)
     if blocks.dim() != 2 or blocks.shape[1] < 2:
-        raise ValueError(f"blocks: expected shape (N, T + 1), T >= 1, got {tuple(blocks.shape)}")
+        raise ValueError(f"blocks must have shape (N, T + 1), T >= 1, got {tuple(blocks.shape)}")
     n = blocks.shape[0]
     if shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -214,11 +214,8 @@ class TextDomainBenchmark(CLScenario):
         Returns:
             LongTensor (N, T + 1); inputs ``[:, :-1]``, targets ``[:, 1:]``.
         """
-        if domain not in self.domain_names:
-            raise ValueError(f"domain: expected one of {self.domain_names}, got {domain!r}")
-        if split not in SPLITS:
-            raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
-        return self._blocks[domain][split]
+        check_choice("domain", domain, self.domain_names)
+        return self._blocks[domain][check_choice("split", split, SPLITS)]
 
 
 def text_domain_stream(
@@ -250,13 +247,12 @@ def text_domain_stream(
         ValueError: For an unknown or repeated domain, ``block_size`` < 1, or
             a split too small to fill one block.
     """
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size: expected an int >= 1, got {block_size!r}")
+    check_int("block_size", block_size, minimum=1)
     if isinstance(domains, (str, TextDomain)) or not domains:
-        raise ValueError(f"domains: expected a non-empty sequence of domains, got {domains!r}")
+        raise ValueError(f"domains must be a non-empty sequence of domains, got {domains!r}")
     names = [d.name if isinstance(d, TextDomain) else d for d in domains]
     if len(set(names)) != len(names):
-        raise ValueError(f"domains: expected distinct names, got {names}")
+        raise ValueError(f"domains must have distinct names, got {names}")
     documents, blocks, streams = {}, {}, {s: [] for s in SPLITS}
     for task, (name, domain) in enumerate(zip(names, domains, strict=True)):
         documents[name] = load_domain_splits(
@@ -271,8 +267,8 @@ def text_domain_stream(
             blocks[name][split] = documents_to_blocks(documents[name][split]["text"], block_size)
             if blocks[name][split].shape[0] == 0:
                 raise ValueError(
-                    f"domain {name!r}: expected its {split} split to fill one block of "
-                    f"{block_size + 1} tokens, got fewer; raise max_bytes_per_domain"
+                    f"domain {name!r} must fill one block of {block_size + 1} tokens in its "
+                    f"{split} split, got fewer; raise max_bytes_per_domain"
                 )
             streams[split].append(blocks_to_avalanche(blocks[name][split], task))
     scenario = with_task_labels(benchmark_from_datasets(**streams))

@@ -8,19 +8,8 @@ stays light.
 
 from importlib import import_module
 
-from peer_ll.evaluation.metrics import (
-    average_accuracy,
-    bwt,
-    dead_unit_fraction,
-    effective_rank,
-    forgetting,
-    forgetting_per_experience,
-    fwt,
-    intransigence,
-    learning_accuracy,
-    relative_increase,
-    routing_share,
-)
+from peer_ll.evaluation import metrics as _metrics
+from peer_ll.evaluation.metrics import *  # noqa: F403 (the pure metrics, as listed there)
 
 _LAZY = {
     "AccuracyMatrix": "matrix_plugin",
@@ -40,20 +29,7 @@ _LAZY = {
     "plot_routing_share": "plots",
 }
 
-__all__ = [
-    "average_accuracy",
-    "bwt",
-    "dead_unit_fraction",
-    "effective_rank",
-    "forgetting",
-    "forgetting_per_experience",
-    "fwt",
-    "intransigence",
-    "learning_accuracy",
-    "relative_increase",
-    "routing_share",
-    *_LAZY,
-]
+__all__ = [*_metrics.__all__, *_LAZY]
 
 
 def __getattr__(name: str):

@@ -32,7 +32,7 @@ from torch import nn
 from peer_ll.evaluation.metrics import dead_unit_fraction, effective_rank, routing_share
 from peer_ll.evaluation.report import METRIC_NAME, parse_metric_name
 from peer_ll.experts import PEER, expert_usage, peer_layers, unevenness
-from peer_ll.experts.checks import check_int
+from peer_ll.experts.checks import check_bool, check_int
 
 __all__ = [
     "ACTIVATIONS",
@@ -95,9 +95,7 @@ class PEERRoutingMetrics(_PerExperienceMetric):
 
     def __init__(self, *, confidence: bool = True) -> None:
         super().__init__()
-        if not isinstance(confidence, bool):
-            raise TypeError(f"confidence must be a bool, got {type(confidence).__name__}")
-        self.confidence = confidence
+        self.confidence = check_bool("confidence", confidence)
         self._state: dict[str, dict] = {}
 
     def before_eval_exp(self, strategy) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "METRIC_NAME",
     "SCALARS",
     "evaluation_values",
+    "json_ready",
     "load_results",
     "parse_metric_name",
     "results_table",
@@ -258,14 +259,14 @@ def results_table(results: Mapping[str, Any], *, markdown: bool = False) -> str:
     return "\n".join([head, "-" * len(head), *lines])
 
 
-def _json_ready(value: Any) -> Any:
-    """Converts numpy values to Python ones and NaN / inf to None."""
+def json_ready(value: Any) -> Any:
+    """``value`` for JSON: numpy and torch values as Python ones, NaN and inf as None."""
     if isinstance(value, Mapping):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | np.ndarray):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
+        return json_ready(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -275,7 +276,7 @@ def write_results(run_dir: str | Path, results: Mapping[str, Any]) -> Path:
     """Writes ``results`` to ``run_dir/results.json`` (folders made as needed)."""
     path = Path(run_dir) / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_json_ready(results), indent=1) + "\n")
+    path.write_text(json.dumps(json_ready(results), indent=1) + "\n")
     return path
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from peer_ll.experts import peer_layers
-from peer_ll.experts.checks import check_int
+from peer_ll.experts.checks import check_choice, check_int
 from peer_ll.models.transformer import LMConfig, Route, grow_peer
 
 
@@ -42,8 +42,7 @@ def grow_domain(model: nn.Module, num_keys: int, *, owner: int) -> dict[int, tor
 
 def freeze_all_but(model: nn.Module, owner: int) -> None:
     """``model.freeze_old``: only ``owner``'s experts, sub-keys and adapters train."""
-    if owner not in model.owners:
-        raise ValueError(f"owner must be one of {model.owners}, got {owner!r}")
+    check_choice("owner", owner, model.owners)
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in peer_layers(model).values():

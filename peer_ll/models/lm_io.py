@@ -9,7 +9,9 @@ import hashlib
 import json
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import fields
+from typing import IO
 
 import safetensors
 import safetensors.torch
@@ -59,8 +61,11 @@ def sample(
     return idx
 
 
-def write_atomically(data: bytes, path: str | os.PathLike) -> None:
+def write_atomically(data: bytes | Callable[[IO[bytes]], object], path: str | os.PathLike) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``.
+
+    ``data`` is the bytes, or a callable that writes them into the open binary handle it
+    is given (e.g. ``lambda f: torch.save(obj, f)``).
 
     The temp file is fsynced before the rename and removed if anything fails, so an
     interrupted save leaves any previous file at ``path`` intact and no temp file
@@ -73,7 +78,10 @@ def write_atomically(data: bytes, path: str | os.PathLike) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

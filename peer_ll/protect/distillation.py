@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from peer_ll.experts import PEER
+from peer_ll.experts.checks import check_float, check_int
 from peer_ll.strategies.capture import PEERInputs, recompute_ids, recompute_query
 from peer_ll.strategies.factories import peer_grow
 
@@ -88,15 +89,9 @@ class _RoutingTeacher(SupervisedPlugin):
 
     def __init__(self, *, alpha: float, buffer=None, replay_mb_size: int = 32) -> None:
         super().__init__()
-        if not alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha!r}")
-        if (
-            isinstance(replay_mb_size, bool)
-            or not isinstance(replay_mb_size, int)
-            or (replay_mb_size < 1)
-        ):
-            raise ValueError(f"replay_mb_size must be an int >= 1, got {replay_mb_size!r}")
-        self.alpha, self.buffer, self.replay_mb_size = alpha, buffer, replay_mb_size
+        self.alpha = check_float("alpha", alpha, minimum=0.0)
+        self.replay_mb_size = check_int("replay_mb_size", replay_mb_size, minimum=1)
+        self.buffer = buffer
         self.teacher: torch.nn.Module | None = None
         self._student: PEERInputs | None = None
         self._teacher: PEERInputs | None = None
@@ -215,11 +210,10 @@ class RouterDistillation(_RoutingTeacher):
         replay_mb_size: int = 32,
     ) -> None:
         super().__init__(alpha=alpha, buffer=buffer, replay_mb_size=replay_mb_size)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        if not query_alpha >= 0:
-            raise ValueError(f"query_alpha must be >= 0, got {query_alpha!r}")
-        self.temperature, self.query_alpha = temperature, query_alpha
+        if check_float("temperature", temperature, minimum=0.0) == 0:
+            raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
+        self.temperature = float(temperature)
+        self.query_alpha = check_float("query_alpha", query_alpha, minimum=0.0)
 
     def _layer_loss(self, s_layer, x_s, owners_s, t_layer, x_t, owners_t) -> torch.Tensor:
         q_s = recompute_query(s_layer, x_s)  # (T, H, d), differentiable

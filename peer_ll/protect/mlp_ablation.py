@@ -3,8 +3,9 @@
 ``peer_protect(protect_classifier(..., owner_encoder=True), inference="input")`` gives
 each owner (experience) its own PEER segment, encoder layer, head and query adapter, and
 routes each test input to the owner its input statistics pick. :func:`owner_mlp_classifier`
-builds the same model with every PEER block's layer replaced by a per-owner two-layer MLP
-(``dim -> units -> dim``, GELU, residual as the PEER block's) whose parameters equal what
+builds the same model with every PEER block's layer (``block.peer``) replaced by a
+:class:`~peer_ll.experts.PerOwner` of two-layer MLPs (``dim -> units -> dim``, GELU; the
+block keeps its norm and residual) whose parameters equal what
 one input activates in the PEER layer (its ``heads · topk`` experts, the query network,
 one segment's sub-keys and one query adapter). Trained with the same ``peer_protect``
 strategy and the same owner inference, it shows what retrieval over a growing pool adds
@@ -13,13 +14,12 @@ beyond owner-wise capacity.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from peer_ll.experts import PEER, call_with_owners, peer_layers
+from peer_ll.experts import PEER, peer_layers
 from peer_ll.experts.per_owner import PerOwner
 
-__all__ = ["OwnerMLPBlock", "owner_mlp_classifier", "peer_active_parameters"]
+__all__ = ["owner_mlp_classifier", "peer_active_parameters"]
 
 
 def peer_active_parameters(layer: PEER) -> int:
@@ -36,31 +36,10 @@ def peer_active_parameters(layer: PEER) -> int:
     return shared + experts + keys + own
 
 
-class OwnerMLPBlock(nn.Module):
-    """``x + mlp_owner(norm(x))``: (B, dim) -> (B, dim), one MLP per owner.
-
-    Args:
-        dim: width in and out.
-        units: hidden units of each owner's MLP.
-        norm: the block's normalisation (default a new ``LayerNorm(dim)``).
-    """
-
-    takes_owners = True
-
-    def __init__(self, dim: int, units: int, *, norm: nn.Module | None = None) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim) if norm is None else norm
-        mlp = nn.Sequential(nn.Linear(dim, units), nn.GELU(), nn.Linear(units, dim))
-        self.mlp = PerOwner(mlp, owner=0)
-
-    def forward(self, x: torch.Tensor, owners=None) -> torch.Tensor:
-        return x + call_with_owners(self.mlp, call_with_owners(self.norm, x, owners), owners)
-
-
 def owner_mlp_classifier(
     in_features: int, num_classes: int, *, experiences: int, **protect_kwargs
 ) -> nn.Module:
-    """``protect_classifier(...)`` with each PEER layer replaced by an :class:`OwnerMLPBlock`.
+    """``protect_classifier(...)`` with each PEER layer replaced by a PerOwner of MLPs.
 
     Args:
         in_features, num_classes, experiences: as for
@@ -78,8 +57,8 @@ def owner_mlp_classifier(
     model = protect_classifier(in_features, num_classes, experiences=experiences,
                                **protect_kwargs)  # fmt: skip
     layers = list(peer_layers(model).values())
-    for i, block in enumerate(model.blocks):
-        layer = layers[i]
+    for block, layer in zip(model.blocks, layers, strict=True):
         units = max(1, round(peer_active_parameters(layer) / (layer.dim + layer.dim_out + 1)))
-        model.blocks[i] = OwnerMLPBlock(layer.dim, units, norm=block.norm)
+        mlp = nn.Sequential(nn.Linear(layer.dim, units), nn.GELU(), nn.Linear(units, layer.dim))
+        block.peer = PerOwner(mlp, owner=0)  # x + mlp_owner(norm(x)), the block's residual
     return model

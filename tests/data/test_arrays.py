@@ -62,7 +62,7 @@ def test_given_test_set():
 
 def test_rotated_needs_images_and_permuted_takes_features():
     x, y = _data()
-    with pytest.raises(ValueError, match=r"rotated needs images \(N, H, W\); got .*\(3,\)"):
+    with pytest.raises(ValueError, match=r"rotated needs images \(N, H, W\), got .*\(3,\)"):
         make_stream((x, y), kind="rotated")
     bench = make_stream((x, y), kind="permuted", n_experiences=2, seed=1)
     a, b = (bench.train_stream[e].dataset[0][0] for e in range(2))

@@ -85,7 +85,7 @@ def test_truncated_files(tmp_path):
 def test_write_idx_errors(tmp_path):
     with pytest.raises(TypeError, match=r"array must have an IDX dtype .*got int64"):
         write_idx(tmp_path / "a", np.zeros(3, dtype=np.int64))
-    with pytest.raises(ValueError, match="array must have 1 to 3 dimensions; got 4"):
+    with pytest.raises(ValueError, match="array must have 1 to 3 dimensions, got 4"):
         write_idx(tmp_path / "a", np.zeros((1, 1, 1, 1), dtype=np.uint8))
     assert not (tmp_path / "a").exists()
 
@@ -142,7 +142,7 @@ def test_load_mnist_like_errors(tmp_path):
         load_mnist_like(tmp_path)
     tr_x, tr_y, te_x, te_y = _fake_splits(np.random.default_rng(2))
     write_mnist_like(tmp_path, tr_x, tr_y[:-1], te_x, te_y)
-    with pytest.raises(ValueError, match=r"expected 12 labels \(N,\); got shape \(11,\)"):
+    with pytest.raises(ValueError, match=r"expected 12 labels \(N,\), got shape \(11,\)"):
         load_mnist_like(tmp_path)
     with pytest.raises(ValueError, match="train_labels must be 1-D"):
         write_mnist_like(tmp_path, tr_x, tr_y + 300, te_x, te_y)

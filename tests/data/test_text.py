@@ -114,7 +114,7 @@ def test_encode_decode_round_trip(text):
 
 def test_vocab_constants_and_decode_rejects_out_of_range_ids():
     assert (BYTE_VOCAB_SIZE, BOS_ID, EOS_ID, TEXT_VOCAB_SIZE) == (256, 256, 257, 258)
-    with pytest.raises(ValueError, match=r"tokens: expected ids in \[0, 258\), got \[258\]"):
+    with pytest.raises(ValueError, match=r"tokens must be ids in \[0, 258\), got \[258\]"):
         decode(torch.tensor([104, 258]))
     assert decode(encode("é")[:1]) == "\ufffd"  # a character cut in half
 
@@ -171,31 +171,31 @@ def test_saved_hf_dataset_folder_becomes_a_domain(tmp_path):
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
     domain = text_domain("saved", tmp_path / "saved")
     assert len(domain.doc_ids) == 6 and domain.read("3") == rows["text"][3]
-    with pytest.raises(ValueError, match="text_column: expected a column"):
+    with pytest.raises(ValueError, match="text_column must be a column"):
         text_domain("saved", tmp_path / "saved", text_column="body")
 
 
 def test_bad_arguments_raise_naming_the_argument(tmp_path):
-    with pytest.raises(ValueError, match=r"name: expected one of .*got 'klingon'"):
+    with pytest.raises(ValueError, match=r"name must be one of .*got 'klingon'"):
         load_domain_splits("klingon")
-    with pytest.raises(FileNotFoundError, match=r"source: expected files matching glob"):
+    with pytest.raises(FileNotFoundError, match=r"source must hold files matching glob"):
         text_domain("empty", tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"source: expected an existing path"):
+    with pytest.raises(FileNotFoundError, match=r"source must be an existing path"):
         text_domain("missing", tmp_path / "nowhere")
-    with pytest.raises(ValueError, match=r"block_size: expected an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"block_size must be an int >= 1, got 0"):
         text_domain_stream(["pydoc-topics"], block_size=0)
-    with pytest.raises(ValueError, match=r"block_size: expected an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"block_size must be an int >= 1, got 0"):
         make_blocks(torch.arange(10), 0)
-    with pytest.raises(ValueError, match=r"test_fraction: expected a float in \(0, 1\), got 1.0"):
+    with pytest.raises(ValueError, match=r"test_fraction must be a float in \(0, 1\), got 1.0"):
         load_domain_splits("pydoc-topics", test_fraction=1.0)
-    with pytest.raises(ValueError, match=r"max_bytes: expected None or an int >= 2, got 0"):
+    with pytest.raises(ValueError, match=r"max_bytes must be None or an int >= 2, got 0"):
         load_domain_splits("pydoc-topics", max_bytes=0)
-    with pytest.raises(ValueError, match=r"domains: expected distinct names"):
+    with pytest.raises(ValueError, match=r"domains must have distinct names"):
         text_domain_stream(["pydoc-topics", "pydoc-topics"])
-    with pytest.raises(ValueError, match=r"expected its test split to fill one block"):
+    with pytest.raises(ValueError, match=r"must fill one block of 65 tokens in its test split"):
         text_domain_stream(["pydoc-topics"], block_size=64, max_bytes_per_domain=200)
     (tmp_path / "one.txt").write_text("only one document", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"expected at least 2 documents, got 1"):
+    with pytest.raises(ValueError, match=r"must have at least 2 documents, got 1"):
         load_domain_splits(text_domain("one", tmp_path))
 
 
@@ -222,9 +222,9 @@ def test_stream_splits_match_documents_and_do_not_overlap(small_stream):
         text = "".join(docs["train"]["text"])
         assert decode(train[0]) == text[: len(decode(train[0]))]
         assert int(train.max()) < TEXT_VOCAB_SIZE
-    with pytest.raises(ValueError, match=r"split: expected one of \('train', 'test'\), got 'val'"):
+    with pytest.raises(ValueError, match=r"split must be one of \('train', 'test'\), got 'val'"):
         small_stream.get_split("pydoc-topics", "val")
-    with pytest.raises(ValueError, match=r"domain: expected one of"):
+    with pytest.raises(ValueError, match=r"domain must be one of"):
         small_stream.get_split("klingon")
 
 

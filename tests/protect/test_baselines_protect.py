@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from peer_ll.experts import PEER
+from peer_ll.experts import PEER, PerOwner
 from peer_ll.protect import InputOwnerStats, peer_protect, protect_classifier, protect_plugin
 from peer_ll.protect.mlp_ablation import (
-    OwnerMLPBlock,
     owner_mlp_classifier,
     peer_active_parameters,
 )
@@ -93,8 +92,8 @@ def test_mlp_ablation_matches_active_parameters_and_keeps_old_owners(small_peer,
                                  peer=dict(small_peer, num_keys=4))  # fmt: skip
     assert not any(isinstance(m, PEER) for m in model.modules())
     block = model.blocks[0]
-    assert isinstance(block, OwnerMLPBlock)
-    mlp_params = sum(p.numel() for p in block.mlp.copies["0"].parameters())
+    assert isinstance(block.peer, PerOwner) and isinstance(block.norm, torch.nn.LayerNorm)
+    mlp_params = sum(p.numel() for p in block.peer.copies["0"].parameters())
     assert abs(mlp_params - peer_active_parameters(layer)) <= 16 + 16 + 1  # one unit's worth
     strategy = peer_protect(model, inference="input", **COMMON)
     x0, _ = _test_xy(class_stream, 0)
@@ -104,7 +103,7 @@ def test_mlp_ablation_matches_active_parameters_and_keeps_old_owners(small_peer,
         old = model(x0, owners=0)
     for exp in class_stream.train_stream[1:]:
         strategy.train(exp)
-    assert block.mlp.owners == [0, 1, 2] and model.encoder[1].owners == [0, 1, 2]
+    assert block.peer.owners == [0, 1, 2] and model.encoder[1].owners == [0, 1, 2]
     assert not model.norm.weight.requires_grad  # the trunk froze after the first owner
     model.eval()
     with torch.no_grad():
