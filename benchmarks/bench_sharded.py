@@ -209,8 +209,10 @@ all-reduces and SparseAdamW), global batch {2 * tokens} tokens:
 
 {steps_table}
 
-Each rank holds half the table (and half its Adam moments). Bytes counted at each collective
-of the sharded layer: {f["sent"][2] * mib:.2f} MiB on 2 ranks and {f["sent"][4] * mib:.2f}
+Each rank holds half the table (and half its Adam moments). Bytes sent, counted at each
+collective call of the sharded layer from its payload (an all-gather sends it to W-1 ranks,
+an all-to-all sends (W-1)/W of it, a ring all-reduce 2(W-1)/W: the standard volumes, not
+bytes measured on the wire): {f["sent"][2] * mib:.2f} MiB on 2 ranks and {f["sent"][4] * mib:.2f}
 MiB on 4 ranks ({tokens // 2} tokens each), against the model `T_r·(W-1)·(24·M + 8·(D+E)/W)`:
 {f["model"][2] * mib:.2f} and {f["model"][4] * mib:.2f} MiB. On top: DDP's all-reduce of the
 query network ({two["dense_bytes"] * mib:.2f} MiB) and of the dense sub-key gradient
