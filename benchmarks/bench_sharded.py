@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 from peer_ll.cli.results import environment_line, write_section
 from peer_ll.experts import PEER
 from peer_ll.experts.sharded import shard_columns
-from peer_ll.experts.sharded_ops import TRAFFIC
+from peer_ll.experts.sharded_ops import SECONDS, TRAFFIC
 from peer_ll.optim import make_optimizer
 from peer_ll.strategies.distributed import all_reduce_expert_grads, wrap_ddp
 
@@ -51,9 +51,10 @@ def _worker(rank: int, world: int, port: int, out: str, cfg: dict) -> None:
     optimizer = make_optimizer(layer, lr=1e-3)
     x = torch.randn(cfg["tokens"], DIM, generator=torch.Generator().manual_seed(rank))
     x.requires_grad_(True)  # as a hidden layer's input: its gradient travels back too
-    times = []
+    times, waits = [], []
     for step in range(cfg["steps"] + 2):
         TRAFFIC.clear()
+        SECONDS.clear()
         start = time.perf_counter()
         model(x).square().mean().backward()
         all_reduce_expert_grads(model)
@@ -61,9 +62,11 @@ def _worker(rank: int, world: int, port: int, out: str, cfg: dict) -> None:
         optimizer.zero_grad()
         if step >= 2:
             times.append(time.perf_counter() - start)
+            waits.append(sum(SECONDS.values()))
     states = [optimizer.state[t] for t in (layer.pool.down, layer.pool.up)]
     figures = dict(
         step_s=sorted(times)[len(times) // 2],
+        collective_s=sorted(waits)[len(waits) // 2],
         sent=dict(TRAFFIC),
         table_bytes=sum(t.nbytes for t in (layer.pool.down, layer.pool.up)),
         moment_bytes=sum(st[k].nbytes for st in states for k in ("exp_avg", "exp_avg_sq")),
@@ -175,12 +178,12 @@ def report(f: dict, keys: int, tokens: int, steps: int) -> str:
         for w in (2, 8, 64)
     ]
     step_rows = [
-        _row("run", "step (ms)", "`down`+`up` per rank (MiB)", "their Adam moments per rank (MiB)",
-             "sent per rank per step (MiB)"),
-        _row(*["---"] * 5),
+        _row("run", "step (ms)", "in the layer's collectives (ms)", "`down`+`up` per rank (MiB)",
+             "their Adam moments per rank (MiB)", "sent per rank per step (MiB)"),
+        _row(*["---"] * 6),
     ] + [
-        _row(name, f"{1e3 * r['step_s']:.0f}", f"{r['table_bytes'] * mib:.1f}",
-             f"{r['moment_bytes'] * mib:.1f}", f"{sent * mib:.2f}")
+        _row(name, f"{1e3 * r['step_s']:.0f}", f"{1e3 * r['collective_s']:.0f}",
+             f"{r['table_bytes'] * mib:.1f}", f"{r['moment_bytes'] * mib:.1f}", f"{sent * mib:.2f}")
         for name, r, sent in (
             ("whole PEER, 1 process", whole, 0),
             ("sharded, 1 rank", one, 0),
@@ -209,8 +212,10 @@ all-reduces and SparseAdamW), global batch {2 * tokens} tokens:
 
 {steps_table}
 
-Each rank holds half the table (and half its Adam moments). Bytes counted at each collective
-of the sharded layer: {f["sent"][2] * mib:.2f} MiB on 2 ranks and {f["sent"][4] * mib:.2f}
+Each rank holds half the table (and half its Adam moments). Bytes sent, counted at each
+collective call of the sharded layer from its payload (an all-gather sends it to W-1 ranks,
+an all-to-all sends (W-1)/W of it, a ring all-reduce 2(W-1)/W: the standard volumes, not
+bytes measured on the wire): {f["sent"][2] * mib:.2f} MiB on 2 ranks and {f["sent"][4] * mib:.2f}
 MiB on 4 ranks ({tokens // 2} tokens each), against the model `T_r·(W-1)·(24·M + 8·(D+E)/W)`:
 {f["model"][2] * mib:.2f} and {f["model"][4] * mib:.2f} MiB. On top: DDP's all-reduce of the
 query network ({two["dense_bytes"] * mib:.2f} MiB) and of the dense sub-key gradient
@@ -218,7 +223,10 @@ query network ({two["dense_bytes"] * mib:.2f} MiB) and of the dense sub-key grad
 sends the touched rows of both whole tables instead (27 MiB per step at this size, section
 "Data-parallel PEER"). The machine is shared (2 cores, other jobs running), so step times are
 noisy; the 2 ranks run on the 2 cores while the 1-process runs use one. "Sharded, 1 rank"
-against "whole" is the cost of the column path's unfused torch kernels and extra steps.
+against "whole" is the cost of the column path's unfused torch kernels and extra steps. On 2
+ranks each rank retrieves for half the tokens but gathers the rows of all tokens at half
+width, so its table work shrinks less than half on a CPU (a row's cost is not proportional to
+its width at 128 floats); the time in collectives includes waiting for the other rank.
 
 Why columns and not rows. Row-wise (expert-parallel) shards must send each token's x to
 every rank holding one of its M={m} experts and get partial outputs back; from the retrievals

@@ -60,13 +60,19 @@ def local_device(device: str) -> str:
     return device
 
 
-def prepare(strategy) -> None:
-    """Give ``strategy`` the DDP plugin when the run is distributed (in place)."""
+def prepare(strategy, *, shard_experts: bool = False) -> None:
+    """Give ``strategy`` the DDP plugin when the run is distributed (in place).
+
+    Args:
+        strategy: an Avalanche strategy.
+        shard_experts: also split its PEER layers' tables by columns over the ranks
+            (``DistributedPEER(shard_experts=True)``).
+    """
     if world_size() <= 1:
         return
     from peer_ll.strategies.distributed import DistributedPEER
 
-    strategy.plugins.append(DistributedPEER())
+    strategy.plugins.append(DistributedPEER(shard_experts=shard_experts))
 
 
 def launch(nproc: int, argv: Sequence[str]) -> int:

@@ -274,13 +274,19 @@ def shard_columns(layer: PEER, group=None) -> ShardedPEER:
 def shard_peer_layers(model: nn.Module, group=None) -> dict[str, ShardedPEER]:
     """Replace every PEER layer inside ``model`` by :func:`shard_columns` of it, in place.
 
+    Layers already sharded are left as they are (so calling it again changes nothing).
+
     Returns:
-        The sharded layers by module name (``model`` itself cannot be a PEER).
+        The layers sharded by this call, by module name (``model`` itself cannot be a PEER).
     """
     check_type("model", model, nn.Module)
     if isinstance(model, PEER):
         raise TypeError("model must hold PEER layers, got a PEER: call shard_columns on it")
-    names = [n for n, m in model.named_modules() if isinstance(m, PEER)]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, PEER) and not isinstance(m, ShardedPEER)
+    ]
     done = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")

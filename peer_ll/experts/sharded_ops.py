@@ -18,12 +18,15 @@ column blocks) carry ``∂L/∂·`` exactly. So the local table blocks get the g
 ``L`` (no averaging: they must be left out of DDP), the replicated parameters get
 DDP-style gradients that the usual averaging turns into those of ``L``.
 
-Every collective adds the bytes this rank sends to :data:`TRAFFIC`.
+Every collective adds the bytes this rank sends to :data:`TRAFFIC` and its time to
+:data:`SECONDS`.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -34,17 +37,25 @@ from peer_ll.kernels.row_grad import row_sparse_grad
 
 #: Bytes this process sent, by collective (``TRAFFIC.clear()`` to restart counting).
 TRAFFIC: Counter = Counter()
+#: Host seconds this process spent in those collectives, waiting for the others included
+#: (on CUDA, NCCL calls return before the transfer ends: there it measures little).
+SECONDS: Counter = Counter()
 
 
-def _count(op: str, tensor: torch.Tensor, share: float = 1.0) -> None:
+@contextmanager
+def _collective(op: str, tensor: torch.Tensor, share: float = 1.0):
     TRAFFIC[op] += int(tensor.numel() * tensor.element_size() * share)
+    start = time.perf_counter()
+    yield
+    SECONDS[op] += time.perf_counter() - start
 
 
 def token_counts(n: int, device: torch.device, group) -> list[int]:
     """Tokens ``T_s`` of every rank of ``group`` (collective)."""
     mine = torch.tensor([n], dtype=torch.long, device=device)
     out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, mine, group=group)
+    with _collective("all_gather", mine, len(out) - 1):
+        dist.all_gather(out, mine, group=group)
     return [int(t) for t in out]
 
 
@@ -54,8 +65,8 @@ def gather_rows(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     padded = x.new_zeros(width, *x.shape[1:])
     padded[: x.shape[0]] = x
     out = [torch.empty_like(padded) for _ in sizes]
-    _count("all_gather", padded, len(sizes) - 1)
-    dist.all_gather(out, padded.contiguous(), group=group)
+    with _collective("all_gather", padded, len(sizes) - 1):
+        dist.all_gather(out, padded.contiguous(), group=group)
     return torch.cat([o[:s] for o, s in zip(out, sizes, strict=True)])
 
 
@@ -65,8 +76,8 @@ def rows_to_cols(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     rows, cols = x.shape[0], x.shape[1] // world
     send = x.reshape(rows, world, cols).transpose(0, 1).reshape(world * rows, cols)
     recv = x.new_empty(sum(sizes), cols)
-    _count("all_to_all", send, (world - 1) / world)
-    dist.all_to_all_single(recv, send, sizes, [rows] * world, group=group)
+    with _collective("all_to_all", send, (world - 1) / world):
+        dist.all_to_all_single(recv, send, sizes, [rows] * world, group=group)
     return recv
 
 
@@ -76,8 +87,8 @@ def cols_to_rows(y: torch.Tensor, sizes: list[int], rank: int, group) -> torch.T
     rows, cols = sizes[rank], y.shape[1]
     recv = y.new_empty(world * rows, cols)
     y = y.contiguous()
-    _count("all_to_all", y, (world - 1) / world)
-    dist.all_to_all_single(recv, y, [rows] * world, sizes, group=group)
+    with _collective("all_to_all", y, (world - 1) / world):
+        dist.all_to_all_single(recv, y, [rows] * world, sizes, group=group)
     return recv.view(world, rows, cols).transpose(0, 1).reshape(rows, world * cols)
 
 
@@ -127,9 +138,9 @@ class _SumPartials(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, partial, group):
-        out = partial.clone()
-        _count("all_reduce", out, 2 * (dist.get_world_size(group) - 1) / dist.get_world_size(group))
-        dist.all_reduce(out, group=group)
+        out, world = partial.clone(), dist.get_world_size(group)
+        with _collective("all_reduce", out, 2 * (world - 1) / world):
+            dist.all_reduce(out, group=group)
         return out
 
     @staticmethod
@@ -149,8 +160,8 @@ class _ToShards(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
         world = dist.get_world_size(ctx.group)
-        _count("all_reduce", grad, 2 * (world - 1) / world)
-        dist.all_reduce(grad, group=ctx.group)
+        with _collective("all_reduce", grad, 2 * (world - 1) / world):
+            dist.all_reduce(grad, group=ctx.group)
         return grad, None
 
 

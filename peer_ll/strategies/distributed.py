@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from peer_ll.experts import PEER, peer_layers
 from peer_ll.experts.checks import check_bool, check_type
 from peer_ll.experts.pool import TABLES
-from peer_ll.experts.sharded import is_column_shard
+from peer_ll.experts.sharded import is_column_shard, shard_peer_layers
 from peer_ll.experts.sharded_checkpoint import global_state_dict, local_state_dict
 
 #: Backends whose ``all_reduce`` takes sparse COO tensors.
@@ -183,19 +183,38 @@ class DistributedPEER(SupervisedPlugin, supports_distributed=True):
     ``full_eval`` (default) every rank evaluates the whole experience instead, and
     all ranks report the same accuracy matrix.
 
+    With ``shard_experts``, the model's PEER layers are split by columns over the ranks
+    (:func:`peer_ll.experts.sharded.shard_peer_layers`) when training starts, before the
+    first optimizer reset: each rank then holds 1/W of every expert table. It needs
+    ``full_eval`` (the sharded layers' collectives need the same batches on every rank)
+    and D, E divisible by W; ``ranks_equal`` does not apply to the column blocks.
+
     Args:
         full_eval: evaluate every sample on every rank.
+        shard_experts: shard the PEER layers' tables by columns.
         **ddp_kwargs: passed to ``DistributedDataParallel`` (e.g. ``device_ids``).
     """
 
-    def __init__(self, *, full_eval: bool = True, **ddp_kwargs) -> None:
+    def __init__(
+        self, *, full_eval: bool = True, shard_experts: bool = False, **ddp_kwargs
+    ) -> None:
         super().__init__()
         self.full_eval = check_bool("full_eval", full_eval)
+        self.shard_experts = check_bool("shard_experts", shard_experts)
+        if shard_experts and not full_eval:
+            raise ValueError(
+                "full_eval must be True with shard_experts=True (every rank must run the "
+                "same evaluation batches), got False"
+            )
         self.ddp_kwargs = ddp_kwargs
 
     @staticmethod
     def _active() -> bool:
         return dist.is_initialized() and dist.get_world_size() > 1
+
+    def before_training(self, strategy, **kwargs) -> None:
+        if self.shard_experts and self._active():
+            shard_peer_layers(unwrap(strategy.model))
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         if self._active():

@@ -169,10 +169,52 @@ def load_checkpoints(rank: int, out: str) -> None:
         torch.save(str(error), f"{out}/error{rank}.pt")
 
 
+def avalanche_runs(rank: int, out: str) -> None:
+    """peer_grow on a digits class stream under DistributedPEER, with and without sharding."""
+    import warnings
+
+    from avalanche.distributed import DistributedHelper
+    from workers import SMALL as DDP_SMALL
+    from workers import digits_stream
+
+    from peer_ll.strategies import GrowthPolicy, peer_classifier, peer_grow
+    from peer_ll.strategies.distributed import DistributedPEER
+
+    warnings.simplefilter("ignore")
+    stream = digits_stream()
+    runs, probe = {}, torch.rand(20, 64, generator=torch.Generator().manual_seed(3))
+    for shard in (False, True):
+        DistributedHelper.set_random_seeds(0)
+        model = peer_classifier(
+            64, 3, hidden=16, blocks=1, peer=DDP_SMALL, growth=GrowthPolicy(num_keys=4)
+        )
+        strategy = peer_grow(
+            model,
+            plugins=[DistributedPEER(shard_experts=shard)],
+            train_mb_size=16,
+            train_epochs=1,
+            eval_mb_size=64,
+            device="cpu",
+            evaluator=None,
+        )
+        for experience in stream.train_stream[:2]:
+            strategy.train(experience, num_workers=0)
+        layer = strategy.model.blocks[0].peer
+        runs[shard] = {
+            "type": type(layer).__name__,
+            "down": tuple(layer.down.shape),
+            "owners": layer.segment_owner.tolist(),
+            "state": (layer.unshard() if shard else layer).state_dict(),
+            "logits": strategy.model.eval()(probe).detach(),
+        }
+    torch.save(runs, f"{out}/aval{rank}.pt")
+
+
 def everything(rank: int, out: str) -> None:
     """All scenarios in one spawn: starting processes is the slow part."""
     forward_backward(rank, out)
     edge_cases(rank, out)
     train_through_growth(rank, out)
     load_checkpoints(rank, out)
+    avalanche_runs(rank, out)
     dist.barrier()

@@ -131,3 +131,19 @@ def test_bad_arguments_raise_before_anything_changes(runs):
     with pytest.raises(TypeError, match="layer must be a PEER"):
         shard_columns(torch.nn.Linear(4, 4))
     assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+
+
+def test_avalanche_strategy_with_sharded_tables_equals_plain_ddp(runs):
+    for rank in range(2):
+        plain, sharded = (torch.load(runs / f"aval{rank}.pt")[shard] for shard in (False, True))
+        assert (plain["type"], sharded["type"]) == ("PEER", "ShardedPEER")
+        assert sharded["down"][1] * 2 == plain["down"][1] == 16, "half the columns per rank"
+        assert sharded["owners"] == plain["owners"] == [0, 1], "grown once, on both ranks"
+        assert sharded["state"].keys() == plain["state"].keys()
+        for name, value in plain["state"].items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(sharded["state"][name], value, rtol=1e-4, atol=1e-5)
+            else:  # the growth module's record; fingerprints are of each rank's block
+                mine = {k: v for k, v in sharded["state"][name].items() if k != "fingerprints"}
+                assert mine == {k: v for k, v in value.items() if k != "fingerprints"}, name
+        torch.testing.assert_close(sharded["logits"], plain["logits"], rtol=1e-4, atol=1e-4)
