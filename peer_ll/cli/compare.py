@@ -96,7 +96,7 @@ def run_strategy(key: str, bench, info, config: ZooConfig, *, seed: int, log=Non
     strategy = build_strategy(key, info, config,
                               evaluator=evaluator(log, routing=peer, plasticity=peer))  # fmt: skip
     strategy.plugins.append(finite_loss_plugin())
-    distributed.prepare(strategy)  # DDP under torchrun; nothing in a single process
+    distributed.prepare(strategy, shard_experts=config.shard_experts)  # only under torchrun
     start = time.perf_counter()
     if info.kind == "online" and key != "joint":
         from peer_ll.cli.online import run_online

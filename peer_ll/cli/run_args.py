@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ KINDS = ("class", "task", "permuted", "rotated", "online")
 HELP = {
     "lr": "Adam learning rate, constant, every strategy",
     "batch_size": "training mini-batch",
+    "shard_experts": "with --nproc: split every PEER layer's expert tables by columns over the "
+    "processes (each holds 1/N of them; retrieval stays exact)",
     "eval_batch_size": "evaluation mini-batch",
     "replay_budget": "samples in memory for Replay and the PEER strategies",
     "hidden": "width of the encoder and the PEER block",
@@ -129,7 +132,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kinds = {int: pos, float: argtypes.non_negative_float}
     positive = ("lr", "lwf_temperature")
     for f in fields(ZooConfig):
-        if f.name not in ("epochs", "device"):
+        if f.name == "shard_experts":
+            parser.add_argument("--shard-experts", action="store_true", help=HELP[f.name])
+        elif f.name not in ("epochs", "device"):
             kind = argtypes.positive_float if f.name in positive else kinds[type(f.default)]
             text = f"{HELP[f.name]} (default {f.default})"
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind,
@@ -180,6 +185,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--experiences must be in [1, 10] for a {kind}-incremental stream "
                          f"of 10 classes, got {args.experiences}")  # fmt: skip
     argtypes.check_device(args.device)
+    if args.shard_experts and args.nproc == 1 and os.environ.get("WORLD_SIZE", "1") == "1":
+        raise ValueError("--shard-experts needs several processes: --nproc N > 1 (or torchrun)")
     if args.batch_size % args.nproc:
         raise ValueError(f"--batch-size must be a multiple of --nproc {args.nproc} (the "
                          f"global batch is split over them), got {args.batch_size}")  # fmt: skip

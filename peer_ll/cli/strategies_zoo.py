@@ -117,6 +117,7 @@ class ZooConfig:
     rd_alpha: float = 1.0  # RouterDistillation weight
     top_t: int = 64  # rows per layer and step for sparse finetuning
     device: str = "cpu"
+    shard_experts: bool = False  # under --nproc: split the expert tables by columns
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,13 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.distributed as dist
 from avalanche.models import DynamicModule
 from torch import nn
 
 from peer_ll.experts import PEER, peer_layers
 from peer_ll.experts.checks import check_type
+from peer_ll.experts.sharded import ShardedPEER
 from peer_ll.optim import migrate_state
 from peer_ll.strategies.growth_policy import (  # noqa: F401 (re-exported)
     FREEZE,
@@ -121,7 +123,12 @@ class PEERGrowth(DynamicModule):
 
     def trained_owners(self) -> set[int]:
         """Owners whose experts changed since this module first saw them."""
-        return {o for o, f in self.fingerprints.items() if fingerprint(self.layer, o) != f}
+        owners = sorted(self.fingerprints)
+        changed = [int(fingerprint(self.layer, o) != self.fingerprints[o]) for o in owners]
+        changed = torch.tensor(changed, dtype=torch.long, device=self.layer.down.device)
+        if isinstance(self.layer, ShardedPEER):  # a change in any rank's column block counts
+            dist.all_reduce(changed, op=dist.ReduceOp.MAX, group=self.layer.group)
+        return {o for o, c in zip(owners, changed.tolist(), strict=True) if c}
 
     def _decide(self, eid: int, new_classes: bool, new_tasks: bool) -> tuple[bool, str]:
         layer, policy = self.layer, self.policy

@@ -93,3 +93,26 @@ def test_a_model_without_peer_layers_has_no_expert_tables_to_keep_out_of_ddp():
     model = nn.Sequential(nn.Linear(4, 4), PEER(4, num_keys=2, heads=1, topk=2, dim_key=4))
     assert expert_table_names(model) == ["1.pool.down", "1.pool.sub_keys", "1.pool.up"]
 
+
+
+def test_shard_experts_needs_several_processes(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = tmp_path / "run"
+    assert main(["run", "--shard-experts", "--strategies", "naive", "--out", str(out)]) == 2
+    assert "--shard-experts needs several processes" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_sharded_run_gives_the_data_parallel_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    common = ["--nproc", "2", "--strategies", "peer-grow", "--seeds", "1", "--epochs", "1",
+              "--experiences", "2"]  # fmt: skip
+    assert main(["run", *common, "--out", str(tmp_path / "dp")]) == 0
+    assert main(["run", *common, "--shard-experts", "--out", str(tmp_path / "sh")]) == 0
+    dp, sh = (json.loads((tmp_path / f / "results.json").read_text()) for f in ("dp", "sh"))
+    (a,), (b,) = dp["strategies"].values(), sh["strategies"].values()
+    flat = [[v for row in r["accuracy_matrix"] for v in row] for r in (a, b)]
+    # The sharded forward equals the whole one up to float summation order: at most one
+    # test sample (of about 180 per experience) may flip.
+    assert flat[1] == pytest.approx(flat[0], abs=0.01)
