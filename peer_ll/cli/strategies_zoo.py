@@ -22,11 +22,16 @@ constant learning rate), epochs, mini-batch size and replay budget:
 | ``peer-protect-gate`` | routing protection, replay owner gate (not default) | growing | budget |
 | ``peer-protect-input`` | routing protection, input PPCA owners (not default) | growing | none |
 | ``peer-grow-online`` | task-free growth (``NoveltyTrigger``), old frozen | growing | budget |
+| ``peer-grow-pool`` | growth into one pool (``peer_grow_pool``), domain streams | growing | none |
 
 On ``online`` streams the other PEER strategies see the task boundaries (Avalanche then
 adapts the model to each base experience, so ``peer-grow`` grows once per base
 experience); ``peer-grow-online`` sees none and grows when its novelty signal says so
 (room for ``2·T`` segments).
+
+``peer-grow-pool`` tests with one retrieval over the whole pool, no task label and no
+owner inference; everything old (head included) is frozen, so it runs on permuted and
+rotated streams only.
 
 On task-incremental streams the ``peer-protect*`` strategies route by task label and
 ``slda`` / ``input-stats`` score only the task's classes, as the multi-head baselines do.
@@ -84,7 +89,10 @@ STRATEGIES: dict[str, str] = {
     "peer-protect-gate": "PEER protect + gate",
     "peer-protect-input": "PEER protect, input owners",
     "peer-grow-online": "PEER task-free growth",
+    "peer-grow-pool": "PEER growth into one pool",
 }
+#: Strategies that freeze the head: domain streams only (one fixed head).
+DOMAIN_ONLY: frozenset[str] = frozenset({"peer-grow-pool"})
 DEFAULT_STRATEGIES: tuple[str, ...] = tuple(STRATEGIES)[:12]
 #: Strategies whose model has no PEER layer (no routing metrics).
 NO_PEER: frozenset[str] = frozenset({"slda", "input-stats", "peer-protect-mlp"})
@@ -143,13 +151,20 @@ def stream_info(bench, kind: str) -> StreamInfo:
 
 
 def _model(info: StreamInfo, config: ZooConfig, *, grow: bool | str) -> PEERClassifier:
-    from peer_ll.strategies import GrowthPolicy, NoveltyTrigger, peer_classifier
+    from peer_ll.strategies import GrowthPolicy, NoveltyTrigger, attach_growth, peer_classifier
 
     n, t = config.num_keys, info.n_experiences
     if grow == "novelty":
         keys, policy = n, GrowthPolicy(when=NoveltyTrigger(), max_experts=2 * t * n * n)
     elif grow:
         keys, policy = n, GrowthPolicy(max_experts=t * n * n)
+        if grow == "pool":  # one fixed head: DOMAIN_ONLY
+            model = peer_classifier(
+                info.in_features, info.n_classes, hidden=config.hidden, peer={"num_keys": keys},
+                head="fixed", growth="pool",
+            )  # fmt: skip
+            attach_growth(model, policy)
+            return model
     else:
         keys, policy = round(n * math.sqrt(t)), GrowthPolicy(when="never")
     head = HEAD_OF_KIND[info.kind]
@@ -191,7 +206,9 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
             owner_encoder=key in ("peer-protect-full", "peer-protect-mlp"),
         )  # fmt: skip
     else:
-        grow = "novelty" if key == "peer-grow-online" else key.startswith("peer-grow")
+        grow = {"peer-grow-online": "novelty", "peer-grow-pool": "pool"}.get(
+            key, key.startswith("peer-grow")
+        )
         model = _model(info, config, grow=grow)
     common = dict(
         optimizer=make_optimizer(model, lr=config.lr), criterion=nn.CrossEntropyLoss(),
@@ -209,6 +226,13 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
         return peer_grow(model, template=av.LwF, **lwf, **common)
     if key in ("replay", "peer-grow", "peer-grow-online"):
         return peer_grow(model, **replay, **common)
+    if key == "peer-grow-pool":
+        from peer_ll.strategies.pool_growth import PoolGrowth, PoolGrowthConfig
+        from peer_ll.strategies.pool_growth_plugin import peer_grow_pool
+
+        # as many pseudo-queries per old owner and step as inputs in a mini-batch
+        growth = PoolGrowth(PoolGrowthConfig(pseudo_queries=config.batch_size))
+        return peer_grow_pool(model, growth=growth, **common)
     if key == "peer-grow-rd":
         from peer_ll.protect import peer_router_distillation
 

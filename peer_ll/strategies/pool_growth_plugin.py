@@ -13,16 +13,23 @@ every PEER layer in ``adaptation``, before the optimizer is updated) with
 - ``after_training_exp``: the experience's query statistics are stored (pseudo-queries).
 
 Evaluation is the paper's layer: one top-k over the whole pool, no owners.
+:func:`peer_grow_pool` builds the strategy (the ``peer-grow-pool`` of ``peer-ll run``)
+for a model with ``growth="pool"``. Everything old frozen includes the head, so it suits
+domain-incremental streams (one fixed head), not class-incremental ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from avalanche.core import SupervisedPlugin
+from torch import nn
 
 from peer_ll.experts import peer_layers
 from peer_ll.experts.checks import check_int, check_type
 from peer_ll.strategies.capture import PEERInputs, recompute_query
+from peer_ll.strategies.factories import peer_grow
 from peer_ll.strategies.pool_growth import PoolGrowth
 
 
@@ -103,3 +110,39 @@ class PoolGrowthPlugin(SupervisedPlugin):
             self.watch = None
         for layer, q in self._queries(strategy).items():
             self.growth.record(layer, self.owner, q)
+
+
+def peer_grow_pool(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    criterion: nn.Module | None = None,
+    *,
+    growth: PoolGrowth | None = None,
+    query_samples: int = 2048,
+    plugins: Iterable[object] = (),
+    **kwargs,
+):
+    """Growth into one pool: :func:`peer_grow` with a :class:`PoolGrowthPlugin` first.
+
+    Args:
+        model: a model with PEER layers whose ``growth`` attribute, if it has one, is
+            "pool" (e.g. ``peer_classifier(..., head="fixed", growth="pool")``).
+        optimizer, criterion: as in :func:`peer_grow`.
+        growth: the :class:`PoolGrowth` (default: its full method).
+        query_samples: inputs per experience for k-means keys and query statistics.
+        plugins: more Avalanche plugins (a new list is built).
+        **kwargs: :func:`peer_grow`'s (``policy``, ``template``, ``train_mb_size``, ...).
+
+    Returns:
+        The strategy; its ``plugins`` hold the :class:`PoolGrowthPlugin`.
+
+    Raises:
+        ValueError: ``model.growth`` is not "pool".
+    """
+    mode = getattr(model, "growth", None)  # a PEER layer's own growth is a module
+    if isinstance(mode, str) and mode != "pool":
+        raise ValueError(f"model.growth must be 'pool' for peer_grow_pool, got {mode!r}")
+    if isinstance(plugins, nn.Module | str) or not isinstance(plugins, Iterable):
+        raise TypeError(f"plugins must be an iterable of plugins, got {type(plugins).__name__}")
+    plugin = PoolGrowthPlugin(growth, query_samples=query_samples)
+    return peer_grow(model, optimizer, criterion, plugins=(plugin, *plugins), **kwargs)
