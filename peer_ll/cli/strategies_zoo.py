@@ -47,6 +47,7 @@ fixed pool holds about as many experts as the growing one ends with
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -227,11 +228,12 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
     if key in ("replay", "peer-grow", "peer-grow-online"):
         return peer_grow(model, **replay, **common)
     if key == "peer-grow-pool":
-        from peer_ll.strategies.pool_growth import PoolGrowth, PoolGrowthConfig
+        from peer_ll.strategies.pool_growth import OWN_QUERY, PoolGrowth
         from peer_ll.strategies.pool_growth_plugin import peer_grow_pool
 
         # as many pseudo-queries per old owner and step as inputs in a mini-batch
-        growth = PoolGrowth(PoolGrowthConfig(pseudo_queries=config.batch_size))
+        cfg = dataclasses.replace(OWN_QUERY, pseudo_queries=config.batch_size)
+        growth = PoolGrowth(cfg)
         return peer_grow_pool(model, growth=growth, **common)
     if key == "peer-grow-rd":
         from peer_ll.protect import peer_router_distillation

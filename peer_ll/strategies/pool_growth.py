@@ -98,6 +98,11 @@ class PoolGrowthConfig:
         return self.win_weight > 0 or self.keep_weight > 0
 
 
+#: The measured best on Permuted Fashion-MNIST (benchmarks/RESULTS.md): own query network,
+#: k-means keys, the regulariser with pseudo-inputs.
+OWN_QUERY = PoolGrowthConfig(calibrate=False, own_query=True, pseudo="inputs")
+
+
 class QueryStats:
     """Per-(layer, owner) Gaussian of queries, per head: mean (H, d), Cholesky (H, d, d).
 

@@ -38,6 +38,7 @@ def test_grow_pool_strategy_holds_a_pool_model_and_its_plugin():
     assert strategy.model.growth == "pool"
     plugin = next(p for p in strategy.plugins if isinstance(p, PoolGrowthPlugin))
     assert plugin.growth.config.pseudo_queries == 32  # ZooConfig's batch size
+    assert plugin.growth.config.own_query and plugin.growth.config.pseudo == "inputs"
     assert strategy.model.blocks[0].peer.capacity == 2 * 16  # room for one segment each
 
 
