@@ -47,8 +47,12 @@ VARIANTS = {
     "k-means + calibration + regulariser, keep ×2": {"keep_weight": 2.0},
     "k-means + calibration + regulariser, pseudo-inputs": {"pseudo": "inputs"},
     "far k-means + calibration + regulariser": {"far_fraction": 0.5},
+    "own query (random keys)": {**OFF, **OWN},
+    "own query + k-means": {**OFF, **OWN, "kmeans": True},
+    "own query + regulariser": {**OWN, "kmeans": False},
     "own query + k-means + regulariser": {**OWN},
     "own query + far k-means + regulariser": {**OWN, "far_fraction": 0.5},
+    "own query rank 32 + k-means + regulariser": {**OWN, "own_query_rank": 32},
     "owner-restricted (task known)": None,
     "full finetuning (no growth)": "full",
 }

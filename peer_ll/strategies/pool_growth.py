@@ -68,6 +68,7 @@ class PoolGrowthConfig:
     pseudo_queries: int = 256  # pseudo-queries per old owner and step
     pseudo: str = "queries"  # draw them from query ("queries") or input ("inputs") Gaussians
     own_query: bool = False  # the new owner's own query network for its sub-keys
+    own_query_rank: int = 0  # 0: a full copy of the query projection; r: shared + rank r
     far_fraction: float = 1.0  # k-means on the new queries the old keys score lowest
 
     def __post_init__(self) -> None:
@@ -81,6 +82,7 @@ class PoolGrowthConfig:
         check_int("calibration_rank", self.calibration_rank, minimum=0)
         check_choice("pseudo", self.pseudo, ("queries", "inputs"))
         check_bool("own_query", self.own_query)
+        check_int("own_query_rank", self.own_query_rank, minimum=0)
         check_float("far_fraction", self.far_fraction, minimum=0.0)
         if not 0.0 < self.far_fraction <= 1.0:
             raise ValueError(f"far_fraction must be in (0, 1], got {self.far_fraction}")
@@ -188,7 +190,7 @@ class PoolGrowth:
             kmeans_sub_keys(layer, self._far(layer, queries, owner), owner=owner, norm=norm)
         if self.config.own_query:
             if layer.query_adapter is None:
-                layer.attach_query_adapter(OwnQuery(layer))
+                layer.attach_query_adapter(OwnQuery(layer, rank=self.config.own_query_rank))
             layer.query_adapter.add_owner(owner)
         elif self.config.calibrate and layer.query_adapter is None:
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from peer_ll.experts import PEER
-from peer_ll.experts.checks import check_float, check_owner, check_type
+from peer_ll.experts.checks import check_float, check_int, check_owner, check_type
 
 
 class OwnQuery(nn.Module):
@@ -34,13 +34,17 @@ class OwnQuery(nn.Module):
 
     Args:
         layer: the PEER layer (its ``query_norm`` must be "layer" or None).
+        rank: 0: each owner's projection is a full copy of the layer's (D·H·d weights
+            and multiply-adds per input); r > 0: the frozen shared projection plus a
+            trainable rank-r residual ``x A_o B_o`` (r·(D + H·d) each), B_o zero at start.
 
     Owners without a network of their own get the shared query unchanged.
     """
 
-    def __init__(self, layer: PEER) -> None:
+    def __init__(self, layer: PEER, *, rank: int = 0) -> None:
         super().__init__()
         check_type("layer", layer, PEER)
+        self.rank = check_int("rank", rank, minimum=0)
         if layer.query_norm_kind not in ("layer", None):
             raise ValueError(
                 "layer.query_norm_kind must be 'layer' or None for an own query, got "
@@ -61,6 +65,12 @@ class OwnQuery(nn.Module):
         if str(owner) in self.nets:
             raise ValueError(f"owner must not have an own query yet, got {owner}")
         to_query, norm = (copy.deepcopy(m) for m in self._template)
+        if self.rank:  # shared projection (called, not copied) + a rank-r residual
+            dim, out = to_query.in_features, to_query.out_features
+            down = nn.Linear(dim, self.rank, bias=False)
+            up = nn.Linear(self.rank, out, bias=False)
+            nn.init.zeros_(up.weight)
+            to_query = nn.Sequential(down, up)
         net = nn.ModuleDict({"to_query": to_query, "norm": norm})
         for p in net.parameters():
             p.requires_grad_(True)
@@ -81,7 +91,12 @@ class OwnQuery(nn.Module):
                 f"q of shape {tuple(q.shape)} and last inputs of shape "
                 f"{None if x is None else tuple(x.shape)}"
             )
-        out = net["to_query"](x).view(-1, self.heads, self.dim_key)
+        out = net["to_query"](x)
+        if self.rank:
+            with torch.no_grad():  # the shared query's projection, outside the hook
+                shared = nn.functional.linear(x, self._template[0].weight)
+            out = out + shared
+        out = out.view(-1, self.heads, self.dim_key)
         return net["norm"](out).view_as(q)
 
     def remove(self) -> None:

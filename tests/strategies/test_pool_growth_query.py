@@ -31,9 +31,10 @@ def share(layer, x, owner):
     return float((layer.owners[ids] == owner).float().mean())
 
 
-def test_own_query_starts_as_the_shared_query_and_checks_its_inputs():
+@pytest.mark.parametrize("rank", [0, 3])
+def test_own_query_starts_as_the_shared_query_and_checks_its_inputs(rank):
     layer, old, _ = hidden_domains()
-    own = OwnQuery(layer)
+    own = OwnQuery(layer, rank=rank)
     own.add_owner(1)
     q = layer.query(old)  # (300, 2, 8), through to_query: own sees old
     assert torch.allclose(own(q, 1), q, atol=1e-6) and own(q, 0) is q
@@ -42,15 +43,18 @@ def test_own_query_starts_as_the_shared_query_and_checks_its_inputs():
         own.add_owner(1)
     with pytest.raises(ValueError, match="q must come from the layer's own query"):
         own(q[:5], 1)
+    params = sum(p.numel() for p in own.nets["1"]["to_query"].parameters())
+    assert params == (3 * (32 + 16) if rank else 32 * 16)  # rank·(D + H·d) or D·H·d
     own.remove()
     bn = PEER(8, num_keys=2, heads=1, topk=2, dim_key=4, query_norm="batch")
     with pytest.raises(ValueError, match="query_norm_kind must be 'layer' or None"):
         OwnQuery(bn)
 
 
-def test_own_query_separates_domains_that_share_their_queries():
+@pytest.mark.parametrize("rank", [0, 4])
+def test_own_query_separates_domains_that_share_their_queries(rank):
     layer, old, new = hidden_domains()
-    growth = PoolGrowth(PoolGrowthConfig(**OWN))
+    growth = PoolGrowth(PoolGrowthConfig(**OWN, own_query_rank=rank))
     with torch.no_grad():
         growth.record(layer, 0, layer.query(old), inputs=old)
         growth.grow(layer, 4, owner=1, queries=layer.query(new))
