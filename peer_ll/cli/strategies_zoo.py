@@ -22,16 +22,12 @@ constant learning rate), epochs, mini-batch size and replay budget:
 | ``peer-protect-gate`` | routing protection, replay owner gate (not default) | growing | budget |
 | ``peer-protect-input`` | routing protection, input PPCA owners (not default) | growing | none |
 | ``peer-grow-online`` | task-free growth (``NoveltyTrigger``), old frozen | growing | budget |
-| ``peer-grow-pool`` | growth into one pool (``peer_grow_pool``), domain streams | growing | none |
+| ``peer-grow-pool`` | one-pool growth (``peer_grow_pool``), domain streams | growing | none |
 
 On ``online`` streams the other PEER strategies see the task boundaries (Avalanche then
 adapts the model to each base experience, so ``peer-grow`` grows once per base
 experience); ``peer-grow-online`` sees none and grows when its novelty signal says so
 (room for ``2·T`` segments).
-
-``peer-grow-pool`` tests with one retrieval over the whole pool, no task label and no
-owner inference; everything old (head included) is frozen, so it runs on permuted and
-rotated streams only.
 
 On task-incremental streams the ``peer-protect*`` strategies route by task label and
 ``slda`` / ``input-stats`` score only the task's classes, as the multi-head baselines do.
