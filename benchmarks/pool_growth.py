@@ -185,7 +185,8 @@ def plot(records, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # one colour per variant
     for v in VARIANTS:
         rs = [r for r in records if r["variant"] == v]
         if rs:
@@ -197,7 +198,7 @@ def plot(records, path):
         title="Permuted Fashion-MNIST, after the last experience",
         ylim=(0, 105),
     )
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
