@@ -7,7 +7,8 @@ network, head, old experts, old sub-keys); only the new experts, sub-keys and (w
 calibration) the new owner's query scale and shift train. Test: one top-k over the whole
 pool, no task label, no owner inference, except ``owner-restricted (task known)``, which
 trains and tests each experience on its own segment only: the best any owner-restricted
-method can do with this model.
+method can do with this model, and ``full finetuning (no growth)``, which trains every
+parameter of the one-segment model on each experience in turn.
 
     python benchmarks/pool_growth.py --seeds 0 1 2          # table + RESULTS.md section
 
@@ -34,6 +35,7 @@ from peer_ll.experts import PEER
 from peer_ll.strategies.pool_growth import PoolGrowth, PoolGrowthConfig
 
 OFF = dict(kmeans=False, calibrate=False, win_weight=0.0, keep_weight=0.0)
+OWN = dict(calibrate=False, own_query=True, pseudo="inputs")
 VARIANTS = {
     "grow-only (paper, random keys)": OFF,
     "k-means keys": {**OFF, "kmeans": True},
@@ -43,7 +45,16 @@ VARIANTS = {
     "k-means + regulariser": {**OFF, "kmeans": True, "win_weight": 1.0, "keep_weight": 1.0},
     "k-means + calibration + regulariser": {},
     "k-means + calibration + regulariser, keep ×2": {"keep_weight": 2.0},
+    "k-means + calibration + regulariser, pseudo-inputs": {"pseudo": "inputs"},
+    "far k-means + calibration + regulariser": {"far_fraction": 0.5},
+    "own query (random keys)": {**OFF, **OWN},
+    "own query + k-means": {**OFF, **OWN, "kmeans": True},
+    "own query + regulariser": {**OWN, "kmeans": False},
+    "own query + k-means + regulariser": {**OWN},
+    "own query + far k-means + regulariser": {**OWN, "far_fraction": 0.5},
+    "own query rank 32 + k-means + regulariser": {**OWN, "own_query_rank": 32},
     "owner-restricted (task known)": None,
+    "full finetuning (no growth)": "full",
 }
 
 
@@ -86,13 +97,13 @@ def stream(n_exp, n_train, n_test, seed):
 def run(variant, exps, seed, *, epochs=1, batch=64, lr=1e-3):
     torch.manual_seed(seed)
     net, cfg = Net(), VARIANTS[variant]
-    oracle = cfg is None
-    growth = PoolGrowth(PoolGrowthConfig(**(OFF if oracle else cfg)))
+    oracle, full = cfg is None, cfg == "full"
+    growth = PoolGrowth(PoolGrowthConfig(**(OFF if oracle or full else cfg)))
     gen = torch.Generator().manual_seed(seed)
     T = len(exps)
     R = np.zeros((T, T))
     for t, (x, y, _, _) in enumerate(exps):
-        if t > 0:
+        if t > 0 and not full:
             with torch.no_grad():
                 q = net.peer.query(x[:4096])
             growth.grow(net.peer, 16, owner=t, queries=q)
@@ -103,6 +114,9 @@ def run(variant, exps, seed, *, epochs=1, batch=64, lr=1e-3):
                 p.requires_grad_(True)
             if net.peer.query_adapter is not None:
                 net.peer.freeze([], keys=False)  # syncs the adapters' trainability
+            if growth.config.own_query:  # the new owner's query network trains
+                for p in net.peer.query_adapter.nets[str(t)].parameters():
+                    p.requires_grad_(True)
         params = [p for p in net.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=lr)
         owners = t if oracle else None
@@ -111,14 +125,14 @@ def run(variant, exps, seed, *, epochs=1, batch=64, lr=1e-3):
             for i in range(0, len(x), batch):
                 idx = order[i : i + batch]
                 loss = F.cross_entropy(net(x[idx], owners), y[idx])
-                if t > 0 and growth.config.regularised and not oracle:
+                if t > 0 and growth.config.regularised and not (oracle or full):
                     q = net.peer.query(x[idx])
                     loss = loss + growth.loss(net.peer, q, owner=t, generator=gen)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
         with torch.no_grad():
-            growth.record(net.peer, t, net.peer.query(x[:4096]))
+            growth.record(net.peer, t, net.peer.query(x[:4096]), inputs=x[:4096])
             for j in range(t + 1):
                 xt, yt = exps[j][2], exps[j][3]
                 pred = net(xt, j if oracle else None).argmax(-1)
@@ -171,7 +185,8 @@ def plot(records, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # one colour per variant
     for v in VARIANTS:
         rs = [r for r in records if r["variant"] == v]
         if rs:
@@ -183,7 +198,7 @@ def plot(records, path):
         title="Permuted Fashion-MNIST, after the last experience",
         ylim=(0, 105),
     )
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -212,7 +227,7 @@ def main(argv=None):
     for item in args.set:
         name, value = item.split("=", 1)
         for cfg in VARIANTS.values():
-            if cfg is not None and cfg.get(name, 1) != 0 and cfg.get(name) is not False:
+            if isinstance(cfg, dict) and cfg.get(name, 1) != 0 and cfg.get(name) is not False:
                 cfg[name] = type(getattr(PoolGrowthConfig(), name))(value)
     records = []
     if args.report:

@@ -15,7 +15,7 @@ from typing import Any
 
 from peer_ll.cli import args as argtypes
 from peer_ll.cli.run_folder import check_run_folder
-from peer_ll.cli.strategies_zoo import DEFAULT_STRATEGIES, STRATEGIES, ZooConfig
+from peer_ll.cli.strategies_zoo import DEFAULT_STRATEGIES, DOMAIN_ONLY, STRATEGIES, ZooConfig
 
 DATASETS = ("digits", "fashion-mnist", "mnist")
 KINDS = ("class", "task", "permuted", "rotated", "online")
@@ -181,6 +181,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     strategies = _strategies(args)
     if not strategies or set(strategies) - set(STRATEGIES):
         raise ValueError(f"--strategies must be among {list(STRATEGIES)}, got {strategies}")
+    domain_only = sorted(set(strategies) & DOMAIN_ONLY)
+    if domain_only and kind not in ("permuted", "rotated"):
+        raise ValueError(f"--stream must be a permuted or rotated stream for {domain_only} "
+                         f"(they freeze the one head), got {args.stream!r}")  # fmt: skip
     if kind in ("class", "task") and args.experiences is not None and args.experiences > 10:
         raise ValueError(f"--experiences must be in [1, 10] for a {kind}-incremental stream "
                          f"of 10 classes, got {args.experiences}")  # fmt: skip

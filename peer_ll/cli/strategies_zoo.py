@@ -22,6 +22,7 @@ constant learning rate), epochs, mini-batch size and replay budget:
 | ``peer-protect-gate`` | routing protection, replay owner gate (not default) | growing | budget |
 | ``peer-protect-input`` | routing protection, input PPCA owners (not default) | growing | none |
 | ``peer-grow-online`` | task-free growth (``NoveltyTrigger``), old frozen | growing | budget |
+| ``peer-grow-pool`` | one-pool growth (``peer_grow_pool``), domain streams | growing | none |
 
 On ``online`` streams the other PEER strategies see the task boundaries (Avalanche then
 adapts the model to each base experience, so ``peer-grow`` grows once per base
@@ -42,6 +43,7 @@ fixed pool holds about as many experts as the growing one ends with
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -84,7 +86,10 @@ STRATEGIES: dict[str, str] = {
     "peer-protect-gate": "PEER protect + gate",
     "peer-protect-input": "PEER protect, input owners",
     "peer-grow-online": "PEER task-free growth",
+    "peer-grow-pool": "PEER growth into one pool",
 }
+#: Strategies that freeze the head: domain streams only (one fixed head).
+DOMAIN_ONLY: frozenset[str] = frozenset({"peer-grow-pool"})
 DEFAULT_STRATEGIES: tuple[str, ...] = tuple(STRATEGIES)[:12]
 #: Strategies whose model has no PEER layer (no routing metrics).
 NO_PEER: frozenset[str] = frozenset({"slda", "input-stats", "peer-protect-mlp"})
@@ -146,13 +151,20 @@ def stream_info(bench, kind: str) -> StreamInfo:
 
 
 def _model(info: StreamInfo, config: ZooConfig, *, grow: bool | str) -> PEERClassifier:
-    from peer_ll.strategies import GrowthPolicy, NoveltyTrigger, peer_classifier
+    from peer_ll.strategies import GrowthPolicy, NoveltyTrigger, attach_growth, peer_classifier
 
     n, t = config.num_keys, info.n_experiences
     if grow == "novelty":
         keys, policy = n, GrowthPolicy(when=NoveltyTrigger(), max_experts=2 * t * n * n)
     elif grow:
         keys, policy = n, GrowthPolicy(max_experts=t * n * n)
+        if grow == "pool":  # one fixed head: DOMAIN_ONLY
+            model = peer_classifier(
+                info.in_features, info.n_classes, hidden=config.hidden, peer={"num_keys": keys},
+                head="fixed", growth="pool",
+            )  # fmt: skip
+            attach_growth(model, policy)
+            return model
     else:
         keys, policy = round(n * math.sqrt(t)), GrowthPolicy(when="never")
     head = HEAD_OF_KIND[info.kind]
@@ -194,7 +206,9 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
             owner_encoder=key in ("peer-protect-full", "peer-protect-mlp"),
         )  # fmt: skip
     else:
-        grow = "novelty" if key == "peer-grow-online" else key.startswith("peer-grow")
+        grow = {"peer-grow-online": "novelty", "peer-grow-pool": "pool"}.get(
+            key, key.startswith("peer-grow")
+        )
         model = _model(info, config, grow=grow)
     common = dict(
         optimizer=make_optimizer(model, lr=config.lr), criterion=nn.CrossEntropyLoss(),
@@ -212,6 +226,14 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
         return peer_grow(model, template=av.LwF, **lwf, **common)
     if key in ("replay", "peer-grow", "peer-grow-online"):
         return peer_grow(model, **replay, **common)
+    if key == "peer-grow-pool":
+        from peer_ll.strategies.pool_growth import OWN_QUERY, PoolGrowth
+        from peer_ll.strategies.pool_growth_plugin import peer_grow_pool
+
+        # as many pseudo-queries per old owner and step as inputs in a mini-batch
+        cfg = dataclasses.replace(OWN_QUERY, pseudo_queries=config.batch_size)
+        growth = PoolGrowth(cfg)
+        return peer_grow_pool(model, growth=growth, **common)
     if key == "peer-grow-rd":
         from peer_ll.protect import peer_router_distillation
 

@@ -7,7 +7,12 @@
 
 The model is plain torch. Its pools grow only when something grows them:
 ``peer_ll.strategies.attach_growth(model)`` (done by the ``peer_ll.strategies``
-factories) for Avalanche streams, or ``layer.grow(...)`` by hand.
+factories) for Avalanche streams, or ``layer.grow(...)`` by hand. ``growth`` says how
+grown experts are reached: "owner" (default) keeps ``forward(x, owners=...)``, so the
+per-owner methods (``peer_ll.protect``) can restrict retrieval to an owner's experts;
+"pool" is the paper's literal growth: one top-k over every expert, no task label and no
+owner inference (``owners`` is refused), grown by
+:func:`peer_ll.strategies.pool_growth_plugin.peer_grow_pool`.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 from torch import nn
 
 from peer_ll.experts import PEER, Owners, call_with_owners
-from peer_ll.experts.checks import check_int, check_type
+from peer_ll.experts.checks import check_choice, check_int, check_type
 
 #: PEER settings of the classifier, smaller than the paper's language-model layer.
 PEER_DEFAULTS: dict[str, Any] = dict(
@@ -31,6 +36,8 @@ PEER_DEFAULTS: dict[str, Any] = dict(
     # default train_mb_size is 1) and makes queries independent of the batch.
     query_norm="layer",
 )
+#: How grown experts are reached (see the module docstring).
+GROWTH = ("owner", "pool")
 
 
 class PEERBlock(nn.Module):
@@ -60,6 +67,8 @@ class PEERClassifier(nn.Module):
         head: a module mapping features (B, hidden) to logits (B, classes); default
             ``Linear(hidden, num_classes)``. An owner-aware head (``takes_owners``)
             gets the ``owners`` of :meth:`forward`.
+        growth: "owner" (owners may restrict retrieval) or "pool" (one retrieval over
+            every expert; :meth:`forward` refuses ``owners``).
 
     Shapes:
         input (B, *) with ``in_features`` values per sample -> logits (B, classes).
@@ -76,8 +85,10 @@ class PEERClassifier(nn.Module):
         blocks: int = 1,
         peer: Mapping[str, Any] | None = None,
         head: nn.Module | None = None,
+        growth: str = "owner",
     ) -> None:
         super().__init__()
+        check_choice("growth", growth, GROWTH)
         for name, value in (
             ("in_features", in_features),
             ("num_classes", num_classes),
@@ -97,7 +108,7 @@ class PEERClassifier(nn.Module):
         peer = dict(peer or {})
         if {"dim", "dim_out"} & peer.keys():
             raise ValueError(f"peer must not set dim or dim_out (use hidden), got {sorted(peer)}")
-        self.in_features, self.num_classes = in_features, num_classes
+        self.in_features, self.num_classes, self.growth = in_features, num_classes, growth
         self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.GELU())
         self.blocks = nn.ModuleList(
             PEERBlock(hidden, **{**PEER_DEFAULTS, **peer}) for _ in range(blocks)
@@ -119,6 +130,11 @@ class PEERClassifier(nn.Module):
                 f"x must have shape (B, ...) with {self.in_features} values per "
                 f"sample, got {tuple(x.shape)}"
             )
+        if owners is not None and self.growth == "pool":
+            raise ValueError(
+                "owners must be None for a model with growth='pool' (one retrieval over "
+                f"every expert), got {owners!r}"
+            )
         h = x
         for layer in self.encoder:  # an owner-aware layer (e.g. per-owner) gets the owners
             h = call_with_owners(layer, h, owners)
@@ -133,6 +149,7 @@ class PEERClassifier(nn.Module):
             x: (B, *) inputs.
             owners: passed to every owner-aware submodule (the PEER blocks, and the
                 head if it takes owners): None (every expert), an int, a sequence of
-                ints, or a (B,) integer tensor with one owner per input.
+                ints, or a (B,) integer tensor with one owner per input. Only None
+                with ``growth="pool"``.
         """
         return call_with_owners(self.head, self.features(x, owners), owners)

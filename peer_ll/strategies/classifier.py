@@ -43,7 +43,7 @@ def peer_classifier(
     num_classes: int,
     *,
     head: str = "incremental",
-    growth: GrowthPolicy | None = None,
+    growth: GrowthPolicy | str | None = None,
     **kwargs: Any,
 ) -> PEERClassifier:
     """A :class:`PEERClassifier` with an Avalanche head whose PEER layers grow.
@@ -55,7 +55,10 @@ def peer_classifier(
         head: "incremental", "multihead" or "fixed".
         growth: the :class:`GrowthPolicy` of every PEER layer (default:
             ``GrowthPolicy()``, one segment per new experience, earlier owners
-            frozen); ``GrowthPolicy(when="never")`` keeps the pool fixed.
+            frozen); ``GrowthPolicy(when="never")`` keeps the pool fixed. A string
+            is the model's ``growth`` (:class:`PEERClassifier`: "owner" or "pool")
+            with the default policy; ``growth="pool"`` is the one-pool growth of
+            :func:`peer_ll.strategies.pool_growth_plugin.peer_grow_pool`.
         **kwargs: ``hidden``, ``blocks``, ``peer`` of :class:`PEERClassifier`.
 
     Returns:
@@ -65,6 +68,8 @@ def peer_classifier(
     check_int("num_classes", num_classes, minimum=1)
     hidden = kwargs.get("hidden", 128)
     check_int("hidden", hidden, minimum=1)
+    if isinstance(growth, str):
+        kwargs["growth"], growth = growth, None
     if head == "fixed":
         model = PEERClassifier(in_features, num_classes, **kwargs)
     else:  # the head is built last, as the model's own Linear head would be (same init order)

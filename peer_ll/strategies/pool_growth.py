@@ -19,6 +19,17 @@ experts starve) or, trained freely, win the old domains' queries too (they steal
   queries; ``keep``: on pseudo-queries drawn from Gaussians of each old owner's queries
   (:class:`QueryStats`, stored when that owner finished training), the new segment's
   best score stays ``margin`` below the old k-th score, so old top-k are unchanged.
+  With ``pseudo="inputs"`` the pseudo-queries are the layer's queries of pseudo-inputs
+  drawn from Gaussians of each old owner's inputs (:class:`InputStats`);
+
+and two that attack what those leave, the overlap of old and new queries under the
+frozen query network (not in the paper):
+
+- ``own_query``: the new owner scores its own sub-keys with a query network of its own
+  (:class:`peer_ll.strategies.pool_growth_query.OwnQuery`, a copy of the layer's,
+  trained on the new data), in the same single retrieval; needs ``pseudo="inputs"``;
+- ``far_fraction`` < 1: k-means only on the new queries that the old keys score lowest
+  (that fraction of them), so the new keys sit away from the old queries.
 
 Axis letters: ``T`` queries, ``H`` heads, ``d`` dim_key, ``k`` top-k.
 """
@@ -31,8 +42,16 @@ import torch
 import torch.nn.functional as F
 
 from peer_ll.experts import PEER, PerOwner, QueryAdapter
-from peer_ll.experts.checks import check_bool, check_float, check_int, check_owner, check_type
+from peer_ll.experts.checks import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_owner,
+    check_type,
+)
 from peer_ll.experts.segment_init import kmeans_sub_keys, scores_of, search_queries
+from peer_ll.strategies.pool_growth_query import InputStats, OwnQuery
 
 
 @dataclass(frozen=True)
@@ -47,6 +66,10 @@ class PoolGrowthConfig:
     keep_weight: float = 1.0  # regulariser: new top-1 under old k-th on pseudo-queries
     margin: float = 1.0  # score margin of both terms
     pseudo_queries: int = 256  # pseudo-queries per old owner and step
+    pseudo: str = "queries"  # draw them from query ("queries") or input ("inputs") Gaussians
+    own_query: bool = False  # the new owner's own query network for its sub-keys
+    own_query_rank: int = 0  # 0: a full copy of the query projection; r: shared + rank r
+    far_fraction: float = 1.0  # k-means on the new queries the old keys score lowest
 
     def __post_init__(self) -> None:
         check_bool("kmeans", self.kmeans)
@@ -57,11 +80,29 @@ class PoolGrowthConfig:
         check_float("margin", self.margin, minimum=0.0)
         check_int("pseudo_queries", self.pseudo_queries, minimum=1)
         check_int("calibration_rank", self.calibration_rank, minimum=0)
+        check_choice("pseudo", self.pseudo, ("queries", "inputs"))
+        check_bool("own_query", self.own_query)
+        check_int("own_query_rank", self.own_query_rank, minimum=0)
+        check_float("far_fraction", self.far_fraction, minimum=0.0)
+        if not 0.0 < self.far_fraction <= 1.0:
+            raise ValueError(f"far_fraction must be in (0, 1], got {self.far_fraction}")
+        if self.own_query and self.calibrate:
+            raise ValueError("calibrate must be False with own_query=True, got True")
+        if self.own_query and self.keep_weight > 0 and self.pseudo != "inputs":
+            raise ValueError(
+                "pseudo must be 'inputs' with own_query=True and keep_weight > 0, "
+                f"got {self.pseudo!r}"
+            )
 
     @property
     def regularised(self) -> bool:
         """Whether :meth:`PoolGrowth.loss` adds anything."""
         return self.win_weight > 0 or self.keep_weight > 0
+
+
+#: The measured best on Permuted Fashion-MNIST (benchmarks/RESULTS.md): own query network,
+#: k-means keys, the regulariser with pseudo-inputs.
+OWN_QUERY = PoolGrowthConfig(calibrate=False, own_query=True, pseudo="inputs")
 
 
 class QueryStats:
@@ -114,6 +155,7 @@ class PoolGrowth:
             PoolGrowthConfig() if config is None else check_type("config", config, PoolGrowthConfig)
         )
         self.query_stats = QueryStats()
+        self.input_stats = InputStats()
 
     def grow(
         self, layer: PEER, num_keys: int, *, owner: int, queries: torch.Tensor
@@ -127,14 +169,13 @@ class PoolGrowth:
             queries: (..., H, d) queries of the new data (for k-means).
         """
         check_type("layer", layer, PEER)
-        if (
-            self.config.calibrate
-            and layer.query_adapter is not None
-            and not isinstance(layer.query_adapter, PerOwner)
+        kind = OwnQuery if self.config.own_query else PerOwner
+        if (self.config.calibrate or self.config.own_query) and not isinstance(
+            layer.query_adapter, kind | None
         ):
             raise ValueError(
-                "layer.query_adapter must be None or a PerOwner with "
-                f"calibrate=True, got {type(layer.query_adapter).__name__}"
+                f"layer.query_adapter must be None or a {kind.__name__} with this config, "
+                f"got {type(layer.query_adapter).__name__}"
             )
         ids = layer.grow(num_keys, owner=owner)
         self.init_grown(layer, owner=owner, queries=queries)
@@ -146,8 +187,12 @@ class PoolGrowth:
         if self.config.kmeans:
             old = layer.sub_keys.detach()[: int(layer.segments[-1, 0])]
             norm = float(old.norm(dim=-1).mean()) * self.config.key_scale if len(old) else None
-            kmeans_sub_keys(layer, queries, owner=owner, norm=norm)
-        if self.config.calibrate and layer.query_adapter is None:
+            kmeans_sub_keys(layer, self._far(layer, queries, owner), owner=owner, norm=norm)
+        if self.config.own_query:
+            if layer.query_adapter is None:
+                layer.attach_query_adapter(OwnQuery(layer, rank=self.config.own_query_rank))
+            layer.query_adapter.add_owner(owner)
+        elif self.config.calibrate and layer.query_adapter is None:
 
             def adapter() -> QueryAdapter:  # identity at init; old owners have none
                 return QueryAdapter(
@@ -160,9 +205,33 @@ class PoolGrowth:
         elif isinstance(layer.query_adapter, PerOwner):  # as models' grow_peer
             layer.query_adapter.add_owner(owner)
 
-    def record(self, layer: PEER, owner: int, queries: torch.Tensor) -> None:
-        """Store ``owner``'s query statistics (call when it has finished training)."""
+    def _far(self, layer: PEER, queries: torch.Tensor, owner: int) -> torch.Tensor:
+        """The ``far_fraction`` of ``queries`` (..., H, d) that old keys score lowest."""
+        frac = self.config.far_fraction
+        old = [o for o in set(layer.segment_owner.tolist()) if o != owner]
+        if frac >= 1.0 or not old:
+            return queries
+        heads, d = layer.heads, layer.dim_key
+        q = queries.detach().reshape(-1, heads, d)
+        best, _ = search_queries(layer, q, owners=old, k=1)  # (T, H, 1)
+        keep = max(heads, int(frac * best.numel()) // heads * heads)
+        pick = best.reshape(-1).argsort()[:keep]
+        return q.reshape(-1, d)[pick].view(-1, heads, d)
+
+    def record(
+        self, layer: PEER, owner: int, queries: torch.Tensor, inputs: torch.Tensor | None = None
+    ) -> None:
+        """Store ``owner``'s query (and input) statistics when it has finished training.
+
+        Args:
+            layer: the PEER layer.
+            owner: the owner that finished.
+            queries: (..., H, d) its queries.
+            inputs: (..., D) the layer's inputs they came from (for ``pseudo="inputs"``).
+        """
         self.query_stats.record(layer, owner, queries)
+        if inputs is not None:
+            self.input_stats.record(layer, owner, inputs)
 
     def loss(self, layer: PEER, q: torch.Tensor, *, owner: int, generator=None) -> torch.Tensor:
         """Retrieval regulariser of ``owner``'s segment on current queries q (..., H, d).
@@ -183,11 +252,13 @@ class PoolGrowth:
             _, ids = search_queries(layer, q, owners=owner, k=k)
             s_new = scores_of(layer, q, ids)  # (T, H, k), differentiable
             total = total + cfg.win_weight * F.softplus(s_old + cfg.margin - s_new).mean()
-        known = [o for o in self.query_stats.owners(layer) if o in old]
+        stats = self.input_stats if cfg.pseudo == "inputs" else self.query_stats
+        known = [o for o in stats.owners(layer) if o in old]
         if cfg.keep_weight > 0 and known:
-            p = torch.cat(
-                [self.query_stats.sample(layer, o, cfg.pseudo_queries, generator) for o in known]
-            )  # (P, H, d)
+            p = torch.cat([stats.sample(layer, o, cfg.pseudo_queries, generator) for o in known])
+            if cfg.pseudo == "inputs":  # (P, D) -> (P, H, d), through the layer's query
+                with torch.no_grad():
+                    p = layer.query(p).reshape(-1, layer.heads, layer.dim_key)
             s_old, _ = search_queries(layer, p, owners=old, k=k)
             _, ids = search_queries(layer, p, owners=owner, k=1)
             s_new = scores_of(layer, p, ids)  # (P, H, 1)
