@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peer_ll.experts import PEER
+from peer_ll.evaluation.counts import parameter_counts
 from peer_ll.experts.checks import check_choice
 from peer_ll.models import PEERClassifier
 from peer_ll.optim import make_optimizer
@@ -267,44 +267,3 @@ def _no_network(key: str, info: StreamInfo, config: ZooConfig, evaluator):
         return streaming_lda(info.in_features, info.n_classes,
                              n_tasks=info.n_experiences if task else None, **common)  # fmt: skip
     return input_stats_classifier(info.in_features, info.n_classes, task_labels=task, **common)
-
-
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """Total and active parameters of a model with PEER layers.
-
-    Total counts the live rows of each PEER table (``num_experts`` expert rows,
-    ``num_sub_keys`` sub-key rows), not reserved capacity. Active counts what one
-    input uses: everything outside the expert tables (all sub-keys are scored) plus
-    ``min(N, heads · topk)`` experts per PEER layer, and of each per-owner module
-    (``peer_ll.protect.PerOwner`` heads, encoder layers and norms, PEER query adapters) only
-    its largest copy: an input runs through one owner's (owner-restricted retrieval).
-
-    Returns:
-        ``(total, active)``.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    live = {}
-    inactive = 0
-    for layer in (m for m in model.modules() if isinstance(m, PEER)):
-        n = layer.num_experts
-        live[id(layer.down)] = n * layer.dim
-        live[id(layer.up)] = n * layer.dim_out
-        live[id(layer.sub_keys)] = layer.num_sub_keys * layer.dim_key
-        inactive += (n - min(n, layer.heads * layer.topk)) * (layer.dim + layer.dim_out)
-    for copies in _per_owner_copies(model):
-        sizes = [sum(p.numel() for p in m.parameters()) for m in copies.values()]
-        inactive += sum(sizes) - max(sizes, default=0)
-    total = sum(live.get(id(p), p.numel()) for p in model.parameters())
-    return total, total - inactive
-
-
-def _per_owner_copies(model: nn.Module) -> list[nn.ModuleDict]:
-    """The ``{owner: module}`` dicts of a model's per-owner modules (keys: owner ids).
-
-    ``peer_ll.experts.PerOwner`` copies (heads, encoder copies, query adapters); not
-    Avalanche's multi-head classifiers, whose ModuleDict is keyed by task labels too.
-    """
-    from peer_ll.experts import per_owner_modules
-
-    return [m.copies for m in per_owner_modules(model)]
