@@ -118,7 +118,7 @@ def one_seed(seed: int, args) -> dict:
     far = np.array([i for i in inside if min(i - f for f in first if f <= i) > cool])
     res = {}
     for s in SIGNALS:
-        sig, calm = np.array(on[s]), np.array(st[s])[first[1]:]
+        sig, calm = np.array(on[s]), np.array(st[s])[first[1] :]
         threshold = sig[boundary].min()
         res[s] = dict(auroc=auroc(sig[boundary], sig[inside]),
                       false_inside=int((sig[inside] >= threshold).sum()),

@@ -58,8 +58,11 @@ NAMES = {"fashion-mnist": "Fashion-MNIST", "digits": "Digits"}
 
 def one_seed(seed: int, args) -> dict:
     torch.manual_seed(seed)
-    limits = dict(max_train_per_exp=args.max_train_per_exp,
-                  max_test_per_exp=args.max_test_per_exp) if args.dataset != "digits" else {}
+    limits = (
+        dict(max_train_per_exp=args.max_train_per_exp, max_test_per_exp=args.max_test_per_exp)
+        if args.dataset != "digits"
+        else {}
+    )
     bench = make_stream(args.dataset, kind="class", seed=seed, **limits)  # fmt: skip
     info = stream_info(bench, "class")
     strategy = build_strategy("peer-protect", info, ZooConfig(epochs=args.epochs))

@@ -91,8 +91,13 @@ def main() -> None:
         default="0.99",
         help="comma-separated confidences, each evaluated on the same models",
     )
-    parser.add_argument("--prior", type=int, default=0, choices=(0, 1, 2),
-                        help="n-gram order of the naive Bayes domain prior (0: none)")
+    parser.add_argument(
+        "--prior",
+        type=int,
+        default=0,
+        choices=(0, 1, 2),
+        help="n-gram order of the naive Bayes domain prior (0: none)",
+    )
     args = parser.parse_args()
     text_confidence = args.confidence
     args.confidence = [float(c) for c in args.confidence.split(",")]

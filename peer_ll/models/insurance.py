@@ -153,9 +153,7 @@ def prior_mixture(
     B, T = idx.shape
     O = len(owners)
     if tuple(log_prior.shape) != (O, B, T):
-        raise ValueError(
-            f"log_prior must have shape ({O}, {B}, {T}), got {tuple(log_prior.shape)}"
-        )
+        raise ValueError(f"log_prior must have shape ({O}, {B}, {T}), got {tuple(log_prior.shape)}")
     prob = log_prior.exp()
     active = (prob >= 1 - confidence) | (prob >= prob.max(0, keepdim=True).values)  # (O, B, T)
     span = torch.arange(1, T + 1, device=idx.device)

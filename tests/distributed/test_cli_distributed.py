@@ -94,7 +94,6 @@ def test_a_model_without_peer_layers_has_no_expert_tables_to_keep_out_of_ddp():
     assert expert_table_names(model) == ["1.pool.down", "1.pool.sub_keys", "1.pool.up"]
 
 
-
 def test_shard_experts_needs_several_processes(capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "run"

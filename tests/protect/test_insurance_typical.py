@@ -81,9 +81,7 @@ def test_bad_input_raises_and_changes_nothing():
     assert evidence.owners == [0, 1]
 
 
-def test_plugin_fits_each_owner_after_its_experience(
-    small_peer, class_stream
-):
+def test_plugin_fits_each_owner_after_its_experience(small_peer, class_stream):
     from peer_ll.protect import peer_protect, protect_classifier
     from peer_ll.protect.insurance import FitRouteTypicality
 
