@@ -96,10 +96,14 @@ def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src), repeats)
 
 
-def worker(provider: str, keys: int, tokens: int, threads: int, repeats: int) -> dict:
+def worker(provider: str, keys: int, tokens: int, threads: int, repeats: int, retain: bool) -> dict:
     """Measure one (provider, threads) in this process."""
     import torch
 
+    from peer_ll.kernels.memory import retain_freed_memory
+
+    if retain:  # every provider alike: a process-wide allocator setting
+        retain_freed_memory()
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     model, opt = _build(provider, keys)
@@ -132,7 +136,7 @@ def worker(provider: str, keys: int, tokens: int, threads: int, repeats: int) ->
     return row
 
 
-def run(provider: str, keys: int, tokens: int, threads: int, repeats: int) -> dict:
+def run(provider: str, keys: int, tokens: int, threads: int, repeats: int, retain: bool) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -145,6 +149,7 @@ def run(provider: str, keys: int, tokens: int, threads: int, repeats: int) -> di
         str(tokens),
         "--repeats",
         str(repeats),
+        *([] if retain else ["--default-malloc"]),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
@@ -206,17 +211,31 @@ def main() -> None:
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (default: every provider's process keeps freed "
+        "blocks for reuse, peer_ll.kernels.memory.retain_freed_memory)",
+    )
+    parser.add_argument(
         "--worker", nargs=2, metavar=("PROVIDER", "THREADS"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.worker:
-        row = worker(args.worker[0], args.keys, args.tokens, int(args.worker[1]), args.repeats)
+        row = worker(
+            args.worker[0],
+            args.keys,
+            args.tokens,
+            int(args.worker[1]),
+            args.repeats,
+            not args.default_malloc,
+        )
         print(json.dumps(row))
         return
     from tqdm import tqdm
 
     jobs = [(p, t) for t in args.threads for p in args.providers]
-    rows = [run(p, args.keys, args.tokens, t, args.repeats) for p, t in tqdm(jobs)]
+    retain = not args.default_malloc
+    rows = [run(p, args.keys, args.tokens, t, args.repeats, retain) for p, t in tqdm(jobs)]
     text = table(rows) + "\n\nFloor of the step, measured in the same run:\n\n" + floors(rows)
     print(text)
     if not args.no_write:
@@ -224,14 +243,15 @@ def main() -> None:
 
         command = "python benchmarks/bench_layer.py " + " ".join(sys.argv[1:])
         header = (
-            f"\n### Run of {datetime.date.today()}\n\n`{command.strip()}` — "
+            f"### Run of {datetime.date.today()}\n\n`{command.strip()}` — "
             f"{os.cpu_count()} CPU cores, no GPU, Python {platform.python_version()}, "
             f"torch {torch.__version__}, {args.keys}² experts, {args.tokens} tokens, "
             f"dim={DIM}, heads={HEADS}, topk={TOPK}, dim_key={DIM_KEY}, median of "
             f"{args.repeats} steps (decode: of {20 * args.repeats}).\n\n"
         )
-        with RESULTS.open("a") as f:
-            f.write(header + text + "\n")
+        from peer_ll.cli.results import write_section
+
+        write_section(RESULTS, "## PEER layer on CPU (bench_layer.py)", header + text)
 
 
 if __name__ == "__main__":

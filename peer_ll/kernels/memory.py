@@ -3,8 +3,9 @@
 A step touches rows scattered over tables of a gigabyte or more (the experts' ``down``
 and ``up`` rows and their AdamW moments). With 4 KiB pages nearly every touched row
 costs a TLB miss and a page walk; with 2 MiB pages a 1 GiB table needs 512 TLB entries.
-Measured at 1024² experts, dim 256, one thread: the forward and backward of the layer
-took 29 % less CPU time and the optimizer step 14 % less (``benchmarks/bench_layer.py``).
+Measured at 1024² experts, dim 256, 1024 tokens, one thread (CPU time, best of three):
+with the tables and moments on huge pages the optimizer step took 18 % less time and
+the forward and backward 10 % less.
 
 A step also allocates and frees temporaries of tens of MiB (the per-half scores of the
 retrieval, gathered rows, sparse gradient values). glibc returns every block over its
