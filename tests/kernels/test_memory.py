@@ -77,3 +77,23 @@ def test_optimizer_moments_are_zero_and_separate():
     assert m.shape == v.shape == table.shape and m.data_ptr() != v.data_ptr()
     torch.testing.assert_close(m, 0.1 * table.grad)  # (1 - β1)·g from zero moments
     torch.testing.assert_close(v, 0.001 * table.grad.square())
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or _thp_mode() not in ("madvise", "always"),
+    reason="needs Linux with transparent huge pages on madvise or always",
+)
+def test_peer_tables_and_moments_get_huge_pages():
+    from peer_ll.experts import PEER
+
+    before = _anon_huge_kib()
+    layer = PEER(64, num_keys=512, heads=2, topk=4, dim_key=16)  # tables 2 × 64 MiB
+    tables = _anon_huge_kib() - before
+    opt = SparseAdamW(layer.parameters(), lr=1e-3)
+    layer(torch.randn(8, 64)).sum().backward()
+    before = _anon_huge_kib()
+    opt.step()  # allocates the moments: 4 × 64 MiB
+    moments = _anon_huge_kib() - before
+    # 0 only where the kernel had no free huge page (fragmented memory)
+    assert tables >= 2 * 62 * 1024 or tables == 0
+    assert moments >= 4 * 62 * 1024 or moments == 0
