@@ -15,7 +15,11 @@ touched rows R, so the memory floor of the step comes from the same run:
     floor = (6·A + 14·R) · dim · 4 bytes / copy bandwidth
 
 (forward and backward read about 6 rows per retrieval; lazy Adam reads p, g, m, v and
-writes p, m, v of each touched row of two tables). Providers:
+writes p, m, v of each touched row of two tables). With one thread the step and the copy
+are also timed by the process's CPU time, which a loaded, shared machine inflates much
+less than the wall clock. Every provider's process keeps large freed blocks for reuse
+(``peer_ll.kernels.memory.retain_freed_memory``; ``--default-malloc`` leaves glibc as it
+is). Providers:
 
 - ``peer_ll``: this package (lazy AdamW in place, fp32 moments);
 - ``peer_ll_bf16``: the same with bf16 moments for the expert tables;
@@ -24,7 +28,7 @@ writes p, m, v of each touched row of two tables). Providers:
 
 Usage:
     python benchmarks/bench_layer.py [--keys 1024] [--tokens 1024] [--threads 1 2]
-        [--repeats 5] [--providers ...] [--no-write]
+        [--repeats 5] [--providers ...] [--default-malloc] [--no-write]
 """
 
 from __future__ import annotations
