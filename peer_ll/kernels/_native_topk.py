@@ -7,8 +7,8 @@ the first few hundred elements is rare, so a row costs about one comparison per
 element. Rows are split over ``torch.get_num_threads()`` POSIX threads. The source is
 built on first use like the lazy AdamW kernel (:mod:`peer_ll.kernels._native`).
 
-Equal scores keep the lower index first. NaN is never selected while a number is left
-(``torch.topk`` ranks NaN above every number); queries and keys are finite in use.
+Equal scores keep the lower index first. NaN ranks above every number, as in
+``torch.topk`` (a NaN input then retrieves real experts, whose gates are NaN).
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from peer_ll.kernels import _native
 _SOURCE = r"""
 #include <pthread.h>
 #include <stdint.h>
+
+/* s ranks above w: torch.topk's order, where NaN ranks above every number. */
+static inline int beats(float s, float w) { return s != s ? w == w : s > w; }
 
 typedef struct {
   const float *x; float *vals; int64_t *ids;
@@ -39,10 +42,9 @@ static void *run(void *arg) {
     float worst = -INFINITY;
     for (int64_t c = 0; c < n; c++) {
       float s = x[c];
-      if (filled == k && !(s > worst)) continue;  /* also skips NaN */
-      if (filled < k && s != s) continue;
+      if (filled == k && !beats(s, worst)) continue;
       int64_t p = filled < k ? filled++ : k - 1;
-      while (p > 0 && s > v[p - 1]) { v[p] = v[p - 1]; id[p] = id[p - 1]; p--; }
+      while (p > 0 && beats(s, v[p - 1])) { v[p] = v[p - 1]; id[p] = id[p - 1]; p--; }
       v[p] = s; id[p] = c;
       worst = v[filled - 1];
     }

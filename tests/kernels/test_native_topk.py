@@ -28,13 +28,17 @@ def test_row_topk_is_torch_topk(shape, cols, k):
 
 
 @needs_native
-def test_row_topk_ties_keep_the_lower_index_and_skip_nan():
+def test_row_topk_ties_keep_the_lower_index_and_nan_ranks_first_as_in_torch():
     x = torch.tensor([[1.0, 3.0, 3.0, -math.inf, 2.0], [math.nan, 0.5, math.nan, 0.25, 1.0]])
     values, ids = _native_topk.row_topk(x, 3)
-    assert ids.tolist() == [[1, 2, 4], [4, 1, 3]]
-    assert values.tolist() == [[3.0, 3.0, 2.0], [1.0, 0.5, 0.25]]
-    values, ids = _native_topk.row_topk(torch.tensor([[math.nan, -math.inf, math.nan]]), 2)
-    assert ids.tolist() == [[1, -1]] and values.tolist() == [[-math.inf, -math.inf]]
+    assert ids.tolist() == [[1, 2, 4], [0, 2, 4]]
+    assert values[0].tolist() == [3.0, 3.0, 2.0] and values[1, 2] == 1.0
+    assert bool(values[1, :2].isnan().all())
+    want = x[1:].topk(3, dim=-1)  # torch ranks NaN first too
+    assert torch.equal(want.values.isnan(), values[1:].isnan())
+    assert want.indices.sort().values.tolist() == [[0, 2, 4]]
+    values, ids = _native_topk.row_topk(torch.full((2, 3), math.nan), 2)
+    assert ids.tolist() == [[0, 1], [0, 1]] and bool(values.isnan().all())
 
 
 def test_fits_only_cpu_fp32_with_unit_stride():
