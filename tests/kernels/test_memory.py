@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -64,7 +66,12 @@ def test_retain_freed_memory_checks_its_argument():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="max_bytes"):
             memory.retain_freed_memory(bad)
-    assert memory.retain_freed_memory(1 << 26) is sys.platform.startswith("linux")
+    # The setting is process-wide (it would change how later tests allocate): a child makes it.
+    code = "from peer_ll.kernels.memory import retain_freed_memory as r; print(r(1 << 26))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(sys.platform.startswith("linux"))
 
 
 def test_optimizer_moments_are_zero_and_separate():
