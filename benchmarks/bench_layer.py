@@ -15,7 +15,11 @@ touched rows R, so the memory floor of the step comes from the same run:
     floor = (6·A + 14·R) · dim · 4 bytes / copy bandwidth
 
 (forward and backward read about 6 rows per retrieval; lazy Adam reads p, g, m, v and
-writes p, m, v of each touched row of two tables). Providers:
+writes p, m, v of each touched row of two tables). With one thread the step and the copy
+are also timed by the process's CPU time, which a loaded, shared machine inflates much
+less than the wall clock. Every provider's process keeps large freed blocks for reuse
+(``peer_ll.kernels.memory.retain_freed_memory``; ``--default-malloc`` leaves glibc as it
+is). Providers:
 
 - ``peer_ll``: this package (lazy AdamW in place, fp32 moments);
 - ``peer_ll_bf16``: the same with bf16 moments for the expert tables;
@@ -24,7 +28,7 @@ writes p, m, v of each touched row of two tables). Providers:
 
 Usage:
     python benchmarks/bench_layer.py [--keys 1024] [--tokens 1024] [--threads 1 2]
-        [--repeats 5] [--providers ...] [--no-write]
+        [--repeats 5] [--providers ...] [--default-malloc] [--no-write]
 """
 
 from __future__ import annotations
@@ -77,29 +81,33 @@ def _build(provider: str, keys: int):
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
-def _median_time(fn, repeats: int) -> float:
+def _median_time(fn, repeats: int, clock=time.perf_counter) -> float:
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
-def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+def copy_bandwidth(mib: int = 256, repeats: int = 5, clock=time.perf_counter) -> float:
     """Bytes moved per second (read + write) by a large ``copy_``, median of repeats."""
     import torch
 
     src = torch.ones(mib << 18)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    return 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src), repeats)
+    return 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src), repeats, clock)
 
 
-def worker(provider: str, keys: int, tokens: int, threads: int, repeats: int) -> dict:
+def worker(provider: str, keys: int, tokens: int, threads: int, repeats: int, retain: bool) -> dict:
     """Measure one (provider, threads) in this process."""
     import torch
 
+    from peer_ll.kernels.memory import retain_freed_memory
+
+    if retain:  # every provider alike: a process-wide allocator setting
+        retain_freed_memory()
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     model, opt = _build(provider, keys)
@@ -118,6 +126,8 @@ def worker(provider: str, keys: int, tokens: int, threads: int, repeats: int) ->
     step()  # warm-up and optimizer state
     step()
     row = {"provider": provider, "threads": threads, "step_s": _median_time(step, repeats)}
+    if threads == 1:  # CPU time: what the step costs on a shared, loaded machine
+        row["step_cpu_s"] = _median_time(step, repeats, time.process_time)
     model.eval()  # serving: BatchNorm uses its running statistics
     decode()
     row["decode_s"] = _median_time(decode, 20 * repeats)
@@ -129,10 +139,13 @@ def worker(provider: str, keys: int, tokens: int, threads: int, repeats: int) ->
         row["A"], row["R"] = ids.numel(), int(torch.unique(ids).numel())
         row["bandwidth"] = copy_bandwidth()
         row["floor_s"] = (6 * row["A"] + 14 * row["R"]) * DIM * 4 / row["bandwidth"]
+        if threads == 1:
+            row["bandwidth_cpu"] = copy_bandwidth(clock=time.process_time)
+            row["floor_cpu_s"] = row["floor_s"] * row["bandwidth"] / row["bandwidth_cpu"]
     return row
 
 
-def run(provider: str, keys: int, tokens: int, threads: int, repeats: int) -> dict:
+def run(provider: str, keys: int, tokens: int, threads: int, repeats: int, retain: bool) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -145,6 +158,7 @@ def run(provider: str, keys: int, tokens: int, threads: int, repeats: int) -> di
         str(tokens),
         "--repeats",
         str(repeats),
+        *([] if retain else ["--default-malloc"]),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
@@ -156,23 +170,26 @@ def table(rows: list[dict]) -> str:
     lines = [
         "| threads | provider | step (ms) | step / floor | peer-pytorch step / step "
         "| peak RSS (MiB) | RSS / peer-pytorch's | decode 1 token (ms) "
-        "| peer-pytorch decode / decode |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| peer-pytorch decode / decode | step, CPU time (ms) | CPU step / CPU floor "
+        "| peer-pytorch CPU step / CPU step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by = {(r["provider"], r["threads"]): r for r in rows}
     for threads in sorted({r["threads"] for r in rows}):
         base = by.get(("peer_pytorch", threads), {})
         floor = by.get(("peer_ll", threads), {}).get("floor_s")
+        floor_cpu = by.get(("peer_ll", threads), {}).get("floor_cpu_s")
         for provider in PROVIDERS:
             r = by.get((provider, threads))
             if r is None:
                 continue
             if "error" in r:
                 lines.append(
-                    f"| {threads} | {provider} | failed: {r['error'][-80:]!r} | | | | | | |"
+                    f"| {threads} | {provider} | failed: {r['error'][-80:]!r} | | | | | | | | | |"
                 )
                 continue
             ratio = lambda a, b, f: f.format(a / b) if a and b else "—"  # noqa: E731
+            cpu = f"{r['step_cpu_s'] * 1e3:.0f}" if "step_cpu_s" in r else "—"
             lines.append(
                 f"| {threads} | {provider} | {r['step_s'] * 1e3:.0f} "
                 f"| {ratio(r['step_s'], floor, '{:.2f}×')} "
@@ -180,7 +197,9 @@ def table(rows: list[dict]) -> str:
                 f"| {r['peak_rss_mib']:.0f} "
                 f"| {ratio(r['peak_rss_mib'], base.get('peak_rss_mib'), '{:.2f}×')} "
                 f"| {r['decode_s'] * 1e3:.2f} "
-                f"| {ratio(base.get('decode_s'), r['decode_s'], '{:.1f}×')} |"
+                f"| {ratio(base.get('decode_s'), r['decode_s'], '{:.1f}×')} | {cpu} "
+                f"| {ratio(r.get('step_cpu_s'), floor_cpu, '{:.2f}×')} "
+                f"| {ratio(base.get('step_cpu_s'), r.get('step_cpu_s'), '{:.1f}×')} |"
             )
     return "\n".join(lines)
 
@@ -192,7 +211,13 @@ def floors(rows: list[dict]) -> str:
             out.append(
                 f"- {r['threads']} thread(s): A = {r['A']:,} retrievals, R = {r['R']:,} distinct "
                 f"rows, copy bandwidth {r['bandwidth'] / 1e9:.1f} GB/s, floor "
-                f"**{r['floor_s'] * 1e3:.0f} ms**."
+                f"**{r['floor_s'] * 1e3:.0f} ms**"
+                + (
+                    f"; by CPU time, copy bandwidth {r['bandwidth_cpu'] / 1e9:.1f} GB/s, floor "
+                    f"**{r['floor_cpu_s'] * 1e3:.0f} ms**."
+                    if "floor_cpu_s" in r
+                    else "."
+                )
             )
     return "\n".join(out)
 
@@ -206,17 +231,31 @@ def main() -> None:
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (default: every provider's process keeps freed "
+        "blocks for reuse, peer_ll.kernels.memory.retain_freed_memory)",
+    )
+    parser.add_argument(
         "--worker", nargs=2, metavar=("PROVIDER", "THREADS"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.worker:
-        row = worker(args.worker[0], args.keys, args.tokens, int(args.worker[1]), args.repeats)
+        row = worker(
+            args.worker[0],
+            args.keys,
+            args.tokens,
+            int(args.worker[1]),
+            args.repeats,
+            not args.default_malloc,
+        )
         print(json.dumps(row))
         return
     from tqdm import tqdm
 
     jobs = [(p, t) for t in args.threads for p in args.providers]
-    rows = [run(p, args.keys, args.tokens, t, args.repeats) for p, t in tqdm(jobs)]
+    retain = not args.default_malloc
+    rows = [run(p, args.keys, args.tokens, t, args.repeats, retain) for p, t in tqdm(jobs)]
     text = table(rows) + "\n\nFloor of the step, measured in the same run:\n\n" + floors(rows)
     print(text)
     if not args.no_write:
@@ -224,14 +263,15 @@ def main() -> None:
 
         command = "python benchmarks/bench_layer.py " + " ".join(sys.argv[1:])
         header = (
-            f"\n### Run of {datetime.date.today()}\n\n`{command.strip()}` — "
+            f"### Run of {datetime.date.today()}\n\n`{command.strip()}` — "
             f"{os.cpu_count()} CPU cores, no GPU, Python {platform.python_version()}, "
             f"torch {torch.__version__}, {args.keys}² experts, {args.tokens} tokens, "
             f"dim={DIM}, heads={HEADS}, topk={TOPK}, dim_key={DIM_KEY}, median of "
             f"{args.repeats} steps (decode: of {20 * args.repeats}).\n\n"
         )
-        with RESULTS.open("a") as f:
-            f.write(header + text + "\n")
+        from peer_ll.cli.results import write_section
+
+        write_section(RESULTS, "## PEER layer on CPU (bench_layer.py)", header + text)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from torch import nn
 
 from peer_ll.experts.checks import check_float
 from peer_ll.kernels.lazy_adamw import LAZY_ADAMW_BACKENDS, adamw_, lazy_adamw_
+from peer_ll.kernels.memory import huge_zeros_like
 
 
 class SparseAdamW(torch.optim.Optimizer):
@@ -109,8 +110,8 @@ class SparseAdamW(torch.optim.Optimizer):
                     if self.expert_state_dtype is not None and hasattr(p, "peer_frozen_rows"):
                         dtype = self.expert_state_dtype
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
+                    state["exp_avg"] = huge_zeros_like(p, dtype=dtype)  # rows far apart
+                    state["exp_avg_sq"] = huge_zeros_like(p, dtype=dtype)
                 state["step"] += 1
                 frozen = getattr(p, "peer_frozen_rows", None)
                 if p.grad.is_sparse:
@@ -252,7 +253,7 @@ def migrate_state(optimizer: torch.optim.Optimizer, layer: nn.Module) -> int:
 def _resized(value, old: torch.Tensor, new: torch.Tensor):
     if not isinstance(value, torch.Tensor) or value.shape != old.shape:
         return value
-    out = value.new_zeros(new.shape)  # keeps the state's dtype (e.g. bf16 moments)
+    out = huge_zeros_like(new, dtype=value.dtype)  # keeps the state's dtype (e.g. bf16)
     rows = min(old.shape[0], new.shape[0])
     out[:rows] = value[:rows]
     return out

@@ -21,6 +21,7 @@ from torch import nn
 
 from peer_ll.experts.checkpoint import check_checkpoint
 from peer_ll.experts.checks import check_allocation, check_int, check_owner
+from peer_ll.kernels.memory import huge_zeros
 
 TABLES = ("down", "up", "sub_keys")
 _STORAGE = (*TABLES, "segments", "segment_owner", "expert_owner", "expert_frozen", "key_frozen")
@@ -50,8 +51,8 @@ class ExpertPool(nn.Module):
     ) -> None:
         super().__init__()
         self.dim, self.dim_out, self.dim_key, self.heads = dim, dim_out, dim_key, heads
-        self.down = nn.Parameter(torch.zeros(capacity, dim))
-        self.up = nn.Parameter(torch.zeros(capacity, dim_out))
+        self.down = nn.Parameter(huge_zeros(capacity, dim))  # rows far apart: 2 MiB pages
+        self.up = nn.Parameter(huge_zeros(capacity, dim_out))
         self.sub_keys = nn.Parameter(torch.zeros(key_capacity, 2, dim_key // 2))
         self.register_buffer("segments", torch.zeros(0, 4, dtype=torch.long))
         self.register_buffer("segment_owner", torch.zeros(0, dtype=torch.long))
@@ -191,7 +192,7 @@ class ExpertPool(nn.Module):
         fresh = {}
         for name in TABLES:
             old = getattr(self, name)
-            new = old.new_zeros((sizes[name], *old.shape[1:]))
+            new = huge_zeros(sizes[name], *old.shape[1:], dtype=old.dtype, device=old.device)
             used = rows if name != "sub_keys" else n_keys
             new[:used] = old.detach()[:used]
             fresh[name] = nn.Parameter(new, requires_grad=old.requires_grad)

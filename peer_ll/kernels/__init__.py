@@ -14,6 +14,9 @@ path and the test oracle) behind one public function that takes
   in place (the row update of ``peer_ll.optim.SparseAdamW``): Triton on CUDA, a small
   C kernel on CPU (``_native.py``, built on first use), torch as the fallback.
 
+On CPU, "auto" retrieval also uses a C row top-k (``_native_topk.py``, built the same
+way); ``peer_ll.kernels.memory`` puts large tables on transparent huge pages.
+
 ``peer_ll.kernels.aot`` compiles every Triton kernel configuration for sm_80/sm_90
 ahead of time, without a GPU (``python -m peer_ll.kernels.aot``).
 

@@ -136,10 +136,10 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _build(compiler: str) -> Path:
-    """Compile the kernel into the cache (atomically) and return the library's path."""
+def _build(compiler: str, source: str = _SOURCE) -> Path:
+    """Compile ``source`` into the cache (atomically) and return the library's path."""
     key = hashlib.sha256(
-        (_SOURCE + compiler + " ".join(_FLAGS) + platform.machine() + sys.platform).encode()
+        (source + compiler + " ".join(_FLAGS) + platform.machine() + sys.platform).encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"kernels_{key}.so"
     if target.exists():
@@ -147,7 +147,7 @@ def _build(compiler: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src, lib = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
-        src.write_text(_SOURCE)
+        src.write_text(source)
         subprocess.run(
             [compiler, *_FLAGS, str(src), "-o", str(lib), "-lm"],
             check=True,
@@ -158,22 +158,32 @@ def _build(compiler: str) -> Path:
     return target
 
 
-@functools.cache
-def load():
-    """The compiled library (``ctypes.CDLL``), or None where it cannot be built or loaded.
+def build_and_load(source: str):
+    """Compile C ``source`` (cached) and load it with ``ctypes``; None where that fails.
 
-    Set ``PEER_LL_NATIVE=0`` to never build it (the pure-torch path is then used).
+    Set ``PEER_LL_NATIVE=0`` to never build native kernels (pure-torch paths are used).
     """
     if os.environ.get("PEER_LL_NATIVE", "1") == "0" or sys.platform == "win32":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.info("no C compiler found: lazy AdamW uses its pure-torch path")
+        logger.info("no C compiler found: using the pure-torch kernels")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        return ctypes.CDLL(str(_build(compiler, source)))
     except (OSError, subprocess.SubprocessError) as err:
-        logger.warning("building the lazy AdamW kernel failed (%s); using pure torch", err)
+        logger.warning("building a native kernel failed (%s); using pure torch", err)
+        return None
+
+
+@functools.cache
+def load():
+    """The compiled lazy AdamW library (``ctypes.CDLL``), or None where it cannot be built.
+
+    Set ``PEER_LL_NATIVE=0`` to never build it (the pure-torch path is then used).
+    """
+    lib = build_and_load(_SOURCE)
+    if lib is None:
         return None
     i64, f64, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
     lib.peer_lazy_adamw.argtypes = [ptr] * 5 + [i64] * 5 + [f64] * 6

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from peer_ll.kernels import reference
+from peer_ll.kernels import _native_topk, reference
 from peer_ll.kernels.backend import COMPILED_MAX_K, resolve_backend
 
 
@@ -45,7 +45,9 @@ def product_topk(
         k: experts per token and head. The compiled Triton kernel takes k <= 16 ("auto"
             uses the torch path for larger k on CUDA); the interpreter takes k <= 64.
         segment_mask: optional (T, S) bool; False excludes a segment for a token.
-        backend: "auto" (Triton on CUDA tensors, torch otherwise), "torch" or "triton".
+        backend: "auto" (Triton on CUDA tensors; on CPU the torch path with the C row
+            top-k of :mod:`peer_ll.kernels._native_topk` where it builds), "torch" (pure
+            torch) or "triton".
         select: Triton only: how the kernel selects top-k, "bitonic" (``tl.topk``,
             the GPU default) or "extract" (k row maxima; interpreter only).
 
@@ -79,4 +81,12 @@ def product_topk(
             from peer_ll.kernels._topk_triton import product_topk_triton
 
             return product_topk_triton(queries, sub_keys, segments, k, segment_mask, select=select)
-        return reference.product_topk(queries, sub_keys, segments, k, segment_mask=segment_mask)
+        topk = _cpu_topk if backend == "auto" and _native_topk.load() is not None else None
+        return reference.product_topk(
+            queries, sub_keys, segments, k, segment_mask=segment_mask, topk=topk
+        )
+
+
+def _cpu_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C row top-k where it takes ``x`` (CPU fp32), else ``torch.topk``."""
+    return _native_topk.row_topk(x, k) if _native_topk.fits(x, k) else x.topk(k, dim=-1)

@@ -41,6 +41,7 @@ def product_topk(
     k: int,
     *,
     segment_mask: torch.Tensor | None = None,
+    topk=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k over all product keys of all segments (not differentiable).
 
@@ -54,12 +55,15 @@ def product_topk(
         segments: (S, 4) int64 segment table (see module docstring).
         k: number of experts to return per token and head.
         segment_mask: optional (T, S) bool; False excludes a segment for a token.
+        topk: the row top-k to use, ``(x (..., n), k) -> (values, indices)`` sorted
+            descending like ``torch.topk(x, k, dim=-1)`` (the default).
 
     Returns:
         scores (T, H, k) sorted descending, and ids (T, H, k) int64 expert ids.
         Places without an expert (fewer than k experts allowed) score ``-inf``
         and have the id -1.
     """
+    topk = topk or _torch_topk
     half = queries.shape[-1] // 2
     q_left, q_right = queries[..., :half], queries[..., half:]
     used = int((segments[:, 0] + segments[:, 1:3].max(dim=1).values).max())
@@ -68,15 +72,15 @@ def product_topk(
     cand_scores, cand_ids = [], []
     for s, (offset, n_left, n_right, expert_offset) in enumerate(segments.tolist()):
         k_left, k_right = min(k, n_left), min(k, n_right)
-        s_left, i_left = left[..., offset : offset + n_left].topk(k_left, dim=-1)
-        s_right, i_right = right[..., offset : offset + n_right].topk(k_right, dim=-1)
+        s_left, i_left = topk(left[..., offset : offset + n_left], k_left)
+        s_right, i_right = topk(right[..., offset : offset + n_right], k_right)
         # Both lists are sorted: pair (a, b) of ranks has (a+1)(b+1)-1 pairs at least as
         # good, so only pairs with (a+1)(b+1) <= k can be in the top-k (~k·ln k of k²).
         a, b = _rank_pairs(k_left, k_right, k, queries.device)
         sums = s_left.index_select(-1, a) + s_right.index_select(-1, b)  # (T, H, P)
         ids = expert_offset + i_left.index_select(-1, a) * n_right + i_right.index_select(-1, b)
         if sums.shape[-1] > k:
-            sums, pick = sums.topk(k, dim=-1)
+            sums, pick = topk(sums, k)
             ids = ids.gather(-1, pick)
         if segment_mask is not None:
             sums = sums.masked_fill(~segment_mask[:, s, None, None], -math.inf)
@@ -88,9 +92,13 @@ def product_topk(
         pad = k - scores.shape[-1]
         scores = F.pad(scores, (0, pad), value=-math.inf)
         ids = F.pad(ids, (0, pad), value=-1)
-    scores, pick = scores.topk(k, dim=-1)
+    scores, pick = topk(scores, k)
     ids = ids.gather(-1, pick).masked_fill_(scores == -math.inf, -1)
     return scores, ids
+
+
+def _torch_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.topk(k, dim=-1)
 
 
 def _rank_pairs(
