@@ -63,7 +63,7 @@ def product_topk(
         Places without an expert (fewer than k experts allowed) score ``-inf``
         and have the id -1.
     """
-    topk = topk or _torch_topk
+    topk = topk or (lambda x, k: x.topk(k, dim=-1))  # (values, indices) along the last axis
     half = queries.shape[-1] // 2
     q_left, q_right = queries[..., :half], queries[..., half:]
     used = int((segments[:, 0] + segments[:, 1:3].max(dim=1).values).max())
@@ -95,10 +95,6 @@ def product_topk(
     scores, pick = topk(scores, k)
     ids = ids.gather(-1, pick).masked_fill_(scores == -math.inf, -1)
     return scores, ids
-
-
-def _torch_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return x.topk(k, dim=-1)
 
 
 def _rank_pairs(
