@@ -80,7 +80,45 @@ class _Moments:
         return (z2.mean(1) / own.clamp_min(1e-12)).float()
 
 
-class NoveltyTrigger:
+class _Trigger:
+    """What both triggers share: window, threshold, cooldown, one decision per experience.
+
+    A subclass sets its own fields and implements ``_decide(experience) -> GrowthDecision``.
+    """
+
+    def __init__(self, window: int, threshold: float, cooldown: int, floor: float,
+                 max_inputs: int) -> None:  # fmt: skip
+        self.window = check_int("window", window, minimum=1)
+        self.threshold = check_float("threshold", threshold, minimum=0.0)
+        self.cooldown = check_int("cooldown", cooldown, minimum=0)
+        self.floor = check_float("floor", floor, minimum=1e-12)
+        self.max_inputs = check_int("max_inputs", max_inputs, minimum=1)
+        self.recent: deque[float] = deque(maxlen=self.window)
+        self.since_growth = 0
+        self.history: list[tuple[int, float]] = []
+        self._last: tuple[object, GrowthDecision] | None = None
+
+    def __call__(self, growth, experience) -> GrowthDecision:
+        """The decision for ``experience`` (the same one for every layer that asks)."""
+        if self._last is not None and self._last[0] is experience:
+            return self._last[1]
+        decision = self._decide(experience)
+        signal = float("nan") if decision.signal is None else decision.signal
+        self.history.append((int(experience.current_experience), signal))
+        self._last = (experience, decision)  # held, so no later experience shares its id
+        return decision
+
+    def __deepcopy__(self, memo):
+        # One stream, one trigger: model copies (LwF's previous model, GDumb's initial
+        # one) share it rather than copy the experience it holds.
+        return self
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(window={self.window}, threshold={self.threshold}, "
+                f"cooldown={self.cooldown}, floor={self.floor})")  # fmt: skip
+
+
+class NoveltyTrigger(_Trigger):
     """Grow when the last ``window`` inputs are unlikely under every owner so far.
 
     Args:
@@ -107,26 +145,11 @@ class NoveltyTrigger:
         floor: float = 0.01,
         max_inputs: int = 1000,
     ) -> None:
-        self.window = check_int("window", window, minimum=1)
-        self.threshold = check_float("threshold", threshold, minimum=0.0)
-        self.cooldown = check_int("cooldown", cooldown, minimum=0)
-        self.floor = check_float("floor", floor, minimum=1e-12)
-        self.max_inputs = check_int("max_inputs", max_inputs, minimum=1)
+        super().__init__(window, threshold, cooldown, floor, max_inputs)
         self.owners: list[_Moments] = []
-        self.recent: deque[float] = deque(maxlen=self.window)
-        self.since_growth = 0
-        self.history: list[tuple[int, float]] = []
-        self._last: tuple[object, GrowthDecision] | None = None
 
-    def __call__(self, growth, experience) -> GrowthDecision:
-        """The decision for ``experience`` (the same one for every layer that asks)."""
-        if self._last is not None and self._last[0] is experience:
-            return self._last[1]
-        decision = self.observe(experience_inputs(experience, self.max_inputs))
-        signal = float("nan") if decision.signal is None else decision.signal
-        self.history.append((int(experience.current_experience), signal))
-        self._last = (experience, decision)  # held, so no later experience shares its id
-        return decision
+    def _decide(self, experience) -> GrowthDecision:
+        return self.observe(experience_inputs(experience, self.max_inputs))
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """(N, K) scores of inputs x (N, F) under each of the K owners."""
@@ -155,17 +178,8 @@ class NoveltyTrigger:
         why = "cooldown" if signal > self.threshold else f"<= {self.threshold}"
         return GrowthDecision(False, signal, f"novelty {signal:.3g} {why}")
 
-    def __deepcopy__(self, memo):
-        # One stream, one trigger: model copies (LwF's previous model, GDumb's initial
-        # one) share it rather than copy the experience it holds.
-        return self
 
-    def __repr__(self) -> str:
-        return (f"NoveltyTrigger(window={self.window}, threshold={self.threshold}, "
-                f"cooldown={self.cooldown}, floor={self.floor})")  # fmt: skip
-
-
-class LossJumpTrigger:
+class LossJumpTrigger(_Trigger):
     """Grow when the model's loss on new inputs jumps above its loss on recent ones.
 
     Before an experience trains, the model (in eval mode, no gradient, every expert)
@@ -198,29 +212,13 @@ class LossJumpTrigger:
         floor: float = 0.1,
     ) -> None:
         self.model = check_type("model", model, nn.Module)
-        self.window = check_int("window", window, minimum=1)
-        self.threshold = check_float("threshold", threshold, minimum=0.0)
-        self.cooldown = check_int("cooldown", cooldown, minimum=0)
-        self.max_inputs = check_int("max_inputs", max_inputs, minimum=1)
-        self.floor = check_float("floor", floor, minimum=1e-12)
-        self.recent: deque[float] = deque(maxlen=self.window)
-        self.since_growth = 0
-        self.history: list[tuple[int, float]] = []
-        self._last: tuple[object, GrowthDecision] | None = None
+        super().__init__(window, threshold, cooldown, floor, max_inputs)
 
-    def __call__(self, growth, experience) -> GrowthDecision:
-        """The decision for ``experience`` (the same one for every layer that asks)."""
-        if self._last is not None and self._last[0] is experience:
-            return self._last[1]
+    def _decide(self, experience) -> GrowthDecision:
         data = experience.dataset
         n = min(len(data), self.max_inputs)
-        x = experience_inputs(experience, n)
         y = torch.tensor([int(data[i][1]) for i in range(n)], dtype=torch.long)
-        decision = self.observe(x, y)
-        signal = float("nan") if decision.signal is None else decision.signal
-        self.history.append((int(experience.current_experience), signal))
-        self._last = (experience, decision)
-        return decision
+        return self.observe(experience_inputs(experience, n), y)
 
     @torch.no_grad()
     def losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -253,10 +251,3 @@ class LossJumpTrigger:
             return GrowthDecision(True, signal, f"loss jump {signal:.3g} > {self.threshold}")
         why = "cooldown" if signal > self.threshold else f"<= {self.threshold}"
         return GrowthDecision(False, signal, f"loss jump {signal:.3g} {why}")
-
-    def __deepcopy__(self, memo):
-        return self  # one stream, one trigger (see NoveltyTrigger)
-
-    def __repr__(self) -> str:
-        return (f"LossJumpTrigger(window={self.window}, threshold={self.threshold}, "
-                f"cooldown={self.cooldown}, floor={self.floor})")  # fmt: skip
