@@ -162,14 +162,8 @@ class ExpertPool(nn.Module):
     def _append_segment(self, n_left: int, owner: int, n_right: int) -> None:
         rows, key_off = self.num_experts, self.num_sub_keys
         n, n_keys = n_left * n_right, max(n_left, n_right)
-        dev, half = self.down.device, self.dim_key // 2
-        # Initial values: down ~ N(0, 1/D) like a Linear's fan-in; up ~ N(0, 1/h) keeps
-        # the sum over h heads of softmax-gated experts O(1); sub-keys ~ N(0, 2/d) give
-        # unit-variance half scores for normalised queries.
-        down = torch.randn(n, self.dim, device=dev) / math.sqrt(self.dim)
-        up = torch.randn(n, self.dim_out, device=dev) / math.sqrt(self.heads)
-        keys = torch.randn(n_keys, 2, half, device=dev) / math.sqrt(half)
-        segment = torch.tensor([[key_off, n_left, n_right, rows]], device=dev)
+        down, up, keys = self._initial_rows(n, n_keys)
+        segment = torch.tensor([[key_off, n_left, n_right, rows]], device=self.down.device)
         with torch.no_grad():  # everything written lies past the rows in use
             self.down[rows : rows + n] = down.to(self.down.dtype)
             self.up[rows : rows + n] = up.to(self.up.dtype)
@@ -179,6 +173,15 @@ class ExpertPool(nn.Module):
         self.key_frozen[key_off : key_off + n_keys] = False
         self.segment_owner = torch.cat([self.segment_owner, self.segment_owner.new_tensor([owner])])
         self.segments = torch.cat([self.segments, segment])  # last: makes the rows visible
+
+    def _initial_rows(self, n: int, n_keys: int, dim=None, dim_out=None) -> tuple:
+        """down (n, D) ~ N(0, 1/D) as a Linear's fan-in, up (n, E) ~ N(0, 1/h) (h heads sum
+        to O(1)), sub-keys (n_keys, 2, d/2) ~ N(0, 2/d): unit-variance half scores."""
+        dim, dim_out = dim or self.dim, dim_out or self.dim_out
+        dev, half = self.down.device, self.dim_key // 2
+        down = torch.randn(n, dim, device=dev) / math.sqrt(dim)
+        up = torch.randn(n, dim_out, device=dev) / math.sqrt(self.heads)
+        return down, up, torch.randn(n_keys, 2, half, device=dev) / math.sqrt(half)
 
     def _reallocate(self, capacity: int, key_capacity: int) -> None:
         """Move the tables into new storage; builds everything before swapping it in."""

@@ -18,7 +18,6 @@ gradient all-reduce: :func:`peer_ll.strategies.distributed.wrap_ddp` and
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.distributed as dist
@@ -104,30 +103,13 @@ class ShardedPool(_SharedGroup, ExpertPool):
         for name in SHARDED_TABLES:
             getattr(self, name).peer_column_shard = (self.rank, self.world)
 
-    def _append_segment(self, n_left: int, owner: int, n_right: int) -> None:
-        """As :meth:`ExpertPool._append_segment` (same draws), keeping rank 0's values.
-
-        The new segment's whole rows are drawn (transiently: one segment, not the pool),
-        broadcast from the group's rank 0 so every shard agrees, and cut to this block.
-        """
-        rows, key_off = self.num_experts, self.num_sub_keys
-        n, n_keys = n_left * n_right, max(n_left, n_right)
-        dev, half = self.down.device, self.dim_key // 2
-        down = torch.randn(n, self.full_dim, device=dev) / math.sqrt(self.full_dim)
-        up = torch.randn(n, self.full_dim_out, device=dev) / math.sqrt(self.heads)
-        keys = torch.randn(n_keys, 2, half, device=dev) / math.sqrt(half)
+    def _initial_rows(self, n: int, n_keys: int, dim=None, dim_out=None) -> tuple:
+        """:meth:`ExpertPool._initial_rows` of whole rows (the same draws as an unsharded
+        pool), broadcast from the group's rank 0 so every shard agrees, cut to this block."""
+        down, up, keys = super()._initial_rows(n, n_keys, self.full_dim, self.full_dim_out)
         for value in (down, up, keys):
             dist.broadcast(value, src=_src(self.group), group=self.group)
-        segment = torch.tensor([[key_off, n_left, n_right, rows]], device=dev)
-        with torch.no_grad():
-            self.down[rows : rows + n] = down[:, self.columns("down")].to(self.down.dtype)
-            self.up[rows : rows + n] = up[:, self.columns("up")].to(self.up.dtype)
-            self.sub_keys[key_off : key_off + n_keys] = keys.to(self.sub_keys.dtype)
-        self.expert_owner[rows : rows + n] = owner
-        self.expert_frozen[rows : rows + n] = False
-        self.key_frozen[key_off : key_off + n_keys] = False
-        self.segment_owner = torch.cat([self.segment_owner, self.segment_owner.new_tensor([owner])])
-        self.segments = torch.cat([self.segments, segment])  # last: makes the rows visible
+        return down[:, self.columns("down")], up[:, self.columns("up")], keys
 
 
 class ShardedPEER(_SharedGroup, PEER):
