@@ -7,23 +7,11 @@ import textwrap
 
 import pytest
 import torch
+from tiny_lm import TINY
 
 from peer_ll.cli.lm_train import perplexity, routing_shares, touched_entries, train_lm
 from peer_ll.models.lm import PEERLM
 from peer_ll.models.transformer import LMConfig
-
-TINY = dict(
-    dim=32,
-    layers=3,
-    attn_heads=2,
-    block_size=32,
-    peer_num_keys=4,
-    peer_heads=2,
-    peer_topk=4,
-    peer_dim_key=8,
-    adapter_rank=4,
-    attention_adapter_rank=4,
-)
 
 
 def _model(**kwargs) -> PEERLM:

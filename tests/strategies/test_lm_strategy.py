@@ -5,23 +5,11 @@ import warnings
 
 import pytest
 import torch
+from tiny_lm import TINY
 
 from peer_ll.cli.lm_train import perplexity
 from peer_ll.models import PEERLM, LMConfig
 from peer_ll.strategies.lm import AvalancheLM, LMDomainGrowth, peer_lm_strategy
-
-TINY = dict(
-    dim=32,
-    layers=3,
-    attn_heads=2,
-    block_size=32,
-    peer_num_keys=4,
-    peer_heads=2,
-    peer_topk=4,
-    peer_dim_key=8,
-    adapter_rank=4,
-    attention_adapter_rank=4,
-)
 
 
 @pytest.fixture(scope="module")
