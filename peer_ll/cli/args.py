@@ -64,16 +64,17 @@ def _float(text: str, *, positive: bool) -> float:
 def seed_list(text: str) -> list[int]:
     """``"3"`` -> ``[0, 1, 2]``; ``"4,7"`` -> ``[4, 7]``; ``"5,"`` -> ``[5]``; distinct, >= 0."""
     want = "a count N >= 1 or a comma-separated list of distinct seeds >= 0 like 0,1 (one: 5,)"
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) == 2 and parts[1] == "":  # "5,": the one seed 5
-        parts = parts[:1] + ["-"]
+    listed = text.strip().endswith(",")  # "5,": a list of the one seed 5, not a count
+    parts = [p.strip() for p in text.strip().removesuffix(",").split(",")]
     try:
-        if len(parts) == 1:
+        if len(parts) == 1 and not listed:
             count = int(parts[0])
             if count < 1:
                 raise ValueError
             return list(range(count))
-        seeds = [int(p) for p in parts if p != "-"]
+        if listed and len(parts) > 1:  # a trailing comma only marks one seed
+            raise ValueError
+        seeds = [int(p) for p in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
     if min(seeds) < 0 or len(set(seeds)) != len(seeds):
