@@ -254,9 +254,6 @@ def main(args: argparse.Namespace) -> int:
         return distributed.launch(args.nproc, relaunch_flags(args))
     distributed.init(args.seeds[0], args.device)
     ranks = distributed.world_size()  # --batch-size is the global batch: same steps as 1 process
-    if config.batch_size % ranks:
-        raise SystemExit(f"peer-ll run: error: --batch-size must be a multiple of the {ranks} "
-                         f"processes, got {config.batch_size}")  # fmt: skip
     config = ZooConfig(**{**asdict(config), "device": distributed.local_device(config.device),
                           "batch_size": config.batch_size // ranks})  # fmt: skip
     main_rank = distributed.is_main()

@@ -189,10 +189,11 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--experiences must be in [1, 10] for a {kind}-incremental stream "
                          f"of 10 classes, got {args.experiences}")  # fmt: skip
     argtypes.check_device(args.device)
-    if args.shard_experts and args.nproc == 1 and os.environ.get("WORLD_SIZE", "1") == "1":
+    processes = max(args.nproc, int(os.environ.get("WORLD_SIZE", "1")))  # or torchrun's
+    if args.shard_experts and processes == 1:
         raise ValueError("--shard-experts needs several processes: --nproc N > 1 (or torchrun)")
-    if args.batch_size % args.nproc:
-        raise ValueError(f"--batch-size must be a multiple of --nproc {args.nproc} (the "
+    if args.batch_size % processes:
+        raise ValueError(f"--batch-size must be a multiple of --nproc {processes} (the "
                          f"global batch is split over them), got {args.batch_size}")  # fmt: skip
     if name not in (None, "digits") and find_image_dataset(name, args.data_root) is None:
         message = _not_found_message(name, args.data_root).replace("root=", "--data-root")
