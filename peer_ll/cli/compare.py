@@ -67,6 +67,7 @@ from peer_ll.cli.strategies_zoo import (
     NO_PEER,
     STATISTICS_ONLY,
     STRATEGIES,
+    TASK_FREE,
     ZooConfig,
     build_strategy,
     parameter_counts,
@@ -101,7 +102,7 @@ def run_strategy(key: str, bench, info, config: ZooConfig, *, seed: int, log=Non
     if info.kind == "online" and key != "joint":
         from peer_ll.cli.online import run_online
 
-        boundaries = key.startswith("peer-") and key != "peer-grow-online"
+        boundaries = key.startswith("peer-") and key not in TASK_FREE
         size = config.batch_size * distributed.world_size()  # the global batch
         evals, values = run_online(strategy, bench, experience_size=size,
                                    seed=seed, boundaries=boundaries)  # fmt: skip

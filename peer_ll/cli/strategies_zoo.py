@@ -22,12 +22,14 @@ constant learning rate), epochs, mini-batch size and replay budget:
 | ``peer-protect-gate`` | routing protection, replay owner gate (not default) | growing | budget |
 | ``peer-protect-input`` | routing protection, input PPCA owners (not default) | growing | none |
 | ``peer-grow-online`` | task-free growth (``NoveltyTrigger``), old frozen | growing | budget |
+| ``peer-grow-loss`` | task-free growth (``LossJumpTrigger``), old frozen | growing | budget |
 | ``peer-grow-pool`` | one-pool growth (``peer_grow_pool``), domain streams | growing | none |
 
 On ``online`` streams the other PEER strategies see the task boundaries (Avalanche then
 adapts the model to each base experience, so ``peer-grow`` grows once per base
 experience); ``peer-grow-online`` sees none and grows when its novelty signal says so
-(room for ``2·T`` segments).
+(room for ``2·T`` segments); ``peer-grow-loss`` likewise, when the loss on an experience's
+first labelled inputs jumps above the recent loss.
 
 On task-incremental streams the ``peer-protect*`` strategies route by task label and
 ``slda`` / ``input-stats`` score only the task's classes, as the multi-head baselines do.
@@ -61,6 +63,7 @@ __all__ = [
     "NO_PEER",
     "STRATEGIES",
     "StreamInfo",
+    "TASK_FREE",
     "ZooConfig",
     "build_strategy",
     "parameter_counts",
@@ -86,8 +89,11 @@ STRATEGIES: dict[str, str] = {
     "peer-protect-gate": "PEER protect + gate",
     "peer-protect-input": "PEER protect, input owners",
     "peer-grow-online": "PEER task-free growth",
+    "peer-grow-loss": "PEER task-free growth, loss jump",
     "peer-grow-pool": "PEER growth into one pool",
 }
+#: PEER strategies that see no task boundary on online streams (they decide growth).
+TASK_FREE: frozenset[str] = frozenset({"peer-grow-online", "peer-grow-loss"})
 #: Strategies that freeze the head: domain streams only (one fixed head).
 DOMAIN_ONLY: frozenset[str] = frozenset({"peer-grow-pool"})
 DEFAULT_STRATEGIES: tuple[str, ...] = tuple(STRATEGIES)[:12]
@@ -152,10 +158,13 @@ def stream_info(bench, kind: str) -> StreamInfo:
 
 def _model(info: StreamInfo, config: ZooConfig, *, grow: bool | str) -> PEERClassifier:
     from peer_ll.strategies import GrowthPolicy, NoveltyTrigger, attach_growth, peer_classifier
+    from peer_ll.strategies.novelty import LossJumpTrigger
 
     n, t = config.num_keys, info.n_experiences
     if grow == "novelty":
         keys, policy = n, GrowthPolicy(when=NoveltyTrigger(), max_experts=2 * t * n * n)
+    elif grow == "loss":  # the trigger scores inputs with the model it grows: policy after
+        keys, policy = n, None
     elif grow:
         keys, policy = n, GrowthPolicy(max_experts=t * n * n)
         if grow == "pool":  # one fixed head: DOMAIN_ONLY
@@ -169,10 +178,13 @@ def _model(info: StreamInfo, config: ZooConfig, *, grow: bool | str) -> PEERClas
         keys, policy = round(n * math.sqrt(t)), GrowthPolicy(when="never")
     head = HEAD_OF_KIND[info.kind]
     classes = info.n_classes if head == "fixed" else info.classes_per_exp
-    return peer_classifier(
+    model = peer_classifier(
         info.in_features, classes, hidden=config.hidden, peer={"num_keys": keys}, head=head,
         growth=policy,
     )  # fmt: skip
+    if grow == "loss":
+        attach_growth(model, GrowthPolicy(when=LossJumpTrigger(model), max_experts=2 * t * n * n))
+    return model
 
 
 def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=None):
@@ -206,9 +218,11 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
             owner_encoder=key in ("peer-protect-full", "peer-protect-mlp"),
         )  # fmt: skip
     else:
-        grow = {"peer-grow-online": "novelty", "peer-grow-pool": "pool"}.get(
-            key, key.startswith("peer-grow")
-        )
+        grow = {
+            "peer-grow-online": "novelty",
+            "peer-grow-loss": "loss",
+            "peer-grow-pool": "pool",
+        }.get(key, key.startswith("peer-grow"))
         model = _model(info, config, grow=grow)
     common = dict(
         optimizer=make_optimizer(model, lr=config.lr), criterion=nn.CrossEntropyLoss(),
@@ -224,7 +238,7 @@ def build_strategy(key: str, info: StreamInfo, config: ZooConfig, *, evaluator=N
     if key == "lwf":
         lwf = dict(alpha=config.lwf_alpha, temperature=config.lwf_temperature)
         return peer_grow(model, template=av.LwF, **lwf, **common)
-    if key in ("replay", "peer-grow", "peer-grow-online"):
+    if key in ("replay", "peer-grow", *TASK_FREE):
         return peer_grow(model, **replay, **common)
     if key == "peer-grow-pool":
         from peer_ll.strategies.pool_growth import OWN_QUERY, PoolGrowth
