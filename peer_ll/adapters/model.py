@@ -29,7 +29,7 @@ from peer_ll.adapters.posterior import (
 )
 from peer_ll.adapters.targets import activation_checkpointing, build_branches
 from peer_ll.experts import PEER, PerOwner
-from peer_ll.experts.checks import check_int, check_owner
+from peer_ll.experts.checks import check_int, check_owner, check_type
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,8 @@ class ExpertsModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: ExpertsConfig) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(config, ExpertsConfig):
-            raise TypeError(f"config must be an ExpertsConfig, got {type(config).__name__}")
+        check_type("model", model, nn.Module)
+        check_type("config", config, ExpertsConfig)
         if config.domains:
             raise ValueError(f"config.domains must be empty for a new model, got {config.domains}")
         self.targets = [n for n, m in model.named_modules() if n and config.matches(n)]
@@ -60,11 +58,8 @@ class ExpertsModel(nn.Module):
                 f"got {config.target_modules!r}"
             )
         inside = tuple(t + "." for t in self.targets)
-        self.adapted = [
-            n
-            for n, m in model.named_modules()
-            if n and config.adapts(n) and not n.startswith(inside)
-        ]
+        self.adapted = [n for n, _ in model.named_modules()
+                        if n and config.adapts(n) and not n.startswith(inside)]  # fmt: skip
         if config.adapter_rank and not self.adapted:
             raise ValueError(
                 f"adapter_modules must match a module of {type(model).__name__}, "
@@ -79,8 +74,7 @@ class ExpertsModel(nn.Module):
         return self._wrapped(PEER)
 
     def low_rank(self) -> dict[str, ExpertBranch]:
-        """The branches of per-domain low-rank deltas (``branch.experts``, a PerOwner)
-        by module name (empty without ``adapter_rank``)."""
+        """Per-domain low-rank delta branches (experts: a PerOwner) by module name, or {}."""
         return self._wrapped(PerOwner)
 
     def _wrapped(self, kind: type) -> dict[str, ExpertBranch]:
@@ -213,15 +207,22 @@ class ExpertsModel(nn.Module):
             return posterior_mixture(self.domain_logits(input_ids, **kwargs), input_ids)[1].exp()
 
     def insured_mixture(
-        self, input_ids: torch.Tensor, confidence: float = 0.99, *, probe: int = 8, **kwargs
+        self,
+        input_ids: torch.Tensor,
+        confidence: float = 0.99,
+        *,
+        probe: int = 8,
+        prior=None,
+        **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities (B, T, V) and routes per token (B,) with insurance.
 
-        See :func:`peer_ll.models.insurance.insured_mixture`, with the posterior mixture of
-        :func:`peer_ll.adapters.posterior.posterior_mixture`; ``kwargs`` go to the base model.
+        :func:`peer_ll.models.insurance.insured_mixture` on this model's posterior mixture;
+        ``prior`` (e.g. an ``NgramDomainPrior``, in :attr:`owners`' order) runs only the
+        routes it cannot rule out; ``kwargs`` go to the base model.
         """
         return insured_domain_mixture(
-            self.base_model, self.owners, input_ids, confidence, probe=probe, **kwargs
+            self.base_model, self.owners, input_ids, confidence, probe=probe, prior=prior, **kwargs
         )
 
     # -------------------------------------------------------------- parameters

@@ -57,10 +57,12 @@ def insured_domain_mixture(
     confidence: float = 0.99,
     *,
     probe: int = 8,
+    prior=None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`peer_ll.models.insurance.insured_mixture` with :func:`posterior_mixture`:
-    log-probabilities (B, T, V) and the route of each sequence (B,)."""
+    log-probabilities (B, T, V) and the routes per token (B,); ``prior``: ``ids (B, T) ->
+    (O, B, T)`` causal log-posterior over ``owners`` that runs no route, or None."""
 
     def route(owner, ids):
         with owners_scope(owner):
@@ -73,6 +75,7 @@ def insured_domain_mixture(
         owners,
         confidence=confidence,
         probe=probe,
+        prior=prior,
     )
 
 

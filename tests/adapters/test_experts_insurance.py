@@ -1,5 +1,7 @@
 """Insurance on an HF model with PEER experts: every route only while the domain is unsure."""
 
+import math
+
 import pytest
 import torch
 from hf_tiny import VOCAB, tiny_gpt2
@@ -57,3 +59,22 @@ def test_confidence_is_checked():
         model.insured_mixture(ids, confidence=1.5)
     with pytest.raises(ValueError, match='confidence must be None unless owners="infer"'):
         model(ids, owners=1, confidence=0.5)
+
+
+def test_a_sure_prior_runs_its_top_route_alone():
+    model = two_domains()
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
+    picks = [1, 2]  # the prior is certain: sequence b belongs to owner picks[b]
+
+    def prior(x):  # (B, T) -> (O, B, T) log-posterior, in model.owners' order
+        log_post = torch.full((len(model.owners), *x.shape), -math.inf)
+        for b, owner in enumerate(picks):
+            log_post[model.owners.index(owner), b] = 0.0
+        return log_post
+
+    with torch.no_grad():
+        insured, routes = model.insured_mixture(ids, confidence=0.5, prior=prior)
+        for b, owner in enumerate(picks):
+            routed = model(ids[b : b + 1], owners=owner).logits.float().log_softmax(-1)
+            torch.testing.assert_close(insured[b], routed[0])
+    assert routes.tolist() == [1.0, 1.0]
