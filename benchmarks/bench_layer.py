@@ -6,7 +6,9 @@ subprocess, so peak RSS is its own. Each measures, as medians over repeats:
 
 - the training step (forward, backward, optimizer step);
 - a decoding step: one token (batch 1), no gradient, the latency a server sees;
-- the peak RSS of the process.
+- the peak RSS of the process, beside the least it could be: the RSS of the runtime
+  (interpreter, torch, the provider's code) before the layer is built, plus the bytes of
+  parameters, buffers and optimizer state that training must keep.
 
 For ``peer_ll`` the same process also measures the machine's copy bandwidth (a
 256 MiB ``copy_``, read + write bytes) and counts the step's retrievals A and distinct
@@ -15,7 +17,10 @@ touched rows R, so the memory floor of the step comes from the same run:
     floor = (6·A + 14·R) · dim · 4 bytes / copy bandwidth
 
 (forward and backward read about 6 rows per retrieval; lazy Adam reads p, g, m, v and
-writes p, m, v of each touched row of two tables). With one thread the step and the copy
+writes p, m, v of each touched row of two tables). Beside it the same bytes are priced
+at the bandwidth of gathering A random rows of the expert table (``index_select``), what
+a step's scattered 1 KiB rows can reach on the machine; the goal is stated against the
+copy floor. With one thread the step and the copy
 are also timed by the process's CPU time, which a loaded, shared machine inflates much
 less than the wall clock. Every provider's process keeps large freed blocks for reuse
 (``peer_ll.kernels.memory.retain_freed_memory``; ``--default-malloc`` leaves glibc as it
@@ -81,6 +86,16 @@ def _build(provider: str, keys: int):
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
+def _state_bytes(model, opt) -> int:
+    """Bytes of what a training run must keep: parameters, buffers, optimizer state."""
+    import torch
+
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(seen.values())
+
+
 def _median_time(fn, repeats: int, clock=time.perf_counter) -> float:
     times = []
     for _ in range(repeats):
@@ -100,6 +115,17 @@ def copy_bandwidth(mib: int = 256, repeats: int = 5, clock=time.perf_counter) ->
     return 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src), repeats, clock)
 
 
+def gather_bandwidth(table, rows: int, repeats: int = 5) -> float:
+    """Bytes moved per second (read + write) gathering ``rows`` random rows of ``table``."""
+    import torch
+
+    idx = torch.randint(0, table.shape[0], (rows,), generator=torch.Generator().manual_seed(0))
+    out = table.new_empty(rows, table.shape[1])
+    torch.index_select(table, 0, idx, out=out)
+    moved = 2 * out.numel() * out.element_size()
+    return moved / _median_time(lambda: torch.index_select(table, 0, idx, out=out), repeats)
+
+
 def worker(provider: str, keys: int, tokens: int, threads: int, repeats: int, retain: bool) -> dict:
     """Measure one (provider, threads) in this process."""
     import torch
@@ -110,6 +136,9 @@ def worker(provider: str, keys: int, tokens: int, threads: int, repeats: int, re
         retain_freed_memory()
     torch.manual_seed(0)
     torch.set_num_threads(threads)
+    if provider == "peer_pytorch":
+        import PEER_pytorch  # noqa: F401  (its import is runtime, not the layer's memory)
+    runtime_kib = _rss_kib("VmRSS")  # interpreter, torch and the provider's code
     model, opt = _build(provider, keys)
     x = torch.randn(1, tokens, DIM)  # peer-pytorch wants (batch, seq, dim)
     one = torch.randn(1, 1, DIM)
@@ -133,12 +162,16 @@ def worker(provider: str, keys: int, tokens: int, threads: int, repeats: int, re
     row["decode_s"] = _median_time(decode, 20 * repeats)
     model.train()
     row["peak_rss_mib"] = _rss_kib("VmHWM") / 1024
+    row["runtime_rss_mib"] = runtime_kib / 1024
+    row["state_mib"] = _state_bytes(model, opt) / 2**20
     if provider.startswith("peer_ll"):
         with torch.no_grad():
             _, ids = model.retrieve(x.view(-1, DIM))  # train mode, as in the step
         row["A"], row["R"] = ids.numel(), int(torch.unique(ids).numel())
         row["bandwidth"] = copy_bandwidth()
         row["floor_s"] = (6 * row["A"] + 14 * row["R"]) * DIM * 4 / row["bandwidth"]
+        row["gather_bandwidth"] = gather_bandwidth(model.down.detach(), row["A"])
+        row["floor_rows_s"] = row["floor_s"] * row["bandwidth"] / row["gather_bandwidth"]
         if threads == 1:
             row["bandwidth_cpu"] = copy_bandwidth(clock=time.process_time)
             row["floor_cpu_s"] = row["floor_s"] * row["bandwidth"] / row["bandwidth_cpu"]
@@ -211,7 +244,10 @@ def floors(rows: list[dict]) -> str:
             out.append(
                 f"- {r['threads']} thread(s): A = {r['A']:,} retrievals, R = {r['R']:,} distinct "
                 f"rows, copy bandwidth {r['bandwidth'] / 1e9:.1f} GB/s, floor "
-                f"**{r['floor_s'] * 1e3:.0f} ms**"
+                f"**{r['floor_s'] * 1e3:.0f} ms**; at the bandwidth of gathering A random rows "
+                f"of a table ({r['gather_bandwidth'] / 1e9:.1f} GB/s) it would be "
+                f"{r['floor_rows_s'] * 1e3:.0f} ms (step / that: "
+                f"{r['step_s'] / r['floor_rows_s']:.2f}×)"
                 + (
                     f"; by CPU time, copy bandwidth {r['bandwidth_cpu'] / 1e9:.1f} GB/s, floor "
                     f"**{r['floor_cpu_s'] * 1e3:.0f} ms**."
@@ -219,6 +255,26 @@ def floors(rows: list[dict]) -> str:
                     else "."
                 )
             )
+    return "\n".join(out)
+
+
+def memory_floor(rows: list[dict]) -> str:
+    """Each provider's peak RSS against the least it could be: runtime plus kept state."""
+    out = []
+    by = {(r["provider"], r["threads"]): r for r in rows if "state_mib" in r}
+    for (provider, threads), r in sorted(by.items(), key=lambda kv: kv[0][1]):
+        base = by.get(("peer_pytorch", threads))
+        if threads != min(t for _, t in by) or base is None:
+            continue
+        least = r["runtime_rss_mib"] + r["state_mib"]
+        out.append(
+            f"- {provider}: runtime {r['runtime_rss_mib']:.0f} MiB + parameters, buffers and "
+            f"optimizer state {r['state_mib']:.0f} MiB = {least:.0f} MiB, "
+            f"**{least / base['peak_rss_mib']:.2f}× peer-pytorch's peak** "
+            f"({base['peak_rss_mib']:.0f} MiB); the step's transients add "
+            f"{r['peak_rss_mib'] - least:.0f} MiB (peak {r['peak_rss_mib']:.0f} MiB, "
+            f"{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}×)."
+        )
     return "\n".join(out)
 
 
@@ -257,6 +313,10 @@ def main() -> None:
     retain = not args.default_malloc
     rows = [run(p, args.keys, args.tokens, t, args.repeats, retain) for p, t in tqdm(jobs)]
     text = table(rows) + "\n\nFloor of the step, measured in the same run:\n\n" + floors(rows)
+    memory = memory_floor(rows)
+    if memory:
+        text += "\n\nLeast peak memory (runtime RSS before the layer is built, plus state):\n\n"
+        text += memory
     print(text)
     if not args.no_write:
         import torch
