@@ -109,20 +109,14 @@ class ExpertPool(nn.Module):
         need_rows = start + num_keys * n_right
         need_keys = self.num_sub_keys + max(num_keys, n_right)
         grows = need_rows > self.capacity or need_keys > self.key_capacity
-        self.check_room(
-            max(need_rows, self.capacity * 3 // 2) if grows else 0,
-            max(need_keys, self.key_capacity * 3 // 2) if grows else 0,
-            "grow",
-            extra_rows=2 * num_keys * n_right,
-        )  # + the new rows' temporaries
+        rows = max(need_rows, self.capacity * 3 // 2) if grows else 0  # new capacities
+        keys = max(need_keys, self.key_capacity * 3 // 2) if grows else 0
+        self.check_room(rows, keys, "grow", extra_rows=2 * num_keys * n_right)  # + temporaries
         saved = {name: getattr(self, name) for name in _STORAGE}
         saved_replaced = self.replaced_parameters
         try:
             if grows:
-                self._reallocate(
-                    max(need_rows, self.capacity * 3 // 2),
-                    max(need_keys, self.key_capacity * 3 // 2),
-                )
+                self._reallocate(rows, keys)
             self._append_segment(num_keys, owner, n_right)
         except BaseException:  # the old tensors were never written: put them back
             for name, value in saved.items():
@@ -142,10 +136,8 @@ class ExpertPool(nn.Module):
         key_capacity = self.key_capacity if key_capacity is None else key_capacity
         check_int("key_capacity", key_capacity, minimum=1)
         if capacity > self.capacity or key_capacity > self.key_capacity:
-            capacity, key_capacity = (
-                max(capacity, self.capacity),
-                max(key_capacity, self.key_capacity),
-            )
+            capacity = max(capacity, self.capacity)
+            key_capacity = max(key_capacity, self.key_capacity)
             self.check_room(capacity, key_capacity, "reserve")
             self._reallocate(capacity, key_capacity)
 
@@ -162,26 +154,33 @@ class ExpertPool(nn.Module):
     def _append_segment(self, n_left: int, owner: int, n_right: int) -> None:
         rows, key_off = self.num_experts, self.num_sub_keys
         n, n_keys = n_left * n_right, max(n_left, n_right)
-        down, up, keys = self._initial_rows(n, n_keys)
         segment = torch.tensor([[key_off, n_left, n_right, rows]], device=self.down.device)
         with torch.no_grad():  # everything written lies past the rows in use
-            self.down[rows : rows + n] = down.to(self.down.dtype)
-            self.up[rows : rows + n] = up.to(self.up.dtype)
-            self.sub_keys[key_off : key_off + n_keys] = keys.to(self.sub_keys.dtype)
+            dest = (self.down[rows : rows + n], self.up[rows : rows + n],
+                    self.sub_keys[key_off : key_off + n_keys])  # fmt: skip
+            if all(t.dtype == torch.float32 for t in dest):  # drawn in place: no table copy
+                self._initial_rows(n, n_keys, out=dest)
+            else:
+                for table, rows_drawn in zip(dest, self._initial_rows(n, n_keys), strict=True):
+                    table.copy_(rows_drawn)
         self.expert_owner[rows : rows + n] = owner
         self.expert_frozen[rows : rows + n] = False
         self.key_frozen[key_off : key_off + n_keys] = False
         self.segment_owner = torch.cat([self.segment_owner, self.segment_owner.new_tensor([owner])])
         self.segments = torch.cat([self.segments, segment])  # last: makes the rows visible
 
-    def _initial_rows(self, n: int, n_keys: int, dim=None, dim_out=None) -> tuple:
+    def _initial_rows(self, n: int, n_keys: int, dim=None, dim_out=None, out=None) -> tuple:
         """down (n, D) ~ N(0, 1/D) as a Linear's fan-in, up (n, E) ~ N(0, 1/h) (h heads sum
-        to O(1)), sub-keys (n_keys, 2, d/2) ~ N(0, 2/d): unit-variance half scores."""
+        to O(1)), sub-keys (n_keys, 2, d/2) ~ N(0, 2/d): unit-variance half scores; float32,
+        or drawn in place into ``out``, three contiguous float32 tensors of those shapes."""
         dim, dim_out = dim or self.dim, dim_out or self.dim_out
         dev, half = self.down.device, self.dim_key // 2
-        down = torch.randn(n, dim, device=dev) / math.sqrt(dim)
-        up = torch.randn(n, dim_out, device=dev) / math.sqrt(self.heads)
-        return down, up, torch.randn(n_keys, 2, half, device=dev) / math.sqrt(half)
+        if out is None:
+            out = (torch.empty(n, dim, device=dev), torch.empty(n, dim_out, device=dev),
+                   torch.empty(n_keys, 2, half, device=dev))  # fmt: skip
+        for table, scale in zip(out, (dim, self.heads, half), strict=True):
+            table.normal_().div_(math.sqrt(scale))  # = torch.randn(...) / sqrt(scale)
+        return out
 
     def _reallocate(self, capacity: int, key_capacity: int) -> None:
         """Move the tables into new storage; builds everything before swapping it in."""

@@ -103,13 +103,17 @@ class ShardedPool(_SharedGroup, ExpertPool):
         for name in SHARDED_TABLES:
             getattr(self, name).peer_column_shard = (self.rank, self.world)
 
-    def _initial_rows(self, n: int, n_keys: int, dim=None, dim_out=None) -> tuple:
+    def _initial_rows(self, n: int, n_keys: int, dim=None, dim_out=None, out=None) -> tuple:
         """:meth:`ExpertPool._initial_rows` of whole rows (the same draws as an unsharded
-        pool), broadcast from the group's rank 0 so every shard agrees, cut to this block."""
+        pool), broadcast from the group's rank 0 so every shard agrees, cut to this block
+        (and copied into ``out``, if given)."""
         down, up, keys = super()._initial_rows(n, n_keys, self.full_dim, self.full_dim_out)
         for value in (down, up, keys):
             dist.broadcast(value, src=_src(self.group), group=self.group)
-        return down[:, self.columns("down")], up[:, self.columns("up")], keys
+        rows = down[:, self.columns("down")], up[:, self.columns("up")], keys
+        for table, value in zip(out or (), rows, strict=False):
+            table.copy_(value)
+        return rows if out is None else out
 
 
 class ShardedPEER(_SharedGroup, PEER):

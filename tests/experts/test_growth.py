@@ -124,3 +124,17 @@ def test_grow_that_fails_midway_rolls_back(monkeypatch, num_keys):
         assert torch.equal(before[name], after[name]), name
     assert all(a is b for a, b in zip(params, layer.parameters(), strict=True))
     assert layer.replaced_parameters == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_new_rows_are_the_documented_draws_in_any_table_dtype(dtype):
+    torch.manual_seed(3)
+    layer = PEER(12, num_keys=3, heads=2, topk=2, dim_key=8, capacity=40).to(dtype)
+    torch.manual_seed(5)
+    layer.grow(2, owner=1)  # drawn in place for float32 tables, cast for others
+    torch.manual_seed(5)
+    down, up = torch.randn(4, 12) / 12**0.5, torch.randn(4, 12) / 2**0.5
+    keys = torch.randn(2, 2, 4) / 4**0.5
+    assert torch.equal(layer.down.detach()[9:13], down.to(dtype))
+    assert torch.equal(layer.up.detach()[9:13], up.to(dtype))
+    assert torch.equal(layer.sub_keys.detach()[3:5], keys.to(dtype))
