@@ -186,7 +186,7 @@ def _run(args: argparse.Namespace) -> int:
         grow_keys=args.grow_keys,
         top_t=args.top_t,
         steps=args.steps,
-        pool=pool_config(args.pool_pseudo),
+        pool=pool_config(args.pool_pseudo, keep=args.pool_keep_weight, margin=args.pool_margin),
         pool_query=args.pool_query,
     )
     if args.tiny:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from peer_ll.cli.args import non_negative_int, positive_float, positive_int
+from peer_ll.cli.args import non_negative_float, non_negative_int, positive_float, positive_int
 from peer_ll.cli.files import atomic_write_text
 from peer_ll.cli.lm_methods import DEFAULT_METHODS, METHODS
 from peer_ll.cli.run_folder import check_run_folder
@@ -61,7 +61,7 @@ DEFAULT_DOMAINS = ("python-stdlib", "pydoc-topics", "unicode-names")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    pos, count, rate = positive_int, non_negative_int, positive_float
+    pos, count, rate, frac = positive_int, non_negative_int, positive_float, non_negative_float
     add(
         "--domains",
         nargs="+",
@@ -113,6 +113,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="grow-pool: the regulariser's pseudo-queries of earlier domains: one Gaussian "
         "('queries') or k-means centroids plus noise ('centroids') of their queries (centroids)",
     )
+    add(
+        "--pool-keep-weight",
+        type=frac,
+        default=1.0,
+        help="grow-pool: weight of the regulariser's keep term (old queries stay old) (1.0)",
+    )
+    add("--pool-margin", type=frac, default=1.0,
+        help="grow-pool: score margin of the regulariser's win and keep terms (1.0)")  # fmt: skip
     add(
         "--experts-only",
         action="store_true",

@@ -55,10 +55,13 @@ class MethodSettings:
         check_choice("pool_query", self.pool_query, ("shared", "own"))
 
 
-def pool_config(pseudo: str = "centroids") -> PoolGrowthConfig:
-    """grow-pool's :class:`PoolGrowthConfig`: k-means keys, the regulariser, the model's
-    query adapters (no calibration of its own), pseudo-queries drawn as ``pseudo`` says."""
-    return PoolGrowthConfig(calibrate=False, pseudo=pseudo)
+def pool_config(
+    pseudo: str = "centroids", *, keep: float = 1.0, margin: float = 1.0
+) -> PoolGrowthConfig:
+    """grow-pool's :class:`PoolGrowthConfig`: k-means keys, the regulariser (keep weight
+    ``keep``, ``margin``), the model's query adapters (no calibration of its own),
+    pseudo-queries drawn as ``pseudo`` says."""
+    return PoolGrowthConfig(calibrate=False, pseudo=pseudo, keep_weight=keep, margin=margin)
 
 
 class TfidfRows:
