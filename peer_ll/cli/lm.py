@@ -186,7 +186,12 @@ def _run(args: argparse.Namespace) -> int:
         grow_keys=args.grow_keys,
         top_t=args.top_t,
         steps=args.steps,
-        pool=pool_config(args.pool_pseudo, keep=args.pool_keep_weight, margin=args.pool_margin),
+        pool=pool_config(
+            args.pool_pseudo,
+            keep=args.pool_keep_weight,
+            margin=args.pool_margin,
+            copy_experts=args.pool_copy_experts,
+        ),
         pool_query=args.pool_query,
     )
     if args.tiny:

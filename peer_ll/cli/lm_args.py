@@ -114,6 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "('queries') or k-means centroids plus noise ('centroids') of their queries (centroids)",
     )
     add(
+        "--pool-copy-experts",
+        action="store_true",
+        help="grow-pool: new experts start as copies of the old experts their keys retrieve "
+        "(default: random)",
+    )
+    add(
         "--pool-keep-weight",
         type=frac,
         default=1.0,

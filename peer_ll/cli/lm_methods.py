@@ -56,12 +56,18 @@ class MethodSettings:
 
 
 def pool_config(
-    pseudo: str = "centroids", *, keep: float = 1.0, margin: float = 1.0
+    pseudo: str = "centroids",
+    *,
+    keep: float = 1.0,
+    margin: float = 1.0,
+    copy_experts: bool = False,
 ) -> PoolGrowthConfig:
     """grow-pool's :class:`PoolGrowthConfig`: k-means keys, the regulariser (keep weight
     ``keep``, ``margin``), the model's query adapters (no calibration of its own),
-    pseudo-queries drawn as ``pseudo`` says."""
-    return PoolGrowthConfig(calibrate=False, pseudo=pseudo, keep_weight=keep, margin=margin)
+    pseudo-queries drawn as ``pseudo`` says, new experts copied from old ones or random."""
+    return PoolGrowthConfig(
+        calibrate=False, pseudo=pseudo, keep_weight=keep, margin=margin, copy_experts=copy_experts
+    )
 
 
 class TfidfRows:

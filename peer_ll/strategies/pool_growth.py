@@ -31,7 +31,10 @@ frozen query network (not in the paper):
   (:class:`peer_ll.strategies.pool_growth_query.OwnQuery`, a copy of the layer's,
   trained on the new data), in the same single retrieval; needs ``pseudo="inputs"``;
 - ``far_fraction`` < 1: k-means only on the new queries that the old keys score lowest
-  (that fraction of them), so the new keys sit away from the old queries.
+  (that fraction of them), so the new keys sit away from the old queries;
+- ``copy_experts``: each new expert starts as a copy of the old expert that its key
+  retrieves (:func:`peer_ll.experts.segment_init.copy_nearest_experts`), so a token the
+  new keys win starts near its old output instead of random experts'.
 
 Axis letters: ``T`` queries, ``H`` heads, ``d`` dim_key, ``k`` top-k.
 """
@@ -52,7 +55,12 @@ from peer_ll.experts.checks import (
     check_owner,
     check_type,
 )
-from peer_ll.experts.segment_init import kmeans_sub_keys, scores_of, search_queries
+from peer_ll.experts.segment_init import (
+    copy_nearest_experts,
+    kmeans_sub_keys,
+    scores_of,
+    search_queries,
+)
 from peer_ll.strategies.pool_growth_query import CentroidStats, InputStats, OwnQuery
 
 
@@ -74,10 +82,12 @@ class PoolGrowthConfig:
     own_query: bool = False  # the new owner's own query network for its sub-keys
     own_query_rank: int = 0  # 0: a full copy of the query projection; r: shared + rank r
     far_fraction: float = 1.0  # k-means on the new queries the old keys score lowest
+    copy_experts: bool = False  # new experts start as the old experts their keys retrieve
 
     def __post_init__(self) -> None:
         check_bool("kmeans", self.kmeans)
         check_bool("calibrate", self.calibrate)
+        check_bool("copy_experts", self.copy_experts)
         check_float("key_scale", self.key_scale, minimum=0.0)
         check_float("win_weight", self.win_weight, minimum=0.0)
         check_float("keep_weight", self.keep_weight, minimum=0.0)
@@ -214,6 +224,8 @@ class PoolGrowth:
         elif isinstance(layer.query_adapter, PerOwner) and layer.query_adapter.unknown != "first":
             # as models' grow_peer (unknown "first": every owner shares the first's)
             layer.query_adapter.add_owner(owner)
+        if self.config.copy_experts:
+            copy_nearest_experts(layer, owner=owner)
 
     def _far(self, layer: PEER, queries: torch.Tensor, owner: int) -> torch.Tensor:
         """The ``far_fraction`` of ``queries`` (..., H, d) that old keys score lowest."""

@@ -78,3 +78,14 @@ def test_config_checks_centroid_settings():
         PoolGrowthConfig(centroids=0)
     with pytest.raises(ValueError, match="centroid_noise must be"):
         PoolGrowthConfig(centroid_noise=-1.0)
+
+
+def test_copy_experts_starts_new_experts_as_old_ones():
+    lay = layer()
+    new = torch.randn(100, 16) + 1.0
+    growth = PoolGrowth(PoolGrowthConfig(copy_experts=True))
+    with torch.no_grad():
+        ids = growth.grow(lay, 4, owner=1, queries=lay.query(new))
+    rows = lay.down.detach()
+    match = (rows[ids][:, None] == rows[:16][None]).all(-1)  # (16 new, 16 old)
+    assert bool(match.any(1).all())  # every new expert is a copy of an old one
