@@ -103,8 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("shared", "own"),
         default="shared",
         help="grow-pool: 'shared': new experts are scored with the base's query (one search "
-        "over the pool, the base's cost per token); 'own': each domain trains its own query "
-        "adapter (one search per domain) (shared)",
+        "over the pool, as the base plus one segment per domain); 'own': each domain trains "
+        "its own query adapter (one search per domain) (shared)",
     )
     add(
         "--pool-pseudo",

@@ -18,7 +18,7 @@
   (k-means sub-keys, retrieval regulariser with pseudo-queries of the earlier domains):
   one retrieval per token and no domain inference (:mod:`peer_ll.cli.lm_pool`). With
   ``pool_query="shared"`` the new sub-keys are scored with the base's query (one search
-  over the pool: the base's cost per token); with "own" each domain trains its own query
+  over the pool, whose segments add to the search only); with "own" each domain trains its own query
   adapter (one search per domain). Not in the default ``--methods``.
 """
 

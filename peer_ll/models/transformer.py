@@ -55,7 +55,7 @@ class LMConfig:
     adapter_rank: int = 8
     adapter_affine: bool = True
     # Grown owners score their sub-keys with the first owner's query adapter instead of
-    # their own: one query and one search over the pool, the base model's cost per token.
+    # their own: one query and one search over the pool (the base's, plus a segment per domain).
     shared_query_adapter: bool = False
     # With "branch" growth, a grown domain also owns rank-r deltas of every attention
     # projection, used only on its own route (0: none; attention stays as trained).
