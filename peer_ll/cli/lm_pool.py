@@ -16,9 +16,9 @@ the new segment win the new domain's tokens and only those:
   from the earlier domains' blocks, identically.
 
 Every PEER block grows (``LMConfig.peer_layers``). Test time is the paper's layer: one
-retrieval per token; with a shared query, one query and one search over the pool (whose
-CPU search still loops over its segments: one more per domain); with own adapters, one
-query transform and search per owner.
+retrieval per token; with a shared query, one query and one search over the pool (each
+grown segment adds its sub-keys to that search); with own adapters, one query transform
+and search per owner.
 """
 
 from __future__ import annotations
