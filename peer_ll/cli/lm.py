@@ -46,6 +46,7 @@ from peer_ll.cli.lm_args import (
     check_arguments,
     flag_message,
     load_progress,
+    peer_block_indices,
     save_progress,
     settings,
 )
@@ -53,7 +54,8 @@ from peer_ll.cli.lm_methods import (
     EVALUATIONS,
     MethodSettings,
     eval_domain,
-    growth_of,
+    model_config,
+    pool_config,
     prepare,
     train_domain,
 )
@@ -86,7 +88,7 @@ def evaluate(model: PEERLM, method: str, tests: list[torch.Tensor]) -> dict[str,
 
 def run_method(method, base, names, blocks, args, settings, out) -> dict:
     """Learn domains 1..T-1 with ``method`` from ``base``; returns its records."""
-    model = PEERLM(dataclasses.replace(base.config, growth=growth_of(method)))
+    model = PEERLM(model_config(base.config, method, settings))
     model.load_state_dict(base.state_dict())
     tests = [blocks[n]["test"] for n in names]
     rec = {
@@ -178,8 +180,20 @@ def _run(args: argparse.Namespace) -> int:
             adapter_affine=False,
             attention_adapter_rank=0,
         )
+    shape["peer_layers"] = peer_block_indices(args.peer_layers, shape["layers"])
     config = LMConfig(**shape)  # checks the model's shape before any data or folder
-    settings_ = MethodSettings(grow_keys=args.grow_keys, top_t=args.top_t, steps=args.steps)
+    settings_ = MethodSettings(
+        grow_keys=args.grow_keys,
+        top_t=args.top_t,
+        steps=args.steps,
+        pool=pool_config(
+            args.pool_pseudo,
+            keep=args.pool_keep_weight,
+            margin=args.pool_margin,
+            copy_experts=args.pool_copy_experts,
+        ),
+        pool_query=args.pool_query,
+    )
     if args.tiny:
         settings_ = dataclasses.replace(settings_, background_batches=4)
     blocks = load_blocks(args)

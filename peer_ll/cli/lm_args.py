@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from peer_ll.cli.args import non_negative_int, positive_float, positive_int
+from peer_ll.cli.args import non_negative_float, non_negative_int, positive_float, positive_int
 from peer_ll.cli.files import atomic_write_text
 from peer_ll.cli.lm_methods import DEFAULT_METHODS, METHODS
 from peer_ll.cli.run_folder import check_run_folder
@@ -61,7 +61,7 @@ DEFAULT_DOMAINS = ("python-stdlib", "pydoc-topics", "unicode-names")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    pos, count, rate = positive_int, non_negative_int, positive_float
+    pos, count, rate, frac = positive_int, non_negative_int, positive_float, non_negative_float
     add(
         "--domains",
         nargs="+",
@@ -89,7 +89,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--grow-keys", type=pos, default=32, help="sub-keys per side of a grown segment (32)")
     add("--top-t", type=pos, default=256, help="sparse finetuning: rows per layer and step (256)")
     add("--dim", type=pos, default=128, help="model width (128)")
-    add("--layers", type=pos, default=4, help="transformer blocks (4); PEER in the middle one")
+    add("--layers", type=pos, default=4, help="transformer blocks (4)")
+    add(
+        "--peer-layers",
+        type=peer_layers,
+        default=None,
+        metavar="all|I,J,...",
+        help="blocks with a PEER FFN, the same for every method: 'all' (the paper: PEER "
+        "replaces every FFN) or block indices from 0 (default: the middle block)",
+    )
+    add(
+        "--pool-query",
+        choices=("shared", "own"),
+        default="shared",
+        help="grow-pool: 'shared': new experts are scored with the base's query (one search "
+        "over the pool, as the base plus one segment per domain); 'own': each domain trains "
+        "its own query adapter (one search per domain) (shared)",
+    )
+    add(
+        "--pool-pseudo",
+        choices=("queries", "centroids"),
+        default="centroids",
+        help="grow-pool: the regulariser's pseudo-queries of earlier domains: one Gaussian "
+        "('queries') or k-means centroids plus noise ('centroids') of their queries (centroids)",
+    )
+    add(
+        "--pool-copy-experts",
+        action="store_true",
+        help="grow-pool: new experts start as copies of the old experts their keys retrieve "
+        "(default: random)",
+    )
+    add(
+        "--pool-keep-weight",
+        type=frac,
+        default=1.0,
+        help="grow-pool: weight of the regulariser's keep term (old queries stay old) (1.0)",
+    )
+    add("--pool-margin", type=frac, default=1.0,
+        help="grow-pool: score margin of the regulariser's win and keep terms (1.0)")  # fmt: skip
     add(
         "--experts-only",
         action="store_true",
@@ -120,6 +157,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--force", action="store_true", help="remove the run in --out first and start anew")
     add("--no-reload-check", action="store_true", help="skip loading checkpoints anew")
     add("--no-progress", action="store_true", help="no progress bars")
+
+
+def peer_layers(text: str) -> str:
+    """``--peer-layers``: 'all' or comma-separated block indices (checked against --layers)."""
+    parts = text.split(",")
+    if text != "all" and not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected 'all' or block indices like 0,2, got {text!r}")
+    return text
+
+
+def peer_block_indices(text: str | None, layers: int) -> tuple[int, ...] | None:
+    """The PEER blocks ``--peer-layers`` names for a model of ``layers`` blocks (None: default)."""
+    if text is None:
+        return None
+    if text == "all":
+        return tuple(range(layers))
+    blocks = tuple(sorted({int(p) for p in text.split(",")}))
+    if blocks[-1] >= layers:
+        raise ValueError(f"--peer-layers must be block indices in [0, {layers}), got {text}")
+    return blocks
 
 
 def flag_message(err: BaseException) -> str:

@@ -15,14 +15,17 @@
   each token's domain is inferred from the context (``domain="infer"``), so an
   old domain's text keeps exactly its old route.
 - ``grow-pool``: grow-only whose new segment wins exactly the new domain's tokens
-  (k-means sub-keys, per-owner query calibration, retrieval regulariser): one
-  retrieval per token and no domain inference (:mod:`peer_ll.cli.lm_pool`). Not in
-  the default ``--methods``.
+  (k-means sub-keys, retrieval regulariser with pseudo-queries of the earlier domains):
+  one retrieval per token and no domain inference (:mod:`peer_ll.cli.lm_pool`). With
+  ``pool_query="shared"`` the new sub-keys are scored with the base's query (one search
+  over the pool, whose segments add to the search only); with "own" each domain trains its own query
+  adapter (one search per domain). Not in the default ``--methods``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +33,8 @@ from peer_ll.cli.lm_train import GradHook, sample_batches
 from peer_ll.experts.checks import check_choice, check_int
 from peer_ll.models.lm import PEERLM
 from peer_ll.models.lm import LMOwners as Domain
+from peer_ll.models.transformer import LMConfig
+from peer_ll.strategies.pool_growth import PoolGrowthConfig
 
 METHODS = ("full", "sparse", "grow-only", "grow-and-freeze", "grow-pool")
 DEFAULT_METHODS = METHODS[:4]
@@ -43,6 +48,26 @@ class MethodSettings:
     top_t: int = 256  # sparse: expert rows trained per layer and step (Lin et al.: t)
     steps: int = 250  # grow-pool: training steps (its regulariser hook counts them)
     background_batches: int = 32  # sparse: batches of each earlier domain for the IDF
+    pool: PoolGrowthConfig = field(default_factory=lambda: pool_config())  # grow-pool
+    pool_query: str = "shared"  # grow-pool: "shared" (the base's query) or "own" adapters
+
+    def __post_init__(self) -> None:
+        check_choice("pool_query", self.pool_query, ("shared", "own"))
+
+
+def pool_config(
+    pseudo: str = "centroids",
+    *,
+    keep: float = 1.0,
+    margin: float = 1.0,
+    copy_experts: bool = False,
+) -> PoolGrowthConfig:
+    """grow-pool's :class:`PoolGrowthConfig`: k-means keys, the regulariser (keep weight
+    ``keep``, ``margin``), the model's query adapters (no calibration of its own),
+    pseudo-queries drawn as ``pseudo`` says, new experts copied from old ones or random."""
+    return PoolGrowthConfig(
+        calibrate=False, pseudo=pseudo, keep_weight=keep, margin=margin, copy_experts=copy_experts
+    )
 
 
 class TfidfRows:
@@ -154,6 +179,7 @@ def prepare(
             steps=settings.steps,
             new_blocks=new_blocks,
             old_blocks=background,
+            config=settings.pool,
         )
     if method in ("grow-only", "grow-and-freeze"):
         expected = "pool" if method == "grow-only" else "branch"
@@ -176,6 +202,12 @@ def prepare(
 def growth_of(method: str) -> str:
     """The ``LMConfig.growth`` a method's model needs."""
     return "pool" if method in ("grow-only", "grow-pool") else "branch"
+
+
+def model_config(base: LMConfig, method: str, settings: MethodSettings) -> LMConfig:
+    """The config of a method's model, from the base's (same shape and weights)."""
+    shared = method == "grow-pool" and settings.pool_query == "shared"
+    return dataclasses.replace(base, growth=growth_of(method), shared_query_adapter=shared)
 
 
 def train_domain(method: str, owner: int) -> Domain:

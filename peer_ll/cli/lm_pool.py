@@ -5,15 +5,20 @@ everything old frozen), with :class:`peer_ll.strategies.pool_growth.PoolGrowth` 
 the new segment win the new domain's tokens and only those:
 
 - the new sub-keys start at k-means centroids of the new domain's query halves;
-- the new owner's query adapter (the model's ``adapter_rank``/``adapter_affine``) scores
-  only its own sub-keys, so old scores stay fixed;
+- the new sub-keys are scored with the base's query (``LMConfig.shared_query_adapter``:
+  one search over the pool) or, if the model gives each owner its own query adapter
+  (``adapter_rank``/``adapter_affine``), with the new owner's, which scores only its own
+  sub-keys, so old scores stay fixed;
 - each step adds the retrieval regulariser: new top-k over old top-1 on the batch's
   queries, new top-1 under old k-th on pseudo-queries of the earlier domains. Their query
-  Gaussians are the statistics a model stores when a domain ends; with everything old
-  frozen they are recomputed here from the earlier domains' blocks, identically.
+  statistics (a Gaussian, or k-means centroids with ``pseudo="centroids"``) are what a
+  model stores when a domain ends; with everything old frozen they are recomputed here
+  from the earlier domains' blocks, identically.
 
-Test time is the paper's layer: one retrieval per token, cost per token as the base model
-(plus one query transform per owner with an adapter).
+Every PEER block grows (``LMConfig.peer_layers``). Test time is the paper's layer: one
+retrieval per token; with a shared query, one query and one search over the pool (each
+grown segment adds its sub-keys to that search); with own adapters, one query transform
+and search per owner.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from peer_ll.experts.checks import check_choice, check_int, check_owner
 
 #: Logit of a class outside an owner's class set (finite, so mixing and losses stay finite).
 MASKED_LOGIT = -1.0e4
-UNKNOWN = ("error", "identity")
+UNKNOWN = ("error", "identity", "first")
 
 
 class PerOwner(nn.Module):
@@ -44,8 +44,9 @@ class PerOwner(nn.Module):
         num_classes: if set, the output's last axis holds class logits and each owner
             masks the classes outside its class set (see :meth:`add_owner`) to
             :data:`MASKED_LOGIT`.
-        unknown: what an owner without a copy gets: "error" (ValueError) or "identity"
-            (the input, unchanged: a query adapter for an owner that has none).
+        unknown: what an owner without a copy gets: "error" (ValueError), "identity"
+            (the input, unchanged: a query adapter for an owner that has none) or
+            "first" (the first owner's copy: one module shared by every owner).
 
     Buffers:
         ``owner_ids`` (O,) int64 in order of addition; ``class_mask`` (O, C) bool.
@@ -81,6 +82,11 @@ class PerOwner(nn.Module):
     def owners(self) -> list[int]:
         """Owners with a copy, in order of addition."""
         return self.owner_ids.tolist()
+
+    @property
+    def owner_independent(self) -> bool:
+        """Whether every owner gets the same module (``unknown="first"``, one copy)."""
+        return self.unknown == "first" and len(self.copies) == 1
 
     def add_owner(self, owner: int, *, classes: Iterable[int] | None = None) -> nn.Module:
         """Give ``owner`` a copy (or, if it has one, set its class set); returns the copy.
@@ -155,6 +161,8 @@ class PerOwner(nn.Module):
         return out.view(*lead, *first.shape[1:])
 
     def _run(self, x: torch.Tensor, owner: int) -> torch.Tensor:
+        if owner not in self.owners and self.unknown == "first":
+            owner = self.owners[0]
         if owner not in self.owners:
             if self.unknown == "identity":
                 return x

@@ -11,7 +11,9 @@ shared query, used only for that owner's own sub-keys::
 ``B_o``, ``γ_o`` and ``β_o`` start at zero, so a new adapter changes nothing until it
 trains; unknown owners get the identity. Freezing an owner's sub-keys with
 ``PEER.freeze`` freezes its adapter, so retrieval restricted to an old owner stays
-bit-identical while a new owner trains its adapter on a frozen query network.
+bit-identical while a new owner trains its adapter on a frozen query network. With
+``PerOwner(..., unknown="first")`` and one copy, every owner gets the first owner's
+adapter: one query and one search over the pool, as without an adapter.
 Axis letters: ``H`` heads, ``d`` dim_key, ``r`` rank.
 """
 
@@ -59,7 +61,12 @@ def adapted_topk(adapter, q, pool, segments, mask, k, backend):
     """Exact top-k where owner o's segments are searched with ``adapter(q, o)``.
 
     q (T, H, d), segments (S', 4), mask (T, S') or None -> scores, ids (T, H, k).
+    An adapter whose ``owner_independent`` is True is applied once: one search.
     """
+    if getattr(adapter, "owner_independent", False):
+        return product_topk(
+            adapter(q, None), pool.sub_keys, segments, k, segment_mask=mask, backend=backend
+        )
     seg_owner = pool.expert_owner[segments[:, 3]]
     scores, ids = [], []
     for owner in seg_owner.unique().tolist():  # a loop over owners, not tokens
@@ -81,6 +88,10 @@ def adapted_topk(adapter, q, pool, segments, mask, k, backend):
 def adapted_scores(adapter, q, ids, pool, backend):
     """Differentiable scores (T, H, K) of ``ids``, each with its owner's adapted query."""
     left, right = pool.key_rows(ids)
+    if getattr(adapter, "owner_independent", False):
+        return selected_scores(
+            adapter(q, None), pool.sub_keys, left, right, frozen=pool.key_frozen, backend=backend
+        )
     owner_of = pool.expert_owner[ids.clamp(min=0)]
     out = None
     for owner in owner_of.unique().tolist():

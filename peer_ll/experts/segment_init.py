@@ -104,6 +104,37 @@ def kmeans_sub_keys(
     layer.sub_keys.data.copy_(new)
 
 
+def copy_nearest_experts(layer: PEER, *, owner: int) -> torch.Tensor:
+    """Start the experts of ``owner``'s newest segment as copies of old experts.
+
+    New expert e has the key (left half, right half) of its two sub-keys; used as a query
+    (every head; head 0's result), it retrieves its top-1 among the other owners' experts,
+    whose down and up rows e copies. Call after the new sub-keys are set (e.g. by
+    :func:`kmeans_sub_keys`): a token that the new keys win then starts from an output
+    near its old one instead of random experts'. Returns the (n,) ids copied from.
+    """
+    check_type("layer", layer, PEER)
+    owner = check_owner("owner", owner)
+    last = int(layer.segment_owner[-1])
+    if last != owner:
+        raise ValueError(f"owner must own the layer's last segment ({last}), got {owner}")
+    old = sorted(set(layer.segment_owner.tolist()) - {owner})
+    if not old:
+        raise ValueError(f"owner must not be the layer's only owner, got {owner}")
+    _, n_left, n_right, start = layer.segments[-1].tolist()
+    ids = torch.arange(start, start + n_left * n_right, device=layer.sub_keys.device)
+    left, right = layer.pool.key_rows(ids)
+    keys = layer.sub_keys.detach()
+    q = torch.cat([keys[left, 0], keys[right, 1]], -1)  # (n, d)
+    q = q[:, None].expand(-1, layer.heads, -1).contiguous()  # (n, H, d)
+    _, src = search_queries(layer, q, owners=old, k=1)
+    src = src[:, 0, 0]
+    with torch.no_grad():
+        for table in (layer.pool.down, layer.pool.up):
+            table[ids] = table[src]
+    return src
+
+
 def search_queries(
     layer: PEER, q: torch.Tensor, *, owners=None, k: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,6 +54,9 @@ class LMConfig:
     # domain trains its own on a frozen shared query network (0 and False: none, paper).
     adapter_rank: int = 8
     adapter_affine: bool = True
+    # Grown owners score their sub-keys with the first owner's query adapter instead of
+    # their own: one query and one search over the pool (the base's, plus a segment per domain).
+    shared_query_adapter: bool = False
     # With "branch" growth, a grown domain also owns rank-r deltas of every attention
     # projection, used only on its own route (0: none; attention stays as trained).
     attention_adapter_rank: int = 16
@@ -80,6 +83,7 @@ class LMConfig:
         for name in ("adapter_rank", "attention_adapter_rank"):
             check_int(name, getattr(self, name), minimum=0)
         check_bool("adapter_affine", self.adapter_affine)
+        check_bool("shared_query_adapter", self.shared_query_adapter)
         check_bool("grow_dense_blocks", self.grow_dense_blocks)
         check_choice("growth", self.growth, GROWTH)
         check_float("dropout", self.dropout, minimum=0.0, maximum=0.999)
@@ -168,7 +172,8 @@ def make_peer(config: LMConfig, *, num_keys: int | None = None, owner: int = 0) 
 
     With ``config.adapter_rank`` or ``config.adapter_affine`` it carries per-owner
     query adapters (a :class:`peer_ll.experts.PerOwner` of
-    :class:`peer_ll.experts.QueryAdapter`), one for ``owner``.
+    :class:`peer_ll.experts.QueryAdapter`), one for ``owner``; with
+    ``config.shared_query_adapter`` every later owner uses that one.
     """
     layer = PEER(
         config.dim,
@@ -181,6 +186,7 @@ def make_peer(config: LMConfig, *, num_keys: int | None = None, owner: int = 0) 
         owner=owner,
     )
     if config.adapter_rank or config.adapter_affine:
+        unknown = "first" if config.shared_query_adapter else "identity"
 
         def adapter() -> QueryAdapter:
             return QueryAdapter(
@@ -190,16 +196,20 @@ def make_peer(config: LMConfig, *, num_keys: int | None = None, owner: int = 0) 
                 affine=config.adapter_affine,
             )
 
-        layer.attach_query_adapter(
-            PerOwner(adapter(), owner=owner, new=adapter, unknown="identity")
-        )
+        layer.attach_query_adapter(PerOwner(adapter(), owner=owner, new=adapter, unknown=unknown))
     return layer
+
+
+def own_query_adapter(layer: PEER) -> bool:
+    """Whether a new owner of ``layer`` gets a query adapter of its own (a PerOwner's copy)."""
+    adapter = layer.query_adapter
+    return isinstance(adapter, PerOwner) and adapter.unknown != "first"
 
 
 def grow_peer(layer: PEER, num_keys: int, *, owner: int) -> torch.Tensor:
     """Grow ``layer`` by ``num_keys``² experts of ``owner`` (and its query adapter)."""
     ids = layer.grow(num_keys, owner=owner)
-    if isinstance(layer.query_adapter, PerOwner):
+    if own_query_adapter(layer):
         layer.query_adapter.add_owner(owner)
     return ids
 

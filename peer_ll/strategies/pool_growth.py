@@ -20,7 +20,9 @@ experts starve) or, trained freely, win the old domains' queries too (they steal
   (:class:`QueryStats`, stored when that owner finished training), the new segment's
   best score stays ``margin`` below the old k-th score, so old top-k are unchanged.
   With ``pseudo="inputs"`` the pseudo-queries are the layer's queries of pseudo-inputs
-  drawn from Gaussians of each old owner's inputs (:class:`InputStats`);
+  drawn from Gaussians of each old owner's inputs (:class:`InputStats`); with
+  ``pseudo="centroids"`` they are k-means centroids of each old owner's queries (``centroids``
+  per head) plus ``centroid_noise`` × their cluster's spread (:class:`CentroidStats`);
 
 and two that attack what those leave, the overlap of old and new queries under the
 frozen query network (not in the paper):
@@ -29,7 +31,10 @@ frozen query network (not in the paper):
   (:class:`peer_ll.strategies.pool_growth_query.OwnQuery`, a copy of the layer's,
   trained on the new data), in the same single retrieval; needs ``pseudo="inputs"``;
 - ``far_fraction`` < 1: k-means only on the new queries that the old keys score lowest
-  (that fraction of them), so the new keys sit away from the old queries.
+  (that fraction of them), so the new keys sit away from the old queries;
+- ``copy_experts``: each new expert starts as a copy of the old expert that its key
+  retrieves (:func:`peer_ll.experts.segment_init.copy_nearest_experts`), so a token the
+  new keys win starts near its old output instead of random experts'.
 
 Axis letters: ``T`` queries, ``H`` heads, ``d`` dim_key, ``k`` top-k.
 """
@@ -50,8 +55,13 @@ from peer_ll.experts.checks import (
     check_owner,
     check_type,
 )
-from peer_ll.experts.segment_init import kmeans_sub_keys, scores_of, search_queries
-from peer_ll.strategies.pool_growth_query import InputStats, OwnQuery
+from peer_ll.experts.segment_init import (
+    copy_nearest_experts,
+    kmeans_sub_keys,
+    scores_of,
+    search_queries,
+)
+from peer_ll.strategies.pool_growth_query import CentroidStats, InputStats, OwnQuery
 
 
 @dataclass(frozen=True)
@@ -66,21 +76,27 @@ class PoolGrowthConfig:
     keep_weight: float = 1.0  # regulariser: new top-1 under old k-th on pseudo-queries
     margin: float = 1.0  # score margin of both terms
     pseudo_queries: int = 256  # pseudo-queries per old owner and step
-    pseudo: str = "queries"  # draw them from query ("queries") or input ("inputs") Gaussians
+    pseudo: str = "queries"  # from query/input Gaussians ("queries"/"inputs") or "centroids"
+    centroids: int = 256  # pseudo="centroids": k-means centroids per old owner, layer and head
+    centroid_noise: float = 1.0  # and the noise around them, in units of their cluster's std
     own_query: bool = False  # the new owner's own query network for its sub-keys
     own_query_rank: int = 0  # 0: a full copy of the query projection; r: shared + rank r
     far_fraction: float = 1.0  # k-means on the new queries the old keys score lowest
+    copy_experts: bool = False  # new experts start as the old experts their keys retrieve
 
     def __post_init__(self) -> None:
         check_bool("kmeans", self.kmeans)
         check_bool("calibrate", self.calibrate)
+        check_bool("copy_experts", self.copy_experts)
         check_float("key_scale", self.key_scale, minimum=0.0)
         check_float("win_weight", self.win_weight, minimum=0.0)
         check_float("keep_weight", self.keep_weight, minimum=0.0)
         check_float("margin", self.margin, minimum=0.0)
         check_int("pseudo_queries", self.pseudo_queries, minimum=1)
         check_int("calibration_rank", self.calibration_rank, minimum=0)
-        check_choice("pseudo", self.pseudo, ("queries", "inputs"))
+        check_choice("pseudo", self.pseudo, ("queries", "inputs", "centroids"))
+        check_int("centroids", self.centroids, minimum=1)
+        check_float("centroid_noise", self.centroid_noise, minimum=0.0)
         check_bool("own_query", self.own_query)
         check_int("own_query_rank", self.own_query_rank, minimum=0)
         check_float("far_fraction", self.far_fraction, minimum=0.0)
@@ -156,6 +172,9 @@ class PoolGrowth:
         )
         self.query_stats = QueryStats()
         self.input_stats = InputStats()
+        self.centroid_stats = CentroidStats(
+            centroids=self.config.centroids, noise=self.config.centroid_noise
+        )
 
     def grow(
         self, layer: PEER, num_keys: int, *, owner: int, queries: torch.Tensor
@@ -202,8 +221,11 @@ class PoolGrowth:
             layer.attach_query_adapter(
                 PerOwner(adapter(), owner=owner, new=adapter, unknown="identity")
             )
-        elif isinstance(layer.query_adapter, PerOwner):  # as models' grow_peer
+        elif isinstance(layer.query_adapter, PerOwner) and layer.query_adapter.unknown != "first":
+            # as models' grow_peer (unknown "first": every owner shares the first's)
             layer.query_adapter.add_owner(owner)
+        if self.config.copy_experts:
+            copy_nearest_experts(layer, owner=owner)
 
     def _far(self, layer: PEER, queries: torch.Tensor, owner: int) -> torch.Tensor:
         """The ``far_fraction`` of ``queries`` (..., H, d) that old keys score lowest."""
@@ -230,6 +252,8 @@ class PoolGrowth:
             inputs: (..., D) the layer's inputs they came from (for ``pseudo="inputs"``).
         """
         self.query_stats.record(layer, owner, queries)
+        if self.config.pseudo == "centroids":
+            self.centroid_stats.record(layer, owner, queries)
         if inputs is not None:
             self.input_stats.record(layer, owner, inputs)
 
@@ -252,7 +276,9 @@ class PoolGrowth:
             _, ids = search_queries(layer, q, owners=owner, k=k)
             s_new = scores_of(layer, q, ids)  # (T, H, k), differentiable
             total = total + cfg.win_weight * F.softplus(s_old + cfg.margin - s_new).mean()
-        stats = self.input_stats if cfg.pseudo == "inputs" else self.query_stats
+        stats = {"inputs": self.input_stats, "centroids": self.centroid_stats}.get(
+            cfg.pseudo, self.query_stats
+        )
         known = [o for o in stats.owners(layer) if o in old]
         if cfg.keep_weight > 0 and known:
             p = torch.cat([stats.sample(layer, o, cfg.pseudo_queries, generator) for o in known])

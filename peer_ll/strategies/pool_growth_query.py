@@ -1,4 +1,4 @@
-"""A grown owner's own query network, and Gaussians of a PEER layer's inputs.
+"""A grown owner's own query network; stored statistics of an old owner's queries or inputs.
 
 With everything old frozen, a grown segment is scored with the old query network, which
 was trained on the first domain only: the queries of different domains can overlap, and
@@ -15,6 +15,10 @@ that q came from. Every query the layer computes passes there (``forward``, ``qu
 ``retrieve``); a raw query that does not (e.g. a pseudo-query drawn from statistics)
 cannot be scored with it: draw pseudo-inputs from :class:`InputStats` instead.
 
+:class:`CentroidStats` keeps more of an old owner's query distribution than one Gaussian
+(:class:`peer_ll.strategies.pool_growth.QueryStats`): k-means centroids per head, each
+with the per-dimension spread of its cluster; pseudo-queries are centroids plus noise.
+
 Axis letters: ``T`` inputs, ``D`` input size, ``H`` heads, ``d`` dim_key.
 """
 
@@ -27,6 +31,7 @@ from torch import nn
 
 from peer_ll.experts import PEER
 from peer_ll.experts.checks import check_float, check_int, check_owner, check_type
+from peer_ll.experts.segment_init import kmeans
 
 
 class OwnQuery(nn.Module):
@@ -135,4 +140,62 @@ class InputStats:
         mean, chol = self.stats[(id(layer), owner)]
         z = torch.randn(n, len(mean), generator=generator)
         out = mean + z @ chol.T
+        return out.to(device=layer.sub_keys.device, dtype=layer.sub_keys.dtype)
+
+
+class CentroidStats:
+    """Per-(layer, owner) k-means centroids of queries, per head: centres and spreads (H, n, d).
+
+    Args:
+        centroids: n, centroids per head (fewer when there are fewer queries).
+        noise: pseudo-queries are a centroid plus ``noise`` × its cluster's per-dimension
+            standard deviation × N(0, 1) (0: the centroids themselves).
+        max_points: k-means runs on at most this many queries (a fixed random subset).
+        iters: Lloyd iterations.
+    """
+
+    def __init__(
+        self, *, centroids: int = 256, noise: float = 1.0, max_points: int = 4096, iters: int = 10
+    ) -> None:
+        self.centroids = check_int("centroids", centroids, minimum=1)
+        self.noise = check_float("noise", noise, minimum=0.0)
+        self.max_points = check_int("max_points", max_points, minimum=1)
+        self.iters = check_int("iters", iters, minimum=0)
+        self.stats: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(self, layer: PEER, owner: int, queries: torch.Tensor) -> None:
+        """Store the centroids of ``queries`` (..., H, d) as ``owner``'s in ``layer``."""
+        owner = check_owner("owner", owner)
+        q = queries.detach().reshape(-1, layer.heads, layer.dim_key).float().cpu()
+        if len(q) < 2:
+            raise ValueError(f"queries must hold at least 2 queries, got {len(q)}")
+        if len(q) > self.max_points:
+            gen = torch.Generator().manual_seed(owner)
+            q = q[torch.randperm(len(q), generator=gen)[: self.max_points]]
+        n = min(self.centroids, len(q))
+        centres, spreads = [], []
+        for h in range(layer.heads):
+            pts = q[:, h]  # (P, d)
+            cent = kmeans(pts, n, iters=self.iters, seed=owner)  # (n, d)
+            assign = torch.cdist(pts, cent).argmin(1)
+            count = torch.bincount(assign, minlength=n).clamp_min(1)[:, None]
+            sq = torch.zeros_like(cent).index_add_(0, assign, (pts - cent[assign]).pow(2))
+            centres.append(cent)
+            spreads.append((sq / count).sqrt())
+        self.stats[(id(layer), owner)] = (torch.stack(centres), torch.stack(spreads))
+
+    def owners(self, layer: PEER) -> list[int]:
+        """Owners with stored statistics in ``layer``."""
+        return sorted(o for (lid, o) in self.stats if lid == id(layer))
+
+    def sample(self, layer: PEER, owner: int, n: int, generator=None) -> torch.Tensor:
+        """(n, H, d) pseudo-queries of ``owner`` in ``layer``: centroids drawn per head."""
+        centres, spreads = self.stats[(id(layer), owner)]  # (H, C, d) each
+        heads, count, _ = centres.shape
+        pick = torch.randint(count, (n, heads), generator=generator)  # (n, H)
+        head = torch.arange(heads)[None, :]
+        out = centres[head, pick]  # (n, H, d)
+        if self.noise:
+            z = torch.randn(out.shape, generator=generator)
+            out = out + self.noise * spreads[head, pick] * z
         return out.to(device=layer.sub_keys.device, dtype=layer.sub_keys.dtype)

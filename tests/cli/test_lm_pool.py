@@ -6,6 +6,7 @@ import json
 import pytest
 
 from peer_ll.cli import lm
+from peer_ll.cli.lm_args import peer_block_indices, peer_layers
 from peer_ll.cli.lm_pool import prepare_pool
 from peer_ll.models.lm import PEERLM
 from peer_ll.models.transformer import LMConfig
@@ -24,6 +25,8 @@ def test_grow_pool_touches_nothing_old_and_reloads_identically(tmp_path):
             "--no-progress",
             "--methods",
             "grow-pool",
+            "--peer-layers",
+            "all",
             "--out",
             str(tmp_path),
         ]
@@ -37,6 +40,23 @@ def test_grow_pool_touches_nothing_old_and_reloads_identically(tmp_path):
     assert results["reload"]["identical"]
     shares = row["diagnostics"][-1]["routing_share"]  # router mass per domain and owner
     assert len(shares) == 3
+    assert results["config"]["model"]["peer_layers"] == [0, 1]  # --tiny: 2 blocks
+    assert results["config"]["model"]["shared_query_adapter"] is False  # the base's config
+    model = PEERLM.load(tmp_path / "checkpoints" / "grow-pool-2-unicode-names.pt")
+    assert model.config.shared_query_adapter  # --pool-query shared (default)
+    for layer in model.peer_layers:  # every PEER block grew, one query adapter each
+        assert layer.owners.unique().tolist() == [0, 1, 2]
+        assert layer.query_adapter.owners == [0]
+
+
+def test_peer_layers_flag():
+    assert peer_block_indices(None, 4) is None
+    assert peer_block_indices("all", 3) == (0, 1, 2)
+    assert peer_block_indices("2,0,2", 4) == (0, 2)
+    with pytest.raises(ValueError, match=r"--peer-layers must be block indices in \[0, 4\)"):
+        peer_block_indices("4", 4)
+    with pytest.raises(argparse.ArgumentTypeError, match="expected 'all' or block indices"):
+        peer_layers("middle")
 
 
 def test_prepare_pool_needs_pool_growth():

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from peer_ll.experts import PEER
-from peer_ll.experts.segment_init import kmeans, kmeans_sub_keys, scores_of, search_queries
+from peer_ll.experts.segment_init import (
+    copy_nearest_experts,
+    kmeans,
+    kmeans_sub_keys,
+    scores_of,
+    search_queries,
+)
 
 
 def small(**kw):
@@ -79,3 +85,23 @@ def test_search_queries_matches_retrieve_and_scores_of_matches_it():
         assert torch.allclose(scores_of(layer, q, i), s, atol=1e-5)
     with pytest.raises(ValueError, match=r"q must have shape \(T, 2, 8\)"):
         search_queries(layer, q[:, 0])
+
+
+def test_copy_nearest_experts_copies_the_old_expert_each_new_key_retrieves():
+    torch.manual_seed(0)
+    layer = small(capacity=64)
+    with pytest.raises(ValueError, match="owner must not be the layer's only owner"):
+        copy_nearest_experts(layer, owner=0)
+    new = layer.grow(4, owner=1)
+    before = layer.down.detach().clone()
+    src = copy_nearest_experts(layer, owner=1)
+    assert src.shape == (16,) and bool((src < 16).all())  # all from owner 0's segment
+    left, right = layer.pool.key_rows(new)
+    keys = layer.sub_keys.detach()
+    q = torch.cat([keys[left, 0], keys[right, 1]], -1)[:, None].expand(-1, 2, -1)
+    _, want = search_queries(layer, q.contiguous(), owners=0, k=1)
+    assert torch.equal(src, want[:, 0, 0])
+    assert torch.equal(layer.down[new], before[src]) and torch.equal(layer.up[new], layer.up[src])
+    assert torch.equal(layer.down[:16], before[:16])  # old rows unchanged
+    with pytest.raises(ValueError, match="owner must own the layer's last segment"):
+        copy_nearest_experts(layer, owner=0)
