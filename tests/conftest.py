@@ -22,6 +22,16 @@ from torch.utils.data import TensorDataset  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after it (CLI runs set their own count);
+    tiny models on a loaded 2-core machine otherwise spin OpenMP threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same random state."""

@@ -111,9 +111,11 @@ class ShardedPool(_SharedGroup, ExpertPool):
         for value in (down, up, keys):
             dist.broadcast(value, src=_src(self.group), group=self.group)
         rows = down[:, self.columns("down")], up[:, self.columns("up")], keys
-        for table, value in zip(out or (), rows, strict=False):
+        if out is None:
+            return rows
+        for table, value in zip(out, rows, strict=True):
             table.copy_(value)
-        return rows if out is None else out
+        return out
 
 
 class ShardedPEER(_SharedGroup, PEER):

@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from torch import nn
 
 from peer_ll.cli import main as cli
@@ -25,13 +24,7 @@ KEYS = ["accuracy_matrix", "avg_accuracy", "bwt", "forgetting", "learning_accura
         "intransigence", "params_total", "params_active", "seconds"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids OpenMP spinning on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

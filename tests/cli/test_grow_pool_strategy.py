@@ -2,20 +2,13 @@
 
 import numpy as np
 import pytest
-import torch
 
 from peer_ll.cli import main as cli
 from peer_ll.cli.compare import run_comparison
 from peer_ll.cli.strategies_zoo import STRATEGIES, StreamInfo, ZooConfig, build_strategy
 from peer_ll.strategies.pool_growth_plugin import PoolGrowthPlugin
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_grow_pool_runs_on_a_permuted_stream_with_one_retrieval():

@@ -14,12 +14,7 @@ TINY = ["--epochs", "1", "--seeds", "1", "--experiences", "3", "--max-train-per-
         "--top-t", "4", "--strategies", "naive,peer-grow"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _matrices(run):

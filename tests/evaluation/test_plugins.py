@@ -22,13 +22,7 @@ from peer_ll.optim import make_optimizer
 SMALL = dict(num_keys=4, heads=2, topk=4, dim_key=8, query_norm="layer")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids OpenMP spinning on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,23 +2,11 @@
 
 import pytest
 import torch
-from tiny_lm import TINY
-
-from peer_ll.models import PEERLM, LMConfig
-
-
-def _grown() -> PEERLM:
-    torch.manual_seed(0)
-    model = PEERLM(LMConfig(**TINY)).eval()
-    model.grow(4, owner=1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))  # domains that disagree
-    return model
+from tiny_lm import grown_tiny_lm
 
 
 def test_unreachable_confidence_is_the_full_mixture():
-    model = _grown()
+    model = grown_tiny_lm()
     idx = torch.randint(0, 256, (3, 20))
     with torch.no_grad():
         out, routes = model.insured_mixture(idx, 1.0, probe=4)
@@ -30,7 +18,7 @@ def test_unreachable_confidence_is_the_full_mixture():
 
 
 def test_a_committed_sequence_takes_the_top_route_after_its_commit_point():
-    model = _grown()
+    model = grown_tiny_lm()
     idx = torch.randint(0, 256, (4, 24))
     with torch.no_grad():
         post = model.domain_posterior(idx)  # (O, B, T)
@@ -57,6 +45,6 @@ def test_a_committed_sequence_takes_the_top_route_after_its_commit_point():
 
 
 def test_confidence_is_checked():
-    model = _grown()
+    model = grown_tiny_lm()
     with pytest.raises(ValueError, match="confidence must be a float in"):
         model.insured_mixture(torch.zeros(1, 4, dtype=torch.long), 1.5)

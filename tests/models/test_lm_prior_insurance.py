@@ -4,20 +4,9 @@ import math
 
 import pytest
 import torch
-from tiny_lm import TINY
+from tiny_lm import grown_tiny_lm
 
-from peer_ll.models import PEERLM, LMConfig
 from peer_ll.models.insurance import NgramDomainPrior, prior_mixture
-
-
-def _grown() -> PEERLM:
-    torch.manual_seed(0)
-    model = PEERLM(LMConfig(**TINY)).eval()
-    model.grow(4, owner=1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))  # domains that disagree
-    return model
 
 
 def _prior() -> NgramDomainPrior:
@@ -47,7 +36,7 @@ def test_unigram_prior_and_its_smoothing():
 
 
 def test_full_confidence_is_the_full_mixture_and_costs_every_route():
-    model, prior = _grown(), _prior()
+    model, prior = grown_tiny_lm(), _prior()
     idx = torch.randint(0, 256, (3, 20))
     with torch.no_grad():
         out, routes = model.insured_mixture(idx, 1.0, prior=prior)
@@ -57,7 +46,7 @@ def test_full_confidence_is_the_full_mixture_and_costs_every_route():
 
 
 def test_zero_confidence_runs_the_prior_top_route_alone():
-    model, prior = _grown(), _prior()
+    model, prior = grown_tiny_lm(), _prior()
     idx = torch.cat([torch.randint(0, 8, (2, 20)), torch.randint(8, 16, (2, 20))])
     with torch.no_grad():
         out, routes = model.insured_mixture(idx, 0.0, prior=prior)
