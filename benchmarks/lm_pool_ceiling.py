@@ -14,7 +14,9 @@ separates the two causes by giving the same method what the goal forbids or lack
   before each domain (generative replay, Shin et al. 2017; no stored data): ``--generated``
   blocks of ``--gen-len`` tokens after a BOS, the last block_size + 1 kept, at
   ``--temperature``.
-- ``--old none``: grow-pool itself, with ``--keep``/``--win`` as its regulariser weights.
+- ``--old none``: grow-pool itself (with ``--step-mult 1``), ``--keep``/``--win`` its
+  regulariser's weights, ``--centroids``/``--centroid-noise`` its pseudo-queries (k-means
+  centroids per earlier domain, layer and head, plus noise of their cluster's spread).
 
 Everything else is ``peer-ll lm``'s grow-pool (k-means sub-keys, the base's query, the
 same data and learning rate); ``--step-mult`` multiplies the steps per domain (2 with
@@ -77,6 +79,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--temperature", type=float, default=1.0, help="--old generated")
     ap.add_argument("--keep", type=float, default=0.0, help="regulariser's keep weight (0)")
     ap.add_argument("--win", type=float, default=0.0, help="regulariser's win weight (0)")
+    ap.add_argument("--centroids", type=int, default=256, help="keep term: centroids (256)")
+    ap.add_argument("--centroid-noise", type=float, default=1.0, help="keep term: noise (1)")
     args = ap.parse_args(argv)
     if not 0.0 <= args.replay < 1.0:
         raise SystemExit(f"--replay must be in [0, 1), got {args.replay}")
@@ -91,7 +95,12 @@ def main(argv=None) -> dict:
     names = list(blocks)
     tests = [blocks[n]["test"] for n in names]
     base = PEERLM.load(next((run / "checkpoints").glob("base-0-*.pt")))
-    pool = dataclasses.replace(pool_config(keep=args.keep), win_weight=args.win)
+    pool = dataclasses.replace(
+        pool_config(keep=args.keep),
+        win_weight=args.win,
+        centroids=args.centroids,
+        centroid_noise=args.centroid_noise,
+    )
     steps = int(round(data.steps * args.step_mult))
     settings = MethodSettings(grow_keys=data.grow_keys, steps=steps, pool=pool)
     model = PEERLM(model_config(base.config, "grow-pool", settings))

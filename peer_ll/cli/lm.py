@@ -191,6 +191,8 @@ def _run(args: argparse.Namespace) -> int:
             keep=args.pool_keep_weight,
             margin=args.pool_margin,
             copy_experts=args.pool_copy_experts,
+            centroids=args.pool_centroids,
+            centroid_noise=args.pool_centroid_noise,
         ),
         pool_query=args.pool_query,
     )

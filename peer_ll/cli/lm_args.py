@@ -127,6 +127,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--pool-margin", type=frac, default=1.0,
         help="grow-pool: score margin of the regulariser's win and keep terms (1.0)")  # fmt: skip
+    add("--pool-centroids", type=pos, default=256,
+        help="grow-pool, --pool-pseudo centroids: k-means centroids per earlier domain, PEER "
+        "layer and head (256)")  # fmt: skip
+    add("--pool-centroid-noise", type=frac, default=1.0,
+        help="grow-pool, --pool-pseudo centroids: pseudo-queries are centroids plus this "
+        "times their cluster's spread times N(0, 1); 0: the centroids alone (1.0)")  # fmt: skip
     add(
         "--experts-only",
         action="store_true",

@@ -61,12 +61,22 @@ def pool_config(
     keep: float = 1.0,
     margin: float = 1.0,
     copy_experts: bool = False,
+    centroids: int = 256,
+    centroid_noise: float = 1.0,
 ) -> PoolGrowthConfig:
     """grow-pool's :class:`PoolGrowthConfig`: k-means keys, the regulariser (keep weight
     ``keep``, ``margin``), the model's query adapters (no calibration of its own),
-    pseudo-queries drawn as ``pseudo`` says, new experts copied from old ones or random."""
+    pseudo-queries drawn as ``pseudo`` says (``centroids`` per earlier domain, layer and
+    head, plus ``centroid_noise`` × their spread), new experts copied from old ones or
+    random."""
     return PoolGrowthConfig(
-        calibrate=False, pseudo=pseudo, keep_weight=keep, margin=margin, copy_experts=copy_experts
+        calibrate=False,
+        pseudo=pseudo,
+        keep_weight=keep,
+        margin=margin,
+        copy_experts=copy_experts,
+        centroids=centroids,
+        centroid_noise=centroid_noise,
     )
 
 

@@ -27,6 +27,10 @@ def test_grow_pool_touches_nothing_old_and_reloads_identically(tmp_path):
             "grow-pool",
             "--peer-layers",
             "all",
+            "--pool-centroids",
+            "8",
+            "--pool-centroid-noise",
+            "0",
             "--out",
             str(tmp_path),
         ]
@@ -42,11 +46,22 @@ def test_grow_pool_touches_nothing_old_and_reloads_identically(tmp_path):
     assert len(shares) == 3
     assert results["config"]["model"]["peer_layers"] == [0, 1]  # --tiny: 2 blocks
     assert results["config"]["model"]["shared_query_adapter"] is False  # the base's config
+    pool = results["config"]["methods"]["pool"]  # the flags reach grow-pool's regulariser
+    assert (pool["pseudo"], pool["centroids"], pool["centroid_noise"]) == ("centroids", 8, 0.0)
     model = PEERLM.load(tmp_path / "checkpoints" / "grow-pool-2-unicode-names.pt")
     assert model.config.shared_query_adapter  # --pool-query shared (default)
     for layer in model.peer_layers:  # every PEER block grew, one query adapter each
         assert layer.owners.unique().tolist() == [0, 1, 2]
         assert layer.query_adapter.owners == [0]
+
+
+def test_pool_centroid_flags_refuse_bad_values(capsys):
+    parser = argparse.ArgumentParser()
+    lm.add_arguments(parser)
+    for flag, value in (("--pool-centroids", "0"), ("--pool-centroid-noise", "-1")):
+        with pytest.raises(SystemExit):
+            parser.parse_args([flag, value])
+        assert flag in capsys.readouterr().err
 
 
 def test_peer_layers_flag():
