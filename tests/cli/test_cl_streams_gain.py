@@ -1,16 +1,10 @@
 """benchmarks/cl_streams.py: the sentence that says what the PEER pool adds."""
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cl_streams.py"
+from bench_scripts import load_benchmark
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("cl_streams", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("cl_streams")
 
 
 def test_pool_gain_names_the_best_baseline_and_the_sign():

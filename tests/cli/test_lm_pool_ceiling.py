@@ -1,28 +1,22 @@
 """``benchmarks/lm_pool_ceiling.py``: grow-pool with replayed or generated old blocks."""
 
 import argparse
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_benchmark
 
 from peer_ll.cli import lm
 from peer_ll.models.lm import PEERLM
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def script():
-    path = ROOT / "benchmarks" / "lm_pool_ceiling.py"
-    spec = importlib.util.spec_from_file_location("lm_pool_ceiling", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("lm_pool_ceiling")
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,15 @@
 """``benchmarks/lm_query_overlap.py``: the input probe tells apart what differs, only that."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from bench_scripts import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def script():
-    path = ROOT / "benchmarks" / "lm_query_overlap.py"
-    spec = importlib.util.spec_from_file_location("lm_query_overlap", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("lm_query_overlap")
 
 
 def test_running_mean_is_the_causal_mean_of_the_context(script):

@@ -1,29 +1,21 @@
 """``benchmarks/routing_protection.py`` runs through the harness and reproduces its records."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
+from bench_scripts import BENCHMARKS, load_benchmark
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location(
-        "routing_protection", ROOT / "benchmarks" / "routing_protection.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("routing_protection")
 
 
 def _recorded(script, stream, method, seed):
-    records = script.load(ROOT / "benchmarks" / "records" / "routing_protection.jsonl")
+    records = script.load(BENCHMARKS / "records" / "routing_protection.jsonl")
     return next(
         r for r in records if (r["stream"], r["method"], r["seed"]) == (stream, method, seed)
     )
@@ -49,7 +41,7 @@ def test_naive_on_split_digits_reproduces_its_record(script):
 
 
 def test_report_marks_removed_methods(script):
-    records = script.load(ROOT / "benchmarks" / "records" / "routing_protection.jsonl")
+    records = script.load(BENCHMARKS / "records" / "routing_protection.jsonl")
     text = script.tables(records)
     assert f"| Protect-Margin (removed, measured at {script.REMOVED_AT}) | 3 |" in text
     assert "| Protect-Input+Enc | 3 |" in text
