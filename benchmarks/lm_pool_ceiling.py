@@ -95,12 +95,8 @@ def main(argv=None) -> dict:
     names = list(blocks)
     tests = [blocks[n]["test"] for n in names]
     base = PEERLM.load(next((run / "checkpoints").glob("base-0-*.pt")))
-    pool = dataclasses.replace(
-        pool_config(keep=args.keep),
-        win_weight=args.win,
-        centroids=args.centroids,
-        centroid_noise=args.centroid_noise,
-    )
+    pool = pool_config(keep=args.keep, centroids=args.centroids, centroid_noise=args.centroid_noise)
+    pool = dataclasses.replace(pool, win_weight=args.win)  # pool_config fixes the win weight
     steps = int(round(data.steps * args.step_mult))
     settings = MethodSettings(grow_keys=data.grow_keys, steps=steps, pool=pool)
     model = PEERLM(model_config(base.config, "grow-pool", settings))
@@ -109,8 +105,8 @@ def main(argv=None) -> dict:
     seconds = []
     for t in range(1, len(names)):
         start = time.perf_counter()
-        old = torch.cat([blocks[n]["train"] for n in names[:t]])
-        if args.old == "generated":
+        earlier, new = [blocks[n]["train"] for n in names[:t]], blocks[names[t]]["train"]
+        if args.old == "generated":  # sampled before growth: the model as it stands
             old = generated_blocks(
                 model,
                 args.generated,
@@ -118,17 +114,13 @@ def main(argv=None) -> dict:
                 temperature=args.temperature,
                 seed=data.seed + 100 + t,
             )
+        elif args.old == "real":
+            old = torch.cat(earlier)
         hook = prepare(
-            "grow-pool",
-            model,
-            owner=t,
-            settings=settings,
-            background=[blocks[n]["train"] for n in names[:t]],
-            new_blocks=blocks[names[t]]["train"],
+            "grow-pool", model, owner=t, settings=settings, background=earlier, new_blocks=new
         )
         if not pool.regularised:
             hook.watch.remove()
-        new = blocks[names[t]]["train"]
         mix = new
         if args.old != "none" and args.replay > 0:
             n_old = int(len(new) * args.replay / (1 - args.replay))

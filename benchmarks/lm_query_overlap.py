@@ -98,6 +98,11 @@ def probe_accuracy(
     return float(right.float().mean()), float(right[:, late:].float().mean())
 
 
+def _percents(accuracies: tuple[float, ...]) -> str:
+    """Accuracies as "70 % / 73 %"; "n/a" for a NaN (no token late enough)."""
+    return " / ".join("n/a" if a != a else f"{100 * a:.0f} %" for a in accuracies)
+
+
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="a finished peer-ll lm run folder")
@@ -136,9 +141,8 @@ def main(argv=None) -> str:
         for i, layer in enumerate(model.peer_layers):
             plain = [(fit[layer], test[layer]) for fit, test in inputs]
             ctx = [(with_running_mean(f), with_running_mean(t)) for f, t in plain]
-            a, b = probe_accuracy(plain), probe_accuracy(ctx)
-            a, b = (" / ".join("n/a" if v != v else f"{100 * v:.0f} %" for v in p) for p in (a, b))
-            lines.append(f"| {i} | {a} | {b} |")
+            lines.append(f"| {i} | {_percents(probe_accuracy(plain))} | "
+                         f"{_percents(probe_accuracy(ctx))} |")  # fmt: skip
     text = "\n".join(lines)
     print(text)
     return text
